@@ -1,0 +1,211 @@
+"""Labelled image sets, the ``Episode`` type and the seeded N-way K-shot task sampler.
+
+Every source of few-shot tasks in purer (real images on disk, the built-in glyphs,
+the pseudo-image bank) hands out the same :class:`Episode`, sampled from a
+:class:`TaskSpec` drawn by one :class:`EpisodeSampler`.  The sampler only sees how
+many images each class has, so real and pseudo sources share one sampling rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from einops import rearrange
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which classes and which instances make one task.
+
+    Attributes:
+        classes: ``[N]`` class indices into the source, in episode-label order.
+        support: ``[N, K]`` instance indices (into each class's own list).
+        query: ``[N, Q]`` instance indices (into each class's own list).
+    """
+
+    classes: np.ndarray
+    support: np.ndarray
+    query: np.ndarray
+
+    @property
+    def way(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> dict:
+        return {"classes": self.classes.tolist(), "support": self.support.tolist(), "query": self.query.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TaskSpec":
+        return cls(*(np.asarray(d[k], dtype=np.int64).reshape(len(d["classes"]), -1) if k != "classes"
+                     else np.asarray(d[k], dtype=np.int64) for k in ("classes", "support", "query")))
+
+
+@dataclass
+class Episode:
+    """One N-way K-shot Q-query task.
+
+    Attributes:
+        support_x: ``[N*K, C, H, W]`` float images in ``[0, 1]``, class-major
+            (the K images of label 0 first, then label 1, ...).
+        support_y: ``[N*K]`` int64 labels in ``0..N-1``.
+        query_x: ``[N*Q, C, H, W]`` float images in ``[0, 1]``, class-major.
+        query_y: ``[N*Q]`` int64 labels in ``0..N-1``.
+        classes: the ``N`` original class names, ``classes[label]``.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    classes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def way(self) -> int:
+        return len(self.classes) if self.classes else int(self.support_y.max()) + 1
+
+    @property
+    def shot(self) -> int:
+        return self.support_y.numel() // self.way
+
+    @property
+    def query(self) -> int:
+        return self.query_y.numel() // self.way
+
+    def to(self, device: torch.device | str) -> "Episode":
+        return Episode(self.support_x.to(device), self.support_y.to(device), self.query_x.to(device),
+                       self.query_y.to(device), self.classes)
+
+
+def episode_labels(way: int, per_class: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Class-major labels ``[way * per_class]``: ``0,0,..,1,1,..``."""
+    return torch.arange(way, device=device).repeat_interleave(per_class)
+
+
+class EpisodeSource(Protocol):
+    """Anything tasks can be sampled from: real image sets and the pseudo bank."""
+
+    class_names: list[str]
+
+    def class_sizes(self) -> list[int]: ...
+
+    def episode(self, spec: TaskSpec) -> Episode: ...
+
+
+class ImageSet:
+    """A labelled set of images kept in memory as ``uint8``.
+
+    Args:
+        images: ``[M, C, H, W]`` uint8 tensor (or float in ``[0, 1]``, stored as uint8).
+        labels: ``[M]`` int64 class indices into ``class_names``.
+        class_names: names of the classes, ``class_names[label]``.
+        name: a human-readable name of the set (e.g. ``"glyphs/train"``).
+
+    Example:
+        >>> s = ImageSet(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 0, 0, 1, 1, 1]), ["a", "b"])
+        >>> s.class_sizes()
+        [3, 3]
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], name: str = ""):
+        if images.ndim != 4:
+            raise ValueError(f"images must be [M, C, H, W], got shape {tuple(images.shape)}")
+        if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels must be [M] with M={images.shape[0]}, got shape {tuple(labels.shape)}")
+        if images.dtype != torch.uint8:
+            images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+        self.images = images
+        self.labels = labels.long()
+        self.class_names = list(class_names)
+        self.name = name
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
+            raise ValueError(f"labels must lie in 0..{len(self.class_names) - 1}")
+        order = torch.argsort(self.labels, stable=True)
+        counts = torch.bincount(self.labels, minlength=len(self.class_names)).tolist()
+        self._members = list(torch.split(order, counts))
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def class_sizes(self) -> list[int]:
+        return [len(m) for m in self._members]
+
+    def members(self, c: int) -> torch.Tensor:
+        """Indices (into ``images``) of the instances of class ``c``, in a fixed order."""
+        return self._members[c]
+
+    def float_images(self, idx: torch.Tensor | slice | None = None) -> torch.Tensor:
+        x = self.images if idx is None else self.images[idx]
+        return x.float().div_(255)
+
+    def subset(self, classes: Sequence[int], name: str | None = None) -> "ImageSet":
+        """The images of ``classes``, relabelled ``0..len(classes)-1`` in that order."""
+        idx = torch.cat([self._members[c] for c in classes]) if classes else torch.zeros(0, dtype=torch.long)
+        new = torch.cat([torch.full((len(self._members[c]),), i) for i, c in enumerate(classes)]) if classes \
+            else torch.zeros(0, dtype=torch.long)
+        return ImageSet(self.images[idx], new, [self.class_names[c] for c in classes], name or self.name)
+
+    def episode(self, spec: TaskSpec) -> Episode:
+        def gather(inst: np.ndarray) -> torch.Tensor:
+            idx = torch.stack([self._members[c][torch.as_tensor(i)] for c, i in zip(spec.classes, inst)])
+            return self.float_images(rearrange(idx, "n k -> (n k)"))
+
+        way = spec.way
+        return Episode(gather(spec.support), episode_labels(way, spec.support.shape[1]),
+                       gather(spec.query), episode_labels(way, spec.query.shape[1]),
+                       tuple(self.class_names[c] for c in spec.classes))
+
+
+class EpisodeSampler:
+    """Seeded sampler of N-way K-shot Q-query :class:`TaskSpec` s.
+
+    Task ``i`` depends only on ``(seed, i)`` and the class sizes (NumPy's PCG64 on a
+    ``SeedSequence``), so a task list is the same on every machine and can be
+    regenerated instead of stored.
+
+    Args:
+        class_sizes: number of instances of each class in the source.
+        way: classes per task (N).
+        shot: support images per class (K).
+        query: query images per class (Q).  ``None`` or a number larger than what the
+            classes allow means "as many as every chosen class has after the support".
+        seed: the task-list seed.
+
+    Raises:
+        ValueError: if the source has fewer than ``way`` classes with more than ``shot``
+            instances.
+    """
+
+    def __init__(self, class_sizes: Sequence[int], way: int, shot: int, query: int | None = 15, seed: int = 0,
+                 min_query: int = 1):
+        if way < 1 or shot < 1:
+            raise ValueError(f"way and shot must be positive, got way={way} shot={shot}")
+        sizes = np.asarray(list(class_sizes), dtype=np.int64)
+        self.eligible = np.flatnonzero(sizes >= shot + min_query)
+        if len(self.eligible) < way:
+            raise ValueError(
+                f"cannot sample {way}-way {shot}-shot tasks: only {len(self.eligible)} of {len(sizes)} classes have "
+                f"at least {shot + min_query} images (shot + {min_query} query)")
+        self.sizes, self.way, self.shot, self.query, self.seed = sizes, way, shot, query, seed
+
+    def task(self, i: int) -> TaskSpec:
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, i])))
+        classes = rng.choice(self.eligible, size=self.way, replace=False)
+        room = int(self.sizes[classes].min()) - self.shot
+        q = room if self.query is None else min(self.query, room)
+        picks = np.stack([rng.choice(self.sizes[c], size=self.shot + q, replace=False) for c in classes])
+        return TaskSpec(classes.astype(np.int64), picks[:, :self.shot], picks[:, self.shot:])
+
+    def tasks(self, n: int, start: int = 0) -> list[TaskSpec]:
+        return [self.task(i) for i in range(start, start + n)]
+
+    def __iter__(self) -> Iterator[TaskSpec]:
+        i = 0
+        while True:
+            yield self.task(i)
+            i += 1
