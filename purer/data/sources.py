@@ -1,0 +1,41 @@
+"""One entry point for every real image source: ``load_split(dataset, split, ...)``.
+
+Datasets: ``glyphs`` (built-in, rendered from matplotlib's fonts, cached),
+``folder`` (a class-per-folder tree), ``cifar_fs``, ``miniimagenet`` and ``cub``
+(the standard few-shot layouts), all read from disk, never downloaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .episodes import ImageSet
+
+SPLITS = ("train", "val", "test")
+DATASETS = ("glyphs", "folder", "cifar_fs", "miniimagenet", "cub")
+
+
+def load_split(dataset: str, split: str, root: str | Path | None = None, image_size: int | None = None) -> ImageSet:
+    """The ``split`` ("train" | "val" | "test") of ``dataset`` as an :class:`ImageSet`.
+
+    Args:
+        dataset: one of :data:`DATASETS`.
+        split: meta-train, meta-val or meta-test classes.
+        root: where the data lies (for ``glyphs``: the cache directory, default
+            ``$PURER_DATA_ROOT`` or ``~/.cache/purer``).
+        image_size: resize to this square size (``None``: the dataset's default).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if dataset == "glyphs":
+        from .glyphs import load_glyphs
+
+        return load_glyphs(split, image_size=image_size or 28, data_root=root)
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    if root is None:
+        raise ValueError(f"dataset {dataset!r} needs a root path (where its files lie on disk)")
+    from . import folders
+
+    if dataset == "folder":
+        return folders.load_split_folders(root, split, image_size=image_size)
+    return getattr(folders, f"load_{dataset}")(root, split, image_size=image_size)
