@@ -1,0 +1,346 @@
+"""The model zoo on disk: one directory per model plus a manifest.
+
+Layout (Hugging Face style)::
+
+    <zoo>/zoo.json                     {"format_version": 1, "models": [{"id", "arch", "class_ids", ...}]}
+    <zoo>/<model_id>/model.safetensors the state dict of a :class:`~purer.zoo.Classifier`
+    <zoo>/<model_id>/config.json       :meth:`ModelConfig.to_dict` with ``sha256`` of the weights
+
+The manifest is the source of truth for which models a zoo holds. Every write
+is atomic: a model directory is written under a hidden temporary name and
+renamed into place, then ``zoo.json`` is replaced (temp file + ``os.replace``).
+A killed writer therefore leaves the zoo as it was, plus every model whose
+write finished. Weights are only ever read with safetensors; nothing is
+unpickled. One writer per zoo at a time.
+
+The default location of a named zoo is ``model_zoo/zoos/<name>`` in the
+repository (``$PURER_ZOO_ROOT/<name>`` when that variable is set); any path works.
+
+Example:
+    >>> zoo = Zoo("/tmp/my-zoo", create=True)
+    >>> zoo.add("conv4-000", model, ModelConfig("conv4", 5, list("abcde"), in_channels=1))
+    >>> teachers = zoo.load_teachers()
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .teacher import ModelConfig, Teacher
+
+FORMAT_VERSION = 1
+MANIFEST = "zoo.json"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_TMP_PREFIX = ".tmp-"
+
+
+def default_zoo_dir(name: str) -> Path:
+    """Where the zoo called ``name`` lives unless a path is given.
+
+    ``$PURER_ZOO_ROOT/<name>`` if set, else ``<repo>/model_zoo/zoos/<name>`` in a
+    source checkout, else ``~/.cache/purer/zoos/<name>`` for an installed package.
+    """
+    if os.environ.get("PURER_ZOO_ROOT"):
+        return Path(os.environ["PURER_ZOO_ROOT"]) / name
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "model_zoo").is_dir():
+        return repo / "model_zoo" / "zoos" / name
+    return Path.home() / ".cache" / "purer" / "zoos" / name
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ValueError unless ``state`` has exactly ``model``'s tensor names and shapes.
+
+    The message names the first offending tensor with its expected and found shape,
+    so a user registering foreign weights sees what does not fit.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), first {missing[0]!r} "
+                         f"(expected shape {list(expected[missing[0]].shape)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
+        raise ValueError(f"{source}: weights do not fit the architecture: {'; '.join(parts)}")
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise ValueError(f"{source}: tensor {k!r} has shape {list(state[k].shape)}, "
+                             f"the architecture expects {list(v.shape)}")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning a corrupt or truncated file into a ValueError naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}); re-create or remove this model") from None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def validate_model_id(model_id: str) -> str:
+    if not isinstance(model_id, str) or not _ID_PATTERN.fullmatch(model_id):
+        raise ValueError(f"invalid model id {model_id!r}: use letters, digits, '.', '_' or '-' "
+                         "(at most 128 characters, not starting with '.', '_' or '-')")
+    return model_id
+
+
+class Zoo:
+    """A model zoo directory.
+
+    Args:
+        path: the zoo directory.
+        create: make the directory and an empty manifest if they do not exist;
+            otherwise a missing zoo is a FileNotFoundError.
+
+    Raises:
+        FileNotFoundError: ``path`` holds no ``zoo.json`` and ``create`` is False.
+    """
+
+    def __init__(self, path: str | os.PathLike, create: bool = False):
+        self.path = Path(path)
+        self.manifest_path = self.path / MANIFEST
+        if not self.manifest_path.exists():
+            if not create:
+                raise FileNotFoundError(
+                    f"no model zoo at {self.path} (expected {self.manifest_path}); "
+                    "build one with `purer-zoo pretrain` or `purer-zoo register`")
+            if self.path.exists() and not self.path.is_dir():
+                raise ValueError(f"zoo path {self.path} exists and is not a directory")
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._write_manifest([])
+
+    def __repr__(self) -> str:
+        return f"Zoo({str(self.path)!r})"
+
+    # -- manifest -------------------------------------------------------------------
+    def entries(self) -> list[dict]:
+        """The manifest entries, one dict per model, in insertion order."""
+        data = _read_json(self.manifest_path)
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{self.manifest_path}: format_version {data.get('format_version')!r} is not "
+                             f"{FORMAT_VERSION}; this purer version cannot read it")
+        models = data.get("models")
+        if not isinstance(models, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str)
+                                                   for m in models):
+            raise ValueError(f"{self.manifest_path}: 'models' must be a list of objects with an 'id'")
+        return models
+
+    def _write_manifest(self, models: list[dict]) -> None:
+        _write_json_atomic(self.manifest_path, {"format_version": FORMAT_VERSION, "models": models})
+
+    def ids(self) -> list[str]:
+        return [m["id"] for m in self.entries()]
+
+    def __contains__(self, model_id: str) -> bool:
+        return model_id in self.ids()
+
+    def __len__(self) -> int:
+        return len(self.entries())
+
+    def _require(self, model_id: str) -> Path:
+        ids = self.ids()
+        if model_id not in ids:
+            raise KeyError(f"no model {model_id!r} in zoo {self.path}; it holds: {', '.join(ids) or 'nothing'}")
+        return self.path / model_id
+
+    # -- reading --------------------------------------------------------------------
+    def config(self, model_id: str) -> ModelConfig:
+        """The :class:`ModelConfig` of ``model_id`` (its ``config.json``)."""
+        path = self._require(model_id) / CONFIG
+        data = _read_json(path)
+        try:
+            return ModelConfig.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: invalid model config ({e})") from None
+
+    def load_model(self, model_id: str, check_sha256: bool = True) -> tuple[nn.Module, ModelConfig]:
+        """Build ``model_id``'s architecture and load its weights strictly.
+
+        Raises:
+            ValueError: corrupt weights, a checksum mismatch, or a tensor that does not
+                fit the architecture (named, with expected and found shape).
+        """
+        cfg = self.config(model_id)
+        weights = self.path / model_id / WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        if check_sha256 and cfg.sha256 and sha256_file(weights) != cfg.sha256:
+            raise ValueError(f"{weights}: sha256 does not match config.json; the file is corrupt or was replaced")
+        state = read_safetensors(weights)
+        model = cfg.build()
+        check_state_dict(model, state, str(weights))
+        model.load_state_dict(state, strict=True)
+        return model.eval(), cfg
+
+    def load_teacher(self, model_id: str) -> Teacher:
+        """``model_id`` as an eval-mode :class:`Teacher` taking ``[B, C, H, W]`` images in ``[0, 1]``."""
+        model, cfg = self.load_model(model_id)
+        return Teacher(model, cfg, model_id)
+
+    def load_teachers(self, ids: list[str] | None = None) -> list[Teacher]:
+        """Teachers for ``ids`` (default: the whole zoo, in manifest order)."""
+        return [self.load_teacher(i) for i in (self.ids() if ids is None else ids)]
+
+    # -- writing --------------------------------------------------------------------
+    def add(self, model_id: str, model: nn.Module, config: ModelConfig) -> ModelConfig:
+        """Store ``model`` under ``model_id``; return the config as written (with ``sha256``).
+
+        The weights must fit ``config.build()`` exactly. Writes the model directory
+        under a temporary name, renames it into place, then replaces the manifest.
+
+        Raises:
+            ValueError: invalid or duplicate id, or weights that do not fit the config.
+        """
+        validate_model_id(model_id)
+        entries = self.entries()
+        if any(m["id"] == model_id for m in entries):
+            raise ValueError(f"model {model_id!r} is already in zoo {self.path}; remove it first or pick another id")
+        # Cloning drops shared storage (safetensors refuses aliased tensors) and detaches.
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        check_state_dict(config.build(), state, f"model {model_id!r}")
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{model_id}-", dir=self.path))
+        try:
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            config = dataclasses.replace(config, sha256=sha256_file(tmp / WEIGHTS))
+            _write_json_atomic(tmp / CONFIG, config.to_dict())
+            final = self.path / model_id
+            if final.exists():
+                # Not in the manifest, so it is the leftover of an add killed between the
+                # rename and the manifest write; the caller's model supersedes it.
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._write_manifest(entries + [_manifest_entry(model_id, config)])
+        return config
+
+    def remove(self, model_id: str) -> None:
+        """Drop ``model_id`` from the manifest, then delete its directory."""
+        path = self._require(model_id)
+        self._write_manifest([m for m in self.entries() if m["id"] != model_id])
+        shutil.rmtree(path, ignore_errors=True)
+
+    # -- integrity ------------------------------------------------------------------
+    def verify(self) -> list[str]:
+        """Check every model; return one message per problem (empty: all good).
+
+        Checks that files exist, JSON parses, configs agree with the manifest, the
+        sha256 of each weights file matches, and the weights fit the architecture.
+        Directories that the manifest does not list are reported too.
+        """
+        try:
+            entries = self.entries()
+        except (OSError, ValueError) as e:
+            return [str(e)]
+        problems = []
+        seen = set()
+        for entry in entries:
+            model_id = entry["id"]
+            if model_id in seen:
+                problems.append(f"{model_id}: listed twice in {self.manifest_path}")
+                continue
+            seen.add(model_id)
+            try:
+                cfg = self.config(model_id)
+                for key in ("arch", "class_ids"):
+                    if entry.get(key) != getattr(cfg, key):
+                        raise ValueError(f"{key} in {self.manifest_path} differs from its config.json")
+                weights = self.path / model_id / WEIGHTS
+                if not weights.is_file():
+                    raise FileNotFoundError(f"weights file not found: {weights}")
+                digest = sha256_file(weights)
+                if digest != cfg.sha256:
+                    raise ValueError(f"{weights}: sha256 {digest[:12]}... does not match "
+                                     f"config.json ({cfg.sha256[:12] or 'none'}...)")
+                self.load_model(model_id, check_sha256=False)
+            except (OSError, ValueError) as e:
+                problems.append(f"{model_id}: {e}")
+        for child in sorted(self.path.iterdir()):
+            if child.is_dir() and not child.name.startswith(".") and child.name not in seen:
+                problems.append(f"{child.name}: directory {child} is not listed in {self.manifest_path} "
+                                "(left by an interrupted write? delete it or register its weights)")
+        return problems
+
+    def describe(self, model_id: str) -> dict:
+        """``config.json`` plus the model's path, weight-file size and parameter count (no weights loaded)."""
+        cfg = self.config(model_id)
+        weights = self.path / model_id / WEIGHTS
+        if not weights.is_file():
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                numel = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        except SafetensorError as e:
+            raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+        return {"id": model_id, "path": str(self.path / model_id), "bytes": weights.stat().st_size,
+                "tensor_elements": numel, **cfg.to_dict()}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _manifest_entry(model_id: str, cfg: ModelConfig) -> dict:
+    entry = {"id": model_id, "arch": cfg.arch, "class_ids": list(cfg.class_ids), "dataset": cfg.dataset,
+             "num_classes": cfg.num_classes, "in_channels": cfg.in_channels, "image_size": cfg.image_size,
+             "sha256": cfg.sha256}
+    if "heldout_acc" in cfg.metrics:
+        entry["heldout_acc"] = cfg.metrics["heldout_acc"]
+    return entry

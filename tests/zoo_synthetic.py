@@ -1,0 +1,33 @@
+"""Tiny synthetic data and models shared by the zoo tests (store, pretrain, CLI)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from purer.data import ImageSet
+from purer.zoo import build_model
+
+SIZE = 16
+
+
+def separable_images(num_classes: int = 10, per_class: int = 20, size: int = SIZE, channels: int = 1,
+                     seed: int = 0) -> ImageSet:
+    """Each class is a blocky random template; instances add noise and a +-1 px shift."""
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.rand(num_classes, channels, 4, 4, generator=g).round(), size=(size, size))
+    x = templates.repeat_interleave(per_class, 0)
+    shifts = torch.randint(-1, 2, (len(x), 2), generator=g)
+    x = torch.stack([img.roll(tuple(s.tolist()), dims=(1, 2)) for img, s in zip(x, shifts)])
+    x = (0.8 * x + 0.1 + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    return ImageSet(x, labels, [f"c{i}" for i in range(num_classes)], name="synthetic/train")
+
+
+def tiny_model(num_classes: int = 5, seed: int = 0):
+    """A width-8 Conv4 for 1x16x16 images with non-trivial BN running statistics."""
+    torch.manual_seed(seed)
+    model = build_model("conv4", num_classes, in_channels=1, image_size=SIZE, arch_args={"width": 8})
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(8, 1, SIZE, SIZE))
+    return model.eval()
