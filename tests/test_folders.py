@@ -67,9 +67,14 @@ def test_transparent_pixels_become_white(tmp_path):
     root = tmp_path / "icons"
     write_image(root / "a" / "0.png", color=(0, 0, 0, 0), mode="RGBA")
     write_image(root / "a" / "1.png", color=(255, 0, 0, 255), mode="RGBA")
+    palette = Image.new("P", (8, 8), 0)  # index 0 transparent, index 1 red, as icon themes ship
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.putpixel((1, 1), 1)
+    palette.save(root / "a" / "2.png", transparency=0)
     s = load_class_folders(root)
     assert s.images[0, :, 0, 0].tolist() == [255, 255, 255]
     assert s.images[1, :, 0, 0].tolist() == [255, 0, 0]
+    assert s.images[2, :, 0, 0].tolist() == [255, 255, 255] and s.images[2, :, 1, 1].tolist() == [255, 0, 0]
 
 
 def test_progress_bar_for_many_files(tmp_path, monkeypatch, capsys):

@@ -81,7 +81,7 @@ def _decode(path: Path, mode: str, image_size: int | None) -> np.ndarray:
     """One image file as a ``[H, W, C]`` uint8 array in Pillow ``mode``."""
     try:
         with Image.open(path) as im:
-            if im.has_transparency_data:
+            if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
                 # Converting straight to RGB would expose whatever colour the encoder left
                 # under transparent pixels (often black); icons are drawn to be seen on white.
                 im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
