@@ -1,0 +1,186 @@
+"""Meta-test evaluation on a fixed, seeded task list, and test-time model selection on meta-val.
+
+Protocol (METHOD.md): every method is scored on the *same* list of tasks (task
+``i`` depends only on ``(seed, i)``), so differences between methods are paired;
+settings that a method tunes at test time (inner lr and steps) are chosen on
+meta-val tasks from one shared grid, never on meta-test.
+
+Example:
+    >>> tasks = task_list(test_set, way=5, shot=1)             # 600 tasks, 15 queries per class
+    >>> chosen = select_test_time(learner, val_set, task_list(val_set, 5, 1, tasks=100))
+    >>> result = evaluate(learner, test_set, tasks, method="maml", adapt_kwargs=chosen.settings)
+    >>> result.row()   # {"method", "way", "shot", "accuracy", "ci95", "test_cost", ...}
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data.episodes import EpisodeSampler, ImageSet, TaskSpec
+
+if TYPE_CHECKING:
+    from .meta.base import MetaLearner
+
+
+def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and 95% confidence half-width ``1.96 * std / sqrt(n)`` of ``values``.
+
+    ``std`` is the sample standard deviation (``ddof=1``); the half-width is 0 for
+    a single value.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("mean_ci95 needs at least one value")
+    ci = 1.96 * v.std(ddof=1) / np.sqrt(v.size) if v.size > 1 else 0.0
+    return float(v.mean()), float(ci)
+
+
+def task_list(source: ImageSet, way: int, shot: int, query: int | None = 15, tasks: int = 600,
+              seed: int = 0) -> list[TaskSpec]:
+    """``tasks`` seeded N-way K-shot task specs on ``source`` (``query`` per class, or as many as a class has)."""
+    return EpisodeSampler(source.class_sizes(), way, shot, query, seed=seed).tasks(tasks)
+
+
+def fingerprint(tasks: Sequence[TaskSpec]) -> str:
+    """A short hash identifying a task list, to check that two results are paired."""
+    blob = json.dumps([t.to_json() for t in tasks], separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class EvalResult:
+    """Per-task accuracies of one method on one task list.
+
+    Attributes:
+        method, way, shot: what was evaluated.
+        task_acc: ``[T]`` accuracy of each task, in ``[0, 1]``, in task-list order.
+        test_cost: e.g. ``{"params": 113000, "models": 1}``.
+        tasks_id: :func:`fingerprint` of the task list.
+        settings: the test-time settings used (e.g. ``{"lr": 0.1, "steps": 5}``).
+        seconds: wall time of the evaluation.
+    """
+
+    method: str
+    way: int
+    shot: int
+    task_acc: np.ndarray
+    test_cost: dict
+    tasks_id: str
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        """Mean accuracy in percent."""
+        return 100 * mean_ci95(self.task_acc)[0]
+
+    @property
+    def ci95(self) -> float:
+        """95% confidence half-width in percent (see :func:`mean_ci95`)."""
+        return 100 * mean_ci95(self.task_acc)[1]
+
+    def row(self, **extra) -> dict:
+        """A ``results.json`` row: method, way, shot, accuracy and ci95 (percent), test_cost, and extras."""
+        row = {"method": self.method, "way": self.way, "shot": self.shot, "accuracy": round(self.accuracy, 2),
+               "ci95": round(self.ci95, 2), "test_cost": self.test_cost, "tasks": int(self.task_acc.size)}
+        if self.settings:
+            row["settings"] = self.settings
+        row.update(extra)
+        return row
+
+
+def evaluate(learner: "MetaLearner", source: ImageSet, tasks: Sequence[TaskSpec], *, method: str = "",
+             adapt_kwargs: dict | None = None, progress: bool = True) -> EvalResult:
+    """Accuracy of ``learner`` on every task of ``tasks`` (adapt on support, predict query).
+
+    Args:
+        learner: any :class:`~purer.meta.MetaLearner` (its own weights are not changed).
+        source: the image set the task specs index into.
+        tasks: the fixed task list (see :func:`task_list`).
+        method: the row's name.
+        adapt_kwargs: test-time settings passed to ``learner.adapt`` (e.g. from
+            :func:`select_test_time`).
+        progress: show a tqdm bar.
+    """
+    if not tasks:
+        raise ValueError("evaluate needs a non-empty task list")
+    adapt_kwargs = dict(adapt_kwargs or {})
+    was_training = learner.training
+    learner.eval()
+    device = next(itertools.chain(learner.parameters(), learner.buffers()), torch.empty(0)).device
+    accs = np.empty(len(tasks))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i, spec in enumerate(tqdm(tasks, desc=f"eval {method}".strip(), disable=not progress, leave=False)):
+            ep = source.episode(spec).to(device)
+            state = learner.adapt(ep.support_x, ep.support_y, spec.way, **adapt_kwargs)
+            accs[i] = float((learner.predict(state, ep.query_x).argmax(-1) == ep.query_y).float().mean())
+    learner.train(was_training)
+    return EvalResult(method, tasks[0].way, int(tasks[0].support.shape[1]), accs, learner.test_cost(),
+                      fingerprint(tasks), adapt_kwargs, time.perf_counter() - start)
+
+
+def paired_difference(a: EvalResult, b: EvalResult) -> tuple[float, float]:
+    """Mean and 95% CI (percent) of the per-task accuracy difference ``a - b`` on the same task list.
+
+    Pairing removes the variance due to task difficulty, so the CI is usually much
+    narrower than either row's.
+
+    Raises:
+        ValueError: if the two results were not computed on the same task list.
+    """
+    if a.tasks_id != b.tasks_id or a.task_acc.shape != b.task_acc.shape:
+        raise ValueError(f"{a.method!r} and {b.method!r} were evaluated on different task lists; "
+                         "evaluate both on the same task_list(...) to compare them")
+    m, ci = mean_ci95(a.task_acc - b.task_acc)
+    return 100 * m, 100 * ci
+
+
+@dataclass
+class TestTimeGrid:
+    """The shared grid of test-time settings every method is tuned on (on meta-val)."""
+
+    lr: tuple[float, ...] = (0.01, 0.1, 0.5)
+    steps: tuple[int, ...] = (1, 5, 10)
+
+
+@dataclass
+class Selection:
+    """Outcome of :func:`select_test_time`.
+
+    Attributes:
+        settings: the chosen ``adapt`` keyword arguments (``{}`` if nothing is tunable).
+        val_accuracy: their meta-val accuracy in percent.
+        table: meta-val accuracy (percent) of every grid point, keyed like ``"lr=0.1,steps=5"``.
+    """
+
+    settings: dict
+    val_accuracy: float
+    table: dict[str, float]
+
+
+def select_test_time(learner: "MetaLearner", val_source: ImageSet, val_tasks: Sequence[TaskSpec],
+                     grid: TestTimeGrid | None = None, progress: bool = False) -> Selection:
+    """The test-time settings from ``grid`` with the best mean accuracy on meta-val tasks.
+
+    Only the settings in ``learner.tunable`` are searched; a learner without any
+    (e.g. ProtoNet) gets ``{}`` (scored once). Ties go to the earlier grid point.
+    """
+    grid = grid or TestTimeGrid()
+    names = [n for n in ("lr", "steps") if n in learner.tunable]
+    best, table = None, {}
+    for values in itertools.product(*(getattr(grid, n) for n in names)):
+        kwargs = dict(zip(names, values))
+        acc = evaluate(learner, val_source, val_tasks, adapt_kwargs=kwargs, progress=progress).accuracy
+        table[",".join(f"{k}={v}" for k, v in kwargs.items())] = round(acc, 2)
+        if best is None or acc > best.val_accuracy:
+            best = Selection(kwargs, acc, table)
+    return best

@@ -1,0 +1,78 @@
+"""Prototypical networks: classify by the nearest class mean of an encoder's features.
+
+Description:
+    The adapted state of a task is its prototypes, the mean feature of each
+    class's support images; a query's logits are minus its squared Euclidean
+    distances to them. There is no inner loop, so nothing is tuned at test time.
+    BatchNorm normalises with batch statistics (running statistics are dropped),
+    like the other meta-learners, so the support and the query set are each
+    normalised by their own batch.
+
+References:
+    Snell, Swersky, Zemel, "Prototypical Networks for Few-shot Learning", NeurIPS 2017.
+
+Example:
+    >>> from purer.meta.init import random_model
+    >>> learner = ProtoNet(random_model("conv4", 5, 1, 16, seed=0))
+    >>> protos = learner.adapt(torch.rand(10, 1, 16, 16), torch.arange(5).repeat_interleave(2), 5)
+    >>> protos.shape, learner.predict(protos, torch.rand(3, 1, 16, 16)).shape
+    (torch.Size([5, 32]), torch.Size([3, 5]))
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..zoo.architectures import Classifier
+from .base import InputSpec, MetaLearner, batch_stats_only
+
+
+def prototypes(features: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
+    """Class means: features ``[M, D]``, labels ``[M]`` in ``0..way-1`` -> ``[way, D]``.
+
+    Raises:
+        ValueError: if some label in ``0..way-1`` has no support example.
+    """
+    counts = torch.bincount(labels, minlength=way)
+    if counts.numel() > way or bool((counts == 0).any()):
+        raise ValueError(f"every label 0..{way - 1} needs at least one support example, got counts {counts.tolist()}")
+    sums = torch.zeros(way, features.shape[1], dtype=features.dtype, device=features.device)
+    sums = sums.index_add(0, labels, features)
+    return sums / counts.unsqueeze(1).to(features.dtype)
+
+
+def neg_sq_distances(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, N]`` = minus the squared Euclidean distance of ``x [B, D]`` to ``protos [N, D]``."""
+    return -(x.unsqueeze(1) - protos.unsqueeze(0)).pow(2).sum(-1)
+
+
+class ProtoNet(MetaLearner):
+    """Prototypical network over an encoder.
+
+    Args:
+        model: a :class:`~purer.zoo.Classifier` (its ``encoder`` is used, the head
+            ignored) or any module mapping ``[B, C, H, W]`` to ``[B, D]``; copied.
+        input_spec: normalisation and input size (``None``: images fed unchanged).
+
+    The adapted state is the prototypes ``[N, D]``.
+    """
+
+    def __init__(self, model: Classifier | nn.Module, input_spec: InputSpec | None = None):
+        super().__init__(input_spec)
+        encoder = model.encoder if isinstance(model, Classifier) else model
+        self.encoder = batch_stats_only(copy.deepcopy(encoder))
+        for p in self.encoder.parameters():
+            p.requires_grad_(True)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.prepare(x))
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int, *,
+              create_graph: bool = False) -> torch.Tensor:
+        protos = prototypes(self.features(support_x), support_y, way)
+        return protos if create_graph else protos.detach()
+
+    def predict(self, adapted: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return neg_sq_distances(self.features(x), adapted)

@@ -1,0 +1,221 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meta_synthetic import ARCH_ARGS, SIZE, template_images, tiny_teacher
+from purer.data import Episode, EpisodeSampler
+from purer.evaluate import evaluate, task_list
+from purer.meta import (ANIL, MAML, InputSpec, MAMLConfig, MetaTrainConfig, ProtoNet, average_teachers, from_model,
+                        meta_step, meta_train, random_model, real_episodes)
+
+
+def tiny_model(way=5, seed=0):
+    return random_model("conv4", way, 1, SIZE, ARCH_ARGS, seed=seed)
+
+
+def an_episode(way=5, shot=2, query=3, seed=0):
+    data = template_images(num_classes=way + 2, seed=seed)
+    return data.episode(EpisodeSampler(data.class_sizes(), way, shot, query, seed=seed).task(0))
+
+
+def test_adapt_shapes_and_own_weights_unchanged():
+    torch.manual_seed(0)
+    learner = MAML(tiny_model(), 5, InputSpec(1, SIZE, (0.5,), (0.25,)), MAMLConfig(inner_lr=0.1, inner_steps=3))
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    ep = an_episode()
+    fast = learner.adapt(ep.support_x, ep.support_y, 5)
+    assert set(fast) == {n for n, _ in learner.model.named_parameters()}
+    assert learner.predict(fast, ep.query_x).shape == (15, 5)
+    assert all(torch.equal(v, learner.state_dict()[k]) for k, v in before.items())
+    assert not any(v.requires_grad for v in fast.values())  # no graph kept without create_graph
+
+
+def test_batch_norm_uses_batch_statistics_only():
+    learner = MAML(tiny_model(), 5)
+    bns = [m for m in learner.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.running_mean is None and not m.track_running_stats for m in bns)
+    x = torch.rand(6, 1, SIZE, SIZE)
+    fast = dict(learner.model.named_parameters())
+    learner.eval()
+    eval_out = learner.predict(fast, x)
+    learner.train()
+    assert torch.allclose(eval_out, learner.predict(fast, x))
+
+
+def test_wrong_way_is_a_clear_error():
+    with pytest.raises(ValueError, match="from_model"):
+        MAML(tiny_model(way=3), 5)
+    learner = MAML(tiny_model(), 5)
+    with pytest.raises(ValueError, match="5-way"):
+        learner.adapt(torch.rand(3, 1, SIZE, SIZE), torch.arange(3), 3)
+
+
+def test_maml_adaptation_and_meta_training_improve_query_accuracy():
+    torch.manual_seed(0)
+    train, test = template_images(20, seed=1), template_images(12, seed=2)
+    learner = MAML(tiny_model(), 5, config=MAMLConfig(inner_lr=0.05, inner_steps=1))
+    tasks = task_list(test, 5, 1, query=5, tasks=30, seed=3)
+    unadapted = evaluate(learner, test, tasks, adapt_kwargs={"steps": 0}, progress=False).accuracy
+    adapted_before = evaluate(learner, test, tasks, progress=False).accuracy
+    history = meta_train(learner, real_episodes(train, 5, 1, query=5, seed=4),
+                         MetaTrainConfig(iterations=40, meta_batch=2, outer_lr=3e-3), progress=False)
+    adapted_after = evaluate(learner, test, tasks, progress=False).accuracy
+    assert len(history.acc) == 40
+    assert unadapted < 35 and adapted_before > unadapted + 15
+    assert adapted_after > adapted_before + 15
+
+
+def outer_grads(learner, ep):
+    learner.zero_grad()
+    loss, _ = learner.outer_loss(ep)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in learner.parameters()]), loss.item()
+
+
+def test_second_order_matches_finite_differences_and_differs_from_first_order():
+    torch.manual_seed(0)
+    model = random_model("conv4", 3, 1, 4, {"width": 2, "depth": 1}, seed=0).double()
+    cfg = MAMLConfig(inner_lr=0.5, inner_steps=2)
+    second = MAML(model, 3, config=cfg)
+    first = MAML(model, 3, config=MAMLConfig(inner_lr=0.5, inner_steps=2, first_order=True))
+    g = torch.Generator().manual_seed(1)
+    ep = Episode(torch.rand(6, 1, 4, 4, generator=g, dtype=torch.float64), torch.arange(3).repeat_interleave(2),
+                 torch.rand(9, 1, 4, 4, generator=g, dtype=torch.float64), torch.arange(3).repeat_interleave(3))
+    g2, _ = outer_grads(second, ep)
+    g1, _ = outer_grads(first, ep)
+    assert not torch.allclose(g1, g2, rtol=1e-3, atol=1e-6)
+
+    params = list(second.parameters())
+    eps = 1e-6
+    for trial in range(3):
+        v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        with torch.no_grad():
+            losses = []
+            for sign in (1, -1):
+                for p, d in zip(params, v):
+                    p.add_(sign * eps * d)
+                losses.append(second.outer_loss(ep)[0].item())
+                for p, d in zip(params, v):
+                    p.sub_(sign * eps * d)
+        # outer_loss under no_grad must still adapt (the inner loop enables grad itself)
+        fd = (losses[0] - losses[1]) / (2 * eps)
+        analytic = float(g2 @ torch.cat([d.flatten() for d in v]))
+        assert fd == pytest.approx(analytic, rel=1e-4, abs=1e-8)
+        assert abs(fd - float(g1 @ torch.cat([d.flatten() for d in v]))) > 1e-5
+
+
+def test_anil_adapts_only_the_head():
+    torch.manual_seed(0)
+    learner = ANIL(tiny_model(), 5, config=MAMLConfig(inner_lr=0.3, inner_steps=1))
+    ep = an_episode()
+    head = learner.adapt(ep.support_x, ep.support_y, 5)
+    assert set(head) == {"weight", "bias"}
+    feats = learner.model.encoder(ep.support_x)
+    w, b = learner.model.head.weight, learner.model.head.bias
+    gw, gb = torch.autograd.grad(F.cross_entropy(F.linear(feats, w, b), ep.support_y), (w, b))
+    assert torch.allclose(head["weight"], w - 0.3 * gw, atol=1e-6)
+    assert torch.allclose(head["bias"], b - 0.3 * gb, atol=1e-6)
+    # the encoder is shared: ANIL's prediction = MAML's with unchanged encoder weights and the adapted head
+    maml = MAML(learner.model, 5)
+    fast = {n: p for n, p in learner.model.named_parameters()}
+    fast["head.weight"], fast["head.bias"] = head["weight"], head["bias"]
+    assert torch.allclose(learner.predict(head, ep.query_x), maml.predict(fast, ep.query_x), atol=1e-5)
+    learner.zero_grad()
+    learner.outer_loss(ep)[0].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in learner.model.encoder.parameters()
+               if p.ndim > 1)
+
+
+def test_protonet_reaches_near_perfect_accuracy_on_separable_data():
+    torch.manual_seed(0)
+    train, test = template_images(20, seed=1, noise=0.1), template_images(12, seed=2, noise=0.1)
+    learner = ProtoNet(tiny_model())
+    meta_train(learner, real_episodes(train, 5, 1, query=5, seed=0), MetaTrainConfig(iterations=30, meta_batch=2),
+               progress=False)
+    result = evaluate(learner, test, task_list(test, 5, 1, query=5, tasks=40, seed=1), progress=False)
+    assert result.accuracy > 97
+
+
+def test_protonet_logits_are_negative_squared_distances():
+    learner = ProtoNet(tiny_model())
+    ep = an_episode(shot=3)
+    protos = learner.adapt(ep.support_x, ep.support_y, 5)
+    f_s, f_q = learner.features(ep.support_x), learner.features(ep.query_x)
+    assert torch.allclose(protos[2], f_s[ep.support_y == 2].mean(0), atol=1e-5)
+    assert torch.allclose(learner.predict(protos, ep.query_x), -torch.cdist(f_q, protos) ** 2, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+def test_outer_loss_gradient_reaches_support_and_query_images(kind):
+    torch.manual_seed(0)
+    learner = {"maml": lambda: MAML(tiny_model(), 5), "anil": lambda: ANIL(tiny_model(), 5),
+               "protonet": lambda: ProtoNet(tiny_model())}[kind]()
+    learner.eval()  # the curriculum may call it in eval mode: grad mode alone decides
+    ep = an_episode()
+    ep.support_x.requires_grad_(True)
+    ep.query_x.requires_grad_(True)
+    loss, acc = learner.outer_loss(ep)
+    loss.backward()
+    assert 0 <= float(acc) <= 1 and not acc.requires_grad
+    assert ep.support_x.grad.abs().sum() > 0 and ep.query_x.grad.abs().sum() > 0
+
+
+def test_meta_step_averages_the_meta_batch_and_reports_accuracy():
+    torch.manual_seed(0)
+    eps = [an_episode(seed=s) for s in range(3)]
+    a, b = ProtoNet(tiny_model()), ProtoNet(tiny_model())
+    opt = torch.optim.SGD(a.parameters(), lr=0.1)
+    loss, acc = meta_step(a, opt, eps)
+    parts = [b.outer_loss(e) for e in eps]
+    assert loss == pytest.approx(sum(float(l.detach()) for l, _ in parts) / 3, rel=1e-5)
+    assert acc == pytest.approx(sum(float(c) for _, c in parts) / 3)
+    torch.stack([l for l, _ in parts]).mean().backward()
+    with torch.no_grad():
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(pa, pb - 0.1 * pb.grad, atol=1e-6)
+
+
+def test_meta_train_callback_validation_and_best_state():
+    torch.manual_seed(0)
+    train, val = template_images(20, seed=1), template_images(10, seed=2)
+    learner = ProtoNet(tiny_model())
+    seen = []
+    calls = iter(range(10 ** 6))
+    source = real_episodes(train, 5, 1, query=3, seed=0)
+    history = meta_train(learner, lambda: (next(calls), next(source))[1],
+                         MetaTrainConfig(iterations=6, meta_batch=2, val_every=3),
+                         val=(val, task_list(val, 5, 1, query=3, tasks=5)),
+                         callback=lambda step, loss, acc: seen.append(step), progress=False)
+    assert seen == list(range(1, 7)) and len(history.loss) == 6 and next(calls) == 12
+    assert [s for s, _ in history.val] == [3, 6] and history.best_step in (3, 6)
+    final = evaluate(learner, val, task_list(val, 5, 1, query=3, tasks=5), progress=False).accuracy
+    assert final == pytest.approx(history.best_val)
+    with pytest.raises(ValueError, match="val="):
+        meta_train(learner, source, MetaTrainConfig(iterations=1, val_every=1), progress=False)
+
+
+def test_average_teachers_is_the_elementwise_mean():
+    data = template_images(15)
+    teachers = [tiny_teacher(data, list(range(5 * i, 5 * i + 5)), seed=i, steps=3) for i in range(3)]
+    avg = average_teachers(teachers, way=5)
+    for name, p in avg.named_parameters():
+        expected = torch.stack([dict(t.model.named_parameters())[name] for t in teachers]).mean(0)
+        assert torch.allclose(p, expected, atol=1e-6), name
+        assert p.requires_grad
+    fresh = average_teachers(teachers, way=4)
+    assert fresh.head.out_features == 4
+    assert torch.allclose(fresh.encoder[0][0].weight, avg.encoder[0][0].weight)
+    other = tiny_teacher(data, [0, 1, 2, 3, 4], seed=0, steps=1)
+    other.config.image_size = 16
+    with pytest.raises(ValueError, match="different architectures"):
+        average_teachers(teachers + [other], way=5)
+
+
+def test_from_model_copies_and_replaces_a_mismatched_head():
+    data = template_images(10)
+    teacher = tiny_teacher(data, [0, 1, 2], steps=2)
+    same = from_model(teacher, 3)
+    assert torch.equal(same.head.weight, teacher.model.head.weight) and same.head.weight is not teacher.model.head.weight
+    assert all(p.requires_grad for p in same.parameters())
+    assert from_model(teacher, 5).head.out_features == 5
+    assert not any(p.requires_grad for p in teacher.parameters())
