@@ -1,0 +1,214 @@
+"""``purer-zoo`` (also ``python -m purer.zoo``): build, register, list, inspect, verify and remove zoo models.
+
+Every user mistake ends in one line ``purer-zoo: error: ...`` on stderr and exit
+code 2; ``verify`` exits 1 when the zoo has problems. Writes are atomic (see
+:mod:`purer.zoo.store`), so an interrupted ``pretrain`` keeps the models that
+finished and resumes when rerun with the same ``--zoo``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pickle
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..config import load_config
+from .pretrain import MIX, SUBSET_MODES, PretrainConfig, pretrain_zoo
+from .store import Zoo, check_state_dict, default_zoo_dir, read_safetensors, validate_model_id
+from .teacher import ModelConfig
+
+PROG = "purer-zoo"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 64}}', got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Manage PURER model zoos on disk.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    zoo_opt = argparse.ArgumentParser(add_help=False)
+    zoo_opt.add_argument("--zoo", type=Path, help="zoo directory")
+
+    p = sub.add_parser("pretrain", parents=[zoo_opt], help="train a zoo from a spec file and/or flags",
+                       description="Train teachers on class subsets of a dataset's meta-train split. A spec "
+                                   "file sets the same keys (underscored); flags override it. Without --zoo, "
+                                   "a spec's zoo goes to model_zoo/zoos/<spec name>.")
+    p.add_argument("--spec", type=Path, help="YAML file of PretrainConfig keys (model_zoo/specs/*.yaml)")
+    p.add_argument("--dataset")
+    p.add_argument("--data-root")
+    p.add_argument("--num-models", type=int)
+    p.add_argument("--classes-per-model", type=int)
+    p.add_argument("--arch", help=f"registered architecture or 'mix' ({'+'.join(MIX)})")
+    p.add_argument("--arch-args", type=_json_object, help='architecture arguments as JSON, e.g. \'{"width": 32}\'')
+    p.add_argument("--subsets", choices=SUBSET_MODES)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("register", parents=[zoo_opt], help="add an existing weights file to a zoo",
+                       description="Add weights (safetensors, or a torch state dict read with "
+                                   "weights_only=True) whose tensor names and shapes fit --arch exactly.")
+    p.add_argument("weights", type=Path)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--arch-args", type=_json_object, default={})
+    p.add_argument("--class-ids", required=True, help="comma-separated class names, in output order")
+    p.add_argument("--id", dest="model_id", help="model id (default: the weights file's stem)")
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--mean", type=_floats, default=[0.0], help="per-channel mean of [0, 1] inputs, e.g. 0.5,0.5,0.5")
+    p.add_argument("--std", type=_floats, default=[1.0], help="per-channel std, e.g. 0.25,0.25,0.25")
+    p.add_argument("--dataset", default="")
+
+    p = sub.add_parser("list", parents=[zoo_opt], help="list the models of a zoo")
+    p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
+    p = sub.add_parser("inspect", parents=[zoo_opt], help="show one model's config as JSON")
+    p.add_argument("model_id", metavar="ID")
+    sub.add_parser("verify", parents=[zoo_opt], help="check files, checksums and weights; exit 1 on a problem")
+    p = sub.add_parser("remove", parents=[zoo_opt], help="delete one model")
+    p.add_argument("model_id", metavar="ID")
+    return parser
+
+
+def _zoo_path(args: argparse.Namespace) -> Path:
+    if args.zoo is not None:
+        return args.zoo
+    if getattr(args, "spec", None) is not None:
+        return default_zoo_dir(args.spec.stem)
+    raise ValueError("--zoo DIR is required" + (" (or --spec, whose zoo goes to model_zoo/zoos/<spec name>)"
+                                                 if args.command == "pretrain" else ""))
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    cfg = load_config(PretrainConfig, args.spec)
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)
+             if getattr(args, f.name, None) is not None}
+    cfg = dataclasses.replace(cfg, **flags)
+    zoo = Zoo(_zoo_path(args), create=True)
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    log(f"pre-training {cfg.num_models} {cfg.arch} model(s) on {cfg.dataset} into {zoo.path}")
+    ids = pretrain_zoo(cfg, zoo, progress=not args.quiet, log=log)
+    accs = sorted(zoo.config(i).metrics.get("heldout_acc", float("nan")) for i in ids)
+    print(f"{zoo.path}: {len(ids)} model(s); held-out accuracy median {accs[len(accs) // 2]:.3f}, "
+          f"min {accs[0]:.3f}")
+    return 0
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused it: not a torch file, or it holds "
+                         "objects other than tensors; save model.state_dict() (or use safetensors)") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        keys = list(state)[:5] if isinstance(state, dict) else []
+        raise ValueError(f"{path}: expected a state dict (tensor name -> tensor), found {type(state).__name__}"
+                         + (f" with keys {keys}; save model.state_dict() itself" if keys else ""))
+    return state
+
+
+def _register(args: argparse.Namespace) -> int:
+    class_ids = [c.strip() for c in args.class_ids.split(",")]
+    if not all(class_ids):
+        raise ValueError(f"--class-ids has an empty name: {args.class_ids!r}")
+    model_id = validate_model_id(args.model_id or args.weights.name.split(".")[0])
+    config = ModelConfig(arch=args.arch, num_classes=len(class_ids), class_ids=class_ids,
+                         in_channels=args.in_channels, image_size=args.image_size, mean=args.mean, std=args.std,
+                         dataset=args.dataset, arch_args=args.arch_args)
+    model = config.build()
+    state = _load_state_dict(args.weights)
+    check_state_dict(model, state, str(args.weights))
+    model.load_state_dict(state, strict=True)
+    zoo = Zoo(_zoo_path(args), create=True)
+    if model_id in zoo:
+        raise ValueError(f"model {model_id!r} is already in zoo {zoo.path}; pass another --id")
+    zoo.add(model_id, model, config)
+    print(f"registered {model_id} in {zoo.path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    entries = Zoo(_zoo_path(args)).entries()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    print(f"{'id':<16} {'arch':<10} {'classes':>7} {'size':>4} {'heldout':>7}  dataset")
+    for e in entries:
+        acc = e.get("heldout_acc")
+        print(f"{e['id']:<16} {e.get('arch', '?'):<10} {len(e.get('class_ids', [])):>7} "
+              f"{e.get('image_size', '?'):>4} {'-' if acc is None else f'{acc:.3f}':>7}  {e.get('dataset', '')}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    print(json.dumps(Zoo(_zoo_path(args)).describe(args.model_id), indent=2))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    zoo = Zoo(_zoo_path(args))
+    problems = zoo.verify()
+    for p in problems:
+        print(f"{PROG}: verify: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{zoo.path}: {len(zoo)} model(s) verified")
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    zoo = Zoo(_zoo_path(args))
+    zoo.remove(args.model_id)
+    print(f"removed {args.model_id} from {zoo.path}")
+    return 0
+
+
+COMMANDS = {"pretrain": _pretrain, "register": _register, "list": _list, "inspect": _inspect,
+            "verify": _verify, "remove": _remove}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage and its error
+        return int(e.code or 0)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyError as e:
+        message = e.args[0] if e.args else str(e)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        message = str(e)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; finished models stay in the zoo, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
