@@ -145,7 +145,7 @@ def paired_difference(a: EvalResult, b: EvalResult) -> tuple[float, float]:
 
 
 @dataclass
-class TestTimeGrid:
+class TuningGrid:
     """The shared grid of test-time settings every method is tuned on (on meta-val)."""
 
     lr: tuple[float, ...] = (0.01, 0.1, 0.5)
@@ -159,7 +159,8 @@ class Selection:
     Attributes:
         settings: the chosen ``adapt`` keyword arguments (``{}`` if nothing is tunable).
         val_accuracy: their meta-val accuracy in percent.
-        table: meta-val accuracy (percent) of every grid point, keyed like ``"lr=0.1,steps=5"``.
+        table: meta-val accuracy (percent) of every grid point, keyed like ``"lr=0.1,steps=5"``
+            (``"default"`` when nothing is tunable).
     """
 
     settings: dict
@@ -168,19 +169,19 @@ class Selection:
 
 
 def select_test_time(learner: "MetaLearner", val_source: ImageSet, val_tasks: Sequence[TaskSpec],
-                     grid: TestTimeGrid | None = None, progress: bool = False) -> Selection:
+                     grid: TuningGrid | None = None, progress: bool = False) -> Selection:
     """The test-time settings from ``grid`` with the best mean accuracy on meta-val tasks.
 
     Only the settings in ``learner.tunable`` are searched; a learner without any
     (e.g. ProtoNet) gets ``{}`` (scored once). Ties go to the earlier grid point.
     """
-    grid = grid or TestTimeGrid()
+    grid = grid or TuningGrid()
     names = [n for n in ("lr", "steps") if n in learner.tunable]
     best, table = None, {}
     for values in itertools.product(*(getattr(grid, n) for n in names)):
         kwargs = dict(zip(names, values))
         acc = evaluate(learner, val_source, val_tasks, adapt_kwargs=kwargs, progress=progress).accuracy
-        table[",".join(f"{k}={v}" for k, v in kwargs.items())] = round(acc, 2)
+        table[",".join(f"{k}={v}" for k, v in kwargs.items()) or "default"] = round(acc, 2)
         if best is None or acc > best.val_accuracy:
             best = Selection(kwargs, acc, table)
     return best
