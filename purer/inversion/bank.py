@@ -1,0 +1,157 @@
+"""The pseudo-image bank (PURER's *dynamic dataset*): P learnable images per zoo class.
+
+The bank holds its images in ``[0, 1]`` pixel space at one resolution and channel
+count; each teacher sees them through its own :meth:`purer.zoo.Teacher.prepare`
+(channels, size, normalisation), so a heterogeneous zoo shares one bank.
+
+Parameterisation: ``image = sigmoid(logit)``.  A sigmoid keeps every pixel inside
+``[0, 1]`` without a projection step, and, unlike clamping, never zeroes the
+gradient of a pixel that touches a bound, so no pixel gets stuck at black or white.
+Each class is its own ``nn.Parameter`` ``[P, C, S, S]``: a loss built from a few
+classes gives gradients to those classes only, and an optimizer that skips
+parameters without a gradient (``torch.optim.Adam`` does) updates and keeps
+moments for the touched classes alone (see :mod:`purer.inversion.synthesizer`).
+
+The bank is a :class:`purer.data.EpisodeSource`: sample pseudo episodes with
+:class:`purer.data.EpisodeSampler` over ``bank.class_sizes()`` exactly like real
+ones; the episode's images stay differentiable in the bank.
+
+Example:
+    >>> bank = PseudoBank(teachers, images_per_class=16)           # doctest: +SKIP
+    >>> sampler = EpisodeSampler(bank.class_sizes(), way=5, shot=1, query=15)  # doctest: +SKIP
+    >>> ep = bank.episode(sampler.task(0))                           # doctest: +SKIP
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import nn
+
+from ..data.episodes import Episode, TaskSpec, episode_labels
+from ..zoo.teacher import Teacher
+
+
+class PseudoBank(nn.Module):
+    """``images_per_class`` learnable ``[C, S, S]`` images for every class the zoo knows.
+
+    Args:
+        teachers: the zoo, in a fixed order (teacher ``i`` is ``teachers[i]``).
+        images_per_class: P, the images of each class; K + Q (one episode's
+            support + query of the class) as in the release.
+        image_size: S, the bank's side in pixels (default: the largest teacher input).
+        channels: C (default: the most channels any teacher takes; grey teachers see
+            colour images averaged to one channel).
+        merge_shared_classes: if ``True``, teachers that give an output the same
+            ``class_id`` share one bank class; otherwise a class is
+            ``(teacher, local label)`` and names read ``"<model_id>/<class_id>"``.
+        seed: seed of the initial logits (standard normal, so images start as
+            mid-grey noise).
+
+    Attributes:
+        class_names: ``[M]`` names of the bank classes.
+        teacher_classes: for each teacher, ``[num_classes_i]`` bank class of each local label.
+        class_teachers: for each bank class, the teachers that know it.
+    """
+
+    def __init__(self, teachers: Sequence[Teacher], images_per_class: int, image_size: int | None = None,
+                 channels: int | None = None, merge_shared_classes: bool = False, seed: int = 0):
+        super().__init__()
+        if not teachers:
+            raise ValueError("PseudoBank needs at least one teacher")
+        if images_per_class < 1:
+            raise ValueError(f"images_per_class must be positive, got {images_per_class}")
+        configs = [t.config for t in teachers]
+        self.image_size = int(image_size or max(c.image_size for c in configs))
+        self.channels = int(channels or max(c.in_channels for c in configs))
+        self.images_per_class = int(images_per_class)
+        for i, c in enumerate(configs):
+            if c.in_channels not in (1, self.channels) and self.channels != 1:
+                raise ValueError(f"teacher {i} ({teachers[i].model_id or c.arch}) takes {c.in_channels} channels; "
+                                 f"a {self.channels}-channel bank can feed 1- or {self.channels}-channel teachers only")
+
+        keys: dict[object, int] = {}
+        self.class_names: list[str] = []
+        self.teacher_classes: list[list[int]] = []
+        for i, (t, c) in enumerate(zip(teachers, configs)):
+            mine = []
+            for label, cid in enumerate(c.class_ids):
+                key = cid if merge_shared_classes else (i, label)
+                if key not in keys:
+                    keys[key] = len(self.class_names)
+                    self.class_names.append(cid if merge_shared_classes else f"{t.model_id or f'teacher{i}'}/{cid}")
+                mine.append(keys[key])
+            self.teacher_classes.append(mine)
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("two teachers share a model_id, so their classes get the same name; "
+                             "give every teacher a distinct model_id")
+        self.class_teachers: list[list[int]] = [[] for _ in self.class_names]
+        for i, mine in enumerate(self.teacher_classes):
+            for k in mine:
+                self.class_teachers[k].append(i)
+
+        g = torch.Generator().manual_seed(seed)
+        shape = (self.images_per_class, self.channels, self.image_size, self.image_size)
+        self.logits = nn.ParameterList([nn.Parameter(torch.randn(shape, generator=g)) for _ in self.class_names])
+        self._touched: set[int] = set()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.channels, self.image_size, self.image_size
+
+    def class_sizes(self) -> list[int]:
+        return [self.images_per_class] * self.num_classes
+
+    def class_images(self, c: int, index: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+        """Images ``[P, C, S, S]`` of class ``c`` (or ``[len(index), C, S, S]``), differentiable.
+
+        Every read marks ``c`` as touched, so an inversion step knows which classes
+        its loss depends on without scanning the whole bank.
+        """
+        if not 0 <= c < self.num_classes:
+            raise IndexError(f"bank class {c} out of range 0..{self.num_classes - 1}")
+        self._touched.add(int(c))
+        z = self.logits[c]
+        if index is not None:
+            z = z[torch.as_tensor(index, dtype=torch.long, device=z.device)]
+        return torch.sigmoid(z)
+
+    def teacher_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images of teacher ``i``'s classes and its local labels.
+
+        Returns:
+            ``x [n_i * P, C, S, S]`` in ``[0, 1]`` (class-major, local label order) and
+            ``y [n_i * P]`` int64 local labels ``0..n_i-1``.
+        """
+        classes = self.teacher_classes[i]
+        x = torch.cat([self.class_images(c) for c in classes])
+        return x, episode_labels(len(classes), self.images_per_class, device=x.device)
+
+    def episode(self, spec: TaskSpec) -> Episode:
+        """The pseudo episode of ``spec``; ``support_x [N*K, C, S, S]``, ``query_x [N*Q, C, S, S]``,
+        class-major, labels ``0..N-1``; images differentiable in the bank."""
+        def gather(inst: np.ndarray) -> torch.Tensor:
+            x = torch.stack([self.class_images(int(c), i) for c, i in zip(spec.classes, inst)])
+            return rearrange(x, "n k c h w -> (n k) c h w")
+
+        dev = self.logits[0].device
+        return Episode(gather(spec.support), episode_labels(spec.way, spec.support.shape[1], device=dev),
+                       gather(spec.query), episode_labels(spec.way, spec.query.shape[1], device=dev),
+                       tuple(self.class_names[int(c)] for c in spec.classes))
+
+    def pop_touched(self) -> list[int]:
+        """The classes read since the last call (sorted), and forget them."""
+        touched, self._touched = sorted(self._touched), set()
+        return touched
+
+    @torch.no_grad()
+    def snapshot(self, classes: Sequence[int] | None = None) -> torch.Tensor:
+        """Detached images ``[M, P, C, S, S]`` of ``classes`` (default all); does not mark them touched."""
+        classes = range(self.num_classes) if classes is None else classes
+        return torch.stack([torch.sigmoid(self.logits[c]) for c in classes])

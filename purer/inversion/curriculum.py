@@ -1,0 +1,126 @@
+"""The curriculum of episode inversion (ECI): the Gradient Switch.
+
+The meta-learner's accuracy on pseudo query sets tells whether the current pseudo
+tasks are learnt.  When it stops setting new maxima for ``patience``
+meta-iterations, the switch fires: the next bank update adds
+``-lambda_adv * L_outer`` (the meta-learner's query loss on a fresh pseudo episode,
+through its inner loop) to the inversion loss, so the bank moves towards tasks the
+meta-learner gets wrong.  Without it the meta-learner soon solves nearly every
+pseudo task and learns poor features (METHOD.md part 2).
+
+Example (one meta-iteration):
+    >>> loss, acc = learner.outer_loss(bank.episode(sampler.task(it)))        # doctest: +SKIP
+    >>> ...  # meta-update of the learner
+    >>> extra = switch.adversarial_loss(learner, sampler.task(fresh)) if switch.update(acc.item()) else None  # doctest: +SKIP
+    >>> inversion.step(extra_loss=extra)                                       # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..data.episodes import TaskSpec
+from ..meta.base import MetaLearner
+from .bank import PseudoBank
+from .synthesizer import ExtraLoss
+
+
+@dataclass
+class SwitchConfig:
+    """Settings of :class:`GradientSwitch`; defaults are the release's scripts.
+
+    Attributes:
+        patience: meta-iterations without a new maximum of the pseudo-query accuracy
+            after which the switch fires.
+        warmup: meta-iterations (the first ``warmup`` calls of ``update``) during
+            which the switch never fires and the tracker is idle.
+        lambda_adv: weight of the adversarial term ``-lambda_adv * L_outer``.
+    """
+
+    patience: int = 6
+    warmup: int = 4000
+    lambda_adv: float = 10.0
+
+    def __post_init__(self):
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.lambda_adv < 0:
+            raise ValueError(f"lambda_adv must be >= 0, got {self.lambda_adv}")
+
+
+class GradientSwitch:
+    """Tracks pseudo-query accuracy and decides when the next bank update is adversarial.
+
+    Rule: call :meth:`update` once per meta-iteration.  Calls ``1..warmup`` only
+    count.  After warm-up, an accuracy above the best so far becomes the new best
+    (the first one always does); any other increases a stale count, and when that
+    count reaches ``patience`` the call returns ``True`` and the tracker resets (no
+    best, stale count 0).  So, after warm-up or a reset, the switch fires at the
+    earliest ``patience + 1`` calls later.
+
+    Args:
+        config: see :class:`SwitchConfig`.
+    """
+
+    def __init__(self, config: SwitchConfig | None = None):
+        self.config = config or SwitchConfig()
+        self.iteration = 0
+        self.best = -math.inf
+        self.stale = 0
+        self.fired = 0
+
+    def update(self, query_acc: float) -> bool:
+        """Feed one meta-iteration's pseudo-query accuracy; ``True`` if the next update is adversarial."""
+        query_acc = float(query_acc)
+        if math.isnan(query_acc):
+            raise ValueError("query_acc is NaN; the meta-learner's outer loss has diverged")
+        self.iteration += 1
+        if self.iteration <= self.config.warmup:
+            return False
+        if query_acc > self.best:
+            self.best, self.stale = query_acc, 0
+            return False
+        self.stale += 1
+        if self.stale < self.config.patience:
+            return False
+        self.best, self.stale = -math.inf, 0
+        self.fired += 1
+        return True
+
+    def adversarial_loss(self, learner: MetaLearner, spec: TaskSpec) -> ExtraLoss:
+        """``f(bank) = -lambda_adv * L_outer`` of ``learner`` on the pseudo episode ``spec``.
+
+        Pass it as ``extra_loss`` to :meth:`EpisodeInversion.step`.  ``spec`` should be
+        a fresh task (not one the learner just trained on).  The learner must be in
+        training mode: its ``outer_loss`` keeps the inner loop's graph only then, and
+        without that graph MAML's support images would get no gradient.
+        """
+        if not isinstance(learner, MetaLearner):
+            raise TypeError(f"learner must be a purer.meta.MetaLearner, got {type(learner).__name__}")
+        if not learner.training:
+            raise ValueError("the meta-learner is in eval mode, so its inner loop drops the graph the adversarial "
+                             "term needs; call learner.train() before the adversarial bank update")
+        weight = self.config.lambda_adv
+
+        def loss(bank: PseudoBank) -> torch.Tensor:
+            outer, _ = learner.outer_loss(bank.episode(spec))
+            return -weight * outer
+
+        return loss
+
+    def state_dict(self) -> dict:
+        # ``best`` is None before any maximum, so the state stays plain JSON.
+        best = None if self.best == -math.inf else self.best
+        return {"iteration": self.iteration, "best": best, "stale": self.stale, "fired": self.fired}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"iteration", "best", "stale", "fired"} - set(state)
+        if missing:
+            raise ValueError(f"GradientSwitch state lacks {sorted(missing)}")
+        self.iteration = int(state["iteration"])
+        self.best = -math.inf if state["best"] is None else float(state["best"])
+        self.stale, self.fired = int(state["stale"]), int(state["fired"])

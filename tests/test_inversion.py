@@ -1,0 +1,402 @@
+"""Episode inversion and its curriculum on a tiny synthetic zoo (16x16 images, a few seconds of training)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from purer.data import EpisodeSampler
+from purer.inversion import (BNStatsHook, EpisodeInversion, GradientSwitch, InversionConfig, L2Prior, PseudoBank,
+                             SwitchConfig, TotalVariation, bn_distance, build_augmentation, l2_prior,
+                             save_bank_grid, save_episode_grid, total_variation)
+from purer.meta.base import MetaLearner
+from purer.zoo import ModelConfig, Teacher
+
+SIZE = 16
+WAYS = 5
+
+
+def class_data(first_class: int, n_classes: int, n_per: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Separable classes: class ``c`` is a fixed smooth template (seeded by ``c``) plus uniform noise."""
+    templates = []
+    for c in range(first_class, first_class + n_classes):
+        t = F.avg_pool2d(torch.rand(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1000 + c)), 3, 1, 1)
+        templates.append((t - t.min()) / (t.max() - t.min()))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([0.7 * t + 0.3 * torch.rand(n_per, 1, SIZE, SIZE, generator=g) for t in templates])
+    return x, torch.arange(n_classes).repeat_interleave(n_per)
+
+
+def train_teacher(first_class: int, model_id: str, image_size: int = SIZE, channels: int = 1,
+                  mean: float = 0.5, std: float = 0.25, seed: int = 0, class_ids: list[str] | None = None) -> Teacher:
+    torch.manual_seed(seed)
+    config = ModelConfig("conv4", WAYS, class_ids or [f"class{first_class + k}" for k in range(WAYS)],
+                         in_channels=channels, image_size=image_size, mean=[mean], std=[std],
+                         arch_args={"width": 8, "depth": 2})
+    model = config.build()
+    teacher = Teacher(model, config, model_id)
+    x, y = class_data(first_class, WAYS, 40, seed)
+    inputs = teacher.prepare(x)  # the teacher is trained on exactly what it will be fed
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(60):
+        i = torch.randint(len(x), (32,), generator=g)
+        loss = F.cross_entropy(model(inputs[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        assert (model(inputs).argmax(-1) == y).float().mean() > 0.95, "fixture teacher failed to learn"
+    return teacher
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine extra threads spin: one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def zoo() -> list[Teacher]:
+    """Three Conv4 teachers (16 px, grey) on disjoint 5-class blocks."""
+    return [train_teacher(WAYS * i, f"t{i}", seed=i) for i in range(3)]
+
+
+class TinyProtoNet(MetaLearner):
+    """A stand-in meta-learner: prototypes of a one-block conv encoder, negative squared distances."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                     nn.Flatten())
+
+    def adapt(self, support_x, support_y, way, *, create_graph=False):
+        f = self.encoder(support_x)
+        return torch.stack([f[support_y == k].mean(0) for k in range(way)])
+
+    def predict(self, adapted, x):
+        return -torch.cdist(self.encoder(x), adapted).square()
+
+
+def no_aug(**kw) -> InversionConfig:
+    return InversionConfig(augment=False, **kw)
+
+
+# ---------------------------------------------------------------- BN hook
+
+def test_bn_hook_matches_manual_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3))
+    net.train()
+    net(torch.rand(16, 1, 8, 8))  # gives the BN layers non-trivial running statistics
+    net.eval()
+    x = torch.rand(5, 1, 8, 8)
+    with BNStatsHook(net) as bn:
+        net(x)
+    h1 = net[0](x)
+    h2 = net[3](net[2](net[1](h1)))
+    expected = 0
+    for h, layer in ((h1, net[1]), (h2, net[4])):
+        m, v = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+        expected += (m - layer.running_mean).norm() + (v - layer.running_var).norm()
+    assert len(bn.terms) == 2
+    assert torch.allclose(bn.loss(), expected, atol=1e-5)
+
+
+def test_bn_hooks_removed_even_after_an_exception(zoo):
+    model = zoo[0].model
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with pytest.raises(RuntimeError, match="boom"):
+        with BNStatsHook(model) as bn:
+            assert bn.active and all(len(m._forward_pre_hooks) == 1 for m in bns)
+            raise RuntimeError("boom")
+    assert not bn.active
+    assert all(len(m._forward_pre_hooks) == 0 for m in bns)
+
+
+def test_bn_hook_rejects_layers_without_running_stats_and_bad_shapes():
+    with pytest.raises(ValueError, match="running statistics"):
+        BNStatsHook(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)))
+    with pytest.raises(ValueError, match=r"\[B, C, \.\.\.\]"):
+        bn_distance(torch.rand(4, 2, 5, 5), torch.zeros(3), torch.ones(3))
+
+
+# ---------------------------------------------------------------- priors
+
+def test_total_variation_counts_rows_columns_and_both_diagonals():
+    x = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).view(1, 1, 2, 2)
+    # rows: |1-0| twice -> sqrt(2); columns: 0; diagonal: 1-0; anti-diagonal: 0-1
+    assert math.isclose(total_variation(x).item(), math.sqrt(2) + 2, rel_tol=1e-6)
+    assert total_variation(torch.full((2, 3, 5, 5), 0.3)).item() == 0
+    assert math.isclose(l2_prior(torch.full((2, 1, 2, 2), 0.5)).item(), math.sqrt(8 * 0.25), rel_tol=1e-6)
+
+
+def test_priors_modules_equal_functions_and_have_correct_gradients():
+    x = torch.rand(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert TotalVariation()(x) == total_variation(x) and L2Prior()(x) == l2_prior(x)
+    assert torch.autograd.gradcheck(total_variation, (x,))
+    assert torch.autograd.gradcheck(l2_prior, (x,))
+
+
+@pytest.mark.parametrize("bad, message", [(torch.rand(3, 8, 8), r"\[B, C, H, W\]"),
+                                          (torch.rand(1, 1, 1, 8), "at least 2x2"),
+                                          (torch.ones(1, 1, 4, 4, dtype=torch.uint8), "floating-point")])
+def test_total_variation_rejects_bad_input(bad, message):
+    with pytest.raises(ValueError, match=message):
+        total_variation(bad)
+
+
+# ---------------------------------------------------------------- bank
+
+def test_bank_classes_disjoint_or_merged():
+    a = train_teacher(0, "a", class_ids=["x", "y", "z", "u", "v"])
+    b = train_teacher(0, "b", class_ids=["x", "y", "p", "q", "r"])
+    separate = PseudoBank([a, b], images_per_class=3)
+    assert separate.num_classes == 10 and separate.class_names[:2] == ["a/x", "a/y"]
+    merged = PseudoBank([a, b], images_per_class=3, merge_shared_classes=True)
+    assert merged.num_classes == 8
+    assert merged.teacher_classes == [[0, 1, 2, 3, 4], [0, 1, 5, 6, 7]]
+    assert merged.class_teachers[0] == [0, 1] and merged.class_teachers[5] == [1]
+    with pytest.raises(ValueError, match="distinct model_id"):
+        PseudoBank([a, a], images_per_class=3)
+
+
+def test_bank_rejects_bad_sizes_and_channels(zoo):
+    with pytest.raises(ValueError, match="images_per_class"):
+        PseudoBank(zoo, images_per_class=0)
+    odd = ModelConfig("conv4", 2, ["a", "b"], in_channels=2, image_size=SIZE, arch_args={"width": 4, "depth": 1})
+    with pytest.raises(ValueError, match="2 channels"):
+        PseudoBank([Teacher(odd.build(), odd, "odd")], images_per_class=2, channels=3)
+
+
+def test_pseudo_episode_shapes_labels_and_gradients_reach_only_its_classes(zoo):
+    bank = PseudoBank(zoo, images_per_class=5)
+    sampler = EpisodeSampler(bank.class_sizes(), way=7, shot=2, query=3, seed=1)
+    spec = sampler.task(0)
+    episode = bank.episode(spec)
+    assert episode.support_x.shape == (14, 1, SIZE, SIZE) and episode.query_x.shape == (21, 1, SIZE, SIZE)
+    assert episode.support_y.tolist() == [k for k in range(7) for _ in range(2)]
+    assert episode.query_y.tolist() == [k for k in range(7) for _ in range(3)]
+    assert episode.classes == tuple(bank.class_names[c] for c in spec.classes)
+    assert len({bank.class_teachers[c][0] for c in spec.classes}) > 1  # one task mixes teachers' classes
+    assert 0 <= episode.support_x.min() and episode.query_x.max() <= 1
+    # the support image of label 1, shot 0 is bank image support[1, 0] of class classes[1]
+    c, i = int(spec.classes[1]), int(spec.support[1, 0])
+    assert torch.equal(episode.support_x[2], torch.sigmoid(bank.logits[c][i]))
+    (episode.support_x.sum() + episode.query_x.sum()).backward()
+    for k, p in enumerate(bank.logits):
+        if k in spec.classes:
+            used = set(spec.support[list(spec.classes).index(k)]) | set(spec.query[list(spec.classes).index(k)])
+            touched_images = {j for j in range(5) if p.grad[j].abs().sum() > 0}
+            assert touched_images == used
+        else:
+            assert p.grad is None
+
+
+# ---------------------------------------------------------------- episode inversion
+
+def test_inversion_makes_teachers_recognise_the_bank(zoo):
+    torch.manual_seed(0)
+    bank = PseudoBank(zoo, images_per_class=6)
+    inversion = EpisodeInversion(zoo, bank, InversionConfig(teachers_per_step=2))
+    with torch.no_grad():
+        before = [(t(bank.teacher_batch(i)[0]).argmax(-1) == bank.teacher_batch(i)[1]).float().mean().item()
+                  for i, t in enumerate(zoo)]
+    for _ in range(150):
+        inversion.step()
+    with torch.no_grad():
+        after = [(t(bank.teacher_batch(i)[0]).argmax(-1) == bank.teacher_batch(i)[1]).float().mean().item()
+                 for i, t in enumerate(zoo)]
+    assert min(after) >= 0.9, f"teacher accuracy on the bank: before {before}, after {after}"
+
+
+def test_r_bn_falls_over_inversion_steps(zoo):
+    def run(a_bn: float) -> list[float]:
+        torch.manual_seed(0)
+        bank = PseudoBank(zoo[:1], images_per_class=6)
+        inversion = EpisodeInversion(zoo[:1], bank, no_aug(a_bn=a_bn))
+        return [inversion.step()["r_bn"] for _ in range(80)]
+
+    with_bn, without_bn = run(0.1), run(0.0)
+    assert np.mean(with_bn[-10:]) < 0.5 * with_bn[0]
+    assert np.mean(with_bn[-10:]) < 0.5 * np.mean(without_bn[-10:])
+
+
+def test_heterogeneous_teachers_share_one_bank(zoo):
+    # a colour teacher at 12 px with another normalisation, next to a grey 16 px one
+    odd = train_teacher(WAYS, "colour12", image_size=12, channels=3, mean=0.2, std=0.5, seed=5)
+    teachers = [zoo[0], odd]
+    torch.manual_seed(0)
+    bank = PseudoBank(teachers, images_per_class=6)
+    assert bank.image_shape == (3, SIZE, SIZE)
+    inversion = EpisodeInversion(teachers, bank, InversionConfig())
+    for _ in range(120):
+        stats = inversion.step()
+    assert math.isfinite(stats["loss"])
+    with torch.no_grad():
+        for i, t in enumerate(teachers):
+            x, y = bank.teacher_batch(i)
+            assert (t(x).argmax(-1) == y).float().mean() >= 0.9, f"teacher {t.model_id} does not recognise the bank"
+
+
+def test_untouched_classes_do_not_move(zoo):
+    bank = PseudoBank(zoo, images_per_class=4)
+    inversion = EpisodeInversion(zoo, bank, no_aug())
+    start = bank.snapshot()
+    inversion.step(teachers=[0])
+    after_first = bank.snapshot()
+    mine, others = bank.teacher_classes[0], bank.teacher_classes[1] + bank.teacher_classes[2]
+    assert all(not torch.equal(after_first[c], start[c]) for c in mine)
+    assert all(torch.equal(after_first[c], start[c]) for c in others)
+    assert set(inversion.optimizer.state) == {bank.logits[c] for c in mine}
+    # teacher 0's classes carry Adam momentum, yet a step on teacher 1 must leave them alone
+    inversion.step(teachers=[1])
+    after_second = bank.snapshot()
+    assert all(torch.equal(after_second[c], after_first[c]) for c in mine + bank.teacher_classes[2])
+
+
+def test_step_samples_teachers_per_step_and_weights_them_equally(zoo):
+    bank = PseudoBank(zoo, images_per_class=4)
+    inversion = EpisodeInversion(zoo, bank, no_aug(teachers_per_step=2, seed=3))
+    picks = [inversion.sample_teachers() for _ in range(20)]
+    assert all(len(p) == 2 and len(set(p)) == 2 for p in picks) and {i for p in picks for i in p} == {0, 1, 2}
+    losses = [inversion.teacher_loss(i)[0].item() for i in (0, 2)]
+    bank.pop_touched()
+    both = inversion.step(teachers=[0, 2])
+    assert math.isclose(both["loss"], sum(losses) / 2, rel_tol=1e-5)
+
+
+def test_extra_loss_is_added_and_checked(zoo):
+    bank = PseudoBank(zoo, images_per_class=4)
+    inversion = EpisodeInversion(zoo, bank, no_aug())
+    plain = inversion.teacher_loss(1)[0].item()
+    stats = inversion.step(extra_loss=lambda b: b.class_images(0).mean() * 0 + 2.0, teachers=[1])
+    assert math.isclose(stats["loss"], plain + 2.0, rel_tol=1e-5) and stats["extra"] == 2.0
+    with pytest.raises(ValueError, match="0-dim"):
+        inversion.step(extra_loss=lambda b: b.class_images(0), teachers=[1])
+
+
+def test_inversion_resumes_from_its_state(zoo, tmp_path):
+    def fresh():
+        bank = PseudoBank(zoo, images_per_class=3)
+        return bank, EpisodeInversion(zoo, bank, no_aug(teachers_per_step=1))
+
+    bank, inversion = fresh()
+    for _ in range(4):
+        inversion.step()
+    straight = bank.snapshot()
+    bank, inversion = fresh()
+    for _ in range(2):
+        inversion.step()
+    torch.save({"bank": bank.state_dict(), "inversion": inversion.state_dict()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    bank, inversion = fresh()
+    bank.load_state_dict(state["bank"])
+    inversion.load_state_dict(state["inversion"])
+    for _ in range(2):
+        inversion.step()
+    assert inversion.steps == 4 and torch.equal(bank.snapshot(), straight)
+
+
+def test_inversion_config_and_zoo_mismatch_raise(zoo):
+    with pytest.raises(ValueError, match="teachers_per_step"):
+        InversionConfig(teachers_per_step=0)
+    with pytest.raises(ValueError, match="crop_scale"):
+        InversionConfig(crop_scale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="same teachers"):
+        EpisodeInversion(zoo[:2], PseudoBank(zoo, images_per_class=2))
+
+
+def test_augmentation_is_differentiable_and_switchable():
+    x = torch.rand(6, 1, SIZE, SIZE, requires_grad=True)
+    aug = build_augmentation(InversionConfig(), SIZE)
+    y = aug(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert isinstance(build_augmentation(no_aug(), SIZE), nn.Identity)
+
+
+# ---------------------------------------------------------------- gradient switch
+
+def test_switch_fires_exactly_by_the_rule():
+    switch = GradientSwitch(SwitchConfig(patience=2, warmup=3))
+    accs = [0.1, 0.1, 0.1,  # warm-up: never fires, however stale
+            0.5, 0.4, 0.5,  # new best, then two without a new maximum (a tie is not one) -> fire
+            0.1, 0.2, 0.2, 0.15,  # reset: 0.1 and 0.2 are new maxima, then two stale -> fire
+            0.9, 0.95, 0.2]  # new maxima, one stale: not yet
+    fired = [switch.update(a) for a in accs]
+    assert [i for i, f in enumerate(fired) if f] == [5, 9]
+    assert switch.fired == 2 and switch.stale == 1 and switch.best == 0.95
+
+
+def test_switch_never_fires_during_default_warmup():
+    switch = GradientSwitch()
+    assert switch.config == SwitchConfig(patience=6, warmup=4000, lambda_adv=10.0)
+    assert not any(switch.update(0.5) for _ in range(4000))
+    assert [switch.update(0.5) for _ in range(7)] == [False] * 6 + [True]
+
+
+def test_switch_state_round_trip():
+    accs = [0.3, 0.2, 0.2, 0.1, 0.4, 0.4, 0.4, 0.4, 0.1, 0.2]
+    reference = GradientSwitch(SwitchConfig(patience=3, warmup=1))
+    expected = [reference.update(a) for a in accs]
+    first = GradientSwitch(SwitchConfig(patience=3, warmup=1))
+    got = [first.update(a) for a in accs[:5]]
+    second = GradientSwitch(SwitchConfig(patience=3, warmup=1))
+    second.load_state_dict(first.state_dict())
+    got += [second.update(a) for a in accs[5:]]
+    assert got == expected and any(expected)
+    with pytest.raises(ValueError, match="lacks"):
+        second.load_state_dict({"iteration": 3})
+    with pytest.raises(ValueError, match="NaN"):
+        second.update(float("nan"))
+
+
+def test_adversarial_step_raises_the_learners_outer_loss(zoo):
+    bank0 = PseudoBank(zoo, images_per_class=5)
+    sampler = EpisodeSampler(bank0.class_sizes(), way=5, shot=2, query=3, seed=0)
+    spec = sampler.task(0)
+    torch.manual_seed(0)
+    learner = TinyProtoNet().train()
+    switch = GradientSwitch(SwitchConfig(warmup=0))
+
+    def outer_after(extra) -> float:
+        bank = PseudoBank(zoo, images_per_class=5)
+        inversion = EpisodeInversion(zoo, bank, no_aug())
+        inversion.step(extra_loss=extra, teachers=[0, 1, 2])
+        with torch.no_grad():
+            return learner.outer_loss(bank.episode(spec))[0].item()
+
+    plain = outer_after(None)
+    adversarial = outer_after(switch.adversarial_loss(learner, spec))
+    assert adversarial > plain + 0.1, (plain, adversarial)
+    assert all(p.grad is None for p in learner.parameters())  # the bank step leaves the learner's grads alone
+    with pytest.raises(ValueError, match="eval mode"):
+        switch.adversarial_loss(learner.eval(), spec)
+
+
+# ---------------------------------------------------------------- grids
+
+def test_grids_are_written_with_the_expected_layout(zoo, tmp_path):
+    bank = PseudoBank(zoo, images_per_class=4)
+    path = save_bank_grid(bank, tmp_path / "bank.png", classes=range(6), scale=2)
+    with Image.open(path) as im:
+        assert im.size == (4 * (2 * SIZE + 1) + 1, 6 * (2 * SIZE + 1) + 1)
+    episode = bank.episode(EpisodeSampler(bank.class_sizes(), way=3, shot=1, query=2).task(0))
+    with Image.open(save_episode_grid(episode, tmp_path / "ep" / "episode.png", scale=1)) as im:
+        assert im.size == ((1 + 1 + 2) * (SIZE + 1) + 1, 3 * (SIZE + 1) + 1)
