@@ -10,22 +10,23 @@ each glyph centred and scaled, aspect ratio kept, to fill the image minus a
 small margin.  Because of the scaling, size alone never tells two letters
 apart (``o`` and ``O`` look alike here), which the cleaning accounts for.
 
-Cleaning, decided on renders at a fixed analysis size so that every image size
-keeps the same classes:
+Cleaning compares renders drawn at one fixed size, whatever the output size, so
+every image size keeps the same classes:
 
 * a face that lacks a character in its cmap (or maps it to ``.notdef``) gives no
   instance of it; a render that equals the face's ``.notdef`` box, or that the
   face draws for many characters alike, is a fallback and is dropped, and so
-  is the whole face for a script where most of its renders are fallbacks
-  (LastResort draws one box per Unicode block);
+  is a face most of whose renders are fallbacks (LastResort draws one box per
+  Unicode block);
 * a face whose renders of a script do not look like the other faces' renders of
   the same characters is dropped for that script (symbol fonts such as
   ``cmex10`` map letters to unrelated shapes);
 * empty renders, and renders of a class that duplicate one already kept;
-* look-alike classes: two characters that the same faces draw alike (Latin
-  ``A``, Greek ``Α``, Cyrillic ``А``; ``o`` and ``O`` once scaled) keep one class,
-  the one of the script listed first, so nothing leaks from meta-train into
-  meta-val or meta-test;
+* look-alike classes: two characters that most faces draw alike (Latin ``A``,
+  Greek ``Α``, Cyrillic ``А``; ``p`` and ``ρ``) keep one class, the one of the
+  script listed first, so nothing leaks from meta-train into meta-val or
+  meta-test; where a single face draws a kept class like an earlier one (italic
+  Cyrillic ``т`` is an ``m``), that face's render is dropped;
 * classes drawn by fewer than ``min_faces`` distinct faces.
 
 Classes with fewer than ``min_instances`` faces are topped up by seeded, small
@@ -39,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -54,7 +56,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 from einops import rearrange
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 
 from .episodes import ImageSet
 
@@ -225,6 +227,15 @@ def _fit(crop: Image.Image, size: int, margin: float, scale: float = 1.0) -> np.
     return np.asarray(out)
 
 
+def _morph(a: np.ndarray, radius: int, op: np.ufunc) -> np.ndarray:
+    """Grey dilation (``np.maximum``) or erosion (``np.minimum``) of ``a`` ``[H, W]`` by a square of side ``2r + 1``."""
+    for axis in (0, 1):
+        padded = np.pad(a, [(radius, radius) if ax == axis else (0, 0) for ax in (0, 1)])
+        n = a.shape[axis]
+        a = functools.reduce(op, (np.take(padded, range(k, k + n), axis=axis) for k in range(2 * radius + 1)))
+    return a
+
+
 def _augment(crop: Image.Image, rng: np.random.Generator, cfg: GlyphConfig, size: int) -> np.ndarray | None:
     """A seeded small affine distortion of ``crop`` with a changed stroke weight: ``[size, size]`` uint8."""
     # Work at a fixed glyph size so that one filter step is the same stroke change for every glyph;
@@ -238,12 +249,13 @@ def _augment(crop: Image.Image, rng: np.random.Generator, cfg: GlyphConfig, size
     canvas.paste(glyph, ((side - glyph.width) // 2, (side - glyph.height) // 2))
     stroke = int(rng.integers(-1, 3))  # -1 thinner, 0 as drawn, +1/+2 bolder: 1/3 output pixel per side a step
     if stroke > 0:
-        canvas = canvas.filter(ImageFilter.MaxFilter(2 * stroke + 1))
+        canvas = Image.fromarray(_morph(np.asarray(canvas), stroke, np.maximum))
     elif stroke < 0:
-        thin = canvas.filter(ImageFilter.MinFilter(3))
+        a = np.asarray(canvas)
+        thin = _morph(a, 1, np.minimum)
         # hairlines of serif faces would vanish; keep the drawn weight then
-        if np.asarray(thin, dtype=np.float32).sum() > 0.6 * np.asarray(canvas, dtype=np.float32).sum():
-            canvas = thin
+        if thin.sum(dtype=np.int64) > 0.6 * a.sum(dtype=np.int64):
+            canvas = Image.fromarray(thin)
     angle = np.deg2rad(rng.uniform(-cfg.max_rotation, cfg.max_rotation))
     shear = rng.uniform(-cfg.max_shear, cfg.max_shear)
     scale = rng.uniform(cfg.min_scale, 1.0)
@@ -257,6 +269,12 @@ def _augment(crop: Image.Image, rng: np.random.Generator, cfg: GlyphConfig, size
                               resample=Image.Resampling.BILINEAR)
     box = canvas.getbbox()
     return None if box is None else _fit(canvas.crop(box), size, cfg.margin, scale)
+
+
+def _ink_distance_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Ink distance of row ``i`` of ``a`` ``[n, D]`` to row ``i`` of ``b`` ``[n, D]``: ``[n]``."""
+    total = np.square(a).sum(1) + np.square(b).sum(1)
+    return np.square(a - b).sum(1) / np.maximum(total, 1e-6)
 
 
 def _ink_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -284,18 +302,22 @@ def _as_float(img: np.ndarray) -> np.ndarray:
     return img.astype(np.float32).ravel() / 255
 
 
-def _render_face(font: ImageFont.FreeTypeFont, face: _Face, fi: int, chars: list[str], size: int,
-                 cfg: GlyphConfig, drops: Counter) -> dict[str, _Render] | str:
-    """This face's renders of ``chars``, fallback shapes removed; a reason string if the whole face is a fallback."""
+def _render_face(font: ImageFont.FreeTypeFont, out_font: ImageFont.FreeTypeFont, face: _Face, fi: int,
+                 chars: list[str], size: int, cfg: GlyphConfig, drops: Counter) -> dict[str, _Render] | str:
+    """This face's renders of ``chars``, fallback shapes removed; a reason string if the whole face is a fallback.
+
+    ``font`` draws the analysis renders, ``out_font`` (the same object up to 32 px) the output ones.
+    """
     got: dict[str, _Render] = {}
     for ch in chars:
         if face.cmap.get(ord(ch), ".notdef") == ".notdef":
             continue
         crop = _crop(font, ch)
-        if crop is None:
+        out = crop if out_font is font or crop is None else _crop(out_font, ch)
+        if crop is None or out is None:
             drops["empty"] += 1
             continue
-        got[ch] = _Render(fi, _fit(crop, size, cfg.margin), _as_float(_fit(crop, _ANALYSIS_SIZE, cfg.margin)))
+        got[ch] = _Render(fi, _fit(out, size, cfg.margin), _as_float(_fit(crop, _ANALYSIS_SIZE, cfg.margin)))
     if not got:
         return got
     x = np.stack([r.analysis for r in got.values()])
@@ -326,14 +348,16 @@ def _disagreeing_faces(renders: dict[str, list[_Render]], cfg: GlyphConfig) -> d
     sums = np.stack([np.sum([r.analysis for r in renders[ch]], 0) for ch in chars])
     counts = np.array([len(renders[ch]) for ch in chars], dtype=np.float32)
     protos = sums / counts[:, None]
-    hits: dict[int, list[bool]] = {}
-    for ci, ch in enumerate(chars):
-        for r in renders[ch]:
-            own = (sums[ci] - r.analysis) / (counts[ci] - 1)  # leave this face out of its own class
-            d = _ink_distance(r.analysis[None], protos)[0]
-            d[ci] = _ink_distance(r.analysis[None], own[None])[0, 0]
-            hits.setdefault(r.face, []).append(bool((d < d[ci]).sum() < 3))
-    return {f: float(np.mean(h)) for f, h in hits.items() if np.mean(h) < cfg.min_agreement}
+    cls = np.array([ci for ci, ch in enumerate(chars) for _ in renders[ch]])
+    face = np.array([r.face for ch in chars for r in renders[ch]])
+    x = np.stack([r.analysis for ch in chars for r in renders[ch]])  # [R, D]
+    d = _ink_distance(x, protos)  # [R, C]
+    own = (sums[cls] - x) / (counts[cls, None] - 1)  # leave each render's face out of its own class
+    rows = np.arange(len(x))
+    d[rows, cls] = _ink_distance_rows(x, own)
+    hit = (d < d[rows, cls][:, None]).sum(1) < 3
+    agreement = {int(f): float(hit[face == f].mean()) for f in np.unique(face)}
+    return {f: a for f, a in agreement.items() if a < cfg.min_agreement}
 
 
 def _same_face_distances(keys: list[str], renders: dict[str, list[_Render]], n_faces: int) -> np.ndarray:
@@ -369,19 +393,22 @@ def _build(font_dir: Path, groups: Mapping[str, Sequence[str]], image_size: int,
     all_chars = [ch for s in order for ch in script_chars[s]]
     renders: dict[str, list[_Render]] = {ch: [] for ch in all_chars}
     fonts: dict[int, ImageFont.FreeTypeFont] = {}
-    # glyphs fill about 0.7 em: this font size gives supersampled crops larger than any output needs
-    font_px = round(1.5 * max(image_size, _ANALYSIS_SIZE) * cfg.supersample)
+    # Glyphs fill about 0.7 em, so these font sizes give supersampled crops.  Cleaning always sees
+    # renders of the same font size, so that every output size keeps the same classes.
+    analysis_px, out_px = (round(1.5 * s * cfg.supersample) for s in (_ANALYSIS_SIZE, image_size))
     for fi, face in enumerate(faces):
         try:
-            font = ImageFont.truetype(str(face.path), size=font_px, index=face.index)
+            font = ImageFont.truetype(str(face.path), size=analysis_px, index=face.index)
+            out_font = font if out_px <= analysis_px else \
+                ImageFont.truetype(str(face.path), size=out_px, index=face.index)
         except OSError as e:
             report.dropped_faces[face.name] = f"unreadable by FreeType ({e})"
             continue
-        got = _render_face(font, face, fi, all_chars, image_size, cfg, drops)
+        got = _render_face(font, out_font, face, fi, all_chars, image_size, cfg, drops)
         if isinstance(got, str):
             report.dropped_faces[face.name] = got
             continue
-        fonts[fi] = font
+        fonts[fi] = out_font
         for ch, r in got.items():
             renders[ch].append(r)
 
@@ -397,14 +424,14 @@ def _build(font_dir: Path, groups: Mapping[str, Sequence[str]], image_size: int,
     keys: list[tuple[str, str]] = []  # (script, char) in priority order
     for s in order:
         for ch in script_chars[s]:
-            kept: list[_Render] = []
-            for r in renders[ch]:
-                if kept and _ink_distance(r.analysis[None], np.stack([k.analysis for k in kept])).min() \
-                        < cfg.duplicate_distance:
-                    drops["duplicate"] += 1
-                else:
-                    kept.append(r)
-            renders[ch] = kept
+            kept: list[int] = []
+            if renders[ch]:
+                near = _ink_distance(*[np.stack([r.analysis for r in renders[ch]])] * 2) < cfg.duplicate_distance
+                for i in range(len(near)):
+                    if not near[i, kept].any():
+                        kept.append(i)
+            drops["duplicate"] += len(renders[ch]) - len(kept)
+            renders[ch] = kept = [renders[ch][i] for i in kept]
             if len(kept) >= cfg.min_faces:
                 keys.append((s, ch))
             elif kept:
@@ -458,6 +485,9 @@ def _build(font_dir: Path, groups: Mapping[str, Sequence[str]], image_size: int,
     out = {}
     for group, scripts in groups.items():
         names = [n for n in images if n.split(":", 1)[0] in scripts]
+        if not names:
+            raise ValueError(f"no class of {group!r} (scripts {list(scripts)}) is drawn by {cfg.min_faces} or more "
+                             f"distinct faces under {font_dir}; add fonts that cover it or lower min_faces\n{report}")
         x = [img for n in names for img in images[n]]
         labels = torch.tensor([i for i, n in enumerate(names) for _ in images[n]], dtype=torch.long)
         tensor = torch.from_numpy(np.stack(x)) if x else torch.zeros(0, image_size, image_size, dtype=torch.uint8)
@@ -483,12 +513,12 @@ def build_font_dataset(font_dir: str | Path, scripts: Sequence[str] | Mapping[st
 
     Returns:
         ``({key: ImageSet}, report)``: class names like ``"latin:A (U+0041)"``, images uint8
-        white on black; the report lists what cleaning removed.  A set may have no classes
-        when none of its letters survive; check ``len(s.class_names)``.
+        white on black; the report lists what cleaning removed.
 
     Raises:
         FileNotFoundError: ``font_dir`` is missing or holds no font file.
-        ValueError: an unknown script name, a script listed twice, or ``image_size < 8``.
+        ValueError: an unknown script name, a script listed twice, ``image_size < 8``, or a set
+            with no class left (too few faces draw its letters).
 
     Example:
         >>> sets, report = build_font_dataset("/usr/share/fonts", ["latin", "greek"], 16)  # doctest: +SKIP
@@ -498,7 +528,12 @@ def build_font_dataset(font_dir: str | Path, scripts: Sequence[str] | Mapping[st
     groups = dict(scripts) if isinstance(scripts, Mapping) else {s: (s,) for s in scripts}
     if not groups:
         raise ValueError(f"no scripts given; choose from {sorted(SCRIPTS)}")
-    return _build(Path(font_dir), groups, image_size, config or GlyphConfig(), name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the products here are small: on a busy machine a thread pool only adds waits
+    try:
+        return _build(Path(font_dir), groups, image_size, config or GlyphConfig(), name)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- the built-in dataset and its cache
@@ -529,13 +564,19 @@ def glyph_cache_path(image_size: int = 28, data_root: str | Path | None = None) 
     return root / "glyphs" / f"glyphs-{image_size}px-v{BUILDER_VERSION}-{digest}.npz"
 
 
-def _write_cache(path: Path, sets: dict[str, ImageSet], report: GlyphReport) -> None:
+def _make_cache_dir(directory: Path) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        directory.mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK):
+            raise PermissionError(f"{directory} is not writable")
     except OSError as e:
-        raise OSError(f"cannot write the glyph cache to {path.parent} ({e}); pass data_root= or set "
+        raise OSError(f"cannot write the glyph cache to {directory} ({e}); pass data_root= or set "
                       f"$PURER_DATA_ROOT to a writable directory") from e
+
+
+def _write_cache(path: Path, sets: dict[str, ImageSet], report: GlyphReport) -> None:
+    _make_cache_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     arrays = {"report": np.array(json.dumps(asdict(report)))}
     for split, s in sets.items():
         arrays[f"{split}_images"] = s.images.numpy()
@@ -594,11 +635,8 @@ def load_glyphs(split: str, image_size: int = 28, data_root: str | Path | None =
             return _read_split(path, split)
         except (OSError, ValueError, KeyError) as e:  # a damaged cache is rebuilt, not trusted
             warnings.warn(f"rebuilding the unreadable glyph cache {path} ({e})", stacklevel=2)
+    _make_cache_dir(path.parent)  # fail before the build, not after it
     sets, report = build_font_dataset(matplotlib_font_dir(), GLYPH_SPLITS, image_size)
-    for s_name, s in sets.items():
-        if len(s.class_names) == 0:
-            raise RuntimeError(f"the glyph builder kept no class for split {s_name!r}: are matplotlib's fonts "
-                               f"complete in {matplotlib_font_dir()}?\n{report}")
     _write_cache(path, sets, report)
     return sets[split]
 
