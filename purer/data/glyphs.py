@@ -101,7 +101,8 @@ class GlyphConfig:
         min_faces: classes drawn by fewer distinct faces are dropped (augmenting
             one or two faces gives no real variety).
         margin: blank border on each side, as a fraction of the image size.
-        supersample: render at this multiple of the output size, then downsample.
+        supersample: glyphs are drawn about this many times larger than the size they
+            are compared or output at, then downsampled (smooth edges).
         max_rotation: augmentation rotation, degrees, uniform in ``[-x, x]``.
         max_shear: augmentation horizontal shear factor, uniform in ``[-x, x]``.
         min_scale: augmentation glyph size, a fraction of the full fit in ``[x, 1]``.
@@ -115,8 +116,8 @@ class GlyphConfig:
             character.
         seed: seed of the augmentation.
 
-    Distances are the ink distance ``sum|a - b| / (sum a + sum b)`` in ``[0, 1]``
-    between two ``32 x 32`` renders.
+    Distances are the ink distance ``|a - b|^2 / (|a|^2 + |b|^2)`` in ``[0, 1]``
+    between two ``32 x 32`` renders in ``[0, 1]`` (0: the same image, 1: no common ink).
     """
 
     min_instances: int = 20
@@ -131,6 +132,12 @@ class GlyphConfig:
     fallback_repeats: int = 8
     min_agreement: float = 0.5
     seed: int = 0
+
+    def __post_init__(self):
+        if self.min_instances < 1 or self.min_faces < 1:
+            raise ValueError(f"min_instances and min_faces must be positive, got {self.min_instances}, {self.min_faces}")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"min_scale must lie in (0, 1], got {self.min_scale}")
 
 
 @dataclass
@@ -238,8 +245,8 @@ def _morph(a: np.ndarray, radius: int, op: np.ufunc) -> np.ndarray:
 
 def _augment(crop: Image.Image, rng: np.random.Generator, cfg: GlyphConfig, size: int) -> np.ndarray | None:
     """A seeded small affine distortion of ``crop`` with a changed stroke weight: ``[size, size]`` uint8."""
-    # Work at a fixed glyph size so that one filter step is the same stroke change for every glyph;
-    # 3x the output is enough for a smooth downsample and keeps the rank filter and warp cheap.
+    # Work at a fixed glyph size so that one morphology step is the same stroke change for every
+    # glyph; 3x the output is enough for a smooth downsample and keeps the warp cheap.
     work = 3 * size
     w, h = crop.size
     glyph = crop.resize((max(1, round(w * work / max(w, h))), max(1, round(h * work / max(w, h)))),
@@ -281,7 +288,7 @@ def _ink_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise ink distance ``|a - b|^2 / (|a|^2 + |b|^2)`` of ``a`` ``[n, D]`` and ``b`` ``[m, D]``: ``[n, m]``.
 
     For non-negative images it lies in ``[0, 1]``: 0 for the same image, 1 when the
-    inks do not overlap, whatever the stroke weight.  One matrix product computes it.
+    inks do not overlap.  One matrix product computes it.
     """
     a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
     na, nb = a.square().sum(1)[:, None], b.square().sum(1)[None]
@@ -466,7 +473,8 @@ def _build(font_dir: Path, groups: Mapping[str, Sequence[str]], image_size: int,
     images: dict[str, list[np.ndarray]] = {}
     for k in kept_idx:
         s, ch = keys[k]
-        own = [r.image for r in renders[ch]]
+        # renders that differ at the analysis size can still coincide at a small output size
+        own = list({r.image.tobytes(): r.image for r in renders[ch]}.values())
         seen = {img.tobytes() for img in own}
         crops = [_crop(fonts[r.face], ch) for r in renders[ch]]
         for a in range(4 * cfg.min_instances):  # a few spare draws in case a distortion repeats an image
