@@ -135,7 +135,8 @@ class GlyphConfig:
 
     def __post_init__(self):
         if self.min_instances < 1 or self.min_faces < 1:
-            raise ValueError(f"min_instances and min_faces must be positive, got {self.min_instances}, {self.min_faces}")
+            raise ValueError(f"min_instances and min_faces must be positive, "
+                             f"got {self.min_instances} and {self.min_faces}")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale must lie in (0, 1], got {self.min_scale}")
 
