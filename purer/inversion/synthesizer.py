@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import kornia.augmentation as KA
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +38,7 @@ from .hooks import BNStatsHook
 from .priors import l2_prior, total_variation
 
 ExtraLoss = Callable[[PseudoBank], torch.Tensor]
+GradSync = Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]
 
 
 @dataclass
@@ -142,8 +144,13 @@ class EpisodeInversion:
         c = self.config
         teacher = self.teachers[i]
         x, y = self.bank.teacher_batch(i)
+        # Augmentation draws depend on (seed, step, teacher) only, so a step gives the same
+        # result whichever process computes which teacher, and a resumed run repeats it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.config.seed, self.steps, i]).generate_state(1)[0]))
+            seen_aug = self.augment(x)
         with BNStatsHook(teacher.model) as bn:
-            logits = teacher(self.augment(x))
+            logits = teacher(seen_aug)
         ce = F.cross_entropy(logits, y)
         r_bn = bn.loss()
         # Priors act on what the teacher takes in (its size and normalisation), the
@@ -155,7 +162,8 @@ class EpisodeInversion:
         return loss, {"ce": ce.item(), "r_bn": r_bn.item(), "r_tv": r_tv.item(), "r_l2": r_l2.item(),
                       "acc": acc.item()}
 
-    def step(self, extra_loss: ExtraLoss | None = None, teachers: Sequence[int] | None = None) -> dict[str, float]:
+    def step(self, extra_loss: ExtraLoss | None = None, teachers: Sequence[int] | None = None,
+             total: int | None = None, sync: GradSync | None = None) -> dict[str, float]:
         """One optimizer step on the bank.
 
         Args:
@@ -164,23 +172,28 @@ class EpisodeInversion:
                 are updated for it; other parameters it involves (e.g. a meta-learner's)
                 receive no gradient.
             teachers: the teachers to use (default: :meth:`sample_teachers`).
+            total: how many teachers the whole step has when ``teachers`` is one
+                process's share of them (default ``len(teachers)``); the loss is
+                ``sum(L_EI) / total``, so the shares' gradients add up to the mean.
+            sync: sums the per-class bank gradients ``{class: grad}`` over processes
+                (and returns them for the union of classes); ``None`` in one process.
 
         Returns:
-            The step's numbers: ``loss`` (total), mean over teachers of ``ce``, ``r_bn``,
-            ``r_tv``, ``r_l2`` and teacher accuracy ``acc`` on the augmented images,
-            and ``extra`` when ``extra_loss`` was given.
+            The step's numbers (this process's teachers): ``loss`` (total), mean over
+            teachers of ``ce``, ``r_bn``, ``r_tv``, ``r_l2`` and teacher accuracy ``acc``
+            on the augmented images, and ``extra`` when ``extra_loss`` was given.
         """
         idx = list(teachers) if teachers is not None else self.sample_teachers()
-        if not idx:
-            raise ValueError("an inversion step needs at least one teacher")
+        total = len(idx) if total is None else total
+        if total < 1 or total < len(idx):
+            raise ValueError(f"an inversion step needs at least one teacher (total={total}, here {len(idx)})")
         self.bank.pop_touched()  # reads since the last step (e.g. meta-training episodes) are not this loss's
-        losses, parts = [], []
+        loss, parts = torch.zeros(()), []
         for i in idx:
             loss_i, parts_i = self.teacher_loss(i)
-            losses.append(loss_i)
+            loss = loss + loss_i / total
             parts.append(parts_i)
-        loss = torch.stack(losses).mean()
-        stats = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}
+        stats = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]} if parts else {}
         if extra_loss is not None:
             extra = extra_loss(self.bank)
             if not (isinstance(extra, torch.Tensor) and extra.ndim == 0):
@@ -190,13 +203,17 @@ class EpisodeInversion:
             stats["extra"] = extra.item()
         stats["loss"] = loss.item()
 
-        params = [self.bank.logits[k] for k in self.bank.pop_touched()]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        for p, g in zip(params, grads):
-            p.grad = g
+        touched = self.bank.pop_touched()
+        grads = torch.autograd.grad(loss, [self.bank.logits[k] for k in touched], allow_unused=True) \
+            if touched else ()
+        by_class = {k: g for k, g in zip(touched, grads) if g is not None}
+        if sync is not None:
+            by_class = sync(by_class)
+        for k, g in by_class.items():
+            self.bank.logits[k].grad = g
         self.optimizer.step()
-        for p in params:
-            p.grad = None
+        for k in by_class:
+            self.bank.logits[k].grad = None
         self.steps += 1
         return stats
 

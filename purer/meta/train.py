@@ -60,27 +60,40 @@ def real_episodes(source: ImageSet, way: int, shot: int, query: int | None = 15,
         yield source.episode(spec)
 
 
-def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer,
-              episodes: Sequence[Episode]) -> tuple[float, float]:
+def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: Sequence[Episode], *,
+              total: int | None = None, sync: Callable[[list[torch.Tensor]], None] | None = None
+              ) -> tuple[float, float]:
     """One outer step on a meta-batch; returns its mean query loss and accuracy.
 
     The outer loss is the *mean* over the meta-batch (the release sums; under Adam
     the two differ only through Adam's epsilon), so splitting the meta-batch across
-    processes and averaging their gradients gives exactly the same step. Each task
+    processes and summing their gradients gives exactly the same step. Each task
     is backpropagated on its own so only one task's graph is alive at a time.
+
+    Args:
+        total: tasks in the whole meta-batch when ``episodes`` is one process's share
+            (default ``len(episodes)``).
+        sync: sums a list of tensors in place over processes (gradients and the
+            loss/accuracy sums); ``None`` in one process.
     """
-    if not episodes:
-        raise ValueError("meta_step needs at least one episode")
+    total = len(episodes) if total is None else total
+    if total < 1 or total < len(episodes):
+        raise ValueError(f"meta_step needs at least one episode (total={total}, here {len(episodes)})")
     learner.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = acc_sum = 0.0
+    sums = torch.zeros(2)
     for ep in episodes:
         loss, acc = learner.outer_loss(ep)
-        (loss / len(episodes)).backward()
-        loss_sum += float(loss.detach())
-        acc_sum += float(acc)
+        (loss / total).backward()
+        sums += torch.stack([loss.detach(), acc])
+    if sync is not None:
+        params = [p for p in learner.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        sync([p.grad for p in params] + [sums])
     optimizer.step()
-    return loss_sum / len(episodes), acc_sum / len(episodes)
+    return float(sums[0]) / total, float(sums[1]) / total
 
 
 def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainConfig | None = None, *,
