@@ -219,3 +219,18 @@ def test_from_model_copies_and_replaces_a_mismatched_head():
     assert all(p.requires_grad for p in same.parameters())
     assert from_model(teacher, 5).head.out_features == 5
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("arch,args,first_order", [("conv4", ARCH_ARGS, False), ("resnet10", {"width": 4}, False),
+                                                   ("resnet18", {"width": 4}, True), ("tv:mobilenet_v3_small", {}, True)])
+def test_maml_works_for_every_zoo_architecture(arch, args, first_order):
+    torch.manual_seed(0)
+    learner = MAML(random_model(arch, 5, 1, SIZE, args, seed=0), 5, InputSpec(1, SIZE),
+                   MAMLConfig(inner_lr=0.1, inner_steps=2, first_order=first_order))
+    assert not list(learner.model.buffers())  # no BatchNorm running statistics left
+    ep = an_episode()
+    loss, _ = learner.outer_loss(ep)
+    loss.backward()
+    assert all(p.grad is not None for p in learner.parameters())
+    fast = learner.adapt(ep.support_x, ep.support_y, 5)
+    assert learner.predict(fast, ep.query_x).shape == (15, 5)
