@@ -1,0 +1,603 @@
+"""The PURER pipeline: zoo -> ECI meta-training on pseudo episodes -> meta-test with and without ICFIL.
+
+``recipes/purer.py`` is a thin command line around :func:`run`.  One meta-iteration:
+
+1. **Episode inversion**: one bank update from a few sampled teachers; adversarial
+   (``- lambda_adv * L_outer`` on a fresh pseudo task) when the GradientSwitch fired
+   at the previous iteration.
+2. **Meta-update** on a meta-batch of pseudo episodes (detached from the bank).
+3. **Feedback**: the meta-batch's pseudo-query accuracy goes to the GradientSwitch.
+
+The meta-learner never sees a real meta-train image.  Model selection (the
+meta-iteration kept, test-time inner lr and steps) uses the meta-val split only;
+meta-test runs once, on a fixed seeded task list shared by every row.
+
+Multi-process (Accelerate): a meta-batch's tasks are split across processes and
+their meta-gradients summed (second-order MAML cannot rely on DDP hooks); an
+inversion step's teachers are split the same way and the bank gradient summed;
+evaluation tasks are split and gathered.  Every random draw depends on
+``(seed, iteration, task or teacher)`` only, so one process and several give the
+same run (up to float summation order), and a resumed run equals an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .baselines import METHODS as BASELINE_METHODS
+from .baselines import BaselineConfig, run_baselines
+from .calibrate import ICFIL, ICFILConfig
+from .config import save_config, to_dict
+from .data import Episode, EpisodeSampler, ImageSet, TaskSpec, load_split
+from .evaluate import EvalResult, TuningGrid, evaluate, fingerprint, paired_difference, select_test_time, \
+    task_list
+from .inversion import EpisodeInversion, GradientSwitch, InversionConfig, PseudoBank, SwitchConfig
+from .inversion.grid import save_bank_grid, save_episode_grid
+from .meta import ANIL, MAML, MAMLConfig, MetaTrainConfig, ProtoNet
+from .meta.train import meta_step
+from .meta.base import InputSpec, MetaLearner
+from .meta.init import average_teachers, random_model
+from .zoo.pretrain import PretrainConfig, pretrain_zoo
+from .zoo.store import Zoo, default_zoo_dir
+from .zoo.teacher import Teacher
+
+LEARNERS = ("maml", "anil", "protonet")
+INITS = ("random", "avg-teachers")
+
+
+@dataclass
+class DataConfig:
+    """The real data: meta-val for selection, meta-test for the table, meta-train only for baselines.
+
+    Attributes:
+        dataset: a name of :func:`purer.data.load_split` (``glyphs`` is built in).
+        root: where the dataset lies (``glyphs``: the cache directory).
+        image_size: the side every image is resized to; Conv4 at 32 px ends in
+            2x2x32 = 128 features, at 28 px in only 32 (METHOD.md).
+    """
+
+    dataset: str = "glyphs"
+    root: str | None = None
+    image_size: int = 32
+
+
+@dataclass
+class ZooConfig:
+    """The model zoo: an existing directory, or one pre-trained on first use.
+
+    Attributes:
+        path: the zoo directory (default: ``model_zoo/zoos/<dataset>-<arch>-<num_models>``).
+        build_if_missing: pre-train the zoo from the fields below when ``path`` holds none.
+        num_models, classes_per_model, arch, subsets, epochs, seed: the pre-training
+            recipe (see :class:`purer.zoo.pretrain.PretrainConfig`); teachers learn
+            classes of the meta-train split only.
+    """
+
+    path: str | None = None
+    build_if_missing: bool = True
+    num_models: int = 12
+    classes_per_model: int = 5
+    arch: str = "conv4"
+    subsets: str = "disjoint"
+    epochs: int = 15
+    seed: int = 0
+
+
+@dataclass
+class MetaConfig:
+    """The meta-learner and its training on pseudo episodes.
+
+    Attributes:
+        learner: ``maml`` | ``anil`` | ``protonet``.
+        arch, arch_args: its network (any registered architecture).
+        init: ``random`` or ``avg-teachers`` (the release's initialisation; needs a
+            same-architecture zoo).
+        way, shot, query: the pseudo tasks it trains on.
+        images_per_class: P, bank images per class (default ``shot + query``, the release).
+        maml: inner loop (MAML/ANIL).
+        train: iterations, meta-batch, outer lr, and ``val_every`` (meta-val selection).
+        val_tasks: size of the fixed meta-val task list used for selection.
+    """
+
+    learner: str = "maml"
+    arch: str = "conv4"
+    arch_args: dict = field(default_factory=dict)
+    init: str = "random"
+    way: int = 5
+    shot: int = 1
+    query: int = 15
+    images_per_class: int | None = None
+    maml: MAMLConfig = field(default_factory=MAMLConfig)
+    train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=1500, val_every=250))
+    val_tasks: int = 100
+
+
+@dataclass
+class EvalConfig:
+    """Meta-test protocol: the same seeded task list for every row.
+
+    Attributes:
+        way, shots, query, tasks, seed: the meta-test task lists (one per shot).
+        val_tasks: meta-val tasks for choosing test-time settings.
+        grid: the shared grid of test-time inner lr and steps.
+        icfil: also report the meta-learner with ICFIL.
+        baselines: rows of :data:`purer.baselines.METHODS` to run (cached by config).
+        baseline_train_iterations: real-data meta-training of the upper-bound rows.
+    """
+
+    way: int = 5
+    shots: list[int] = field(default_factory=lambda: [1, 5])
+    query: int = 15
+    tasks: int = 600
+    seed: int = 0
+    val_tasks: int = 100
+    grid: TuningGrid = field(default_factory=TuningGrid)
+    icfil: bool = True
+    baselines: list[str] = field(default_factory=lambda: list(BASELINE_METHODS))
+    baseline_train_iterations: int = 1500
+
+
+@dataclass
+class RunConfig:
+    """Everything :func:`run` needs; ``recipes/configs/*.yaml`` set any of it.
+
+    Attributes:
+        output_dir: where results, pictures, logs and checkpoints go.
+        seed: training seed (bank, meta-learner initialisation, pseudo tasks, teacher sampling).
+        checkpoint_every: meta-iterations between checkpoints (``accelerator.save_state``).
+        picture_every: meta-iterations between PNG grids of a pseudo episode.
+        cache_dir: cached baseline rows (keyed by everything they depend on).
+        threads: torch threads per process (``None``: torch's default).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    switch: SwitchConfig = field(default_factory=lambda: SwitchConfig(warmup=200))
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    icfil: ICFILConfig = field(default_factory=ICFILConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/purer-glyphs"
+    seed: int = 0
+    checkpoint_every: int = 250
+    picture_every: int = 500
+    cache_dir: str = "runs/.cache"
+    threads: int | None = None
+
+    def __post_init__(self):
+        if self.meta.learner not in LEARNERS:
+            raise ValueError(f"meta.learner must be one of {LEARNERS}, got {self.meta.learner!r}")
+        if self.meta.init not in INITS:
+            raise ValueError(f"meta.init must be one of {INITS}, got {self.meta.init!r}")
+        unknown = set(self.eval.baselines) - set(BASELINE_METHODS)
+        if unknown:
+            raise ValueError(f"unknown eval.baselines {sorted(unknown)}; choose from {list(BASELINE_METHODS)}")
+        if self.checkpoint_every < 1 or self.picture_every < 1:
+            raise ValueError("checkpoint_every and picture_every must be >= 1")
+
+
+class RunError(RuntimeError):
+    """A problem with the run's inputs (dataset, zoo, task sizes) that the user can fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed helpers (no-ops in one process)
+# --------------------------------------------------------------------------------------------
+class Dist:
+    """The few collective operations the pipeline needs, over an ``accelerate.Accelerator``."""
+
+    def __init__(self, accelerator):
+        self.acc = accelerator
+        self.rank = accelerator.process_index
+        self.world = accelerator.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    def share(self, items: Sequence) -> list:
+        """This process's share of ``items`` (round robin)."""
+        return list(items[self.rank::self.world])
+
+    def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """In-place sum of ``tensors`` over processes (one flat all-reduce)."""
+        if self.world == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = self.acc.reduce(flat, reduction="sum")
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def union(self, keys: Sequence[int]) -> list[int]:
+        if self.world == 1:
+            return sorted(keys)
+        from accelerate.utils import gather_object
+
+        return sorted({k for part in gather_object([list(keys)]) for k in part})
+
+    def gather_tasks(self, local: np.ndarray, n: int) -> np.ndarray:
+        """Per-task values computed round robin -> the full array in task order."""
+        if self.world == 1:
+            return local
+        from accelerate.utils import gather_object
+
+        out = np.empty(n)
+        for rank, part in enumerate(gather_object([local.tolist()])):
+            out[rank::self.world] = part
+        return out
+
+    def barrier(self) -> None:
+        self.acc.wait_for_everyone()
+
+
+def bank_grad_sync(dist: Dist, bank: PseudoBank) -> Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]] | None:
+    """The inversion step's hook that sums the per-class bank gradients over processes."""
+    if dist.world == 1:
+        return None
+
+    def sync(grads: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        full = {k: grads[k] if k in grads else torch.zeros_like(bank.logits[k]) for k in dist.union(list(grads))}
+        dist.sum_(list(full.values()))
+        return full
+
+    return sync
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+def zoo_path(cfg: RunConfig) -> Path:
+    z = cfg.zoo
+    return Path(z.path) if z.path else default_zoo_dir(f"{cfg.data.dataset}-{z.arch}-{z.num_models}x"
+                                                       f"{z.classes_per_model}-{z.subsets}-{cfg.data.image_size}px")
+
+
+def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
+    """The zoo's teachers, kept in memory; pre-trained on first use when allowed."""
+    path = zoo_path(cfg)
+    z = cfg.zoo
+    if not (path / "zoo.json").exists() or (z.build_if_missing and len(Zoo(path)) < z.num_models):
+        if not z.build_if_missing:
+            raise RunError(f"no model zoo at {path}; build one with `purer-zoo pretrain --zoo {path}` or "
+                           "`purer-zoo register`, or set zoo.build_if_missing=true")
+        if dist.main:
+            spec = PretrainConfig(dataset=cfg.data.dataset, data_root=cfg.data.root, image_size=cfg.data.image_size,
+                                  num_models=z.num_models, classes_per_model=z.classes_per_model, arch=z.arch,
+                                  subsets=z.subsets, epochs=z.epochs, seed=z.seed)
+            print(f"pre-training a {z.num_models}-model zoo at {path} (once; later runs reuse it)")
+            pretrain_zoo(spec, Zoo(path, create=True), progress=progress)
+        dist.barrier()
+    teachers = Zoo(path).load_teachers()
+    if not teachers:
+        raise RunError(f"the model zoo at {path} is empty")
+    return teachers
+
+
+def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, size: int) -> MetaLearner:
+    m = cfg.meta
+    if m.init == "avg-teachers":
+        model = average_teachers(teachers, m.way)
+        spec = InputSpec.of(teachers[0].config)
+    else:
+        model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)
+        spec = InputSpec(channels, size)
+    if m.learner == "protonet":
+        return ProtoNet(model, spec)
+    return (ANIL if m.learner == "anil" else MAML)(model, m.way, spec, m.maml)
+
+
+def _detached(ep: Episode) -> Episode:
+    return Episode(ep.support_x.detach(), ep.support_y, ep.query_x.detach(), ep.query_y, ep.classes)
+
+
+@dataclass
+class TrainState:
+    """Progress of ECI meta-training that a checkpoint must restore."""
+
+    iteration: int = 0
+    adversarial_next: bool = False
+    best_val: float = -math.inf
+    best_iteration: int = 0
+    val: list = field(default_factory=list)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+class BestLearner:
+    """The meta-learner weights best on meta-val so far (checkpointed with the run)."""
+
+    def __init__(self, learner: MetaLearner):
+        self.state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = {k: v.clone() for k, v in state.items()}
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    done = [p.parent for p in root.glob("checkpoint_*/COMPLETE")]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save_checkpoint(acc, dist: Dist, out: Path, iteration: int) -> None:
+    """``accelerator.save_state`` into ``checkpoints/checkpoint_<iteration>``; a COMPLETE marker makes it valid.
+
+    A run killed while saving leaves an unmarked directory that resume ignores; only
+    the two newest complete checkpoints are kept.
+    """
+    root = out / "checkpoints"
+    target = root / f"checkpoint_{iteration}"
+    acc.save_state(str(target))
+    dist.barrier()
+    if dist.main:
+        (target / "COMPLETE").write_text(str(iteration))
+        for old in _checkpoints(root)[:-2]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher], val_set: ImageSet, out: Path,
+                   resume: bool, progress: bool) -> tuple[MetaLearner, dict]:
+    """ECI meta-training on pseudo episodes; returns the meta-val-best learner and a summary."""
+    m = cfg.meta
+    channels, size = val_set.image_shape[0], cfg.data.image_size
+    bank = PseudoBank(teachers, m.images_per_class or (m.shot + m.query), image_size=size, channels=channels,
+                      seed=cfg.seed)
+    inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed))
+    switch = GradientSwitch(cfg.switch)
+    learner = build_learner(cfg, teachers, channels, size)
+    optimizer = torch.optim.Adam(learner.parameters(), lr=m.train.outer_lr)
+    best, state = BestLearner(learner), TrainState()
+    for obj in (bank, inversion, switch, learner, optimizer, best, state):
+        acc.register_for_checkpointing(obj)
+    if resume:
+        found = _checkpoints(out / "checkpoints")
+        if not found:
+            raise RunError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+        acc.load_state(str(found[-1]))
+        acc.print(f"resumed from {found[-1]} (iteration {state.iteration})")
+
+    train_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
+    fresh_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
+    val_tasks = task_list(val_set, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
+    sync = bank_grad_sync(dist, bank)
+    mb = m.train.meta_batch
+    times = {"inversion": 0.0, "meta": 0.0}
+    bar = tqdm(range(state.iteration, m.train.iterations), initial=state.iteration, total=m.train.iterations,
+               desc="ECI meta-train", disable=not (progress and dist.main))
+    it = state.iteration
+    try:
+        for it in bar:
+            t0 = time.perf_counter()
+            chosen = inversion.sample_teachers()
+            extra = None
+            if state.adversarial_next and dist.main:
+                # One process adds the adversarial term, so the summed bank gradient has it once.
+                extra = switch.adversarial_loss(learner, fresh_tasks.task(it))
+            inv = inversion.step(extra_loss=extra, teachers=dist.share(chosen), total=len(chosen), sync=sync)
+            t1 = time.perf_counter()
+            with torch.no_grad():
+                episodes = [bank.episode(train_tasks.task(it * mb + j)) for j in dist.share(range(mb))]
+            loss, qacc = meta_step(learner, optimizer, [_detached(e) for e in episodes], total=mb,
+                                   sync=dist.sum_ if dist.world > 1 else None)
+            state.adversarial_next = switch.update(qacc)
+            state.iteration = it + 1
+            t2 = time.perf_counter()
+            times["inversion"] += t1 - t0
+            times["meta"] += t2 - t1
+            logs = {"meta/loss": loss, "meta/pseudo_query_acc": qacc, "switch/fired": switch.fired,
+                    **{f"inversion/{k}": v for k, v in inv.items()}}
+            if state.iteration % m.train.val_every == 0 or state.iteration == m.train.iterations:
+                score = evaluate_split(learner, val_set, val_tasks, dist, progress=False).accuracy
+                state.val.append([state.iteration, score])
+                logs["val/accuracy"] = score
+                if score > state.best_val:
+                    state.best_val, state.best_iteration = score, state.iteration
+                    best.state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+            acc.log(logs, step=state.iteration)
+            if dist.main and (state.iteration % cfg.picture_every == 0 or state.iteration == 1):
+                with torch.no_grad():
+                    save_episode_grid(bank.episode(train_tasks.task(it * mb)), out / "pictures" /
+                                      f"pseudo_episode_{state.iteration:06d}.png")
+            bar.set_postfix(acc=f"{qacc:.2f}", ce=f"{inv['ce']:.2f}", fired=switch.fired)
+            if state.iteration % cfg.checkpoint_every == 0:
+                save_checkpoint(acc, dist, out, state.iteration)
+    except KeyboardInterrupt:
+        save_checkpoint(acc, dist, out, state.iteration)
+        acc.print(f"interrupted: checkpoint written at iteration {state.iteration}; continue with --resume")
+        raise
+    if dist.main:
+        save_bank_grid(bank, out / "pictures" / "bank_final.png", classes=list(range(min(20, bank.num_classes))))
+    learner.load_state_dict(best.state)
+    summary = {"iterations": m.train.iterations, "best_iteration": state.best_iteration,
+               "val_accuracy": round(state.best_val, 2), "switch_fired": switch.fired, "val_curve": state.val,
+               "seconds_inversion": round(times["inversion"], 1), "seconds_meta": round(times["meta"], 1)}
+    return learner, summary
+
+
+def evaluate_split(learner: MetaLearner, source: ImageSet, tasks: Sequence[TaskSpec], dist: Dist, *,
+                   method: str = "", adapt_kwargs: dict | None = None, progress: bool = False) -> EvalResult:
+    """:func:`purer.evaluate.evaluate` with the tasks split over processes and gathered in order."""
+    if dist.world == 1:
+        return evaluate(learner, source, tasks, method=method, adapt_kwargs=adapt_kwargs, progress=progress)
+    start = time.perf_counter()
+    local = evaluate(learner, source, dist.share(tasks), method=method, adapt_kwargs=adapt_kwargs,
+                     progress=progress and dist.main)
+    accs = dist.gather_tasks(local.task_acc, len(tasks))
+    return dataclasses.replace(local, task_acc=accs, tasks_id=fingerprint(tasks), seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines (cached), results files
+# --------------------------------------------------------------------------------------------
+def baseline_rows(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequence[Teacher], progress: bool
+                  ) -> list[dict]:
+    """The baseline rows, reused from ``cache_dir`` when nothing they depend on changed."""
+    if not cfg.eval.baselines:
+        return []
+    e, m = cfg.eval, cfg.meta
+    bcfg = BaselineConfig(way=e.way, shots=tuple(e.shots), query=e.query, test_tasks=e.tasks, val_tasks=e.val_tasks,
+                          task_seed=e.seed, train_seeds=(cfg.seed,), arch=m.arch, arch_args=m.arch_args,
+                          maml=m.maml, train=MetaTrainConfig(iterations=e.baseline_train_iterations,
+                                                             meta_batch=m.train.meta_batch,
+                                                             outer_lr=m.train.outer_lr,
+                                                             val_every=max(1, e.baseline_train_iterations // 6)),
+                          grid=e.grid)
+    key = json.dumps({"data": to_dict(cfg.data), "baselines": dataclasses.asdict(bcfg), "methods": e.baselines,
+                      "zoo": [t.config.sha256 for t in teachers],
+                      "splits": {k: [len(v), v.class_names[:3]] for k, v in splits.items()}}, sort_keys=True,
+                     default=str)
+    path = Path(cfg.cache_dir) / f"baselines-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if path.is_file():
+        print(f"baselines: reusing {path} (same data, zoo and settings)")
+        return json.loads(path.read_text())["rows"]
+    rows = run_baselines(splits, teachers, bcfg, methods=e.baselines, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": json.loads(key), "rows": rows}, indent=1))
+    os.replace(tmp, path)
+    return rows
+
+
+def results_table(rows: Sequence[dict], title: str = "") -> str:
+    """A Markdown table of ``results.json`` rows: one line per method, one column per (way, shot)."""
+    cols = sorted({(r["way"], r["shot"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["way"], r["shot"]): r for r in rows}
+    head = ["method"] + [f"{w}-way {s}-shot" for w, s in cols] + ["test-time cost"]
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for meth in methods:
+        vals, cost = [], ""
+        for w, s in cols:
+            r = cell.get((meth, w, s))
+            vals.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" if r else "")
+            cost = cost or (", ".join(f"{k}={v}" for k, v in r["test_cost"].items()) if r else "")
+        lines.append("| " + " | ".join([meth] + vals + [cost]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------
+def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool = True) -> dict:
+    """Run the whole pipeline; write and return ``results.json``'s content.
+
+    Raises:
+        RunError: missing dataset or zoo, or task sizes the data cannot supply.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(cfg.output_dir)
+    acc = accelerator or Accelerator(cpu=True, log_with="tensorboard",
+                                     project_config=ProjectConfiguration(project_dir=str(out),
+                                                                         logging_dir=str(out / "logs")))
+    dist = Dist(acc)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    acc.init_trackers("purer", config=_flat_hparams(cfg))
+    start = time.perf_counter()
+
+    try:
+        splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size)
+                  for s in ("train", "val", "test")}
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(str(e)) from None
+    _check_sizes(cfg, splits)
+    teachers = load_zoo(cfg, dist, progress)
+
+    learner, summary = meta_train_eci(cfg, acc, dist, teachers, splits["val"], out, resume, progress)
+    rows = evaluate_purer(cfg, learner, splits, dist, progress)
+    if dist.main:
+        rows += baseline_rows(cfg, splits, teachers, progress)
+    results = {"dataset": cfg.data.dataset, "way": cfg.eval.way, "query": cfg.eval.query, "tasks": cfg.eval.tasks,
+               "seed": cfg.eval.seed, "train_seed": cfg.seed, "selected_on": "val", "rows": rows,
+               "zoo": {"path": str(zoo_path(cfg)), "models": len(teachers)}, "meta_train": summary,
+               "processes": dist.world, "seconds": round(time.perf_counter() - start, 1)}
+    if dist.main:
+        _write_json(out / "results.json", results)
+        table = results_table(rows, f"{cfg.data.dataset}: {cfg.eval.way}-way, {cfg.eval.tasks} meta-test tasks, "
+                                    "mean ± 95% CI (%)")
+        (out / "results.md").write_text(table)
+        print("\n" + table)
+    acc.end_training()
+    return results
+
+
+def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, ImageSet], dist: Dist,
+                   progress: bool) -> list[dict]:
+    """The meta-learner's rows (``purer``, ``purer+icfil``), settings chosen on meta-val."""
+    e, rows = cfg.eval, []
+    for shot in e.shots:
+        test_tasks = task_list(splits["test"], e.way, shot, e.query, e.tasks, e.seed)
+        val_tasks = task_list(splits["val"], e.way, shot, e.query, e.val_tasks, e.seed)
+        chosen = select_test_time(learner, splits["val"], val_tasks, e.grid)
+        plain = evaluate_split(learner, splits["test"], test_tasks, dist, method="purer",
+                               adapt_kwargs=chosen.settings, progress=progress)
+        rows.append(plain.row(val_accuracy=round(chosen.val_accuracy, 2), seconds=round(plain.seconds, 1)))
+        if e.icfil:
+            with_icfil = evaluate_split(ICFIL(cfg.icfil).wrap(learner), splits["test"], test_tasks, dist,
+                                        method="purer+icfil", adapt_kwargs=chosen.settings, progress=progress)
+            diff, ci = paired_difference(with_icfil, plain)
+            rows.append(with_icfil.row(paired_vs_purer=[round(diff, 2), round(ci, 2)],
+                                       seconds=round(with_icfil.seconds, 1)))
+    return rows
+
+
+def _check_sizes(cfg: RunConfig, splits: dict[str, ImageSet]) -> None:
+    e, m = cfg.eval, cfg.meta
+    for split, way, shots in (("val", e.way, e.shots), ("test", e.way, e.shots), ("val", m.way, [m.shot])):
+        for shot in shots:
+            try:
+                EpisodeSampler(splits[split].class_sizes(), way, shot, e.query)
+            except ValueError as err:
+                raise RunError(f"{cfg.data.dataset}/{split}: {err}") from None
+
+
+def _flat_hparams(cfg: RunConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float, str, bool)):
+                flat[prefix + k] = v
+            elif v is not None:
+                flat[prefix + k] = str(v)
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

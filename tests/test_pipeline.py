@@ -1,0 +1,151 @@
+"""End to end through recipes/purer.py on a tiny fabricated dataset: run, errors, resume after SIGKILL,
+two processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "purer.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    """A class-per-folder dataset: 16x16 grey blobs, 10 train / 6 val / 6 test classes of 8 images."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("val", 6), ("test", 6)):
+        for c in range(n):
+            template = (rng.random((4, 4)) > 0.5).astype(np.float32)
+            template = np.kron(template, np.ones((4, 4), np.float32))
+            d = root / split / f"{split}{c:02d}"
+            d.mkdir(parents=True)
+            for i in range(8):
+                img = np.clip(0.8 * np.roll(template, rng.integers(-1, 2), axis=1) + 0.1
+                              + 0.1 * rng.standard_normal((16, 16)), 0, 1)
+                Image.fromarray((img * 255).astype(np.uint8), "L").save(d / f"{i}.png")
+    return root
+
+
+def overrides(root: Path, out: Path, iterations: int = 6, **extra) -> list[str]:
+    base = {
+        "data.dataset": "folder", "data.root": str(root), "data.image_size": 16,
+        "zoo.path": str(root.parent / "tiny_zoo"), "zoo.num_models": 2, "zoo.epochs": 2,
+        "meta.train.iterations": iterations, "meta.train.val_every": 3, "meta.val_tasks": 4, "meta.query": 3,
+        "switch.warmup": 1, "switch.patience": 1,
+        "eval.shots": "[1]", "eval.tasks": 6, "eval.val_tasks": 3, "eval.query": 3,
+        "eval.grid.lr": "[0.1]", "eval.grid.steps": "[1]",
+        "eval.baselines": "[nc-pixels, nc-best-teacher, maml-random]",
+        "icfil.inversion_steps": 2, "icfil.calibration_steps": 1, "icfil.pseudo_per_class": 2,
+        "output_dir": str(out), "cache_dir": str(out / "cache"), "checkpoint_every": 2, "picture_every": 3,
+        "threads": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def recipe(args: list[str], launcher: list[str] | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    cmd = (launcher or [sys.executable]) + [str(RECIPE), "--no-progress", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def accuracies(out: Path) -> list[tuple[str, float]]:
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    return [(r["method"], r["accuracy"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tiny_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    res = recipe(overrides(tiny_root, out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_run_writes_every_output(baseline_run):
+    out = baseline_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["selected_on"] == "val" and results["dataset"] == "folder"
+    assert {"dataset", "way", "query", "tasks", "seed", "rows"} <= set(results)
+    methods = [r["method"] for r in results["rows"]]
+    assert methods[:2] == ["purer", "purer+icfil"]
+    assert {"nc-pixels", "nc-best-teacher", "maml-random"} <= set(methods)
+    for r in results["rows"]:
+        assert {"method", "way", "shot", "accuracy", "ci95", "test_cost"} <= set(r)
+        assert 0 <= r["accuracy"] <= 100 and r["ci95"] >= 0
+    assert results["meta_train"]["switch_fired"] > 0  # patience 1 after warm-up 1: it must fire
+    table = (out / "results.md").read_text()
+    assert "| purer+icfil |" in table and "± " in table
+    assert (out / "config.yaml").is_file()
+    assert list((out / "pictures").glob("pseudo_episode_*.png")) and (out / "pictures" / "bank_final.png").is_file()
+    assert list((out / "logs").rglob("events.out.tfevents*"))
+    assert len(list((out / "checkpoints").glob("checkpoint_*/COMPLETE"))) == 2  # the two newest are kept
+
+
+def test_baselines_are_reused_when_nothing_changed(tiny_root, baseline_run, tmp_path):
+    res = recipe(overrides(tiny_root, tmp_path / "again", **{"cache_dir": str(baseline_run / "cache")}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reusing" in res.stdout
+    assert accuracies(tmp_path / "again") == accuracies(baseline_run)  # the run is deterministic too
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["meta.lerner=maml"], "unknown config key 'meta.lerner'"),
+    (["meta.learner=reptile"], "meta.learner must be one of"),
+    (["data.dataset=folder", "data.root=/nonexistent/data"], "/nonexistent/data"),
+])
+def test_bad_config_is_one_clear_line(args, fragment, tmp_path):
+    res = recipe(args + [f"output_dir={tmp_path}"])
+    assert res.returncode == 2
+    assert fragment in res.stderr and "Traceback" not in res.stderr
+
+
+def test_impossible_way_is_a_clear_error(tiny_root, tmp_path):
+    res = recipe(overrides(tiny_root, tmp_path, **{"eval.way": 9}))
+    assert res.returncode == 2 and "cannot sample 9-way" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_resume_after_sigkill_gives_the_same_results(tiny_root, baseline_run, tmp_path):
+    out = tmp_path / "killed"
+    args = overrides(tiny_root, out, **{"cache_dir": str(baseline_run / "cache")})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(RECIPE), "--no-progress", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "checkpoints" / "checkpoint_2" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (out / "results.json").exists()
+    res = recipe(args + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout
+    assert accuracies(out) == accuracies(baseline_run)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_root, tmp_path):
+    res = recipe(overrides(tiny_root, tmp_path / "fresh") + ["--resume"])
+    assert res.returncode == 2 and "no complete checkpoint" in res.stderr
+
+
+def test_two_processes_match_one(tiny_root, baseline_run, tmp_path):
+    out = tmp_path / "two"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    res = recipe(overrides(tiny_root, out, **{"cache_dir": str(baseline_run / "cache")}), launcher=launcher)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["processes"] == 2
+    one, two = accuracies(baseline_run), accuracies(out)
+    assert [m for m, _ in one] == [m for m, _ in two]
+    assert np.allclose([a for _, a in one], [a for _, a in two], atol=1e-6)
