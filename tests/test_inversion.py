@@ -290,6 +290,42 @@ def test_extra_loss_is_added_and_checked(zoo):
         inversion.step(extra_loss=lambda b: b.class_images(0), teachers=[1])
 
 
+def test_a_step_split_over_processes_equals_the_whole_step(zoo):
+    """Two simulated processes each run one teacher; summing their per-class gradients gives the full step."""
+    def fresh():
+        bank = PseudoBank(zoo, images_per_class=3)
+        return bank, EpisodeInversion(zoo, bank, InversionConfig(seed=7))
+
+    whole_bank, whole = fresh()
+    whole_stats = whole.step(teachers=[0, 2])
+    other: dict[int, torch.Tensor] = {}
+    _, second = fresh()
+    second_stats = second.step(teachers=[2], total=2, sync=lambda g: other.update(g) or {})  # records only
+    bank, first = fresh()
+    stats = first.step(teachers=[0], total=2,
+                       sync=lambda g: {k: g.get(k, 0) + other.get(k, 0) for k in sorted({*g, *other})})
+    assert set(other) == set(bank.teacher_classes[2])
+    assert torch.allclose(bank.snapshot(), whole_bank.snapshot(), atol=1e-6)
+    assert math.isclose(stats["loss"] + second_stats["loss"], whole_stats["loss"], rel_tol=1e-5)  # sum / total
+    # a process with no teacher in its share still applies the summed gradients and logs every key
+    idle_bank, idle = fresh()
+    idle_stats = idle.step(teachers=[], total=2, sync=lambda g: {k: other[k] for k in sorted(other)})
+    assert math.isnan(idle_stats["ce"]) and set(idle_stats) >= {"ce", "r_bn", "r_tv", "r_l2", "acc", "loss"}
+    assert all(not torch.equal(idle_bank.snapshot([c]), fresh()[0].snapshot([c])) for c in bank.teacher_classes[2])
+
+
+def test_augmented_steps_do_not_depend_on_the_global_rng(zoo):
+    banks = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        bank = PseudoBank(zoo, images_per_class=3)
+        inversion = EpisodeInversion(zoo, bank, InversionConfig(seed=4))
+        for _ in range(3):
+            inversion.step()
+        banks.append(bank.snapshot())
+    assert torch.equal(*banks)
+
+
 def test_inversion_resumes_from_its_state(zoo, tmp_path):
     def fresh():
         bank = PseudoBank(zoo, images_per_class=3)

@@ -23,6 +23,7 @@ pixel by at most about 0.06 of the range as well, and 0.25 is kept.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -58,7 +59,9 @@ class InversionConfig:
         jitter: random shift, in bank pixels (the release rolls by +-2 px).
         crop_scale: area range of a random square crop, resized back to the bank size.
         flip: random horizontal flips.
-        seed: seed of the teacher sampling (augmentations draw from torch's global RNG).
+        seed: seed of the teacher sampling and of the augmentations (drawn per
+            ``(seed, step, teacher)``, so a step is reproducible and independent of
+            which process runs which teacher).
     """
 
     teachers_per_step: int = 4
@@ -193,7 +196,9 @@ class EpisodeInversion:
             loss_i, parts_i = self.teacher_loss(i)
             loss = loss + loss_i / total
             parts.append(parts_i)
-        stats = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]} if parts else {}
+        # A process whose share holds no teacher still reports every key (NaN), so logs keep one schema.
+        stats = {k: sum(p[k] for p in parts) / len(parts) if parts else math.nan
+                 for k in ("ce", "r_bn", "r_tv", "r_l2", "acc")}
         if extra_loss is not None:
             extra = extra_loss(self.bank)
             if not (isinstance(extra, torch.Tensor) and extra.ndim == 0):
