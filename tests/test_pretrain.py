@@ -6,7 +6,7 @@ import torch
 from purer.zoo import PretrainConfig, Zoo, pretrain_zoo
 from purer.zoo import pretrain
 from purer.zoo.pretrain import class_subsets, heldout_split
-from zoo_synthetic import SIZE, separable_images
+from zoo_synthetic import SIZE, one_thread, separable_images  # noqa: F401 (autouse fixture)
 
 
 def tiny_cfg(**kw):
@@ -128,3 +128,16 @@ def test_random_subsets_resnet(tmp_path):
     assert pretrain_zoo(cfg, zoo, data=data, progress=False) == ["resnet10-000"]
     assert zoo.config("resnet10-000").arch_args == {"width": 8} and zoo.verify() == []
     assert np.isfinite(zoo.config("resnet10-000").metrics["heldout_loss"])
+
+
+@pytest.mark.parametrize("name, models, subsets, arch", [("glyphs-conv4", 13, "disjoint", "conv4"),
+                                                         ("glyphs-random100", 100, "random", "conv4"),
+                                                         ("glyphs-mix", 12, "disjoint", "mix")])
+def test_shipped_specs_load(name, models, subsets, arch):
+    from pathlib import Path
+
+    from purer.config import load_config
+
+    cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "model_zoo" / "specs" / f"{name}.yaml")
+    assert (cfg.dataset, cfg.image_size, cfg.num_models, cfg.classes_per_model) == ("glyphs", 32, models, 5)
+    assert (cfg.subsets, cfg.arch) == (subsets, arch)

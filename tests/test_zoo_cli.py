@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import purer.data
 from purer.zoo import Zoo
 from purer.zoo.cli import main
-from zoo_synthetic import SIZE, separable_images, tiny_model
+from zoo_synthetic import SIZE, one_thread, separable_images, tiny_model  # noqa: F401 (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "conv4", "--arch-args", '{"width": 8}', "--in-channels", "1", "--image-size", str(SIZE)]

@@ -1,6 +1,7 @@
 """Tiny synthetic data and models shared by the zoo tests (store, pretrain, CLI)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -31,3 +32,12 @@ def tiny_model(num_classes: int = 5, seed: int = 0):
     with torch.no_grad():
         model(torch.rand(8, 1, SIZE, SIZE))
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread; two threads on a shared, busy CPU slow them down a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ Model ``i`` depends only on ``(seed, i)`` and the data, never on ``num_models``,
 so a killed run resumes where it stopped and a larger zoo extends a smaller one.
 
 Example:
-    >>> cfg = PretrainConfig(dataset="glyphs", num_models=10, epochs=15)
+    >>> cfg = PretrainConfig(dataset="glyphs", num_models=10, epochs=30)
     >>> pretrain_zoo(cfg, Zoo("/tmp/zoo10", create=True))
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ class PretrainConfig:
     arch: str = "conv4"
     arch_args: dict = field(default_factory=dict)
     subsets: str = "disjoint"
-    epochs: int = 15
+    epochs: int = 30
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 5e-4
