@@ -116,6 +116,11 @@ def test_register_rejects_what_does_not_fit(tmp_path, capsys):
     assert main(["register", str(broken), *TINY, "--class-ids", "a,b,c,d,e", "--zoo", zoo]) == 2
     one_line_error(capsys, "broken.safetensors")
 
+    odd = tmp_path / "-odd name.pt"
+    torch.save(model.state_dict(), odd)
+    assert main(["register", str(odd), *TINY, "--class-ids", "a,b,c,d,e", "--zoo", zoo]) == 2
+    one_line_error(capsys, "invalid model id '-odd name'", "pass --id")
+
     assert main(["register", str(tmp_path / "absent.pt"), *TINY, "--class-ids", "a", "--zoo", zoo]) == 2
     one_line_error(capsys, "absent.pt")
     assert main(["register", str(pt), "--arch", "conv4", "--arch-args", "[1]", "--class-ids", "a", "--zoo", zoo]) == 2
@@ -166,3 +171,25 @@ def test_python_dash_m_entry_point(tmp_path):
     assert run.stderr.strip().splitlines() == [
         f"purer-zoo: error: no model zoo at {tmp_path / 'nowhere'} (expected {tmp_path / 'nowhere' / 'zoo.json'}); "
         "build one with `purer-zoo pretrain` or `purer-zoo register`"]
+
+
+def test_interrupted_pretrain_exits_130_and_resumes(tmp_path, synthetic_split, monkeypatch, capsys):
+    from purer.zoo import pretrain
+
+    real, calls = pretrain.train_teacher, []
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train_teacher", dies_on_second)
+    argv = ["pretrain", "--num-models", "2", "--epochs", "1", "--image-size", str(SIZE), "--arch-args",
+            '{"width": 8}', "--zoo", str(tmp_path / "zoo"), "--quiet"]
+    assert main(argv) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert Zoo(tmp_path / "zoo").ids() == ["conv4-000"]
+    assert main(argv) == 0
+    assert "conv4-000: already in" in capsys.readouterr().err
+    assert main(["verify", "--zoo", str(tmp_path / "zoo")]) == 0

@@ -148,7 +148,11 @@ def _register(args: argparse.Namespace) -> int:
     class_ids = [c.strip() for c in args.class_ids.split(",")]
     if not all(class_ids):
         raise ValueError(f"--class-ids has an empty name: {args.class_ids!r}")
-    model_id = validate_model_id(args.model_id or args.weights.name.split(".")[0])
+    model_id = args.model_id or args.weights.name.split(".")[0]
+    try:
+        validate_model_id(model_id)
+    except ValueError as e:
+        raise ValueError(f"{e}; pass --id" if args.model_id is None else str(e)) from None
     config = ModelConfig(arch=args.arch, num_classes=len(class_ids), class_ids=class_ids,
                          in_channels=args.in_channels, image_size=args.image_size, mean=args.mean, std=args.std,
                          dataset=args.dataset, arch_args=args.arch_args)
