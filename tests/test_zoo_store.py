@@ -49,6 +49,12 @@ def test_manifest_lists_models(zoo):
 def test_missing_zoo_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="zoo.json"):
         Zoo(tmp_path / "nothing")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="not empty and holds no zoo.json"):
+        Zoo(tmp_path / "photos", create=True)
+    (tmp_path / "empty").mkdir()
+    assert Zoo(tmp_path / "empty", create=True).ids() == []
 
 
 def test_duplicate_and_invalid_ids(zoo):

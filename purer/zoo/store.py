@@ -158,6 +158,10 @@ class Zoo:
                     "build one with `purer-zoo pretrain` or `purer-zoo register`")
             if self.path.exists() and not self.path.is_dir():
                 raise ValueError(f"zoo path {self.path} exists and is not a directory")
+            if self.path.is_dir() and any(not p.name.startswith(".") for p in self.path.iterdir()):
+                # Guards against turning an unrelated folder (a typo'd --zoo) into a zoo.
+                raise ValueError(f"{self.path} is not empty and holds no {MANIFEST}; "
+                                 "give a new or empty directory for the zoo")
             self.path.mkdir(parents=True, exist_ok=True)
             self._write_manifest([])
 
