@@ -422,7 +422,8 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                     save_episode_grid(bank.episode(train_tasks.task(it * mb)), out / "pictures" /
                                       f"pseudo_episode_{state.iteration:06d}.png")
             bar.set_postfix(acc=f"{qacc:.2f}", ce=f"{inv['ce']:.2f}", fired=switch.fired)
-            if state.iteration % cfg.checkpoint_every == 0:
+            if state.iteration % cfg.checkpoint_every == 0 or state.iteration == m.train.iterations:
+                # The last one lets a run interrupted during meta-test resume without retraining.
                 save_checkpoint(acc, dist, out, state.iteration)
     except KeyboardInterrupt:
         save_checkpoint(acc, dist, out, state.iteration)

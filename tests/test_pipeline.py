@@ -89,7 +89,8 @@ def test_run_writes_every_output(baseline_run):
     assert (out / "config.yaml").is_file()
     assert list((out / "pictures").glob("pseudo_episode_*.png")) and (out / "pictures" / "bank_final.png").is_file()
     assert list((out / "logs").rglob("events.out.tfevents*"))
-    assert len(list((out / "checkpoints").glob("checkpoint_*/COMPLETE"))) == 2  # the two newest are kept
+    kept = sorted(p.parent.name for p in (out / "checkpoints").glob("checkpoint_*/COMPLETE"))
+    assert kept == ["checkpoint_4", "checkpoint_6"]  # the two newest, the last at the end of training
 
 
 def test_baselines_are_reused_when_nothing_changed(tiny_root, baseline_run, tmp_path):
@@ -149,3 +150,22 @@ def test_two_processes_match_one(tiny_root, baseline_run, tmp_path):
     one, two = accuracies(baseline_run), accuracies(out)
     assert [m for m, _ in one] == [m for m, _ in two]
     assert np.allclose([a for _, a in one], [a for _, a in two], atol=1e-6)
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tiny_root, baseline_run, tmp_path):
+    out = tmp_path / "interrupted"
+    args = overrides(tiny_root, out, 8, **{"cache_dir": str(baseline_run / "cache"), "checkpoint_every": 100})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(RECIPE), "--no-progress", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((out / "pictures").glob("pseudo_episode_*.png")) and time.time() < deadline:
+        time.sleep(0.05)  # the first picture is written after the first meta-iteration
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, log[-2000:]
+    assert "interrupted: checkpoint written" in log and "Traceback" not in log
+    assert list((out / "checkpoints").glob("checkpoint_*/COMPLETE"))
+    res = recipe(args + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["meta_train"]["iterations"] == 8
