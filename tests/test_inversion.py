@@ -359,7 +359,8 @@ def test_inversion_config_and_zoo_mismatch_raise(zoo):
 
 def test_augmentation_is_differentiable_and_switchable():
     x = torch.rand(6, 1, SIZE, SIZE, requires_grad=True)
-    aug = build_augmentation(InversionConfig(), SIZE)
+    aug = build_augmentation(InversionConfig(flip=True), SIZE)
+    assert len(aug) == 3  # shift, crop, flip
     y = aug(x)
     assert y.shape == x.shape
     y.sum().backward()

@@ -44,7 +44,7 @@ GradSync = Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]
 
 @dataclass
 class InversionConfig:
-    """Settings of :class:`EpisodeInversion`; defaults are the release's (METHOD.md part 1).
+    """Settings of :class:`EpisodeInversion`; defaults are the release's (METHOD.md part 1) but the crop.
 
     Attributes:
         teachers_per_step: teachers sampled (uniformly, without replacement) per step.
@@ -57,8 +57,14 @@ class InversionConfig:
         a_bn, a_tv, a_l2: weights of R_bn, R_tv and R_l2.
         augment: differentiable augmentation of the images a teacher classifies.
         jitter: random shift, in bank pixels (the release rolls by +-2 px).
-        crop_scale: area range of a random square crop, resized back to the bank size.
-        flip: random horizontal flips.
+        crop_scale: area range of a random square crop, resized back to the bank size
+            (0.8-1.0: at most a 12% zoom, within the +-10% scale of pre-training);
+            ``(1.0, 1.0)`` turns it off.  Not in the release: an improvement to measure.
+        flip: random horizontal flips.  Off by default: the release does not flip, and
+            a flip asks a teacher for a mirror invariance it was never trained for
+            (purer's pre-training shifts, rotates and scales, never flips); on glyph
+            teachers flips turned every class's pseudo images left-right symmetric
+            (a 'J' or 'L' no longer recognisable), while without them they read as letters.
         seed: seed of the teacher sampling and of the augmentations (drawn per
             ``(seed, step, teacher)``, so a step is reproducible and independent of
             which process runs which teacher).
@@ -73,7 +79,7 @@ class InversionConfig:
     augment: bool = True
     jitter: int = 2
     crop_scale: tuple[float, float] = (0.8, 1.0)
-    flip: bool = True
+    flip: bool = False
     seed: int = 0
 
     def __post_init__(self):
