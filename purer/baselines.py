@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import nn
 from torch.func import functional_call
 
-from .data.episodes import ImageSet, TaskSpec
+from .data.episodes import Episode, ImageSet, TaskSpec, episode_labels
 from .evaluate import TuningGrid, evaluate, select_test_time, task_list
 from .meta.base import InputSpec, MetaLearner
 from .meta.init import average_teachers, random_model
@@ -46,6 +46,37 @@ METHODS = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "finetune-best-tea
            "protonet-random", "maml-avg-teachers", "protonet-avg-teachers", "maml-real", "protonet-real")
 
 
+class FeatureSet:
+    """An episode source over precomputed features: the same tasks as ``source``, features for images.
+
+    Args:
+        source: the image set the task specs index into.
+        features: ``[M, D]``, row ``i`` the features of ``source.images[i]``.
+
+    ``episode(spec)`` returns an :class:`Episode` whose ``support_x`` / ``query_x``
+    are ``[N*K, D]`` / ``[N*Q, D]`` features, class-major like the image episode.
+    """
+
+    def __init__(self, source: ImageSet, features: torch.Tensor):
+        if features.ndim != 2 or features.shape[0] != len(source):
+            raise ValueError(f"features must be [{len(source)}, D] for {source.name or 'the source'}, "
+                             f"got {tuple(features.shape)}")
+        self.source, self.features = source, features
+        self.class_names = source.class_names
+
+    def class_sizes(self) -> list[int]:
+        return self.source.class_sizes()
+
+    def episode(self, spec: TaskSpec) -> Episode:
+        def gather(inst) -> torch.Tensor:
+            idx = torch.stack([self.source.members(c)[torch.as_tensor(i)] for c, i in zip(spec.classes, inst)])
+            return self.features[rearrange(idx, "n k -> (n k)")]
+
+        return Episode(gather(spec.support), episode_labels(spec.way, spec.support.shape[1]), gather(spec.query),
+                       episode_labels(spec.way, spec.query.shape[1]),
+                       tuple(self.class_names[c] for c in spec.classes))
+
+
 class NearestCentroid(MetaLearner):
     """Nearest class mean (squared Euclidean) on fixed features, without meta-learning.
 
@@ -54,6 +85,10 @@ class NearestCentroid(MetaLearner):
             in eval mode with its own input contract) to use. Each teacher's features
             are L2-normalised before concatenation, so every teacher weighs the same
             whatever its feature scale. No teachers: raw pixels, flattened.
+
+    The features of an image do not depend on the task (teachers use their running
+    BatchNorm statistics), so :meth:`extract` can compute them once per split;
+    ``adapt`` and ``predict`` take 2-D inputs ``[B, D]`` as such precomputed features.
     """
 
     def __init__(self, teachers: Sequence[Teacher] = ()):
@@ -61,10 +96,22 @@ class NearestCentroid(MetaLearner):
         self.teachers = nn.ModuleList(teachers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` in ``[0, 1]`` -> ``[B, D]`` (``D`` = sum of the teachers' feature sizes, or C*H*W)."""
+        """``[B, C, H, W]`` in ``[0, 1]`` -> ``[B, D]`` (``D`` = sum of the teachers' feature sizes, or C*H*W).
+
+        ``[B, D]`` inputs are returned unchanged (already extracted).
+        """
+        if x.ndim == 2:
+            return x
         if not len(self.teachers):
             return rearrange(x, "b c h w -> b (c h w)")
         return torch.cat([F.normalize(t.features(x), dim=-1) for t in self.teachers], dim=-1)
+
+    @torch.no_grad()
+    def extract(self, source: ImageSet, batch_size: int = 512) -> FeatureSet:
+        """The features of every image of ``source``, as an episode source for :func:`purer.evaluate.evaluate`."""
+        feats = [self.features(source.float_images(torch.arange(i, min(i + batch_size, len(source)))))
+                 for i in range(0, len(source), batch_size)]
+        return FeatureSet(source, torch.cat(feats))
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int, *,
               create_graph: bool = False) -> torch.Tensor:
@@ -123,7 +170,10 @@ def best_teacher(teachers: Sequence[Teacher], val_source: ImageSet, val_tasks: S
     """The teacher whose features give the best nearest-centroid accuracy (percent) on meta-val tasks."""
     if not teachers:
         raise ValueError("best_teacher needs at least one teacher")
-    scores = [evaluate(NearestCentroid([t]), val_source, val_tasks, progress=False).accuracy for t in teachers]
+    scores = []
+    for t in teachers:
+        nc = NearestCentroid([t])
+        scores.append(evaluate(nc, nc.extract(val_source), val_tasks, progress=False).accuracy)
     i = max(range(len(teachers)), key=scores.__getitem__)
     return teachers[i], scores[i]
 
@@ -234,8 +284,10 @@ def run_baselines(splits: Mapping[str, ImageSet], teachers: Sequence[Teacher] = 
             for seed in (config.train_seeds if seeded else (None,)):
                 start = time.perf_counter()
                 learner, extra = build(seed)
-                chosen = select_test_time(learner, val, val_tasks, config.grid)
-                result = evaluate(learner, test, test_tasks, method=method, adapt_kwargs=chosen.settings,
+                v, t = (learner.extract(val), learner.extract(test)) if isinstance(learner, NearestCentroid) \
+                    else (val, test)
+                chosen = select_test_time(learner, v, val_tasks, config.grid)
+                result = evaluate(learner, t, test_tasks, method=method, adapt_kwargs=chosen.settings,
                                   progress=progress)
                 row = result.row(val_accuracy=round(chosen.val_accuracy, 2), **extra,
                                  **({"val_grid": chosen.table} if chosen.settings else {}),

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.episodes import EpisodeSampler, ImageSet, TaskSpec
+from .data.episodes import EpisodeSampler, EpisodeSource, TaskSpec
 
 if TYPE_CHECKING:
     from .meta.base import MetaLearner
@@ -43,7 +43,7 @@ def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     return float(v.mean()), float(ci)
 
 
-def task_list(source: ImageSet, way: int, shot: int, query: int | None = 15, tasks: int = 600,
+def task_list(source: EpisodeSource, way: int, shot: int, query: int | None = 15, tasks: int = 600,
               seed: int = 0) -> list[TaskSpec]:
     """``tasks`` seeded N-way K-shot task specs on ``source`` (``query`` per class, or as many as a class has)."""
     return EpisodeSampler(source.class_sizes(), way, shot, query, seed=seed).tasks(tasks)
@@ -97,13 +97,14 @@ class EvalResult:
         return row
 
 
-def evaluate(learner: "MetaLearner", source: ImageSet, tasks: Sequence[TaskSpec], *, method: str = "",
+def evaluate(learner: "MetaLearner", source: EpisodeSource, tasks: Sequence[TaskSpec], *, method: str = "",
              adapt_kwargs: dict | None = None, progress: bool = True) -> EvalResult:
     """Accuracy of ``learner`` on every task of ``tasks`` (adapt on support, predict query).
 
     Args:
         learner: any :class:`~purer.meta.MetaLearner` (its own weights are not changed).
-        source: the image set the task specs index into.
+        source: what the task specs index into (an :class:`~purer.data.ImageSet`, or
+            any :class:`~purer.data.EpisodeSource` such as precomputed features).
         tasks: the fixed task list (see :func:`task_list`).
         method: the row's name.
         adapt_kwargs: test-time settings passed to ``learner.adapt`` (e.g. from
@@ -168,7 +169,7 @@ class Selection:
     table: dict[str, float]
 
 
-def select_test_time(learner: "MetaLearner", val_source: ImageSet, val_tasks: Sequence[TaskSpec],
+def select_test_time(learner: "MetaLearner", val_source: EpisodeSource, val_tasks: Sequence[TaskSpec],
                      grid: TuningGrid | None = None, progress: bool = False) -> Selection:
     """The test-time settings from ``grid`` with the best mean accuracy on meta-val tasks.
 

@@ -98,3 +98,15 @@ def test_run_baselines_skips_what_the_zoo_cannot_give(zoo):
         run_baselines(splits, teachers, cfg, methods=["nope"])
     with pytest.raises(ValueError, match="train"):
         run_baselines({"val": splits["val"], "test": splits["test"]}, teachers, cfg, methods=["maml-real"])
+
+
+def test_precomputed_features_give_the_same_results(zoo):
+    teachers, splits = zoo
+    tasks = task_list(splits["test"], 5, 2, query=4, tasks=8, seed=3)
+    for nc in (NearestCentroid(), NearestCentroid(teachers[:2])):
+        cached = nc.extract(splits["test"], batch_size=7)
+        direct = evaluate(nc, splits["test"], tasks, progress=False)
+        assert cached.episode(tasks[0]).support_x.shape == (10, cached.features.shape[1])
+        assert torch.allclose(cached.episode(tasks[0]).query_x, nc.features(splits["test"].episode(tasks[0]).query_x),
+                              atol=1e-5)
+        assert (evaluate(nc, cached, tasks, progress=False).task_acc == direct.task_acc).all()
