@@ -92,7 +92,7 @@ class ZooConfig:
     classes_per_model: int = 5
     arch: str = "conv4"
     subsets: str = "disjoint"
-    epochs: int = 15
+    epochs: int = PretrainConfig.epochs
     seed: int = 0
 
 
@@ -280,7 +280,12 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
                                   num_models=z.num_models, classes_per_model=z.classes_per_model, arch=z.arch,
                                   subsets=z.subsets, epochs=z.epochs, seed=z.seed)
             print(f"pre-training a {z.num_models}-model zoo at {path} (once; later runs reuse it)")
-            pretrain_zoo(spec, Zoo(path, create=True), progress=progress)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # small teachers train fastest on one thread each
+            try:
+                pretrain_zoo(spec, Zoo(path, create=True), progress=progress)
+            finally:
+                torch.set_num_threads(threads)
         dist.barrier()
     teachers = Zoo(path).load_teachers()
     if not teachers:
