@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from meta_synthetic import SIZE, template_images, tiny_teacher
+from meta_synthetic import template_images, tiny_teacher
 from purer.baselines import (METHODS, BaselineConfig, FineTune, NearestCentroid, best_teacher, run_baselines,
                              same_architecture)
 from purer.evaluate import TuningGrid, evaluate, task_list

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,7 +114,3 @@ def batch_stats_only(model: nn.Module) -> nn.Module:
             m.track_running_stats = False
             m.running_mean = m.running_var = m.num_batches_tracked = None
     return model
-
-
-def count_params(modules: Sequence[nn.Module]) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
