@@ -230,25 +230,23 @@ def support_statistics_teacher(model: Classifier, learner: MetaLearner, support_
         support_x: ``[N*K, C, H, W]`` real support in ``[0, 1]``.
     """
     net = copy.deepcopy(model)
-    layers = [m for m in net.modules() if isinstance(m, _BatchNorm)]
     seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0]
         seen[module] = torch.var_mean(x, dim=[0, *range(2, x.ndim)], unbiased=False)
 
-    handles = [m.register_forward_pre_hook(record) for m in layers]
+    handles = [m.register_forward_pre_hook(record) for m in net.modules() if isinstance(m, _BatchNorm)]
     try:
         with torch.no_grad():
             net(learner.prepare(support_x))
     finally:
         for h in handles:
             h.remove()
-    for m in layers:
-        var, mean = seen[m]
+    for m, (var, mean) in seen.items():
         m.track_running_stats = True
         m.running_mean, m.running_var = mean.clone(), var.clone()
-        m.num_batches_tracked = torch.tensor(1, dtype=torch.long)
+        m.num_batches_tracked = torch.tensor(1, dtype=torch.long, device=mean.device)
     spec = learner.input_spec
     if spec is None:
         spec = InputSpec(support_x.shape[1], support_x.shape[-1])
@@ -307,6 +305,14 @@ class ICFIL:
         normalised by its own BatchNorm statistics, as a support set is at
         adaptation. ProtoNet: only the encoder is calibrated; the logits come
         from prototypes of the real support, recomputed at every step.
+
+        Args:
+            learner: gives the input contract (``learner.prepare``).
+            model: the per-task copy (see :func:`adapted_model`), changed in place.
+            is_proto: ``model`` stands for a ProtoNet (its head is ignored).
+            real_x, real_y: ``[N*K, C, H, W]`` real support in ``[0, 1]`` and ``[N*K]`` labels.
+            pseudo_x, pseudo_y: ``[N*M, C, H, W]`` pseudo support in ``[0, 1]`` and ``[N*M]`` labels.
+            way: N.
         """
         c = self.config
         xr, xp = learner.prepare(real_x), learner.prepare(pseudo_x)
