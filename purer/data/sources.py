@@ -1,8 +1,10 @@
 """One entry point for every real image source: ``load_split(dataset, split, ...)``.
 
 Datasets: ``glyphs`` (built-in, rendered from matplotlib's fonts, cached),
-``folder`` (a class-per-folder tree), ``cifar_fs``, ``miniimagenet`` and ``cub``
-(the standard few-shot layouts), all read from disk, never downloaded.
+``icons`` (the colour icon benchmark, built once from Debian icon themes by
+``python -m purer.data.icons build``), ``folder`` (a class-per-folder tree),
+``cifar_fs``, ``miniimagenet`` and ``cub`` (the standard few-shot layouts), all
+read from disk, never downloaded.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 from .episodes import ImageSet
 
 SPLITS = ("train", "val", "test")
-DATASETS = ("glyphs", "folder", "cifar_fs", "miniimagenet", "cub")
+DATASETS = ("glyphs", "icons", "folder", "cifar_fs", "miniimagenet", "cub")
 
 
 def load_split(dataset: str, split: str, root: str | Path | None = None, image_size: int | None = None) -> ImageSet:
@@ -21,7 +23,8 @@ def load_split(dataset: str, split: str, root: str | Path | None = None, image_s
         dataset: one of :data:`DATASETS`.
         split: meta-train, meta-val or meta-test classes.
         root: where the data lies (for ``glyphs``: the cache directory, default
-            ``$PURER_DATA_ROOT`` or ``~/.cache/purer``).
+            ``$PURER_DATA_ROOT`` or ``~/.cache/purer``; for ``icons``: the built
+            dataset, default ``$PURER_DATA_ROOT/icons`` or ``~/.cache/purer/icons``).
         image_size: resize to this square size (``None``: the dataset's default).
     """
     if split not in SPLITS:
@@ -30,6 +33,10 @@ def load_split(dataset: str, split: str, root: str | Path | None = None, image_s
         from .glyphs import load_glyphs
 
         return load_glyphs(split, image_size=image_size or 28, data_root=root)
+    if dataset == "icons":
+        from .icons import load_icons
+
+        return load_icons(split, root, image_size=image_size)
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
     if root is None:
