@@ -319,3 +319,46 @@ def test_cli_build_preview_and_help(themes, tmp_path, capsys):
     with pytest.raises(SystemExit):
         icons.main(["build", "--help"])
     assert "apt-get install --no-install-recommends adwaita-icon-theme" in capsys.readouterr().out
+
+
+def test_names_most_families_draw_alike_merge(tmp_path):
+    def themes(root: Path, apart: str) -> tuple:
+        for t in "ABCDEF" + apart:  # E, F and the apart ones make p-one the more common name
+            for n in ["p-one", "q-one", "r-one", "s-one"]:
+                if (t, n) != ("D", "p-one"):
+                    c = icon(root / t / "48x48" / "apps" / f"{n}.png")
+                    if n == "p-one" and t in "ABC":  # they draw gtk-p as their p-one; D has only gtk-p
+                        icon(root / t / "48x48" / "apps" / "gtk-p.png", c)
+        for t in apart:  # families that draw gtk-p apart from p-one
+            icon(root / t / "48x48" / "apps" / "gtk-p.png")
+        return icon(root / "D" / "48x48" / "apps" / "gtk-p.png")
+
+    d = themes(tmp_path / "one", apart="")
+    merged = build_icon_dataset(tmp_path / "one", tmp_path / "merged", min_families=2, size=8)
+    assert merged.merged_names == {"gtk-p": "p-one"}
+    assert merged.families_per_class["p-one"] == 6 and "gtk-p" not in merged.families_per_class
+    assert (read(tmp_path / "merged", where(merged, "p-one"), "p-one", "D") == d).all()
+    # 3 of the 7 families with both names draw them alike: under half, two classes.
+    themes(tmp_path / "two", apart="GHIJ")
+    apart = build_icon_dataset(tmp_path / "two", tmp_path / "apart", min_families=1, size=8)
+    assert apart.merged_names == {} and apart.families_per_class["gtk-p"] == 5
+    assert apart.families_per_class["p-one"] == 9
+    assert sum(r.startswith("alias") for *_, r in apart.dropped_images) == 3
+
+
+def test_names_merge_with_a_partner_they_resemble_not_through_a_chain(tmp_path):
+    root = tmp_path / "themes"
+    # A, B and C draw y-one as x-one; D and E draw z-one as y-one (but y-one apart from x-one).
+    for t in "ABCDEF":
+        x = icon(root / t / "48x48" / "apps" / "x-one.png")
+        y = icon(root / t / "48x48" / "apps" / "y-one.png", x if t in "ABC" else None)
+        if t in "DE":
+            icon(root / t / "48x48" / "apps" / "z-one.png", y)
+        for n in ["p-one", "q-one"]:
+            icon(root / t / "48x48" / "apps" / f"{n}.png")
+    for t in "GH":
+        icon(root / t / "48x48" / "apps" / "z-one.png")
+    report = build_icon_dataset(root, tmp_path / "out", min_families=2, size=8)
+    # z-one resembles y-one, which joins x-one; z-one does not resemble x-one, so it stays.
+    assert report.merged_names == {"y-one": "x-one"}
+    assert report.families_per_class["x-one"] == 6 and report.families_per_class["z-one"] == 4

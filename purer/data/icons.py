@@ -51,9 +51,13 @@ How the builder (:func:`build_icon_dataset`) decides:
 * **Aliases and copies.**  Symlinks are resolved, and images identical pixel
   for pixel are one drawing: kept once, under the name that the most families
   have (so ``inode-directory`` folds into ``folder``), in the first family that
-  has it (families ordered by their number of icons, most first) -- this collapses copied aliases inside a
-  theme and files copied between themes.  Within a class, an image whose RMSE
-  (pixels in ``[0, 1]``) to an earlier family's image is at most
+  has it (families ordered by their number of icons, most first) -- this
+  collapses copied aliases inside a theme and files copied between themes.  Two
+  names that at least ``concept_share`` (half) of the families having both
+  draw identically, and two families at least, are one concept (``gtk-cdrom``
+  and ``media-optical``): merged into the name more families have, even where
+  other families draw them apart.  Within a class, an image
+  whose RMSE (pixels in ``[0, 1]``) to an earlier family's image is at most
   ``duplicate_rmse`` is a near copy (gnome / mate) and is dropped.
 * **Classes and splits.**  Classes drawn by at least ``min_families`` families are
   kept.  Names are grouped by their first word (``folder``, ``folder-open`` and
@@ -83,6 +87,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -140,6 +145,7 @@ class IconReport:
             that some ``min_families`` families have.
         dropped_classes: class -> families left, for names that had enough families
             before cleaning but not after.
+        merged_names: name -> the name it was merged into (one concept, two names).
         rare_names: icon names that fewer than ``min_families`` families have at all.
         skipped_files: reason -> number of icon files never considered.
         settings: the build's arguments.
@@ -152,6 +158,7 @@ class IconReport:
     families_per_class: dict[str, int] = field(default_factory=dict)
     dropped_images: list[list[str]] = field(default_factory=list)
     dropped_classes: dict[str, int] = field(default_factory=dict)
+    merged_names: dict[str, str] = field(default_factory=dict)
     rare_names: int = 0
     skipped_files: dict[str, int] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
@@ -168,7 +175,8 @@ class IconReport:
         reasons = Counter(r.split(" (")[0] for _, _, r in self.dropped_images)
         if reasons:
             lines.append("dropped images: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
-        lines.append(f"dropped classes: {len(self.dropped_classes)} fell below min_families after cleaning, "
+        lines.append(f"merged names: {len(self.merged_names)} into "
+                     f"{len(set(self.merged_names.values()))}; dropped classes: {len(self.dropped_classes)} fell below min_families after cleaning, "
                      f"{self.rare_names} names had too few families to begin with")
         if self.skipped_files:
             lines.append("skipped files: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_files.items())))
@@ -410,6 +418,50 @@ def _render_all(chosen: dict[tuple[str, str], _IconFile], size: int, min_ink: fl
     return images
 
 
+def _merge_concepts(images: dict[tuple[str, str], np.ndarray], concept_share: float,
+                    report: IconReport) -> dict[tuple[str, str], np.ndarray]:
+    """Rename names that most families having both draw identically to one name.
+
+    Legacy names live on as distinct drawings in some themes (``gtk-cdrom`` and
+    ``media-optical``); left apart they would be one concept in two classes,
+    possibly in two splits.  A share, not a count, decides: a few themes draw a
+    plain page for ``application-pdf``, most draw a PDF.
+    """
+    counts = Counter(name for _, name in images)
+    names_of: dict[str, list[str]] = defaultdict(list)
+    drawings: dict[tuple[str, bytes], list[str]] = defaultdict(list)
+    for (fam, name), img in sorted(images.items(), key=lambda kv: kv[0]):
+        names_of[fam].append(name)
+        drawings[fam, hashlib.sha256(img.tobytes()).digest()].append(name)
+    same = Counter(pair for names in drawings.values() for pair in itertools.combinations(names, 2))
+    both = Counter(pair for names in names_of.values() for pair in itertools.combinations(names, 2)
+                   if pair in same)
+    rank = {n: (-c, n) for n, c in counts.items()}
+    partners: dict[str, list[str]] = defaultdict(list)
+    for (a, b), k in same.items():
+        # Two families at least: one theme's choice is no consensus.
+        if k >= 2 and k >= concept_share * both[a, b]:
+            partners[a].append(b)
+            partners[b].append(a)
+    into: dict[str, str] = {}
+    # Best-ranked names first, each joining its best partner that stays a class: a name is
+    # merged only with a partner it is itself drawn like, never through a chain
+    # (application-pdf ~ gnome-mime-application-pdf ~ ... ~ x-office-document).
+    for name in sorted(partners, key=rank.__getitem__):
+        targets = [b for b in partners[name] if rank[b] < rank[name] and b not in into]
+        if targets:
+            into[name] = min(targets, key=rank.__getitem__)
+    report.merged_names = dict(sorted(into.items()))
+    merged: dict[tuple[str, str], np.ndarray] = {}
+    for fam, name in sorted(images, key=lambda k: (k[0], rank[k[1]])):
+        canon = into.get(name, name)
+        if (fam, canon) in merged:
+            report.dropped_images.append([fam, name, f"merged name (into {canon}, which {fam} also draws)"])
+        else:
+            merged[fam, canon] = images[fam, name]
+    return merged
+
+
 def _drop_copies(images: dict[tuple[str, str], np.ndarray], duplicate_rmse: float,
                  report: IconReport) -> dict[str, dict[str, np.ndarray]]:
     """Class -> family -> image, one image per drawing."""
@@ -464,7 +516,7 @@ def default_icon_root() -> Path:
 def build_icon_dataset(theme_root: str | Path = DEFAULT_THEME_ROOT, out_dir: str | Path | None = None,
                        min_families: int = 10, size: int = 32, seed: int = 0, source_size: int = 48,
                        fractions: Sequence[float] = (0.5, 0.15, 0.35), duplicate_rmse: float = 0.03,
-                       min_ink: float = 0.02) -> IconReport:
+                       min_ink: float = 0.02, concept_share: float = 0.5) -> IconReport:
     """Build the icon benchmark from the themes in ``theme_root`` (see the module docstring).
 
     Args:
@@ -479,6 +531,9 @@ def build_icon_dataset(theme_root: str | Path = DEFAULT_THEME_ROOT, out_dir: str
         duplicate_rmse: images of one class closer than this (RMSE, pixels in ``[0, 1]``)
             are near copies.
         min_ink: images with fewer non-white pixels than this fraction are dropped.
+        concept_share: two names are one class (under the name more families have)
+            when at least this share of the families that have both, and two
+            families at least, draw them identically.
 
     Returns:
         The :class:`IconReport`, also saved as ``out_dir/report.json``.
@@ -492,17 +547,19 @@ def build_icon_dataset(theme_root: str | Path = DEFAULT_THEME_ROOT, out_dir: str
     if min_families < 1 or size < 8 or source_size < 8:
         raise ValueError(f"need min_families >= 1, size >= 8 and source_size >= 8, got {min_families}, {size}, "
                          f"{source_size}")
-    if not 0 <= duplicate_rmse < 1 or not 0 <= min_ink < 1:
-        raise ValueError(f"duplicate_rmse and min_ink must lie in [0, 1), got {duplicate_rmse} and {min_ink}")
+    if not 0 <= duplicate_rmse < 1 or not 0 <= min_ink < 1 or not 0 < concept_share <= 1:
+        raise ValueError(f"duplicate_rmse and min_ink must lie in [0, 1) and concept_share in (0, 1], got "
+                         f"{duplicate_rmse}, {min_ink} and {concept_share}")
     start = time.perf_counter()
     theme_root = Path(theme_root)
     out = Path(out_dir) if out_dir is not None else default_icon_root()
     report = IconReport(theme_root=str(theme_root), settings=dict(
         min_families=min_families, size=size, seed=seed, source_size=source_size, fractions=list(fractions),
-        duplicate_rmse=duplicate_rmse, min_ink=min_ink))
+        duplicate_rmse=duplicate_rmse, min_ink=min_ink, concept_share=concept_share))
     chosen = _collect(theme_root, source_size, min_families, report)
-    classes = _drop_copies(_render_all(chosen, size, min_ink, report), duplicate_rmse, report)
-    prefiltered = {name for _, name in chosen}
+    images = _merge_concepts(_render_all(chosen, size, min_ink, report), concept_share, report)
+    classes = _drop_copies(images, duplicate_rmse, report)
+    prefiltered = {name for _, name in chosen} - set(report.merged_names)
     report.dropped_classes = {n: len(classes.get(n, {})) for n in sorted(prefiltered)
                               if len(classes.get(n, {})) < min_families}
     kept = sorted(n for n in classes if len(classes[n]) >= min_families)
