@@ -3,10 +3,11 @@
 Class = freedesktop icon name (``folder``, ``edit-copy``, ``audio-volume-high`` ...),
 instance = design family (one icon theme together with its Dark / Light / colour
 variants).  The images are small colour drawings of everyday concepts, each class
-drawn by 10 to 30 independent designers: the closest thing to CIFAR-FS that
-installs offline.
+drawn by 10 to 25 independent design families: the closest thing to CIFAR-FS
+that installs offline.  On Debian 12 with the themes below: 30 families, 336
+classes (169 / 48 / 119), 14 families per class (median).
 
-Install the themes (Debian 12 "bookworm"; about 1.3 GB unpacked).  The seven
+Install the themes (Debian 12 "bookworm"; about 1.5 GB unpacked).  The seven
 ``gnome-{brave,dust,human,illustrious,noble,wine,wise}-icon-theme`` packages are
 left out on purpose: they recolour the folders of GNOME-Colors and add no drawing::
 
@@ -80,7 +81,7 @@ Example:
     >>> report = build_icon_dataset("/usr/share/icons", "data/icons")  # doctest: +SKIP
     >>> train = load_icons("train", "data/icons")                       # doctest: +SKIP
     >>> train.image_shape, len(train.class_names)                       # doctest: +SKIP
-    ((3, 32, 32), 100)
+    ((3, 32, 32), 169)
 """
 from __future__ import annotations
 
@@ -175,8 +176,8 @@ class IconReport:
         reasons = Counter(r.split(" (")[0] for _, _, r in self.dropped_images)
         if reasons:
             lines.append("dropped images: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
-        lines.append(f"merged names: {len(self.merged_names)} into "
-                     f"{len(set(self.merged_names.values()))}; dropped classes: {len(self.dropped_classes)} fell below min_families after cleaning, "
+        lines.append(f"merged names: {len(self.merged_names)} into {len(set(self.merged_names.values()))}; "
+                     f"dropped classes: {len(self.dropped_classes)} fell below min_families after cleaning, "
                      f"{self.rare_names} names had too few families to begin with")
         if self.skipped_files:
             lines.append("skipped files: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped_files.items())))
