@@ -74,6 +74,14 @@ def markdown(report: dict) -> str:
     lines += ["", "nc-all-teachers L2-normalises each teacher's features before concatenating them. "
               "maml-*/finetune rows adapt with the test-time lr and steps shown; protonet/nc rows have no "
               "test-time settings. Wall time covers meta-training (real rows), selection and evaluation."]
+    grid = report["grid"]
+    edge = []
+    for r in report["rows"]:
+        at = [f"{k} {v}" for k, v in r.get("settings", {}).items() if v in (min(grid[k]), max(grid[k]))]
+        if at:
+            edge.append(f"{r['method']} {r['shot']}-shot ({', '.join(at)})")
+    if edge:
+        lines += ["", "Selected at the edge of the grid (a wider grid might do better): " + "; ".join(edge) + "."]
     return "\n".join(lines) + "\n"
 
 
