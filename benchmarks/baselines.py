@@ -16,7 +16,8 @@
    200-400 iterations, against 88% at 0.1 after 200), too many for this budget.
 
 Writes benchmarks/results/baselines.json (``results.json`` rows, each with its
-wall time) and baselines.md. Runs --jobs single-threaded worker processes (one
+wall time) and baselines.md (``--name`` changes the stem, e.g. for a run over
+more ``--seeds`` of the seeded rows only). Runs --jobs single-threaded worker processes (one
 (shot, method) each; default 2) so as not to starve other jobs on a shared CPU.
 """
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _run(config: BaselineConfig, method: str) -> list[dict]:
 def main(zoo: str = str(DEFAULT_ZOO), num_models: int = 12, image_size: int = 32, way: int = 5,
          shots: tuple[int, ...] = (1, 5), tasks: int = 600, val_tasks: int = 50, iterations: int = 500,
          train_inner_lr: float = 0.1, seeds: tuple[int, ...] = (0,), methods: tuple[str, ...] = METHODS,
-         jobs: int = 2, threads: int = 1, out: str = str(RESULTS)) -> dict:
+         jobs: int = 2, threads: int = 1, out: str = str(RESULTS), name: str = "baselines") -> dict:
     torch.set_num_threads(threads)
     start = time.perf_counter()
     teachers = glyph_zoo(Path(zoo), num_models, image_size)
@@ -129,9 +130,9 @@ def main(zoo: str = str(DEFAULT_ZOO), num_models: int = 12, image_size: int = 32
               "rows": rows}
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "baselines.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out_dir / "baselines.md").write_text(markdown(report))
-    print(f"wrote {out_dir / 'baselines.json'} and baselines.md in {report['total_seconds'] / 60:.1f} min")
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown(report))
+    print(f"wrote {out_dir / name}.json and .md in {report['total_seconds'] / 60:.1f} min")
     return report
 
 
@@ -150,7 +151,8 @@ if __name__ == "__main__":
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--jobs", type=int, default=2, help="worker processes, one (shot, method) each")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per worker")
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=str(RESULTS), help="output directory")
+    p.add_argument("--name", default="baselines", help="output file stem: <out>/<name>.json and .md")
     a = p.parse_args()
     main(a.zoo, a.num_models, a.image_size, a.way, tuple(a.shots), a.tasks, a.val_tasks, a.iterations,
-         a.train_inner_lr, tuple(a.seeds), tuple(a.methods), a.jobs, a.threads, a.out)
+         a.train_inner_lr, tuple(a.seeds), tuple(a.methods), a.jobs, a.threads, a.out, a.name)
