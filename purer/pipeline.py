@@ -55,6 +55,10 @@ from .zoo.store import Zoo, default_zoo_dir
 from .zoo.teacher import Teacher
 
 LEARNERS = ("maml", "anil", "protonet")
+# The rows a default run compares its MAML meta-learner with (fine-tuning and ProtoNet rows: see
+# purer.baselines.METHODS, e.g. eval.baselines=[...] in a config).
+DEFAULT_BASELINES = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "maml-random", "maml-avg-teachers",
+                     "maml-real")
 INITS = ("random", "avg-teachers")
 
 
@@ -105,8 +109,9 @@ class MetaConfig:
         arch, arch_args: its network (any registered architecture).
         init: ``random`` or ``avg-teachers`` (the release's initialisation; needs a
             same-architecture zoo).
-        way, shot, query: the pseudo tasks it trains on.
-        images_per_class: P, bank images per class (default ``shot + query``, the release).
+        way, shot, query: the pseudo tasks it trains on (the release uses 15 queries;
+            the default 5 makes an iteration about 2.5 times cheaper on a CPU).
+        images_per_class: P, bank images per class (default ``shot + query``, as the release).
         maml: inner loop (MAML/ANIL).
         train: iterations, meta-batch, outer lr, and ``val_every`` (meta-val selection).
         val_tasks: size of the fixed meta-val task list used for selection.
@@ -118,11 +123,11 @@ class MetaConfig:
     init: str = "random"
     way: int = 5
     shot: int = 1
-    query: int = 15
+    query: int = 5
     images_per_class: int | None = None
     maml: MAMLConfig = field(default_factory=MAMLConfig)
-    train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=1500, val_every=250))
-    val_tasks: int = 100
+    train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=600, val_every=200))
+    val_tasks: int = 50
 
 
 @dataclass
@@ -143,11 +148,11 @@ class EvalConfig:
     query: int = 15
     tasks: int = 600
     seed: int = 0
-    val_tasks: int = 100
-    grid: TuningGrid = field(default_factory=TuningGrid)
+    val_tasks: int = 50
+    grid: TuningGrid = field(default_factory=lambda: TuningGrid(steps=(1, 10)))
     icfil: bool = True
-    baselines: list[str] = field(default_factory=lambda: list(BASELINE_METHODS))
-    baseline_train_iterations: int = 1500
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    baseline_train_iterations: int = 500
 
 
 @dataclass
@@ -160,7 +165,8 @@ class RunConfig:
         checkpoint_every: meta-iterations between checkpoints (``accelerator.save_state``).
         picture_every: meta-iterations between PNG grids of a pseudo episode.
         cache_dir: cached baseline rows (keyed by everything they depend on).
-        threads: torch threads per process (``None``: torch's default).
+        threads: torch threads per process (``None``: torch's default). One is fastest for
+            these small networks; use processes (``accelerate launch --num_processes``) for more cores.
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,14 +174,15 @@ class RunConfig:
     inversion: InversionConfig = field(default_factory=InversionConfig)
     switch: SwitchConfig = field(default_factory=lambda: SwitchConfig(warmup=200))
     meta: MetaConfig = field(default_factory=MetaConfig)
-    icfil: ICFILConfig = field(default_factory=ICFILConfig)
+    # A cheaper ICFIL than its library defaults: it runs on every meta-test task of both shots.
+    icfil: ICFILConfig = field(default_factory=lambda: ICFILConfig(inversion_steps=10, calibration_steps=5))
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/purer-glyphs"
     seed: int = 0
     checkpoint_every: int = 250
     picture_every: int = 500
     cache_dir: str = "runs/.cache"
-    threads: int | None = None
+    threads: int | None = 1
 
     def __post_init__(self):
         if self.meta.learner not in LEARNERS:
