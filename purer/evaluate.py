@@ -119,12 +119,14 @@ def evaluate(learner: "MetaLearner", source: EpisodeSource, tasks: Sequence[Task
     device = next(itertools.chain(learner.parameters(), learner.buffers()), torch.empty(0)).device
     accs = np.empty(len(tasks))
     start = time.perf_counter()
-    with torch.no_grad():
-        for i, spec in enumerate(tqdm(tasks, desc=f"eval {method}".strip(), disable=not progress, leave=False)):
-            ep = source.episode(spec).to(device)
-            state = learner.adapt(ep.support_x, ep.support_y, spec.way, **adapt_kwargs)
-            accs[i] = float((learner.predict(state, ep.query_x).argmax(-1) == ep.query_y).float().mean())
-    learner.train(was_training)
+    try:
+        with torch.no_grad():
+            for i, spec in enumerate(tqdm(tasks, desc=f"eval {method}".strip(), disable=not progress, leave=False)):
+                ep = source.episode(spec).to(device)
+                state = learner.adapt(ep.support_x, ep.support_y, spec.way, **adapt_kwargs)
+                accs[i] = float((learner.predict(state, ep.query_x).argmax(-1) == ep.query_y).float().mean())
+    finally:
+        learner.train(was_training)
     return EvalResult(method, tasks[0].way, int(tasks[0].support.shape[1]), accs, learner.test_cost(),
                       fingerprint(tasks), adapt_kwargs, time.perf_counter() - start)
 

@@ -215,14 +215,16 @@ def test_from_model_copies_and_replaces_a_mismatched_head():
     data = template_images(10)
     teacher = tiny_teacher(data, [0, 1, 2], steps=2)
     same = from_model(teacher, 3)
-    assert torch.equal(same.head.weight, teacher.model.head.weight) and same.head.weight is not teacher.model.head.weight
+    assert torch.equal(same.head.weight, teacher.model.head.weight)
+    assert same.head.weight is not teacher.model.head.weight
     assert all(p.requires_grad for p in same.parameters())
     assert from_model(teacher, 5).head.out_features == 5
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
-@pytest.mark.parametrize("arch,args,first_order", [("conv4", ARCH_ARGS, False), ("resnet10", {"width": 4}, False),
-                                                   ("resnet18", {"width": 4}, True), ("tv:mobilenet_v3_small", {}, True)])
+@pytest.mark.parametrize("arch,args,first_order", [
+    ("conv4", ARCH_ARGS, False), ("resnet10", {"width": 4}, False), ("resnet18", {"width": 4}, True),
+    ("tv:mobilenet_v3_small", {}, True)])
 def test_maml_works_for_every_zoo_architecture(arch, args, first_order):
     torch.manual_seed(0)
     learner = MAML(random_model(arch, 5, 1, SIZE, args, seed=0), 5, InputSpec(1, SIZE),
