@@ -269,6 +269,19 @@ def test_untouched_classes_do_not_move(zoo):
     assert all(torch.equal(after_second[c], after_first[c]) for c in mine + bank.teacher_classes[2])
 
 
+def test_stale_grads_from_outside_the_step_are_ignored(zoo):
+    """A backward through an undetached pseudo episode fills bank .grad; the next step must not apply it."""
+    bank = PseudoBank(zoo, images_per_class=4)
+    inversion = EpisodeInversion(zoo, bank, no_aug())
+    other = bank.teacher_classes[2]
+    sum(bank.class_images(c).sum() for c in other).backward()  # e.g. a meta-update on bank episodes
+    start = bank.snapshot()
+    inversion.step(teachers=[0])
+    after = bank.snapshot()
+    assert all(torch.equal(after[c], start[c]) for c in other)
+    assert all(p.grad is None for p in bank.parameters())
+
+
 def test_step_samples_teachers_per_step_and_weights_them_equally(zoo):
     bank = PseudoBank(zoo, images_per_class=4)
     inversion = EpisodeInversion(zoo, bank, no_aug(teachers_per_step=2, seed=3))

@@ -220,11 +220,13 @@ class EpisodeInversion:
         by_class = {k: g for k, g in zip(touched, grads) if g is not None}
         if sync is not None:
             by_class = sync(by_class)
+        # A backward pass through bank episodes elsewhere (e.g. a meta-update on undetached
+        # pseudo episodes) leaves .grad on bank classes; Adam would step them with it.
+        self.optimizer.zero_grad(set_to_none=True)
         for k, g in by_class.items():
             self.bank.logits[k].grad = g
         self.optimizer.step()
-        for k in by_class:
-            self.bank.logits[k].grad = None
+        self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return stats
 
