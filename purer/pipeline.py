@@ -283,18 +283,24 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
             raise RunError(f"no model zoo at {path}; build one with `purer-zoo pretrain --zoo {path}` or "
                            "`purer-zoo register`, or set zoo.build_if_missing=true")
         if dist.main:
-            spec = PretrainConfig(dataset=cfg.data.dataset, data_root=cfg.data.root, image_size=cfg.data.image_size,
-                                  num_models=z.num_models, classes_per_model=z.classes_per_model, arch=z.arch,
-                                  subsets=z.subsets, epochs=z.epochs, seed=z.seed)
-            print(f"pre-training a {z.num_models}-model zoo at {path} (once; later runs reuse it)")
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # small teachers train fastest on one thread each
             try:
+                spec = PretrainConfig(dataset=cfg.data.dataset, data_root=cfg.data.root,
+                                      image_size=cfg.data.image_size, num_models=z.num_models,
+                                      classes_per_model=z.classes_per_model, arch=z.arch, subsets=z.subsets,
+                                      epochs=z.epochs, seed=z.seed)
+                print(f"pre-training a {z.num_models}-model zoo at {path} (once; later runs reuse it)")
                 pretrain_zoo(spec, Zoo(path, create=True), progress=progress)
+            except (FileNotFoundError, ValueError) as e:  # a zoo recipe the data cannot satisfy
+                raise RunError(f"cannot pre-train the zoo at {path}: {e}") from None
             finally:
                 torch.set_num_threads(threads)
         dist.barrier()
-    teachers = Zoo(path).load_teachers()
+    try:
+        teachers = Zoo(path).load_teachers()
+    except (FileNotFoundError, ValueError) as e:  # a corrupt or foreign zoo directory
+        raise RunError(str(e)) from None
     if not teachers:
         raise RunError(f"the model zoo at {path} is empty")
     return teachers
@@ -303,7 +309,10 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
 def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, size: int) -> MetaLearner:
     m = cfg.meta
     if m.init == "avg-teachers":
-        model = average_teachers(teachers, m.way)
+        try:
+            model = average_teachers(teachers, m.way)
+        except ValueError as e:  # a heterogeneous zoo
+            raise RunError(f"meta.init=avg-teachers: {e}") from None
         spec = InputSpec.of(teachers[0].config)
     else:
         model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)
@@ -421,7 +430,8 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             times["meta"] += t2 - t1
             logs = {"meta/loss": loss, "meta/pseudo_query_acc": qacc, "switch/fired": switch.fired,
                     **{f"inversion/{k}": v for k, v in inv.items()}}
-            if state.iteration % m.train.val_every == 0 or state.iteration == m.train.iterations:
+            # val_every = 0: validate (and keep) the final state only, as MetaTrainConfig documents.
+            if m.train.val_every and state.iteration % m.train.val_every == 0 or state.iteration == m.train.iterations:
                 score = evaluate_split(learner, val_set, val_tasks, dist, progress=False).accuracy
                 state.val.append([state.iteration, score])
                 logs["val/accuracy"] = score

@@ -116,6 +116,18 @@ def test_impossible_way_is_a_clear_error(tiny_root, tmp_path):
     assert res.returncode == 2 and "cannot sample 9-way" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_a_zoo_recipe_the_data_cannot_satisfy_is_a_clear_error(tiny_root, tmp_path):
+    res = recipe(overrides(tiny_root, tmp_path, **{"zoo.path": str(tmp_path / "zoo5"), "zoo.num_models": 5}))
+    assert res.returncode == 2 and "need 25 classes" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_val_every_zero_validates_the_final_state_only(tiny_root, baseline_run, tmp_path):
+    out = tmp_path / "no_val"
+    res = recipe(overrides(tiny_root, out, 2, **{"meta.train.val_every": 0, "cache_dir": str(baseline_run / "cache")}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [step for step, _ in json.loads((out / "results.json").read_text())["meta_train"]["val_curve"]] == [2]
+
+
 def test_resume_after_sigkill_gives_the_same_results(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "killed"
     args = overrides(tiny_root, out, **{"cache_dir": str(baseline_run / "cache")})
