@@ -194,6 +194,9 @@ class RunConfig:
             raise ValueError(f"unknown eval.baselines {sorted(unknown)}; choose from {list(BASELINE_METHODS)}")
         if self.checkpoint_every < 1 or self.picture_every < 1:
             raise ValueError("checkpoint_every and picture_every must be >= 1")
+        if self.inversion.seed != InversionConfig.seed:
+            # The run's seed drives the inversion (see meta_train_eci); a second seed would be ignored.
+            raise ValueError(f"inversion.seed is set by the run's seed; use seed={self.inversion.seed} instead")
 
 
 class RunError(RuntimeError):

@@ -103,6 +103,7 @@ def test_baselines_are_reused_when_nothing_changed(tiny_root, baseline_run, tmp_
 @pytest.mark.parametrize("args,fragment", [
     (["meta.lerner=maml"], "unknown config key 'meta.lerner'"),
     (["meta.learner=reptile"], "meta.learner must be one of"),
+    (["inversion.seed=3"], "use seed=3 instead"),
     (["data.dataset=folder", "data.root=/nonexistent/data"], "/nonexistent/data"),
 ])
 def test_bad_config_is_one_clear_line(args, fragment, tmp_path):
