@@ -154,6 +154,13 @@ class TuningGrid:
     lr: tuple[float, ...] = (0.01, 0.1, 0.5)
     steps: tuple[int, ...] = (1, 5, 10)
 
+    def __post_init__(self):
+        if not self.lr or not self.steps:
+            raise ValueError(f"the tuning grid needs at least one lr and one steps value, got lr={self.lr} "
+                             f"steps={self.steps}")
+        if min(self.lr) < 0 or min(self.steps) < 0:
+            raise ValueError(f"grid lr and steps values must be >= 0, got lr={self.lr} steps={self.steps}")
+
 
 @dataclass
 class Selection:

@@ -192,6 +192,8 @@ class RunConfig:
         unknown = set(self.eval.baselines) - set(BASELINE_METHODS)
         if unknown:
             raise ValueError(f"unknown eval.baselines {sorted(unknown)}; choose from {list(BASELINE_METHODS)}")
+        if min(self.eval.tasks, self.eval.val_tasks, self.meta.val_tasks) < 1 or not self.eval.shots:
+            raise ValueError("eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1, and eval.shots non-empty")
         if self.checkpoint_every < 1 or self.picture_every < 1:
             raise ValueError("checkpoint_every and picture_every must be >= 1")
         if self.inversion.seed != InversionConfig.seed:

@@ -104,6 +104,9 @@ def test_baselines_are_reused_when_nothing_changed(tiny_root, baseline_run, tmp_
     (["meta.lerner=maml"], "unknown config key 'meta.lerner'"),
     (["meta.learner=reptile"], "meta.learner must be one of"),
     (["inversion.seed=3"], "use seed=3 instead"),
+    (["eval.grid.lr=[]"], "at least one lr"),
+    (["eval.tasks=0"], "eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1"),
+    (["meta.train.meta_batch=0"], "meta_batch >= 1"),
     (["data.dataset=folder", "data.root=/nonexistent/data"], "/nonexistent/data"),
 ])
 def test_bad_config_is_one_clear_line(args, fragment, tmp_path):

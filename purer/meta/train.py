@@ -42,6 +42,13 @@ class MetaTrainConfig:
     outer_lr: float = 1e-3
     val_every: int = 0
 
+    def __post_init__(self):
+        if self.iterations < 0 or self.meta_batch < 1 or self.val_every < 0:
+            raise ValueError(f"need iterations >= 0, meta_batch >= 1 and val_every >= 0, got {self.iterations}, "
+                             f"{self.meta_batch} and {self.val_every}")
+        if self.outer_lr <= 0:
+            raise ValueError(f"outer_lr must be positive, got {self.outer_lr}")
+
 
 @dataclass
 class TrainHistory:
