@@ -313,15 +313,15 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
 
 def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, size: int) -> MetaLearner:
     m = cfg.meta
-    if m.init == "avg-teachers":
-        try:
+    try:
+        if m.init == "avg-teachers":
             model = average_teachers(teachers, m.way)
-        except ValueError as e:  # a heterogeneous zoo
-            raise RunError(f"meta.init=avg-teachers: {e}") from None
-        spec = InputSpec.of(teachers[0].config)
-    else:
-        model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)
-        spec = InputSpec(channels, size)
+            spec = InputSpec.of(teachers[0].config)
+        else:
+            model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)
+            spec = InputSpec(channels, size)
+    except ValueError as e:  # an unknown meta.arch or bad arch_args, or a zoo that cannot be averaged
+        raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
     if m.learner == "protonet":
         return ProtoNet(model, spec)
     return (ANIL if m.learner == "anil" else MAML)(model, m.way, spec, m.maml)

@@ -125,6 +125,11 @@ def test_a_zoo_recipe_the_data_cannot_satisfy_is_a_clear_error(tiny_root, tmp_pa
     assert res.returncode == 2 and "need 25 classes" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_an_unknown_meta_architecture_is_a_clear_error(tiny_root, tmp_path):
+    res = recipe(overrides(tiny_root, tmp_path, **{"meta.arch": "conv5"}))
+    assert res.returncode == 2 and "unknown architecture 'conv5'" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_val_every_zero_validates_the_final_state_only(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "no_val"
     res = recipe(overrides(tiny_root, out, 2, **{"meta.train.val_every": 0, "cache_dir": str(baseline_run / "cache")}))
