@@ -28,6 +28,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +258,41 @@ class Dist:
     def barrier(self) -> None:
         self.acc.wait_for_everyone()
 
+    def any(self, flag: bool) -> bool:
+        """``True`` if ``flag`` is set in any process."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)])
+        self.sum_([t])
+        return bool(t.item() > 0)
+
+
+class DeferredInterrupt:
+    """Within the block, the first Ctrl-C only sets :attr:`requested`; a second one interrupts at once.
+
+    A KeyboardInterrupt in the middle of a meta-iteration would leave the bank one
+    inversion step ahead of the iteration counter, so a checkpoint written then would
+    resume into a different run; the loop honours the request between iterations.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __enter__(self) -> "DeferredInterrupt":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
 
 def bank_grad_sync(dist: Dist, bank: PseudoBank) -> Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]] | None:
     """The inversion step's hook that sums the per-class bank gradients over processes."""
@@ -413,8 +450,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     times = {"inversion": 0.0, "meta": 0.0}
     bar = tqdm(range(state.iteration, m.train.iterations), initial=state.iteration, total=m.train.iterations,
                desc="ECI meta-train", disable=not (progress and dist.main))
-    it = state.iteration
-    try:
+    with DeferredInterrupt() as interrupt:
         for it in bar:
             t0 = time.perf_counter()
             chosen = inversion.sample_teachers()
@@ -449,13 +485,15 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                     save_episode_grid(bank.episode(train_tasks.task(it * mb)), out / "pictures" /
                                       f"pseudo_episode_{state.iteration:06d}.png")
             bar.set_postfix(acc=f"{qacc:.2f}", ce=f"{inv['ce']:.2f}", fired=switch.fired)
-            if state.iteration % cfg.checkpoint_every == 0 or state.iteration == m.train.iterations:
-                # The last one lets a run interrupted during meta-test resume without retraining.
+            # The last checkpoint lets a run interrupted during meta-test resume without retraining.
+            saved = state.iteration % cfg.checkpoint_every == 0 or state.iteration == m.train.iterations
+            if saved:
                 save_checkpoint(acc, dist, out, state.iteration)
-    except KeyboardInterrupt:
-        save_checkpoint(acc, dist, out, state.iteration)
-        acc.print(f"interrupted: checkpoint written at iteration {state.iteration}; continue with --resume")
-        raise
+            if dist.any(interrupt.requested):
+                if not saved:
+                    save_checkpoint(acc, dist, out, state.iteration)
+                acc.print(f"interrupted: checkpoint written at iteration {state.iteration}; continue with --resume")
+                raise KeyboardInterrupt
     if dist.main:
         save_bank_grid(bank, out / "pictures" / "bank_final.png", classes=list(range(min(20, bank.num_classes))))
     learner.load_state_dict(best.state)

@@ -175,7 +175,7 @@ def test_two_processes_match_one(tiny_root, baseline_run, tmp_path):
 
 def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "interrupted"
-    args = overrides(tiny_root, out, 8, **{"cache_dir": str(baseline_run / "cache"), "checkpoint_every": 100})
+    args = overrides(tiny_root, out, **{"cache_dir": str(baseline_run / "cache"), "checkpoint_every": 100})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(RECIPE), "--no-progress", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -189,4 +189,6 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tiny_root, baseline_run,
     assert list((out / "checkpoints").glob("checkpoint_*/COMPLETE"))
     res = recipe(args + ["--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((out / "results.json").read_text())["meta_train"]["iterations"] == 8
+    # Ctrl-C is honoured between meta-iterations, so the checkpoint is consistent and resuming it
+    # gives the uninterrupted run (a checkpoint taken mid-iteration held a bank one step ahead).
+    assert accuracies(out) == accuracies(baseline_run)
