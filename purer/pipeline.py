@@ -594,7 +594,7 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
     try:
         splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size)
                   for s in ("train", "val", "test")}
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # missing or malformed data, or an unwritable glyph cache
         raise RunError(str(e)) from None
     _check_sizes(cfg, splits)
     teachers = load_zoo(cfg, dist, progress)

@@ -108,6 +108,7 @@ def test_baselines_are_reused_when_nothing_changed(tiny_root, baseline_run, tmp_
     (["eval.tasks=0"], "eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1"),
     (["meta.train.meta_batch=0"], "meta_batch >= 1"),
     (["data.dataset=folder", "data.root=/nonexistent/data"], "/nonexistent/data"),
+    (["data.root=/dev/null/purer"], "cannot write the glyph cache"),
 ])
 def test_bad_config_is_one_clear_line(args, fragment, tmp_path):
     res = recipe(args + [f"output_dir={tmp_path}"])
