@@ -390,6 +390,10 @@ class BestLearner:
     """The meta-learner weights best on meta-val so far (checkpointed with the run)."""
 
     def __init__(self, learner: MetaLearner):
+        self.keep(learner)
+
+    def keep(self, learner: MetaLearner) -> None:
+        """Remember ``learner``'s current weights (a copy)."""
         self.state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
 
     def state_dict(self) -> dict:
@@ -478,7 +482,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                 logs["val/accuracy"] = score
                 if score > state.best_val:
                     state.best_val, state.best_iteration = score, state.iteration
-                    best.state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+                    best.keep(learner)
             acc.log(logs, step=state.iteration)
             if dist.main and (state.iteration % cfg.picture_every == 0 or state.iteration == 1):
                 with torch.no_grad():
@@ -541,9 +545,7 @@ def baseline_rows(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequenc
         return json.loads(path.read_text())["rows"]
     rows = run_baselines(splits, teachers, bcfg, methods=e.baselines, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": json.loads(key), "rows": rows}, indent=1))
-    os.replace(tmp, path)
+    _write_json(path, {"key": json.loads(key), "rows": rows})
     return rows
 
 
