@@ -90,6 +90,11 @@ class ZooConfig:
         num_models, classes_per_model, arch, subsets, epochs, seed: the pre-training
             recipe (see :class:`purer.zoo.pretrain.PretrainConfig`); teachers learn
             classes of the meta-train split only.
+        merge_shared_classes: teachers whose ``class_ids`` name the same class share one
+            bank class (METHOD.md part 1: a class is (model, local label) unless the zoo
+            says two models share a class id), so with ``subsets: random`` a pseudo task
+            never holds one class under two labels.  Set false for a zoo whose class ids
+            are per-model labels (e.g. ``0..4`` of unrelated datasets).
     """
 
     path: str | None = None
@@ -100,6 +105,7 @@ class ZooConfig:
     subsets: str = "disjoint"
     epochs: int = PretrainConfig.epochs
     seed: int = 0
+    merge_shared_classes: bool = True
 
 
 @dataclass
@@ -431,7 +437,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     m = cfg.meta
     channels, size = val_set.image_shape[0], cfg.data.image_size
     bank = PseudoBank(teachers, m.images_per_class or (m.shot + m.query), image_size=size, channels=channels,
-                      seed=cfg.seed)
+                      merge_shared_classes=cfg.zoo.merge_shared_classes, seed=cfg.seed)
     inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed))
     switch = GradientSwitch(cfg.switch)
     learner = build_learner(cfg, teachers, channels, size)
@@ -501,7 +507,8 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     if dist.main:
         save_bank_grid(bank, out / "pictures" / "bank_final.png", classes=list(range(min(20, bank.num_classes))))
     learner.load_state_dict(best.state)
-    summary = {"iterations": m.train.iterations, "best_iteration": state.best_iteration,
+    summary = {"iterations": m.train.iterations, "bank_classes": bank.num_classes,
+               "best_iteration": state.best_iteration,
                "val_accuracy": round(state.best_val, 2), "switch_fired": switch.fired, "val_curve": state.val,
                "seconds_inversion": round(times["inversion"], 1), "seconds_meta": round(times["meta"], 1)}
     return learner, summary

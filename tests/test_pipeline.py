@@ -131,6 +131,19 @@ def test_an_unknown_meta_architecture_is_a_clear_error(tiny_root, tmp_path):
     assert res.returncode == 2 and "unknown architecture 'conv5'" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_teachers_sharing_a_class_share_its_bank_images(tiny_root, tmp_path):
+    """Three random 5-class subsets of 10 classes overlap; each shared class is one bank class."""
+    out = tmp_path / "overlap"
+    res = recipe(overrides(tiny_root, out, 1, **{"zoo.path": str(tmp_path / "zoo_random"), "zoo.num_models": 3,
+                                                 "zoo.subsets": "random", "zoo.epochs": 1,
+                                                 "cache_dir": str(out / "cache"), "eval.baselines": "[]",
+                                                 "eval.icfil": "false"}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    from purer.zoo.store import Zoo
+    names = {c for t in Zoo(tmp_path / "zoo_random").load_teachers() for c in t.class_ids}
+    assert json.loads((out / "results.json").read_text())["meta_train"]["bank_classes"] == len(names) < 15
+
+
 def test_val_every_zero_validates_the_final_state_only(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "no_val"
     res = recipe(overrides(tiny_root, out, 2, **{"meta.train.val_every": 0, "cache_dir": str(baseline_run / "cache")}))
