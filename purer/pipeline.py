@@ -85,7 +85,8 @@ class ZooConfig:
     """The model zoo: an existing directory, or one pre-trained on first use.
 
     Attributes:
-        path: the zoo directory (default: ``model_zoo/zoos/<dataset>-<arch>-<num_models>``).
+        path: the zoo directory (default: ``model_zoo/zoos/<dataset>-<arch>-<models>x<classes>-<subsets>-<size>px``,
+            with ``-<epochs>ep`` / ``-seed<seed>`` when those differ from the defaults).
         build_if_missing: pre-train the zoo from the fields below when ``path`` holds none.
         num_models, classes_per_model, arch, subsets, epochs, seed: the pre-training
             recipe (see :class:`purer.zoo.pretrain.PretrainConfig`); teachers learn
@@ -318,8 +319,16 @@ def bank_grad_sync(dist: Dist, bank: PseudoBank) -> Callable[[dict[int, torch.Te
 # --------------------------------------------------------------------------------------------
 def zoo_path(cfg: RunConfig) -> Path:
     z = cfg.zoo
-    return Path(z.path) if z.path else default_zoo_dir(f"{cfg.data.dataset}-{z.arch}-{z.num_models}x"
-                                                       f"{z.classes_per_model}-{z.subsets}-{cfg.data.image_size}px")
+    if z.path:
+        return Path(z.path)
+    name = f"{cfg.data.dataset}-{z.arch}-{z.num_models}x{z.classes_per_model}-{z.subsets}-{cfg.data.image_size}px"
+    # Every recipe field names the default directory, else a finished zoo built with other
+    # epochs or another seed would be reused silently; defaults keep the short name.
+    if z.epochs != ZooConfig.epochs:
+        name += f"-{z.epochs}ep"
+    if z.seed != ZooConfig.seed:
+        name += f"-seed{z.seed}"
+    return default_zoo_dir(name)
 
 
 def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:

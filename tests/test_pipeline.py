@@ -206,3 +206,12 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tiny_root, baseline_run,
     # Ctrl-C is honoured between meta-iterations, so the checkpoint is consistent and resuming it
     # gives the uninterrupted run (a checkpoint taken mid-iteration held a bank one step ahead).
     assert accuracies(out) == accuracies(baseline_run)
+
+
+def test_default_zoo_directory_names_every_pretraining_field():
+    from purer.pipeline import RunConfig, ZooConfig, zoo_path
+
+    default = zoo_path(RunConfig())
+    assert default.name == "glyphs-conv4-12x5-disjoint-32px"  # the cached default zoo keeps its name
+    others = {zoo_path(RunConfig(zoo=ZooConfig(**kw))) for kw in ({"seed": 1}, {"epochs": 3}, {"subsets": "random"})}
+    assert len(others) == 3 and default not in others
