@@ -291,8 +291,10 @@ class DeferredInterrupt:
         signal.signal(signal.SIGINT, self._previous)
 
     def __enter__(self) -> "DeferredInterrupt":
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+        # Signal handlers live in the main thread; an ignored SIGINT (a background job) stays ignored.
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread() and previous is not signal.SIG_IGN:
+            self._previous = signal.default_int_handler if previous is None else previous
             signal.signal(signal.SIGINT, self._handle)
         return self
 

@@ -215,3 +215,22 @@ def test_default_zoo_directory_names_every_pretraining_field():
     assert default.name == "glyphs-conv4-12x5-disjoint-32px"  # the cached default zoo keeps its name
     others = {zoo_path(RunConfig(zoo=ZooConfig(**kw))) for kw in ({"seed": 1}, {"epochs": 3}, {"subsets": "random"})}
     assert len(others) == 3 and default not in others
+
+
+def test_deferred_interrupt_requests_once_then_interrupts_and_keeps_an_ignored_sigint():
+    from purer.pipeline import DeferredInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with DeferredInterrupt() as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert interrupt.requested  # the first Ctrl-C only asks
+            os.kill(os.getpid(), signal.SIGINT)  # the second one interrupts
+    assert signal.getsignal(signal.SIGINT) is before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with DeferredInterrupt() as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert not interrupt.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
