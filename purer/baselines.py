@@ -38,7 +38,7 @@ from .evaluate import TuningGrid, evaluate, select_test_time, task_list
 from .meta.base import InputSpec, MetaLearner
 from .meta.init import average_teachers, random_model
 from .meta.maml import MAML, MAMLConfig, sgd_steps
-from .meta.protonet import ProtoNet, neg_sq_distances, prototypes
+from .meta.protonet import PrototypeClassifier, ProtoNet
 from .meta.train import MetaTrainConfig, meta_train, real_episodes
 from .zoo.teacher import Teacher
 
@@ -77,7 +77,7 @@ class FeatureSet:
                        tuple(self.class_names[c] for c in spec.classes))
 
 
-class NearestCentroid(MetaLearner):
+class NearestCentroid(PrototypeClassifier):
     """Nearest class mean (squared Euclidean) on fixed features, without meta-learning.
 
     Args:
@@ -112,14 +112,6 @@ class NearestCentroid(MetaLearner):
         feats = [self.features(source.float_images(torch.arange(i, min(i + batch_size, len(source)))))
                  for i in range(0, len(source), batch_size)]
         return FeatureSet(source, torch.cat(feats))
-
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int, *,
-              create_graph: bool = False) -> torch.Tensor:
-        protos = prototypes(self.features(support_x), support_y, way)
-        return protos if create_graph else protos.detach()
-
-    def predict(self, adapted: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return neg_sq_distances(self.features(x), adapted)
 
     def test_cost(self) -> dict:
         return {"params": sum(p.numel() for p in self.parameters()), "models": len(self.teachers)}

@@ -48,7 +48,26 @@ def neg_sq_distances(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     return -(x.unsqueeze(1) - protos.unsqueeze(0)).pow(2).sum(-1)
 
 
-class ProtoNet(MetaLearner):
+class PrototypeClassifier(MetaLearner):
+    """Nearest class mean (squared Euclidean) over ``self.features``; no inner loop.
+
+    The adapted state is the prototypes ``[N, D]`` of the support features.
+    Subclasses define :meth:`features` (``[B, C, H, W]`` -> ``[B, D]``).
+    """
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int, *,
+              create_graph: bool = False) -> torch.Tensor:
+        protos = prototypes(self.features(support_x), support_y, way)
+        return protos if create_graph else protos.detach()
+
+    def predict(self, adapted: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return neg_sq_distances(self.features(x), adapted)
+
+
+class ProtoNet(PrototypeClassifier):
     """Prototypical network over an encoder.
 
     Args:
@@ -68,11 +87,3 @@ class ProtoNet(MetaLearner):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.prepare(x))
-
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int, *,
-              create_graph: bool = False) -> torch.Tensor:
-        protos = prototypes(self.features(support_x), support_y, way)
-        return protos if create_graph else protos.detach()
-
-    def predict(self, adapted: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return neg_sq_distances(self.features(x), adapted)
