@@ -460,7 +460,11 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         found = _checkpoints(out / "checkpoints")
         if not found:
             raise RunError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-        acc.load_state(str(found[-1]))
+        try:
+            acc.load_state(str(found[-1]))
+        except (RuntimeError, ValueError, KeyError) as e:  # shapes or keys of another config
+            raise RunError(f"--resume: {found[-1]} does not fit this config (resume with the settings the run "
+                           f"started with, or use a new output_dir): {' '.join(str(e).split())[:400]}") from None
         acc.print(f"resumed from {found[-1]} (iteration {state.iteration})")
 
     train_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +169,19 @@ def test_resume_after_sigkill_gives_the_same_results(tiny_root, baseline_run, tm
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
     assert accuracies(out) == accuracies(baseline_run)
+
+
+def test_resume_with_another_network_is_a_clear_error(tiny_root, baseline_run, tmp_path):
+    out = tmp_path / "changed"
+    shutil.copytree(baseline_run / "checkpoints", out / "checkpoints")
+    res = recipe(overrides(tiny_root, out, **{"meta.arch_args": "{width: 8}"}) + ["--resume"])
+    assert res.returncode == 2 and "does not fit this config" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_overrides_may_follow_flags_and_precede_them(tiny_root, tmp_path):
+    args = overrides(tiny_root, tmp_path / "fresh")
+    res = recipe(args[:3] + ["--resume"] + args[3:])
+    assert res.returncode == 2 and "no complete checkpoint" in res.stderr
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_root, tmp_path):
