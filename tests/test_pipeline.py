@@ -152,6 +152,18 @@ def test_val_every_zero_validates_the_final_state_only(tiny_root, baseline_run, 
     assert [step for step, _ in json.loads((out / "results.json").read_text())["meta_train"]["val_curve"]] == [2]
 
 
+def test_zero_iterations_evaluate_the_initialisation_and_write_strict_json(tiny_root, baseline_run, tmp_path):
+    out = tmp_path / "untrained"
+    res = recipe(overrides(tiny_root, out, 0, **{"cache_dir": str(baseline_run / "cache")}))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    def reject(constant):
+        raise AssertionError(f"results.json holds {constant}, which is not JSON")
+
+    summary = json.loads((out / "results.json").read_text(), parse_constant=reject)["meta_train"]
+    assert summary["val_accuracy"] is None and summary["val_curve"] == []
+
+
 def test_resume_after_sigkill_gives_the_same_results(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "killed"
     args = overrides(tiny_root, out, **{"cache_dir": str(baseline_run / "cache")})
