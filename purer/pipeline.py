@@ -87,7 +87,8 @@ class ZooConfig:
     Attributes:
         path: the zoo directory (default: ``model_zoo/zoos/<dataset>-<arch>-<models>x<classes>-<subsets>-<size>px``,
             with ``-<epochs>ep`` / ``-seed<seed>`` when those differ from the defaults).
-        build_if_missing: pre-train the zoo from the fields below when ``path`` holds none.
+        build_if_missing: pre-train the zoo from the fields below when ``path`` holds none (or
+            finish one they started); a zoo holding other models is used as it is.
         num_models, classes_per_model, arch, subsets, epochs, seed: the pre-training
             recipe (see :class:`purer.zoo.pretrain.PretrainConfig`); teachers learn
             classes of the meta-train split only.
@@ -337,7 +338,17 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
     """The zoo's teachers, kept in memory; pre-trained on first use when allowed."""
     path = zoo_path(cfg)
     z = cfg.zoo
-    if not (path / "zoo.json").exists() or (z.build_if_missing and len(Zoo(path)) < z.num_models):
+    try:
+        spec = PretrainConfig(dataset=cfg.data.dataset, data_root=cfg.data.root, image_size=cfg.data.image_size,
+                              num_models=z.num_models, classes_per_model=z.classes_per_model, arch=z.arch,
+                              subsets=z.subsets, epochs=z.epochs, seed=z.seed)
+        present = Zoo(path).ids() if (path / "zoo.json").exists() else None
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(f"zoo at {path}: {e}") from None
+    # Build a missing zoo, or finish one this recipe started (an interrupted pre-training); a zoo
+    # holding other models (e.g. registered ones) is used as it is and never written to.
+    ours = {spec.model_id(i) for i in range(z.num_models)}
+    if present is None or (z.build_if_missing and len(present) < z.num_models and set(present) <= ours):
         if not z.build_if_missing:
             raise RunError(f"no model zoo at {path}; build one with `purer-zoo pretrain --zoo {path}` or "
                            "`purer-zoo register`, or set zoo.build_if_missing=true")
@@ -345,10 +356,6 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # small teachers train fastest on one thread each
             try:
-                spec = PretrainConfig(dataset=cfg.data.dataset, data_root=cfg.data.root,
-                                      image_size=cfg.data.image_size, num_models=z.num_models,
-                                      classes_per_model=z.classes_per_model, arch=z.arch, subsets=z.subsets,
-                                      epochs=z.epochs, seed=z.seed)
                 print(f"pre-training a {z.num_models}-model zoo at {path} (once; later runs reuse it)")
                 pretrain_zoo(spec, Zoo(path, create=True), progress=progress)
             except (FileNotFoundError, ValueError) as e:  # a zoo recipe the data cannot satisfy

@@ -145,6 +145,20 @@ def test_teachers_sharing_a_class_share_its_bank_images(tiny_root, tmp_path):
     assert json.loads((out / "results.json").read_text())["meta_train"]["bank_classes"] == len(names) < 15
 
 
+def test_a_zoo_of_other_models_is_used_as_it_is(tiny_root, baseline_run, tmp_path):
+    from purer.zoo.store import Zoo
+
+    built = Zoo(tiny_root.parent / "tiny_zoo")
+    model, config = built.load_model(built.ids()[0])
+    mine = Zoo(tmp_path / "my_zoo", create=True)
+    mine.add("mine", model, config)  # e.g. a registered model; the recipe must not pre-train into this zoo
+    out = tmp_path / "user_zoo"
+    res = recipe(overrides(tiny_root, out, 1, **{"zoo.path": str(mine.path), "cache_dir": str(out / "cache"),
+                                                 "eval.baselines": "[]", "eval.icfil": "false"}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert mine.ids() == ["mine"] and json.loads((out / "results.json").read_text())["zoo"]["models"] == 1
+
+
 def test_val_every_zero_validates_the_final_state_only(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "no_val"
     res = recipe(overrides(tiny_root, out, 2, **{"meta.train.val_every": 0, "cache_dir": str(baseline_run / "cache")}))
