@@ -436,8 +436,13 @@ def test_adversarial_step_raises_the_learners_outer_loss(zoo):
     adversarial = outer_after(switch.adversarial_loss(learner, spec))
     assert adversarial > plain + 0.1, (plain, adversarial)
     assert all(p.grad is None for p in learner.parameters())  # the bank step leaves the learner's grads alone
-    with pytest.raises(ValueError, match="eval mode"):
-        switch.adversarial_loss(learner.eval(), spec)
+    # eval mode too: the adversarial term reaches support and query images of every class of the task
+    bank = PseudoBank(zoo, images_per_class=5)
+    loss = switch.adversarial_loss(learner.eval(), spec)(bank)
+    grads = torch.autograd.grad(loss, [bank.logits[int(c)] for c in spec.classes])
+    for k, g in enumerate(grads):
+        rows = g.flatten(1).abs().sum(1)  # gradient size per bank image of class k
+        assert (rows[spec.support[k]] > 0).all() and (rows[spec.query[k]] > 0).all()
 
 
 # ---------------------------------------------------------------- grids

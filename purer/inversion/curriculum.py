@@ -95,15 +95,12 @@ class GradientSwitch:
         """``f(bank) = -lambda_adv * L_outer`` of ``learner`` on the pseudo episode ``spec``.
 
         Pass it as ``extra_loss`` to :meth:`EpisodeInversion.step`.  ``spec`` should be
-        a fresh task (not one the learner just trained on).  The learner must be in
-        training mode: its ``outer_loss`` keeps the inner loop's graph only then, and
-        without that graph MAML's support images would get no gradient.
+        a fresh task (not one the learner just trained on).  Train or eval mode alike:
+        :meth:`MetaLearner.outer_loss` keeps the inner loop's graph whenever grad mode is
+        on, so support images get a gradient too.
         """
         if not isinstance(learner, MetaLearner):
             raise TypeError(f"learner must be a purer.meta.MetaLearner, got {type(learner).__name__}")
-        if not learner.training:
-            raise ValueError("the meta-learner is in eval mode, so its inner loop drops the graph the adversarial "
-                             "term needs; call learner.train() before the adversarial bank update")
         weight = self.config.lambda_adv
 
         def loss(bank: PseudoBank) -> torch.Tensor:
