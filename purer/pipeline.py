@@ -531,7 +531,8 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     learner.load_state_dict(best.state)
     summary = {"iterations": m.train.iterations, "bank_classes": bank.num_classes,
                "best_iteration": state.best_iteration,
-               "val_accuracy": round(state.best_val, 2) if state.val else None, "switch_fired": switch.fired, "val_curve": state.val,
+               "val_accuracy": round(state.best_val, 2) if state.val else None, "switch_fired": switch.fired,
+               "val_curve": state.val,
                "seconds_inversion": round(times["inversion"], 1), "seconds_meta": round(times["meta"], 1)}
     return learner, summary
 
