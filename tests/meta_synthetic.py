@@ -7,9 +7,6 @@ import torch.nn.functional as F
 from purer.data import ImageSet
 from purer.zoo import ModelConfig, Teacher, build_model
 
-# Tiny tensors: intra-op threads only add overhead, and the test machine is shared.
-torch.set_num_threads(1)
-
 SIZE = 8
 ARCH_ARGS = {"width": 8, "depth": 2}  # 8x8 -> 2x2x8 = 32 features
 

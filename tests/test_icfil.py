@@ -30,14 +30,6 @@ def blob_images(num_classes: int, per_class: int = 8, seed: int = 0) -> ImageSet
     return ImageSet(x, labels, [f"c{i}" for i in range(num_classes)])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: extra threads only add contention on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def trained_model():

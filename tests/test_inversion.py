@@ -61,14 +61,6 @@ def train_teacher(first_class: int, model_id: str, image_size: int = SIZE, chann
     return teacher
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine extra threads spin: one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def zoo() -> list[Teacher]:

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from purer.zoo import PretrainConfig, Zoo, pretrain_zoo
-from purer.zoo import pretrain
 from purer.zoo.pretrain import class_subsets, heldout_split
-from zoo_synthetic import SIZE, one_thread, separable_images  # noqa: F401 (autouse fixture)
+from zoo_synthetic import SIZE, interrupt_second_teacher, separable_images
 
 
 def tiny_cfg(**kw):
@@ -86,22 +85,13 @@ def test_interrupted_pretrain_resumes(tmp_path, monkeypatch):
     data = separable_images(num_classes=10, per_class=10)
     cfg = tiny_cfg(epochs=1)
     zoo = Zoo(tmp_path / "zoo", create=True)
-    real = pretrain.train_teacher
-    calls = []
-
-    def dies_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain, "train_teacher", dies_on_second)
+    interrupt_second_teacher(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         pretrain_zoo(cfg, zoo, data=data, progress=False)
     assert zoo.ids() == ["conv4-000"] and zoo.verify() == []
     first_sha = zoo.config("conv4-000").sha256
 
-    monkeypatch.setattr(pretrain, "train_teacher", real)
+    monkeypatch.undo()
     log = []
     assert pretrain_zoo(cfg, zoo, data=data, progress=False, log=log.append) == ["conv4-000", "conv4-001"]
     assert zoo.ids() == ["conv4-000", "conv4-001"] and zoo.verify() == []

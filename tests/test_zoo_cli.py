@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import purer.data
 from purer.zoo import Zoo
 from purer.zoo.cli import main
-from zoo_synthetic import SIZE, one_thread, separable_images, tiny_model  # noqa: F401 (autouse fixture)
+from zoo_synthetic import SIZE, interrupt_second_teacher, separable_images, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "conv4", "--arch-args", '{"width": 8}', "--in-channels", "1", "--image-size", str(SIZE)]
@@ -174,17 +174,7 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 def test_interrupted_pretrain_exits_130_and_resumes(tmp_path, synthetic_split, monkeypatch, capsys):
-    from purer.zoo import pretrain
-
-    real, calls = pretrain.train_teacher, []
-
-    def dies_on_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain, "train_teacher", dies_on_second)
+    interrupt_second_teacher(monkeypatch)
     argv = ["pretrain", "--num-models", "2", "--epochs", "1", "--image-size", str(SIZE), "--arch-args",
             '{"width": 8}', "--zoo", str(tmp_path / "zoo"), "--quiet"]
     assert main(argv) == 130

@@ -6,7 +6,7 @@ import torch
 
 from purer.zoo import ModelConfig, Teacher, Zoo
 from purer.zoo import store
-from zoo_synthetic import SIZE, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from zoo_synthetic import SIZE, tiny_model
 
 
 def tiny_config(num_classes=5, **kw):

@@ -1,7 +1,6 @@
 """Tiny synthetic data and models shared by the zoo tests (store, pretrain, CLI)."""
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -34,10 +33,16 @@ def tiny_model(num_classes: int = 5, seed: int = 0):
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread; two threads on a shared, busy CPU slow them down a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def interrupt_second_teacher(monkeypatch) -> None:
+    """Make pre-training raise KeyboardInterrupt (as Ctrl-C would) when the second teacher starts."""
+    from purer.zoo import pretrain
+
+    real, calls = pretrain.train_teacher, []
+
+    def dies_on_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train_teacher", dies_on_second)
