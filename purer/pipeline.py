@@ -401,6 +401,7 @@ class TrainState:
     best_val: float = -math.inf
     best_iteration: int = 0
     val: list = field(default_factory=list)
+    adversarial_steps: int = 0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -487,9 +488,11 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             t0 = time.perf_counter()
             chosen = inversion.sample_teachers()
             extra = None
-            if state.adversarial_next and dist.main:
-                # One process adds the adversarial term, so the summed bank gradient has it once.
+            if state.adversarial_next and dist.main and cfg.switch.lambda_adv > 0:
+                # One process adds the adversarial term, so the summed bank gradient has it once
+                # (lambda_adv 0 is plain EI: the switch still counts, the bank never turns adversarial).
                 extra = switch.adversarial_loss(learner, fresh_tasks.task(it))
+                state.adversarial_steps += 1
             inv = inversion.step(extra_loss=extra, teachers=dist.share(chosen), total=len(chosen), sync=sync)
             t1 = time.perf_counter()
             with torch.no_grad():
@@ -532,7 +535,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     summary = {"iterations": m.train.iterations, "bank_classes": bank.num_classes,
                "best_iteration": state.best_iteration,
                "val_accuracy": round(state.best_val, 2) if state.val else None, "switch_fired": switch.fired,
-               "val_curve": state.val,
+               "adversarial_steps": state.adversarial_steps, "val_curve": state.val,
                "seconds_inversion": round(times["inversion"], 1), "seconds_meta": round(times["meta"], 1)}
     return learner, summary
 

@@ -85,6 +85,7 @@ def test_run_writes_every_output(baseline_run):
         assert {"method", "way", "shot", "accuracy", "ci95", "test_cost"} <= set(r)
         assert 0 <= r["accuracy"] <= 100 and r["ci95"] >= 0
     assert results["meta_train"]["switch_fired"] > 0  # patience 1 after warm-up 1: it must fire
+    assert results["meta_train"]["adversarial_steps"] > 0
     table = (out / "results.md").read_text()
     assert "| purer+icfil |" in table and "± " in table
     assert (out / "config.yaml").is_file()
@@ -157,6 +158,14 @@ def test_a_zoo_of_other_models_is_used_as_it_is(tiny_root, baseline_run, tmp_pat
                                                  "eval.baselines": "[]", "eval.icfil": "false"}))
     assert res.returncode == 0, res.stderr[-3000:]
     assert mine.ids() == ["mine"] and json.loads((out / "results.json").read_text())["zoo"]["models"] == 1
+
+
+def test_lambda_adv_zero_is_plain_episode_inversion(tiny_root, baseline_run, tmp_path):
+    out = tmp_path / "ei"
+    res = recipe(overrides(tiny_root, out, 4, **{"switch.lambda_adv": 0, "eval.baselines": "[]", "eval.icfil": "false"}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())["meta_train"]
+    assert summary["switch_fired"] > 0 and summary["adversarial_steps"] == 0
 
 
 def test_val_every_zero_validates_the_final_state_only(tiny_root, baseline_run, tmp_path):

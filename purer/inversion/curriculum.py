@@ -36,7 +36,8 @@ class SwitchConfig:
             after which the switch fires.
         warmup: meta-iterations (the first ``warmup`` calls of ``update``) during
             which the switch never fires and the tracker is idle.
-        lambda_adv: weight of the adversarial term ``-lambda_adv * L_outer``.
+        lambda_adv: weight of the adversarial term ``-lambda_adv * L_outer``; 0 turns the
+            curriculum off (plain episode inversion, METHOD.md's EI ablation).
     """
 
     patience: int = 6
