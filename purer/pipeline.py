@@ -456,7 +456,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     m = cfg.meta
     channels, size = val_set.image_shape[0], cfg.data.image_size
     bank = PseudoBank(teachers, m.images_per_class or (m.shot + m.query), image_size=size, channels=channels,
-                      merge_shared_classes=cfg.zoo.merge_shared_classes, seed=cfg.seed)
+                      merge_shared_classes=cfg.zoo.merge_shared_classes, seed=cfg.seed, space=cfg.inversion.space)
     inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed))
     switch = GradientSwitch(cfg.switch)
     learner = build_learner(cfg, teachers, channels, size)

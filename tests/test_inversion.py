@@ -199,6 +199,57 @@ def test_pseudo_episode_shapes_labels_and_gradients_reach_only_its_classes(zoo):
             assert p.grad is None
 
 
+def untrained_teacher(model_id: str, channels: int = 1, mean: list[float] = (0.5,),
+                      std: list[float] = (0.25,)) -> Teacher:
+    config = ModelConfig("conv4", 2, ["a", "b"], in_channels=channels, image_size=SIZE, mean=list(mean),
+                         std=list(std), arch_args={"width": 4, "depth": 1})
+    return Teacher(config.build(), config, model_id)
+
+
+def test_normalized_bank_is_mean_plus_std_times_z_with_the_pixel_banks_seed(zoo):
+    pixel = PseudoBank(zoo, images_per_class=4, seed=3)
+    normalized = PseudoBank(zoo, images_per_class=4, seed=3, space="normalized")
+    assert torch.equal(normalized.logits[2], pixel.logits[2])  # the same standard normal start
+    assert torch.allclose(normalized.snapshot([2])[0], 0.5 + 0.25 * pixel.logits[2])  # the zoo's mean 0.5, std 0.25
+    assert torch.equal(pixel.snapshot([2])[0], torch.sigmoid(pixel.logits[2]))
+    assert set(normalized.state_dict()) == set(pixel.state_dict())  # mean and std are not checkpointed
+
+
+def test_normalized_bank_averages_the_teachers_normalisations_and_rejects_what_cannot_be_averaged():
+    grey = untrained_teacher("grey", mean=[0.2], std=[0.4])
+    colour = untrained_teacher("colour", channels=3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.2, 0.2])
+    bank = PseudoBank([grey, colour], images_per_class=2, space="normalized")
+    assert torch.allclose(bank.mean.flatten(), torch.tensor([0.3, 0.35, 0.4]))
+    assert torch.allclose(bank.std.flatten(), torch.tensor([0.3, 0.3, 0.3]))
+    with pytest.raises(ValueError, match="3 mean values"):
+        PseudoBank([grey, colour], images_per_class=2, channels=1, space="normalized")
+    with pytest.raises(ValueError, match="space must be one of"):
+        PseudoBank([grey], images_per_class=2, space="logit")
+    with pytest.raises(ValueError, match="space must be one of"):
+        InversionConfig(space="logit")
+    with pytest.raises(ValueError, match="build the bank with"):
+        EpisodeInversion([grey], PseudoBank([grey], images_per_class=2), InversionConfig(space="normalized"))
+
+
+@pytest.mark.parametrize("space", ["pixel", "normalized"])
+def test_both_bank_spaces_invert_and_only_the_pixel_space_stays_in_the_unit_range(zoo, space, tmp_path):
+    bank = PseudoBank(zoo, images_per_class=6, space=space)
+    inversion = EpisodeInversion(zoo, bank, InversionConfig(teachers_per_step=3, space=space))
+    ce = [inversion.step()["ce"] for _ in range(60)]
+    assert np.mean(ce[-5:]) < 0.25 * ce[0], f"{space}: teacher CE {ce[0]:.2f} -> {np.mean(ce[-5:]):.2f}"
+    images = bank.snapshot()
+    if space == "pixel":
+        assert 0 <= images.min() and images.max() <= 1
+    else:
+        assert images.min() < 0 or images.max() > 1  # unbounded: nothing squashes or clamps them
+    # episodes carry the images as they are; only a picture clamps them
+    spec = EpisodeSampler(bank.class_sizes(), way=3, shot=1, query=2).task(0)
+    episode = bank.episode(spec)
+    assert torch.equal(episode.support_x[0], images[int(spec.classes[0]), int(spec.support[0, 0])])
+    with Image.open(save_episode_grid(episode, tmp_path / "episode.png", scale=1)) as im:
+        assert im.size == ((1 + 1 + 2) * (SIZE + 1) + 1, 3 * (SIZE + 1) + 1)
+
+
 # ---------------------------------------------------------------- episode inversion
 
 def test_inversion_makes_teachers_recognise_the_bank(zoo):

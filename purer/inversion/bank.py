@@ -1,16 +1,29 @@
 """The pseudo-image bank (PURER's *dynamic dataset*): P learnable images per zoo class.
 
-The bank holds its images in ``[0, 1]`` pixel space at one resolution and channel
-count; each teacher sees them through its own :meth:`purer.zoo.Teacher.prepare`
-(channels, size, normalisation), so a heterogeneous zoo shares one bank.
+The bank exposes its images in pixel units (``[0, 1]`` is the valid range) at one
+resolution and channel count; each teacher sees them through its own
+:meth:`purer.zoo.Teacher.prepare` (channels, size, normalisation), so a
+heterogeneous zoo shares one bank.
 
-Parameterisation: ``image = sigmoid(logit)``.  A sigmoid keeps every pixel inside
-``[0, 1]`` without a projection step, and, unlike clamping, never zeroes the
-gradient of a pixel that touches a bound, so no pixel gets stuck at black or white.
-Each class is its own ``nn.Parameter`` ``[P, C, S, S]``: a loss built from a few
-classes gives gradients to those classes only, and an optimizer that skips
-parameters without a gradient (``torch.optim.Adam`` does) updates and keeps
-moments for the touched classes alone (see :mod:`purer.inversion.synthesizer`).
+Two parameterisations (``space``):
+
+* ``pixel`` (default): ``image = sigmoid(logit)``.  A sigmoid keeps every pixel
+  inside ``[0, 1]`` without a projection step, and, unlike clamping, never zeroes
+  the gradient of a pixel that touches a bound, so no pixel gets stuck at black or white.
+* ``normalized`` (the release's): an unbounded ``z`` in the teachers' normalised
+  space, ``image = mean + std * z``, neither squashed nor clamped, so images may
+  leave ``[0, 1]``.  ``mean`` and ``std`` are the per-channel averages of the
+  teachers' normalisations: exactly their normalisation when they share one (the
+  release's zoo); a teacher normalised differently then sees an affine map of ``z``
+  (the glyph zoo's teachers each normalise by their own training images'
+  statistics, means 0.21-0.28, stds 0.38-0.43).
+
+Either way the raw tensors are ``logits`` (one name, so checkpoints read the same)
+and start standard normal.  Each class is its own ``nn.Parameter`` ``[P, C, S, S]``:
+a loss built from a few classes gives gradients to those classes only, and an
+optimizer that skips parameters without a gradient (``torch.optim.Adam`` does)
+updates and keeps moments for the touched classes alone (see
+:mod:`purer.inversion.synthesizer`).
 
 The bank is a :class:`purer.data.EpisodeSource`: sample pseudo episodes with
 :class:`purer.data.EpisodeSampler` over ``bank.class_sizes()`` exactly like real
@@ -33,6 +46,8 @@ from torch import nn
 from ..data.episodes import Episode, TaskSpec, episode_labels
 from ..zoo.teacher import Teacher
 
+SPACES = ("pixel", "normalized")
+
 
 class PseudoBank(nn.Module):
     """``images_per_class`` learnable ``[C, S, S]`` images for every class the zoo knows.
@@ -47,22 +62,30 @@ class PseudoBank(nn.Module):
         merge_shared_classes: if ``True``, teachers that give an output the same
             ``class_id`` share one bank class; otherwise a class is
             ``(teacher, local label)`` and names read ``"<model_id>/<class_id>"``.
-        seed: seed of the initial logits (standard normal, so images start as
-            mid-grey noise).
+        seed: seed of the initial raw tensors (standard normal: mid-grey noise in
+            ``pixel`` space, noise of the teachers' mean and spread in ``normalized``).
+        space: ``pixel`` (``image = sigmoid(logit)``) or ``normalized``
+            (``image = mean + std * z``); see the module docstring.
 
     Attributes:
         class_names: ``[M]`` names of the bank classes.
         teacher_classes: for each teacher, ``[num_classes_i]`` bank class of each local label.
         class_teachers: for each bank class, the teachers that know it.
+        logits: ``[M]`` parameters ``[P, C, S, S]``, the raw tensor of each class
+            (sigmoid logits, or ``z`` in ``normalized`` space).
+        mean, std: ``[C, 1, 1]`` buffers of the ``normalized`` space (``None`` in ``pixel``).
     """
 
     def __init__(self, teachers: Sequence[Teacher], images_per_class: int, image_size: int | None = None,
-                 channels: int | None = None, merge_shared_classes: bool = False, seed: int = 0):
+                 channels: int | None = None, merge_shared_classes: bool = False, seed: int = 0,
+                 space: str = "pixel"):
         super().__init__()
         if not teachers:
             raise ValueError("PseudoBank needs at least one teacher")
         if images_per_class < 1:
             raise ValueError(f"images_per_class must be positive, got {images_per_class}")
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
         configs = [t.config for t in teachers]
         self.image_size = int(image_size or max(c.image_size for c in configs))
         self.channels = int(channels or max(c.in_channels for c in configs))
@@ -96,6 +119,27 @@ class PseudoBank(nn.Module):
         shape = (self.images_per_class, self.channels, self.image_size, self.image_size)
         self.logits = nn.ParameterList([nn.Parameter(torch.randn(shape, generator=g)) for _ in self.class_names])
         self._touched: set[int] = set()
+        self.space = space
+        normalized = space == "normalized"
+        # Not persistent: the teachers define them, and both spaces keep the same checkpoint keys.
+        self.register_buffer("mean", self._average(teachers, "mean") if normalized else None, persistent=False)
+        self.register_buffer("std", self._average(teachers, "std") if normalized else None, persistent=False)
+
+    def _average(self, teachers: Sequence[Teacher], name: str) -> torch.Tensor:
+        """The per-channel mean over teachers of their ``name`` (``mean`` or ``std``), ``[C, 1, 1]``."""
+        rows = []
+        for i, t in enumerate(teachers):
+            v = torch.tensor(getattr(t.config, name), dtype=torch.float32)
+            if len(v) not in (1, self.channels):
+                raise ValueError(f"teacher {i} ({t.model_id or t.config.arch}) has {len(v)} {name} values; a "
+                                 f"normalized-space bank of {self.channels} channel(s) needs 1 or {self.channels}; "
+                                 "use the pixel space for this zoo")
+            rows.append(v.expand(self.channels))
+        return torch.stack(rows).mean(0).view(-1, 1, 1)
+
+    def to_images(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw tensors ``[..., C, S, S]`` of this bank's space -> images in pixel units, differentiably."""
+        return torch.sigmoid(raw) if self.space == "pixel" else self.mean + self.std * raw
 
     @property
     def num_classes(self) -> int:
@@ -109,7 +153,7 @@ class PseudoBank(nn.Module):
         return [self.images_per_class] * self.num_classes
 
     def class_images(self, c: int, index: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
-        """Images ``[P, C, S, S]`` of class ``c`` (or ``[len(index), C, S, S]``), differentiable.
+        """Images ``[P, C, S, S]`` of class ``c`` (or ``[len(index), C, S, S]``) in pixel units, differentiable.
 
         Every read marks ``c`` as touched, so an inversion step knows which classes
         its loss depends on without scanning the whole bank.
@@ -120,13 +164,13 @@ class PseudoBank(nn.Module):
         z = self.logits[c]
         if index is not None:
             z = z[torch.as_tensor(index, dtype=torch.long, device=z.device)]
-        return torch.sigmoid(z)
+        return self.to_images(z)
 
     def teacher_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All images of teacher ``i``'s classes and its local labels.
 
         Returns:
-            ``x [n_i * P, C, S, S]`` in ``[0, 1]`` (class-major, local label order) and
+            ``x [n_i * P, C, S, S]`` in pixel units (class-major, local label order) and
             ``y [n_i * P]`` int64 local labels ``0..n_i-1``.
         """
         classes = self.teacher_classes[i]
@@ -152,6 +196,7 @@ class PseudoBank(nn.Module):
 
     @torch.no_grad()
     def snapshot(self, classes: Sequence[int] | None = None) -> torch.Tensor:
-        """Detached images ``[M, P, C, S, S]`` of ``classes`` (default all); does not mark them touched."""
+        """Detached images ``[M, P, C, S, S]`` of ``classes`` (default all) in pixel units, unclamped;
+        does not mark them touched."""
         classes = range(self.num_classes) if classes is None else classes
-        return torch.stack([torch.sigmoid(self.logits[c]) for c in classes])
+        return torch.stack([self.to_images(self.logits[c]) for c in classes])

@@ -17,9 +17,11 @@ it with stale momentum and pay for the whole bank every step), and the bias
 correction of a class first touched late starts from its own first step.
 
 Learning rate: the release uses Adam lr 0.25 on normalised pixels (std about 0.25
-of the pixel range), i.e. about 0.06 of the range per step at most.  Here the same
-lr acts on sigmoid logits; the sigmoid's slope is at most 1/4, so a step moves a
-pixel by at most about 0.06 of the range as well, and 0.25 is kept.
+of the pixel range), i.e. about 0.06 of the range per step at most.  In the bank's
+default ``pixel`` space the same lr acts on sigmoid logits; the sigmoid's slope is
+at most 1/4, so a step moves a pixel by at most about 0.06 of the range as well,
+and 0.25 is kept.  In ``normalized`` space it acts on normalised pixels as in the
+release (a step moves a pixel by at most ``0.25 * std`` of the range).
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..zoo.teacher import Teacher
-from .bank import PseudoBank
+from .bank import SPACES, PseudoBank
 from .hooks import BNStatsHook
 from .priors import l2_prior, total_variation
 
@@ -52,7 +54,7 @@ class InversionConfig:
             meta-batch's classes come from, it keeps a step's cost fixed whatever the
             zoo size (the release runs all teachers every step), and a 13-teacher zoo
             still has each teacher visited every 3-4 steps.
-        lr: Adam learning rate on the bank's sigmoid logits (see the module docstring).
+        lr: Adam learning rate on the bank's raw tensors (see the module docstring).
         betas: Adam betas (PyTorch's defaults).
         a_bn, a_tv, a_l2: weights of R_bn, R_tv and R_l2.
         augment: differentiable augmentation of the images a teacher classifies.
@@ -68,6 +70,10 @@ class InversionConfig:
         seed: seed of the teacher sampling and of the augmentations (drawn per
             ``(seed, step, teacher)``, so a step is reproducible and independent of
             which process runs which teacher).
+        space: how the bank parameterises its images (``PseudoBank(space=...)``):
+            ``pixel`` (sigmoid logits, images stay in ``[0, 1]``; ours) or
+            ``normalized`` (unbounded values in the teachers' normalised space, the
+            release's).  :class:`EpisodeInversion` checks that its bank matches.
     """
 
     teachers_per_step: int = 4
@@ -81,6 +87,7 @@ class InversionConfig:
     crop_scale: tuple[float, float] = (0.8, 1.0)
     flip: bool = False
     seed: int = 0
+    space: str = "pixel"
 
     def __post_init__(self):
         if self.teachers_per_step < 1:
@@ -94,6 +101,8 @@ class InversionConfig:
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
 
 
 def build_augmentation(config: InversionConfig, image_size: int) -> nn.Module:
@@ -137,6 +146,9 @@ class EpisodeInversion:
                                  "for it; build the bank from these teachers")
         self.bank = bank
         self.config = config or InversionConfig()
+        if bank.space != self.config.space:
+            raise ValueError(f"the bank is in {bank.space!r} space but the config says {self.config.space!r}; "
+                             f"build the bank with PseudoBank(..., space={self.config.space!r})")
         self.augment = build_augmentation(self.config, bank.image_size)
         self.optimizer = torch.optim.Adam(bank.parameters(), lr=self.config.lr, betas=self.config.betas)
         self.generator = torch.Generator().manual_seed(self.config.seed)
