@@ -1,0 +1,226 @@
+"""The accuracy benchmark: PURER's variants beside every baseline, one dataset at a time.
+
+    python benchmarks/accuracy.py run glyphs disjoint --variants eci-maml eci-protonet --seeds 0 1 2
+    python benchmarks/accuracy.py run icons disjoint
+    python benchmarks/accuracy.py collect glyphs      # -> benchmarks/results/accuracy_glyphs.{json,md}
+
+``run`` starts ``recipes/purer.py`` (the user's entry point, nothing re-implemented)
+once per (variant, seed), ``--jobs`` at a time, each on one thread, into
+``runs/benchmarks/<dataset>/<scenario>/<variant>/seed<k>``; a finished run (its
+``results.json`` exists) is skipped and an interrupted one resumes from its
+checkpoint, so the command can simply be repeated. The baseline rows come from the
+first variant's seed-0 run (one set per scenario; they are cached by config).
+Every run selects on meta-val (the meta-iteration kept, test-time lr and steps)
+and tests once on the same seeded meta-test task lists.
+
+``collect`` gathers every finished run of a dataset into one table. A row seen
+over several training seeds reports the mean over seeds of its meta-test accuracy,
+the mean of the per-seed 95% confidence intervals over the 600 tasks, the seeds,
+and each seed's figures (``per_seed``) and their standard deviation (``seed_sd``).
+
+Scenarios (the zoo): ``disjoint`` 12 Conv4 teachers on disjoint 5-class blocks of
+meta-train; ``random100`` 100 Conv4 teachers on random 5-class subsets (shared
+classes share a bank class); ``sh`` the paper's SH mix of 12 Conv4 / ResNet-10 /
+ResNet-18 teachers; ``disjoint-20way`` the disjoint zoo with 20-way 1-shot tasks
+(meta-training and meta-test).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+RUNS = REPO / "runs" / "benchmarks"
+
+# Settings shared by every benchmark run (on top of the recipe's embedded defaults).
+COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.val_tasks=50",
+          "eval.tasks=600", "checkpoint_every=250", "picture_every=1000", "threads=1"]
+DATASETS = {"glyphs": [], "icons": ["data.dataset=icons"]}
+ALL_BASELINES = "[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, maml-random, " \
+                "maml-avg-teachers, protonet-random, protonet-avg-teachers, maml-real, protonet-real]"
+SCENARIOS = {
+    "disjoint": [f"eval.baselines={ALL_BASELINES}"],
+    "random100": ["zoo.num_models=100", "zoo.subsets=random", f"eval.baselines={ALL_BASELINES}"],
+    # Teachers of three architectures cannot be averaged: no avg-teachers rows.
+    "sh": ["zoo.arch=mix", "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, "
+                           "maml-random, protonet-random, maml-real, protonet-real]"],
+    "disjoint-20way": ["meta.way=20", "eval.way=20", "eval.shots=[1]", "eval.icfil=false",
+                       "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, maml-random, "
+                       "protonet-random, maml-real, protonet-real]"],
+}
+# The rows a variant adds: the pipeline's "purer" / "purer+icfil" rows are renamed after the variant.
+VARIANTS = {
+    "eci-maml": [],
+    "eci-protonet": ["meta.learner=protonet"],
+    "ei-maml": ["switch.lambda_adv=0", "eval.icfil=false"],
+    "ei-protonet": ["meta.learner=protonet", "switch.lambda_adv=0", "eval.icfil=false"],
+}
+# Ablations of eci-maml (one part changed each; compare with eci-maml's plain row of the same seed).
+ABLATIONS = {
+    "no-augmentation": ["inversion.augment=false"],
+    "normalized-bank": ["inversion.space=normalized"],
+    "teachers-per-step-1": ["inversion.teachers_per_step=1"],
+    "teachers-per-step-12": ["inversion.teachers_per_step=12"],
+    "bank-16-per-class": ["meta.images_per_class=16"],
+    "init-avg-teachers": ["meta.init=avg-teachers"],
+    "init-distilled": ["meta.init=distilled"],
+}
+VARIANTS.update({f"ablate-{k}": v + ["eval.icfil=false"] for k, v in ABLATIONS.items()})
+
+
+def run_dir(dataset: str, scenario: str, variant: str, seed: int) -> Path:
+    return RUNS / dataset / scenario / variant / f"seed{seed}"
+
+
+def command(dataset: str, scenario: str, variant: str, seed: int, with_baselines: bool) -> list[str]:
+    out = run_dir(dataset, scenario, variant, seed)
+    args = [*COMMON, *DATASETS[dataset], *SCENARIOS[scenario], *VARIANTS[variant],
+            f"seed={seed}", f"output_dir={out}", f"cache_dir={RUNS / '.cache'}"]
+    if not with_baselines:
+        args.append("eval.baselines=[]")
+    resume = ["--resume"] if any(out.glob("checkpoints/checkpoint_*/COMPLETE")) else []
+    return [sys.executable, str(REPO / "recipes" / "purer.py"), "--no-progress", *resume, *args]
+
+
+def launch(cmd: list[str], out: Path) -> tuple[Path, int, float]:
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(out / "benchmark.log", "a") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return out, rc, time.perf_counter() - start
+
+
+def cmd_run(args) -> int:
+    jobs = []
+    for i, variant in enumerate(args.variants):
+        for seed in args.seeds:
+            out = run_dir(args.dataset, args.scenario, variant, seed)
+            if (out / "results.json").is_file():
+                print(f"done already: {out}")
+                continue
+            jobs.append((command(args.dataset, args.scenario, variant, seed, i == 0 and seed == args.seeds[0]), out))
+    failed = 0
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for out, rc, secs in pool.map(lambda j: launch(*j), jobs):
+            print(f"{'ok' if rc == 0 else f'FAILED (rc {rc})'} {secs / 60:.1f} min: {out} (log: {out / 'benchmark.log'})")
+            failed += rc != 0
+    return 1 if failed else 0
+
+
+def method_name(variant: str, pipeline_method: str) -> str:
+    if pipeline_method == "purer":
+        return variant
+    if pipeline_method == "purer+icfil":
+        return f"{variant}+icfil"
+    return pipeline_method
+
+
+def collect(dataset: str, root: Path = RUNS) -> dict:
+    """Every finished run of ``dataset`` under ``root`` -> rows averaged over training seeds."""
+    groups: dict[tuple, list] = {}
+    runs = []
+    for results in sorted((root / dataset).glob("*/*/seed*/results.json")):
+        scenario, variant, seed = results.parts[-4], results.parts[-3], int(results.parts[-2][4:])
+        data = json.loads(results.read_text())
+        runs.append({"scenario": scenario, "variant": variant, "seed": seed, "seconds": data["seconds"],
+                     "meta_train": data["meta_train"], "zoo_models": data["zoo"]["models"]})
+        for r in data["rows"]:
+            key = (scenario, method_name(variant, r["method"]), r["way"], r["shot"])
+            groups.setdefault(key, []).append((seed, r))
+    rows = []
+    for (scenario, method, way, shot), found in sorted(groups.items()):
+        found.sort(key=lambda sr: sr[0])
+        accs = [r["accuracy"] for _, r in found]
+        first = found[0][1]
+        row = {"scenario": scenario, "method": method, "way": way, "shot": shot,
+               "accuracy": round(statistics.fmean(accs), 2),
+               "ci95": round(statistics.fmean(r["ci95"] for _, r in found), 2),
+               "seeds": [s for s, _ in found], "tasks": first["tasks"], "test_cost": first["test_cost"],
+               "per_seed": [[s, r["accuracy"], r["ci95"]] for s, r in found]}
+        if len(found) > 1:
+            row["seed_sd"] = round(statistics.stdev(accs), 2)
+        if "settings" in first:
+            row["settings"] = [r.get("settings") for _, r in found]
+        rows.append(row)
+    return {"dataset": dataset, "selected_on": "val", "runs": runs, "rows": rows,
+            "settings": {"common": COMMON, "datasets": DATASETS[dataset], "scenarios": SCENARIOS,
+                         "variants": VARIANTS}}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Accuracy on {report['dataset']}", "",
+             "Mean ± 95% CI over the meta-test tasks (%); rows over several training seeds show the mean over "
+             "seeds (± the mean per-seed CI) and the seeds' standard deviation. Everything selected on meta-val; "
+             "every row of a scenario on the same task lists.", ""]
+    by_scenario: dict[str, list] = {}
+    for r in report["rows"]:
+        by_scenario.setdefault(r["scenario"], []).append(r)
+    for scenario, rows in by_scenario.items():
+        cols = sorted({(r["way"], r["shot"]) for r in rows})
+        cell = {(r["method"], r["way"], r["shot"]): r for r in rows}
+        methods = sorted({r["method"] for r in rows}, key=lambda m: (not m.startswith(("eci", "ei")), m))
+        head = ["method"] + [f"{w}-way {s}-shot" for w, s in cols] + ["seeds", "test-time cost"]
+        lines += [f"## {scenario}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for m in methods:
+            cells, seeds, cost = [], "", ""
+            for w, s in cols:
+                r = cell.get((m, w, s))
+                if r is None:
+                    cells.append("")
+                    continue
+                sd = f" (sd {r['seed_sd']:.2f})" if "seed_sd" in r else ""
+                cells.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}{sd}")
+                seeds = seeds or ",".join(map(str, r["seeds"]))
+                cost = cost or ", ".join(f"{k}={v}" for k, v in r["test_cost"].items())
+            lines.append("| " + " | ".join([m] + cells + [seeds, cost]) + " |")
+        lines.append("")
+    lines += ["## Runs", "", "| scenario | variant | seed | minutes | best iteration | meta-val | switch fired |",
+              "|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        mt = r["meta_train"]
+        lines.append(f"| {r['scenario']} | {r['variant']} | {r['seed']} | {r['seconds'] / 60:.1f} | "
+                     f"{mt['best_iteration']} | {mt['val_accuracy']} | {mt['switch_fired']} |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_collect(args) -> int:
+    report = collect(args.dataset)
+    if not report["rows"]:
+        print(f"no finished runs under {RUNS / args.dataset}", file=sys.stderr)
+        return 1
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"accuracy_{args.dataset}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"accuracy_{args.dataset}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or finish) the benchmark runs of one scenario")
+    r.add_argument("dataset", choices=sorted(DATASETS))
+    r.add_argument("scenario", choices=sorted(SCENARIOS))
+    r.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["eci-maml", "eci-protonet"],
+                   metavar="VARIANT", help=f"of: {', '.join(VARIANTS)} (default: eci-maml eci-protonet)")
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    c = sub.add_parser("collect", help="write benchmarks/results/accuracy_<dataset>.{json,md}")
+    c.add_argument("dataset", choices=sorted(DATASETS))
+    args = parser.parse_args(argv)
+    return cmd_run(args) if args.cmd == "run" else cmd_collect(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""benchmarks/accuracy.py's ``collect``: seeds averaged, rows renamed after their variant."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_run(root: Path, variant: str, seed: int, rows: list[tuple[str, float, float]]) -> None:
+    out = root / "glyphs" / "disjoint" / variant / f"seed{seed}"
+    out.mkdir(parents=True)
+    results = {"seconds": 60.0, "zoo": {"models": 12},
+               "meta_train": {"best_iteration": 500, "val_accuracy": 80.0, "switch_fired": 3},
+               "rows": [{"method": m, "way": 5, "shot": 1, "accuracy": a, "ci95": c, "tasks": 600,
+                         "test_cost": {"models": 1}} for m, a, c in rows]}
+    (out / "results.json").write_text(json.dumps(results))
+
+
+def test_collect_averages_seeds_and_names_rows_after_the_variant(bench, tmp_path):
+    fake_run(tmp_path, "eci-maml", 0, [("purer", 80.0, 1.0), ("purer+icfil", 82.0, 1.0), ("nc-pixels", 70.0, 0.8)])
+    fake_run(tmp_path, "eci-maml", 1, [("purer", 84.0, 0.6), ("purer+icfil", 85.0, 0.6)])
+    fake_run(tmp_path, "ei-maml", 0, [("purer", 77.0, 0.9)])
+    report = bench.collect("glyphs", tmp_path)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"eci-maml", "eci-maml+icfil", "nc-pixels", "ei-maml"}
+    eci = rows["eci-maml"]
+    assert eci["accuracy"] == 82.0 and eci["ci95"] == 0.8 and eci["seeds"] == [0, 1]
+    assert eci["seed_sd"] == pytest.approx(2.83, abs=0.01)
+    assert eci["per_seed"] == [[0, 80.0, 1.0], [1, 84.0, 0.6]]
+    assert rows["nc-pixels"]["seeds"] == [0] and "seed_sd" not in rows["nc-pixels"]
+    table = bench.markdown(report)
+    assert "| eci-maml | 82.00 ± 0.80 (sd 2.83) | 0,1 | models=1 |" in table
+    assert len(report["runs"]) == 3
