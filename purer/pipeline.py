@@ -51,7 +51,8 @@ from .inversion.grid import save_bank_grid, save_episode_grid
 from .meta import ANIL, MAML, MAMLConfig, MetaTrainConfig, ProtoNet
 from .meta.train import meta_step
 from .meta.base import InputSpec, MetaLearner
-from .meta.init import average_teachers, random_model
+from .meta.init import average_teachers, distill_zoo, random_model, with_new_head
+from .zoo.architectures import Classifier
 from .zoo.pretrain import PretrainConfig, pretrain_zoo
 from .zoo.store import Zoo, default_zoo_dir
 from .zoo.teacher import Teacher
@@ -61,7 +62,7 @@ LEARNERS = ("maml", "anil", "protonet")
 # purer.baselines.METHODS, e.g. eval.baselines=[...] in a config).
 DEFAULT_BASELINES = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "maml-random", "maml-avg-teachers",
                      "maml-real")
-INITS = ("random", "avg-teachers")
+INITS = ("random", "avg-teachers", "distilled")
 
 
 @dataclass
@@ -117,8 +118,11 @@ class MetaConfig:
     Attributes:
         learner: ``maml`` | ``anil`` | ``protonet``.
         arch, arch_args: its network (any registered architecture).
-        init: ``random`` or ``avg-teachers`` (the release's initialisation; needs a
-            same-architecture zoo).
+        init: ``random``, ``avg-teachers`` (the release's initialisation; needs a
+            same-architecture zoo) or ``distilled`` (the zoo distilled into ``arch``
+            on the run's bank before meta-training; see :func:`purer.meta.init.distill_zoo`).
+        distill_steps: iterations of the ``distilled`` pre-phase (one inversion step
+            and one student step each).
         way, shot, query: the pseudo tasks it trains on (the release uses 15 queries;
             the default 5 makes an iteration about 2.5 times cheaper on a CPU).
         images_per_class: P, bank images per class (default ``shot + query``, as the release).
@@ -131,6 +135,7 @@ class MetaConfig:
     arch: str = "conv4"
     arch_args: dict = field(default_factory=dict)
     init: str = "random"
+    distill_steps: int = 300
     way: int = 5
     shot: int = 1
     query: int = 5
@@ -138,6 +143,10 @@ class MetaConfig:
     maml: MAMLConfig = field(default_factory=MAMLConfig)
     train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=600, val_every=200))
     val_tasks: int = 50
+
+    def __post_init__(self):
+        if self.distill_steps < 1:
+            raise ValueError(f"distill_steps must be >= 1, got {self.distill_steps}")
 
 
 @dataclass
@@ -372,12 +381,23 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
     return teachers
 
 
-def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, size: int) -> MetaLearner:
+def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, size: int,
+                  distilled: Classifier | None = None) -> MetaLearner:
+    """The meta-learner of ``cfg.meta`` at its initialisation.
+
+    ``distilled`` is the zoo's student (:func:`purer.meta.init.distill_zoo`) for
+    ``init: distilled``: the learner takes its encoder and a fresh ``way``-output head
+    (ProtoNet uses the encoder only).  On ``--resume`` there is none: a random model
+    of the same shape stands in until the checkpoint's weights are loaded.
+    """
     m = cfg.meta
     try:
         if m.init == "avg-teachers":
             model = average_teachers(teachers, m.way)
             spec = InputSpec.of(teachers[0].config)
+        elif distilled is not None:
+            model = with_new_head(distilled, m.way, seed=cfg.seed)
+            spec = InputSpec(channels, size)
         else:
             model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)
             spec = InputSpec(channels, size)
@@ -459,7 +479,18 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                       merge_shared_classes=cfg.zoo.merge_shared_classes, seed=cfg.seed, space=cfg.inversion.space)
     inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed))
     switch = GradientSwitch(cfg.switch)
-    learner = build_learner(cfg, teachers, channels, size)
+    distilled, seconds_distill = None, 0.0
+    if m.init == "distilled" and not resume:
+        # A pre-phase on the run's bank (resume finds it done: the checkpoint holds bank and learner).
+        # Every process runs all of it, deterministic from the seed, so their banks and learners agree.
+        start = time.perf_counter()
+        try:
+            distilled = distill_zoo(teachers, bank, inversion, m.arch, m.distill_steps, cfg.seed,
+                                    arch_args=m.arch_args, progress=progress and dist.main)
+        except ValueError as e:  # an unknown meta.arch or bad arch_args
+            raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
+        seconds_distill = time.perf_counter() - start
+    learner = build_learner(cfg, teachers, channels, size, distilled)
     optimizer = torch.optim.Adam(learner.parameters(), lr=m.train.outer_lr)
     best, state = BestLearner(learner), TrainState()
     for obj in (bank, inversion, switch, learner, optimizer, best, state):
@@ -536,7 +567,8 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                "best_iteration": state.best_iteration,
                "val_accuracy": round(state.best_val, 2) if state.val else None, "switch_fired": switch.fired,
                "adversarial_steps": state.adversarial_steps, "val_curve": state.val,
-               "seconds_inversion": round(times["inversion"], 1), "seconds_meta": round(times["meta"], 1)}
+               "seconds_distill": round(seconds_distill, 1), "seconds_inversion": round(times["inversion"], 1),
+               "seconds_meta": round(times["meta"], 1)}
     return learner, summary
 
 
