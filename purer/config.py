@@ -86,7 +86,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
 
 
 def to_dict(cfg) -> dict:

@@ -11,6 +11,10 @@ class Inner:
     steps: int = 1
     first_order: bool = False
 
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+
 
 @dataclass
 class Outer:
@@ -41,6 +45,7 @@ def test_round_trip(tmp_path):
     (["inner.steps=fast"], "inner.steps: expected int"),
     (["inner.first_order=1"], "expected bool"),
     (["shots"], "not of the form key=value"),
+    (["inner.steps=-1"], "^inner: steps must be >= 0"),  # the section's own check, named by its path
 ])
 def test_bad_overrides_are_clear(override, msg):
     with pytest.raises(ConfigError, match=msg):
