@@ -21,8 +21,8 @@ and each seed's figures (``per_seed``) and their standard deviation (``seed_sd``
 Scenarios (the zoo): ``disjoint`` 12 Conv4 teachers on disjoint 5-class blocks of
 meta-train; ``random100`` 100 Conv4 teachers on random 5-class subsets (shared
 classes share a bank class); ``sh`` the paper's SH mix of 12 Conv4 / ResNet-10 /
-ResNet-18 teachers; ``disjoint-20way`` the disjoint zoo with 20-way 1-shot tasks
-(meta-training and meta-test).
+ResNet-18 teachers; ``disjoint-20way`` the disjoint zoo with 20-way 1-shot
+meta-test tasks (ProtoNet variants only).
 """
 from __future__ import annotations
 
@@ -52,9 +52,11 @@ SCENARIOS = {
     # Teachers of three architectures cannot be averaged: no avg-teachers rows.
     "sh": ["zoo.arch=mix", "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, "
                            "maml-random, protonet-random, maml-real, protonet-real]"],
-    "disjoint-20way": ["meta.way=20", "eval.way=20", "eval.shots=[1]", "eval.icfil=false",
+    # 20-way 1-shot meta-test of a ProtoNet meta-trained on 5-way pseudo tasks (a MAML head is fixed to its
+    # training way, so the eci-maml variant does not apply here).
+    "disjoint-20way": ["eval.way=20", "eval.shots=[1]", "eval.icfil=false",
                        "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, maml-random, "
-                       "protonet-random, maml-real, protonet-real]"],
+                       "maml-avg-teachers, protonet-random, protonet-avg-teachers, maml-real, protonet-real]"],
 }
 # The rows a variant adds: the pipeline's "purer" / "purer+icfil" rows are renamed after the variant.
 VARIANTS = {

@@ -213,6 +213,9 @@ class RunConfig:
         unknown = set(self.eval.baselines) - set(BASELINE_METHODS)
         if unknown:
             raise ValueError(f"unknown eval.baselines {sorted(unknown)}; choose from {list(BASELINE_METHODS)}")
+        if self.meta.learner != "protonet" and self.meta.way != self.eval.way:
+            raise ValueError(f"a {self.meta.learner} meta-learner's head has meta.way={self.meta.way} outputs, so "
+                             f"eval.way must match (got {self.eval.way}); ProtoNet alone can change the way")
         if min(self.eval.tasks, self.eval.val_tasks, self.meta.val_tasks) < 1 or not self.eval.shots:
             raise ValueError("eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1, and eval.shots non-empty")
         if self.checkpoint_every < 1 or self.picture_every < 1:
