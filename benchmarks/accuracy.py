@@ -1,5 +1,6 @@
 """The accuracy benchmark: PURER's variants beside every baseline, one dataset at a time.
 
+    python benchmarks/accuracy.py run glyphs disjoint --variants baselines --seeds 0
     python benchmarks/accuracy.py run glyphs disjoint --variants eci-maml eci-protonet --seeds 0 1 2
     python benchmarks/accuracy.py run icons disjoint
     python benchmarks/accuracy.py collect glyphs      # -> benchmarks/results/accuracy_glyphs.{json,md}
@@ -8,8 +9,9 @@
 once per (variant, seed), ``--jobs`` at a time, each on one thread, into
 ``runs/benchmarks/<dataset>/<scenario>/<variant>/seed<k>``; a finished run (its
 ``results.json`` exists) is skipped and an interrupted one resumes from its
-checkpoint, so the command can simply be repeated. The baseline rows come from the
-first variant's seed-0 run (one set per scenario; they are cached by config).
+checkpoint, so the command can simply be repeated. The variant ``baselines``
+computes the scenario's baseline rows (run it with one seed; they are cached by
+config); the PURER variants run without them.
 Every run selects on meta-val (the meta-iteration kept, test-time lr and steps)
 and tests once on the same seeded meta-test task lists.
 
@@ -22,7 +24,8 @@ Scenarios (the zoo): ``disjoint`` 12 Conv4 teachers on disjoint 5-class blocks o
 meta-train; ``random100`` 100 Conv4 teachers on random 5-class subsets (shared
 classes share a bank class); ``sh`` the paper's SH mix of 12 Conv4 / ResNet-10 /
 ResNet-18 teachers; ``disjoint-20way`` the disjoint zoo with 20-way 1-shot
-meta-test tasks (ProtoNet variants only).
+meta-test tasks (ProtoNet variants only); ``ablations`` the disjoint zoo at 1,000
+iterations, 5-way 1-shot, for the ``ablate-*`` variants beside eci-maml and ei-maml.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "runs" / "benchmarks"
 
 # Settings shared by every benchmark run (on top of the recipe's embedded defaults).
-COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.val_tasks=50",
+COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.val_tasks=100",
           "eval.tasks=600", "checkpoint_every=250", "picture_every=1000", "threads=1"]
 DATASETS = {"glyphs": [], "icons": ["data.dataset=icons"]}
 ALL_BASELINES = "[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, maml-random, " \
@@ -57,9 +60,15 @@ SCENARIOS = {
     "disjoint-20way": ["eval.way=20", "eval.shots=[1]", "eval.icfil=false",
                        "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, maml-random, "
                        "maml-avg-teachers, protonet-random, protonet-avg-teachers, maml-real, protonet-real]"],
+    # What each part buys: the disjoint zoo, a shorter budget, 1-shot only; compare the ablate-* variants
+    # with eci-maml and ei-maml run in this same scenario.
+    "ablations": ["meta.train.iterations=1000", "eval.shots=[1]", "eval.icfil=false", "eval.baselines=[]"],
 }
 # The rows a variant adds: the pipeline's "purer" / "purer+icfil" rows are renamed after the variant.
+# "baselines" runs the scenario's baseline rows alone (no meta-training; its untrained "purer" row is dropped);
+# every other variant runs without them, so the baselines compute once, beside the meta-training runs.
 VARIANTS = {
+    "baselines": ["meta.train.iterations=0", "eval.icfil=false"],
     "eci-maml": [],
     "eci-protonet": ["meta.learner=protonet"],
     "ei-maml": ["switch.lambda_adv=0", "eval.icfil=false"],
@@ -82,11 +91,11 @@ def run_dir(dataset: str, scenario: str, variant: str, seed: int) -> Path:
     return RUNS / dataset / scenario / variant / f"seed{seed}"
 
 
-def command(dataset: str, scenario: str, variant: str, seed: int, with_baselines: bool) -> list[str]:
+def command(dataset: str, scenario: str, variant: str, seed: int) -> list[str]:
     out = run_dir(dataset, scenario, variant, seed)
     args = [*COMMON, *DATASETS[dataset], *SCENARIOS[scenario], *VARIANTS[variant],
             f"seed={seed}", f"output_dir={out}", f"cache_dir={RUNS / '.cache'}"]
-    if not with_baselines:
+    if variant != "baselines":
         args.append("eval.baselines=[]")
     resume = ["--resume"] if any(out.glob("checkpoints/checkpoint_*/COMPLETE")) else []
     return [sys.executable, str(REPO / "recipes" / "purer.py"), "--no-progress", *resume, *args]
@@ -105,13 +114,13 @@ def launch(cmd: list[str], out: Path) -> tuple[Path, int, float]:
 
 def cmd_run(args) -> int:
     jobs = []
-    for i, variant in enumerate(args.variants):
+    for variant in args.variants:
         for seed in args.seeds:
             out = run_dir(args.dataset, args.scenario, variant, seed)
             if (out / "results.json").is_file():
                 print(f"done already: {out}")
                 continue
-            jobs.append((command(args.dataset, args.scenario, variant, seed, i == 0 and seed == args.seeds[0]), out))
+            jobs.append((command(args.dataset, args.scenario, variant, seed), out))
     failed = 0
     with ThreadPoolExecutor(args.jobs) as pool:
         for out, rc, secs in pool.map(lambda j: launch(*j), jobs):
@@ -138,6 +147,8 @@ def collect(dataset: str, root: Path = RUNS) -> dict:
         runs.append({"scenario": scenario, "variant": variant, "seed": seed, "seconds": data["seconds"],
                      "meta_train": data["meta_train"], "zoo_models": data["zoo"]["models"]})
         for r in data["rows"]:
+            if (variant == "baselines") == r["method"].startswith("purer"):
+                continue  # a baselines run's untrained learner, or baseline rows elsewhere
             key = (scenario, method_name(variant, r["method"]), r["way"], r["shot"])
             groups.setdefault(key, []).append((seed, r))
     rows = []

@@ -27,7 +27,8 @@ def fake_run(root: Path, variant: str, seed: int, rows: list[tuple[str, float, f
 
 
 def test_collect_averages_seeds_and_names_rows_after_the_variant(bench, tmp_path):
-    fake_run(tmp_path, "eci-maml", 0, [("purer", 80.0, 1.0), ("purer+icfil", 82.0, 1.0), ("nc-pixels", 70.0, 0.8)])
+    fake_run(tmp_path, "baselines", 0, [("purer", 20.0, 1.0), ("nc-pixels", 70.0, 0.8)])
+    fake_run(tmp_path, "eci-maml", 0, [("purer", 80.0, 1.0), ("purer+icfil", 82.0, 1.0)])
     fake_run(tmp_path, "eci-maml", 1, [("purer", 84.0, 0.6), ("purer+icfil", 85.0, 0.6)])
     fake_run(tmp_path, "ei-maml", 0, [("purer", 77.0, 0.9)])
     report = bench.collect("glyphs", tmp_path)
@@ -40,4 +41,4 @@ def test_collect_averages_seeds_and_names_rows_after_the_variant(bench, tmp_path
     assert rows["nc-pixels"]["seeds"] == [0] and "seed_sd" not in rows["nc-pixels"]
     table = bench.markdown(report)
     assert "| eci-maml | 82.00 ± 0.80 (sd 2.83) | 0,1 | models=1 |" in table
-    assert len(report["runs"]) == 3
+    assert len(report["runs"]) == 4
