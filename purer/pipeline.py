@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .baselines import METHODS as BASELINE_METHODS
@@ -54,7 +55,7 @@ from .meta.base import InputSpec, MetaLearner
 from .meta.init import average_teachers, distill_zoo, random_model, with_new_head
 from .zoo.architectures import Classifier
 from .zoo.pretrain import PretrainConfig, pretrain_zoo
-from .zoo.store import Zoo, default_zoo_dir
+from .zoo.store import Zoo, default_zoo_dir, read_safetensors
 from .zoo.teacher import Teacher
 
 LEARNERS = ("maml", "anil", "protonet")
@@ -413,6 +414,47 @@ def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, si
     return (ANIL if m.learner == "anil" else MAML)(model, m.way, spec, m.maml)
 
 
+def save_meta_learner(cfg: RunConfig, learner: MetaLearner, teachers: Sequence[Teacher], path: Path,
+                      info: dict) -> None:
+    """Write the meta-learner as a model folder: ``model.safetensors`` + ``config.json``.
+
+    ``config.json`` says how to rebuild it (:func:`load_meta_learner`): the learner
+    kind, its network (for ``init: avg-teachers`` the teachers' architecture), the
+    input it expects, the inner loop, plus ``info`` (e.g. the meta-val selection and
+    the test-time settings chosen per shot).
+    """
+    m, spec = cfg.meta, learner.input_spec
+    arch, arch_args = (teachers[0].config.arch, teachers[0].config.arch_args) if m.init == "avg-teachers" \
+        else (m.arch, m.arch_args)
+    config = {"learner": m.learner, "arch": arch, "arch_args": arch_args, "way": m.way,
+              "in_channels": spec.in_channels, "image_size": spec.image_size, "mean": list(spec.mean),
+              "std": list(spec.std), "maml": dataclasses.asdict(m.maml), "dataset": cfg.data.dataset, **info}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in learner.state_dict().items()}, str(path / "model.safetensors"))
+    _write_json(path / "config.json", config)
+
+
+def load_meta_learner(path: str | os.PathLike) -> MetaLearner:
+    """A meta-learner written by a run (``<output_dir>/meta_learner``), ready to ``adapt`` and ``predict``.
+
+    Example:
+        >>> learner = load_meta_learner("runs/purer-glyphs/meta_learner")   # doctest: +SKIP
+        >>> settings = json.load(open("runs/purer-glyphs/meta_learner/config.json"))["test_time"]["1"]  # doctest: +SKIP
+        >>> logits = learner.predict(learner.adapt(support_x, support_y, 5, **settings), query_x)  # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        c = json.loads((path / "config.json").read_text())
+        model = random_model(c["arch"], c["way"], c["in_channels"], c["image_size"], c["arch_args"])
+        spec = InputSpec(c["in_channels"], c["image_size"], tuple(c["mean"]), tuple(c["std"]))
+        learner = ProtoNet(model, spec) if c["learner"] == "protonet" else \
+            (ANIL if c["learner"] == "anil" else MAML)(model, c["way"], spec, MAMLConfig(**c["maml"]))
+        learner.load_state_dict(read_safetensors(path / "model.safetensors"))
+    except (OSError, KeyError, ValueError, RuntimeError) as e:  # missing, foreign or corrupt files
+        raise RunError(f"cannot load a meta-learner from {path}: {' '.join(str(e).split())[:300]}") from None
+    return learner.eval()
+
+
 def _detached(ep: Episode) -> Episode:
     return Episode(ep.support_x.detach(), ep.support_y, ep.query_x.detach(), ep.query_y, ep.classes)
 
@@ -724,6 +766,10 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
     try:
         learner, summary = meta_train_eci(cfg, acc, dist, teachers, splits["val"], out, resume, progress)
         rows = evaluate_purer(cfg, learner, splits, dist, progress)
+        if dist.main:
+            save_meta_learner(cfg, learner, teachers, out / "meta_learner", {
+                "selected": {"iteration": summary["best_iteration"], "val_accuracy": summary["val_accuracy"]},
+                "test_time": {str(r["shot"]): r.get("settings", {}) for r in rows if r["method"] == "purer"}})
         if dist.main:
             rows += baselines.rows()
     finally:

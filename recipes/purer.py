@@ -5,8 +5,8 @@
     python recipes/purer.py --resume                        # continue an interrupted run in the same output_dir
 
 Any config key can be set as ``key=value`` (dotted for nested keys); see ``purer.pipeline.RunConfig``.
-Outputs in ``output_dir``: results.json, results.md, config.yaml, pictures/*.png, logs/ (TensorBoard),
-checkpoints/.
+Outputs in ``output_dir``: results.json, results.md, config.yaml, meta_learner/ (model.safetensors +
+config.json), pictures/*.png, logs/ (TensorBoard), checkpoints/.
 """
 from __future__ import annotations
 

@@ -95,6 +95,33 @@ def test_run_writes_every_output(baseline_run):
     assert kept == ["checkpoint_4", "checkpoint_6"]  # the two newest, the last at the end of training
 
 
+def test_the_meta_learner_is_saved_and_reloads_to_the_same_accuracy(tiny_root, baseline_run):
+    from purer.data import load_split
+    from purer.evaluate import evaluate, task_list
+    from purer.pipeline import load_meta_learner
+
+    folder = baseline_run / "meta_learner"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["learner"] == "maml" and config["selected"]["iteration"] >= 0
+    learner = load_meta_learner(folder)
+    test = load_split("folder", "test", str(tiny_root), 16)
+    result = evaluate(learner, test, task_list(test, 5, 1, 3, 6, 0), adapt_kwargs=config["test_time"]["1"],
+                      progress=False)
+    purer_row = next(r for r in json.loads((baseline_run / "results.json").read_text())["rows"]
+                     if r["method"] == "purer")
+    assert round(result.accuracy, 2) == purer_row["accuracy"]
+
+
+def test_a_corrupt_meta_learner_is_a_clear_error(baseline_run, tmp_path):
+    from purer.pipeline import RunError, load_meta_learner
+
+    broken = tmp_path / "meta_learner"
+    shutil.copytree(baseline_run / "meta_learner", broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RunError, match="cannot load a meta-learner"):
+        load_meta_learner(broken)
+
+
 def test_baselines_are_reused_when_nothing_changed(tiny_root, baseline_run, tmp_path):
     res = recipe(overrides(tiny_root, tmp_path / "again", **{"cache_dir": str(baseline_run / "cache")}))
     assert res.returncode == 0, res.stderr[-3000:]
