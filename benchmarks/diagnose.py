@@ -1,0 +1,108 @@
+"""What limits a PURER run: the inversion's realism, or the meta-learner's generalisation?
+
+    python benchmarks/diagnose.py runs/benchmarks/glyphs/disjoint/eci-maml/seed2 [--tasks 300]
+
+Reads a finished run (``meta_learner/``, ``config.yaml``, its newest checkpoint for
+the final pseudo-image bank) and scores the selected meta-learner, with the
+test-time settings the run chose for 1-shot, on 5-way 1-shot tasks (15 queries,
+as the meta-test) drawn from:
+
+1. the final **bank** (pseudo tasks over the zoo's classes);
+2. **real images of the zoo's classes** (the meta-train classes the teachers know);
+3. **real images of the other meta-train classes** (no teacher knows them);
+4. the **meta-test** split (the run's own figure, on this script's task list).
+
+Reading: 1 >> 2 means the pseudo images are easier than the real ones they stand
+for (realism); 2 >> 4 with 3 close to 4 means the learner fits the zoo's classes
+but does not transfer (too few or too alike classes); 2 close to 4 means the
+learner generalises as far as it learns, so a better learner or longer training
+is the lever. Also reports how often the teachers recognise their bank images
+and their real images. Writes ``diagnosis.json`` into the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from purer.config import load_config
+from purer.data import EpisodeSampler, load_split
+from purer.evaluate import evaluate, task_list
+from purer.inversion import PseudoBank
+from purer.pipeline import RunConfig, load_meta_learner, zoo_path
+from purer.zoo.store import Zoo
+
+
+def bank_from_checkpoint(run: Path, teachers, cfg: RunConfig, channels: int) -> PseudoBank:
+    """The run's final bank: the first object the pipeline registers for checkpointing."""
+    final = run / "checkpoints" / f"checkpoint_{cfg.meta.train.iterations}"
+    if not (final / "COMPLETE").is_file():
+        raise SystemExit(f"{run}: no complete final checkpoint ({final})")
+    m = cfg.meta
+    bank = PseudoBank(teachers, m.images_per_class or (m.shot + m.query), image_size=cfg.data.image_size,
+                      channels=channels, merge_shared_classes=cfg.zoo.merge_shared_classes, space=cfg.inversion.space)
+    bank.load_state_dict(torch.load(final / "custom_checkpoint_0.pkl", weights_only=True))
+    return bank
+
+
+@torch.no_grad()
+def teacher_recognition(teachers, bank: PseudoBank, train) -> dict:
+    """Share of bank images, and of real meta-train images, that their teacher labels as their class."""
+    index = {name: i for i, name in enumerate(train.class_names)}
+    hits = {"bank": [0, 0], "real": [0, 0]}
+    for t, classes in zip(teachers, bank.teacher_classes):
+        x = bank.snapshot(classes).clamp(0, 1)
+        y = torch.arange(len(classes)).repeat_interleave(x.shape[1])
+        hits["bank"][0] += int((t(x.flatten(0, 1)).argmax(-1) == y).sum())
+        hits["bank"][1] += len(y)
+        for label, cid in enumerate(t.config.class_ids):
+            real = train.float_images(train.members(index[cid]))
+            hits["real"][0] += int((t(real).argmax(-1) == label).sum())
+            hits["real"][1] += len(real)
+    return {k: round(100 * a / n, 2) for k, (a, n) in hits.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="a finished run's output_dir")
+    parser.add_argument("--tasks", type=int, default=300)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    run = args.run
+    cfg = load_config(RunConfig, run / "config.yaml")
+    learner = load_meta_learner(run / "meta_learner")
+    settings = json.loads((run / "meta_learner" / "config.json").read_text())["test_time"].get("1", {})
+    teachers = Zoo(zoo_path(cfg)).load_teachers()
+    splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size) for s in ("train", "test")}
+    train = splits["train"]
+    known = sorted({train.class_names.index(c) for t in teachers for c in t.config.class_ids})
+    other = sorted(set(range(len(train.class_names))) - set(known))
+    bank = bank_from_checkpoint(run, teachers, cfg, splits["test"].image_shape[0])
+    sources = {"bank (pseudo, zoo classes)": bank,
+               "real, zoo classes": train.subset(known),
+               "real, other meta-train classes": train.subset(other),
+               "meta-test": splits["test"]}
+    report = {"run": str(run), "tasks": args.tasks, "settings": settings, "zoo_classes": len(known),
+              "other_classes": len(other), "accuracy": {}}
+    for name, source in sources.items():
+        if name.startswith("bank"):
+            sampler = EpisodeSampler(source.class_sizes(), 5, 1, 15, seed=0)
+            tasks = [sampler.task(i) for i in range(args.tasks)]
+            with torch.no_grad():
+                result = evaluate(learner, source, tasks, adapt_kwargs=settings, progress=False)
+        else:
+            result = evaluate(learner, source, task_list(source, 5, 1, 15, args.tasks, seed=0),
+                              adapt_kwargs=settings, progress=False)
+        report["accuracy"][name] = [round(result.accuracy, 2), round(result.ci95, 2)]
+        print(f"{name:32s} {result.accuracy:6.2f} ± {result.ci95:.2f}", flush=True)
+    report["teachers_recognise"] = teacher_recognition(teachers, bank, train)
+    print("teachers recognise their own classes (%):", report["teachers_recognise"])
+    (run / "diagnosis.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
