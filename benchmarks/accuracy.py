@@ -78,6 +78,7 @@ VARIANTS = {
 }
 # Ablations of eci-maml (one part changed each; compare with eci-maml's plain row of the same seed).
 ABLATIONS = {
+    "lambda-adv-1": ["switch.lambda_adv=1"],
     "no-augmentation": ["inversion.augment=false"],
     "normalized-bank": ["inversion.space=normalized"],
     "teachers-per-step-1": ["inversion.teachers_per_step=1"],
