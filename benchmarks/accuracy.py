@@ -52,11 +52,11 @@ ALL_BASELINES = "[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-tea
 SCENARIOS = {
     "disjoint": [f"eval.baselines={ALL_BASELINES}"],
     # The other zoos re-run only the baselines that depend on the zoo (random init, raw pixels and real data
-    # do not: read them from the disjoint scenario, same data and task lists).
-    "random100": ["zoo.num_models=100", "zoo.subsets=random",
+    # do not: read them from the disjoint scenario, same data and task lists), and skip ICFIL (its cost).
+    "random100": ["zoo.num_models=100", "zoo.subsets=random", "eval.icfil=false",
                   "eval.baselines=[nc-best-teacher, nc-all-teachers, maml-avg-teachers]"],
     # Teachers of three architectures cannot be averaged: no avg-teachers rows.
-    "sh": ["zoo.arch=mix", "eval.baselines=[nc-best-teacher, nc-all-teachers]"],
+    "sh": ["zoo.arch=mix", "eval.icfil=false", "eval.baselines=[nc-best-teacher, nc-all-teachers]"],
     # 20-way 1-shot meta-test of a ProtoNet meta-trained on 5-way pseudo tasks (a MAML head is fixed to its
     # training way, so the eci-maml variant does not apply here).
     "disjoint-20way": ["eval.way=20", "eval.shots=[1]", "eval.icfil=false",
