@@ -147,7 +147,7 @@ def test_bad_config_is_one_clear_line(args, fragment, tmp_path):
 
 
 def test_impossible_way_is_a_clear_error(tiny_root, tmp_path):
-    res = recipe(overrides(tiny_root, tmp_path, **{"eval.way": 9}))
+    res = recipe(overrides(tiny_root, tmp_path, **{"eval.way": 9, "meta.way": 9}))
     assert res.returncode == 2 and "cannot sample 9-way" in res.stderr and "Traceback" not in res.stderr
 
 
