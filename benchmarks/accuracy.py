@@ -59,7 +59,7 @@ SCENARIOS = {
     "sh": ["zoo.arch=mix", "eval.icfil=false", "eval.baselines=[nc-best-teacher, nc-all-teachers]"],
     # 20-way 1-shot meta-test of a ProtoNet meta-trained on 5-way pseudo tasks (a MAML head is fixed to its
     # training way, so the eci-maml variant does not apply here).
-    "disjoint-20way": ["eval.way=20", "eval.shots=[1]", "eval.icfil=false",
+    "disjoint-20way": ["meta.learner=protonet", "eval.way=20", "eval.shots=[1]", "eval.icfil=false",
                        "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, protonet-random, "
                        "protonet-avg-teachers]"],
     # What each part buys: the disjoint zoo, a shorter budget, 1-shot only; compare the ablate-* variants
