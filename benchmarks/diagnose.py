@@ -1,8 +1,9 @@
 """What limits a PURER run: the inversion's realism, or the meta-learner's generalisation?
 
-    python benchmarks/diagnose.py runs/benchmarks/glyphs/disjoint/eci-maml/seed2 [--tasks 300]
+    python benchmarks/diagnose.py runs/benchmarks/glyphs/disjoint/eci-maml/seed* \
+        --out benchmarks/results/diagnosis_glyphs.json [--tasks 300]
 
-Reads a finished run (``meta_learner/``, ``config.yaml``, its newest checkpoint for
+Reads each finished run (``meta_learner/``, ``config.yaml``, its newest checkpoint for
 the final pseudo-image bank) and scores the selected meta-learner, with the
 test-time settings the run chose for 1-shot, on 5-way 1-shot tasks (15 queries,
 as the meta-test) drawn from:
@@ -17,7 +18,7 @@ for (realism); 2 >> 4 with 3 close to 4 means the learner fits the zoo's classes
 but does not transfer (too few or too alike classes); 2 close to 4 means the
 learner generalises as far as it learns, so a better learner or longer training
 is the lever. Also reports how often the teachers recognise their bank images
-and their real images. Writes ``diagnosis.json`` into the run directory.
+and their real images. Writes one report per run to ``--out``.
 """
 from __future__ import annotations
 
@@ -65,13 +66,7 @@ def teacher_recognition(teachers, bank: PseudoBank, train) -> dict:
     return {k: round(100 * a / n, 2) for k, (a, n) in hits.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a finished run's output_dir")
-    parser.add_argument("--tasks", type=int, default=300)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    run = args.run
+def diagnose(run: Path, tasks: int) -> dict:
     cfg = load_config(RunConfig, run / "config.yaml")
     learner = load_meta_learner(run / "meta_learner")
     settings = json.loads((run / "meta_learner" / "config.json").read_text())["test_time"].get("1", {})
@@ -85,22 +80,36 @@ def main(argv: list[str] | None = None) -> int:
                "real, zoo classes": train.subset(known),
                "real, other meta-train classes": train.subset(other),
                "meta-test": splits["test"]}
-    report = {"run": str(run), "tasks": args.tasks, "settings": settings, "zoo_classes": len(known),
+    report = {"run": str(run), "tasks": tasks, "settings": settings, "zoo_classes": len(known),
               "other_classes": len(other), "accuracy": {}}
     for name, source in sources.items():
         if name.startswith("bank"):
             sampler = EpisodeSampler(source.class_sizes(), 5, 1, 15, seed=0)
-            tasks = [sampler.task(i) for i in range(args.tasks)]
             with torch.no_grad():
-                result = evaluate(learner, source, tasks, adapt_kwargs=settings, progress=False)
+                result = evaluate(learner, source, [sampler.task(i) for i in range(tasks)], adapt_kwargs=settings,
+                                  progress=False)
         else:
-            result = evaluate(learner, source, task_list(source, 5, 1, 15, args.tasks, seed=0),
+            result = evaluate(learner, source, task_list(source, 5, 1, 15, tasks, seed=0),
                               adapt_kwargs=settings, progress=False)
         report["accuracy"][name] = [round(result.accuracy, 2), round(result.ci95, 2)]
         print(f"{name:32s} {result.accuracy:6.2f} ± {result.ci95:.2f}", flush=True)
     report["teachers_recognise"] = teacher_recognition(teachers, bank, train)
     print("teachers recognise their own classes (%):", report["teachers_recognise"])
-    (run / "diagnosis.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="finished runs' output_dir")
+    parser.add_argument("--out", type=Path, required=True, help="JSON file of the reports")
+    parser.add_argument("--tasks", type=int, default=300)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    reports = []
+    for run in args.runs:
+        print(run, flush=True)
+        reports.append(diagnose(run, args.tasks))
+    args.out.write_text(json.dumps(reports, indent=1))
     return 0
 
 
