@@ -33,7 +33,7 @@ from purer.config import load_config
 from purer.data import EpisodeSampler, load_split
 from purer.evaluate import evaluate, task_list
 from purer.inversion import PseudoBank
-from purer.pipeline import RunConfig, load_meta_learner, zoo_path
+from purer.pipeline import RunConfig, build_bank, load_meta_learner, zoo_path
 from purer.zoo.store import Zoo
 
 
@@ -42,9 +42,7 @@ def bank_from_checkpoint(run: Path, teachers, cfg: RunConfig, channels: int) -> 
     final = run / "checkpoints" / f"checkpoint_{cfg.meta.train.iterations}"
     if not (final / "COMPLETE").is_file():
         raise SystemExit(f"{run}: no complete final checkpoint ({final})")
-    m = cfg.meta
-    bank = PseudoBank(teachers, m.images_per_class or (m.shot + m.query), image_size=cfg.data.image_size,
-                      channels=channels, merge_shared_classes=cfg.zoo.merge_shared_classes, space=cfg.inversion.space)
+    bank = build_bank(cfg, teachers, channels)
     bank.load_state_dict(torch.load(final / "custom_checkpoint_0.pkl", weights_only=True))
     return bank
 

@@ -409,9 +409,22 @@ def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, si
             spec = InputSpec(channels, size)
     except ValueError as e:  # an unknown meta.arch or bad arch_args, or a zoo that cannot be averaged
         raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
-    if m.learner == "protonet":
+    return wrap_learner(m.learner, model, m.way, spec, m.maml)
+
+
+def wrap_learner(kind: str, model: Classifier, way: int, spec: InputSpec, maml: MAMLConfig) -> MetaLearner:
+    """``model`` as the meta-learner ``kind`` (one of :data:`LEARNERS`)."""
+    if kind == "protonet":
         return ProtoNet(model, spec)
-    return (ANIL if m.learner == "anil" else MAML)(model, m.way, spec, m.maml)
+    return (ANIL if kind == "anil" else MAML)(model, way, spec, maml)
+
+
+def build_bank(cfg: RunConfig, teachers: Sequence[Teacher], channels: int) -> PseudoBank:
+    """The run's pseudo-image bank at its initialisation."""
+    m = cfg.meta
+    return PseudoBank(teachers, m.images_per_class or (m.shot + m.query), image_size=cfg.data.image_size,
+                      channels=channels, merge_shared_classes=cfg.zoo.merge_shared_classes, seed=cfg.seed,
+                      space=cfg.inversion.space)
 
 
 def save_meta_learner(cfg: RunConfig, learner: MetaLearner, teachers: Sequence[Teacher], path: Path,
@@ -447,8 +460,7 @@ def load_meta_learner(path: str | os.PathLike) -> MetaLearner:
         c = json.loads((path / "config.json").read_text())
         model = random_model(c["arch"], c["way"], c["in_channels"], c["image_size"], c["arch_args"])
         spec = InputSpec(c["in_channels"], c["image_size"], tuple(c["mean"]), tuple(c["std"]))
-        learner = ProtoNet(model, spec) if c["learner"] == "protonet" else \
-            (ANIL if c["learner"] == "anil" else MAML)(model, c["way"], spec, MAMLConfig(**c["maml"]))
+        learner = wrap_learner(c["learner"], model, c["way"], spec, MAMLConfig(**c["maml"]))
         learner.load_state_dict(read_safetensors(path / "model.safetensors"))
     except (OSError, KeyError, ValueError, RuntimeError) as e:  # missing, foreign or corrupt files
         raise RunError(f"cannot load a meta-learner from {path}: {' '.join(str(e).split())[:300]}") from None
@@ -522,8 +534,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     """ECI meta-training on pseudo episodes; returns the meta-val-best learner and a summary."""
     m = cfg.meta
     channels, size = val_set.image_shape[0], cfg.data.image_size
-    bank = PseudoBank(teachers, m.images_per_class or (m.shot + m.query), image_size=size, channels=channels,
-                      merge_shared_classes=cfg.zoo.merge_shared_classes, seed=cfg.seed, space=cfg.inversion.space)
+    bank = build_bank(cfg, teachers, channels)
     inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed))
     switch = GradientSwitch(cfg.switch)
     distilled, seconds_distill = None, 0.0
