@@ -12,7 +12,7 @@ from meta_synthetic import ARCH_ARGS, template_images, tiny_teacher
 from purer.inversion import EpisodeInversion, InversionConfig, PseudoBank
 from purer.meta import batch_stats_only, distill_zoo, random_model, teacher_agreement, with_new_head
 from purer.meta.init import distillation_loss
-from test_pipeline import accuracies, overrides, recipe, tiny_root  # noqa: F401 (tiny_root is a fixture)
+from recipe_runs import accuracies, overrides, recipe
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_a_new_head_keeps_the_encoder_and_is_seeded(zoo):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_a_distilled_run_completes_and_resumes_without_distilling_again(tiny_root, tmp_path):  # noqa: F811
+def test_a_distilled_run_completes_and_resumes_without_distilling_again(tiny_root, tmp_path):
     fast = {"meta.init": "distilled", "meta.distill_steps": 5, "eval.baselines": "[]", "eval.icfil": "false"}
     out = tmp_path / "distilled"
     res = recipe(overrides(tiny_root, out, 4, **fast))

@@ -13,56 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "purer.py"
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """A class-per-folder dataset: 16x16 grey blobs, 10 train / 6 val / 6 test classes of 8 images."""
-    root = tmp_path_factory.mktemp("tiny_data")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 10), ("val", 6), ("test", 6)):
-        for c in range(n):
-            template = (rng.random((4, 4)) > 0.5).astype(np.float32)
-            template = np.kron(template, np.ones((4, 4), np.float32))
-            d = root / split / f"{split}{c:02d}"
-            d.mkdir(parents=True)
-            for i in range(8):
-                img = np.clip(0.8 * np.roll(template, rng.integers(-1, 2), axis=1) + 0.1
-                              + 0.1 * rng.standard_normal((16, 16)), 0, 1)
-                Image.fromarray((img * 255).astype(np.uint8), "L").save(d / f"{i}.png")
-    return root
-
-
-def overrides(root: Path, out: Path, iterations: int = 6, **extra) -> list[str]:
-    base = {
-        "data.dataset": "folder", "data.root": str(root), "data.image_size": 16,
-        "zoo.path": str(root.parent / "tiny_zoo"), "zoo.num_models": 2, "zoo.epochs": 2,
-        "meta.train.iterations": iterations, "meta.train.val_every": 3, "meta.val_tasks": 4, "meta.query": 3,
-        "switch.warmup": 1, "switch.patience": 1,
-        "eval.shots": "[1]", "eval.tasks": 6, "eval.val_tasks": 3, "eval.query": 3,
-        "eval.grid.lr": "[0.1]", "eval.grid.steps": "[1]",
-        "eval.baselines": "[nc-pixels, nc-best-teacher, maml-random]",
-        "icfil.inversion_steps": 2, "icfil.calibration_steps": 1, "icfil.pseudo_per_class": 2,
-        "output_dir": str(out), "cache_dir": str(out / "cache"), "checkpoint_every": 2, "picture_every": 3,
-        "threads": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def recipe(args: list[str], launcher: list[str] | None = None, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = (launcher or [sys.executable]) + [str(RECIPE), "--no-progress", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, **kw)
-
-
-def accuracies(out: Path) -> list[tuple[str, float]]:
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    return [(r["method"], r["accuracy"]) for r in rows]
+from recipe_runs import REPO, RECIPE, accuracies, overrides, recipe
 
 
 @pytest.fixture(scope="module")
