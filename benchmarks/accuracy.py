@@ -79,6 +79,7 @@ VARIANTS = {
 # Ablations of eci-maml (one part changed each; compare with eci-maml's plain row of the same seed).
 ABLATIONS = {
     "lambda-adv-1": ["switch.lambda_adv=1"],
+    "adversary-correct-only": ["switch.adversarial_queries=correct"],
     "bank-lr-0.05": ["inversion.lr=0.05"],
     "no-augmentation": ["inversion.augment=false"],
     "normalized-bank": ["inversion.space=normalized"],

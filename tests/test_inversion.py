@@ -1,6 +1,7 @@
 """Episode inversion and its curriculum on a tiny synthetic zoo (16x16 images, a few seconds of training)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -460,13 +461,14 @@ def test_switch_state_round_trip():
         second.update(float("nan"))
 
 
-def test_adversarial_step_raises_the_learners_outer_loss(zoo):
+@pytest.mark.parametrize("queries", ["all", "correct"])
+def test_adversarial_step_raises_the_learners_outer_loss(zoo, queries):
     bank0 = PseudoBank(zoo, images_per_class=5)
     sampler = EpisodeSampler(bank0.class_sizes(), way=5, shot=2, query=3, seed=0)
     spec = sampler.task(0)
     torch.manual_seed(0)
     learner = TinyProtoNet().train()
-    switch = GradientSwitch(SwitchConfig(warmup=0))
+    switch = GradientSwitch(SwitchConfig(warmup=0, adversarial_queries=queries))
 
     def outer_after(extra) -> float:
         bank = PseudoBank(zoo, images_per_class=5)
@@ -480,12 +482,13 @@ def test_adversarial_step_raises_the_learners_outer_loss(zoo):
     assert adversarial > plain + 0.1, (plain, adversarial)
     assert all(p.grad is None for p in learner.parameters())  # the bank step leaves the learner's grads alone
     # eval mode too: the adversarial term reaches support and query images of every class of the task
+    # (with ``correct``, only the queries still classified correctly: see the next test)
     bank = PseudoBank(zoo, images_per_class=5)
     loss = switch.adversarial_loss(learner.eval(), spec)(bank)
     grads = torch.autograd.grad(loss, [bank.logits[int(c)] for c in spec.classes])
     for k, g in enumerate(grads):
         rows = g.flatten(1).abs().sum(1)  # gradient size per bank image of class k
-        assert (rows[spec.support[k]] > 0).all() and (rows[spec.query[k]] > 0).all()
+        assert (rows[spec.support[k]] > 0).all() and (queries == "correct" or (rows[spec.query[k]] > 0).all())
 
 
 # ---------------------------------------------------------------- grids
@@ -498,3 +501,32 @@ def test_grids_are_written_with_the_expected_layout(zoo, tmp_path):
     episode = bank.episode(EpisodeSampler(bank.class_sizes(), way=3, shot=1, query=2).task(0))
     with Image.open(save_episode_grid(episode, tmp_path / "ep" / "episode.png", scale=1)) as im:
         assert im.size == ((1 + 1 + 2) * (SIZE + 1) + 1, 3 * (SIZE + 1) + 1)
+
+
+def test_label_preserving_adversary_stops_pushing_misclassified_queries(zoo):
+    bank = PseudoBank(zoo, images_per_class=5)
+    spec = EpisodeSampler(bank.class_sizes(), way=5, shot=2, query=3, seed=0).task(0)
+    torch.manual_seed(0)
+    learner = TinyProtoNet().eval()  # running BN statistics: no coupling between query images
+    episode = bank.episode(spec)
+    query = episode.query_x.detach().requires_grad_()
+    with torch.no_grad():
+        logits = learner.predict(learner.adapt(episode.support_x, episode.support_y, 5), query)
+    correct = logits.argmax(-1) == episode.query_y
+    assert 0 < correct.sum() < len(correct)  # the check needs both kinds of query
+
+    # The masked term, evaluated on an episode whose query images are leaves, so each image's gradient shows.
+    class Fixed:
+        def episode(self, _):
+            return dataclasses.replace(episode, query_x=query)
+
+    loss = GradientSwitch(SwitchConfig(lambda_adv=2.0, adversarial_queries="correct")).adversarial_loss(learner, spec)
+    value = loss(Fixed())
+    value.backward()
+    per_image = query.grad.flatten(1).abs().sum(1)
+    assert (per_image[~correct] == 0).all() and (per_image[correct] > 0).all()
+    ce = F.cross_entropy(logits, episode.query_y, reduction="none")
+    assert value.item() == pytest.approx(-2.0 * (ce * correct).mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="adversarial_queries"):
+        SwitchConfig(adversarial_queries="wrong")
+

@@ -38,11 +38,18 @@ class SwitchConfig:
             which the switch never fires and the tracker is idle.
         lambda_adv: weight of the adversarial term ``-lambda_adv * L_outer``; 0 turns the
             curriculum off (plain episode inversion, METHOD.md's EI ablation).
+        adversarial_queries: which query images the adversarial term pushes: ``all`` (the
+            release) or ``correct``, only those the adapted learner still classifies
+            correctly.  ``correct`` is the label-preserving mask of adversarial data-free
+            distillation (stop pushing a sample once it is misclassified), so the
+            adversary makes tasks hard without driving images ever further from their
+            class.  Not in the release: an option to measure.
     """
 
     patience: int = 6
     warmup: int = 4000
     lambda_adv: float = 10.0
+    adversarial_queries: str = "all"
 
     def __post_init__(self):
         if self.patience < 1:
@@ -51,6 +58,8 @@ class SwitchConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.lambda_adv < 0:
             raise ValueError(f"lambda_adv must be >= 0, got {self.lambda_adv}")
+        if self.adversarial_queries not in ("all", "correct"):
+            raise ValueError(f"adversarial_queries must be 'all' or 'correct', got {self.adversarial_queries!r}")
 
 
 class GradientSwitch:
@@ -103,10 +112,18 @@ class GradientSwitch:
         if not isinstance(learner, MetaLearner):
             raise TypeError(f"learner must be a purer.meta.MetaLearner, got {type(learner).__name__}")
         weight = self.config.lambda_adv
-
-        def loss(bank: PseudoBank) -> torch.Tensor:
-            outer, _ = learner.outer_loss(bank.episode(spec))
-            return -weight * outer
+        if self.config.adversarial_queries == "all":
+            def loss(bank: PseudoBank) -> torch.Tensor:
+                outer, _ = learner.outer_loss(bank.episode(spec))
+                return -weight * outer
+        else:
+            def loss(bank: PseudoBank) -> torch.Tensor:
+                episode = bank.episode(spec)
+                adapted = learner.adapt(episode.support_x, episode.support_y, episode.way, create_graph=True)
+                logits = learner.predict(adapted, episode.query_x)
+                per_query = torch.nn.functional.cross_entropy(logits, episode.query_y, reduction="none")
+                correct = (logits.argmax(-1) == episode.query_y).float()
+                return -weight * (per_query * correct).mean()
 
         return loss
 
