@@ -9,20 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from recipe_runs import REPO, RECIPE, accuracies, overrides, recipe
-
-
-@pytest.fixture(scope="module")
-def baseline_run(tiny_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    res = recipe(overrides(tiny_root, out))
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
 
 
 def test_run_writes_every_output(baseline_run):
