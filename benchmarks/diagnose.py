@@ -33,17 +33,17 @@ from purer.config import load_config
 from purer.data import EpisodeSampler, load_split
 from purer.evaluate import evaluate, task_list
 from purer.inversion import PseudoBank
-from purer.pipeline import RunConfig, build_bank, load_meta_learner, zoo_path
+from purer.pipeline import RunConfig, build_bank, checkpointed_state, load_meta_learner, zoo_path
 from purer.zoo.store import Zoo
 
 
 def bank_from_checkpoint(run: Path, teachers, cfg: RunConfig, channels: int) -> PseudoBank:
-    """The run's final bank: the first object the pipeline registers for checkpointing."""
+    """The run's final bank, from its last checkpoint."""
     final = run / "checkpoints" / f"checkpoint_{cfg.meta.train.iterations}"
     if not (final / "COMPLETE").is_file():
         raise SystemExit(f"{run}: no complete final checkpoint ({final})")
     bank = build_bank(cfg, teachers, channels)
-    bank.load_state_dict(torch.load(final / "custom_checkpoint_0.pkl", weights_only=True))
+    bank.load_state_dict(checkpointed_state(final, "bank"))
     return bank
 
 

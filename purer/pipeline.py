@@ -467,6 +467,15 @@ def load_meta_learner(path: str | os.PathLike) -> MetaLearner:
     return learner.eval()
 
 
+# What a checkpoint of ECI meta-training holds, in the order Accelerate numbers the files.
+CHECKPOINTED = ("bank", "inversion", "switch", "learner", "optimizer", "best", "state")
+
+
+def checkpointed_state(checkpoint: str | os.PathLike, name: str) -> dict:
+    """The state dict of one of :data:`CHECKPOINTED` in a checkpoint directory of a run."""
+    return torch.load(Path(checkpoint) / f"custom_checkpoint_{CHECKPOINTED.index(name)}.pkl", weights_only=True)
+
+
 def _detached(ep: Episode) -> Episode:
     return Episode(ep.support_x.detach(), ep.support_y, ep.query_x.detach(), ep.query_y, ep.classes)
 
@@ -551,8 +560,10 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     learner = build_learner(cfg, teachers, channels, size, distilled)
     optimizer = torch.optim.Adam(learner.parameters(), lr=m.train.outer_lr)
     best, state = BestLearner(learner), TrainState()
-    for obj in (bank, inversion, switch, learner, optimizer, best, state):
-        acc.register_for_checkpointing(obj)
+    objects = {"bank": bank, "inversion": inversion, "switch": switch, "learner": learner, "optimizer": optimizer,
+               "best": best, "state": state}
+    for name in CHECKPOINTED:
+        acc.register_for_checkpointing(objects[name])
     if resume:
         found = _checkpoints(out / "checkpoints")
         if not found:

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from purer.pipeline import checkpointed_state
 from recipe_runs import REPO, RECIPE, accuracies, overrides, recipe
 
 
@@ -36,6 +37,10 @@ def test_run_writes_every_output(baseline_run):
     assert list((out / "logs").rglob("events.out.tfevents*"))
     kept = sorted(p.parent.name for p in (out / "checkpoints").glob("checkpoint_*/COMPLETE"))
     assert kept == ["checkpoint_4", "checkpoint_6"]  # the two newest, the last at the end of training
+    final = out / "checkpoints" / "checkpoint_6"
+    assert checkpointed_state(final, "state")["iteration"] == 6
+    assert set(checkpointed_state(final, "switch")) == {"iteration", "best", "stale", "fired"}
+    assert all(k.startswith("logits.") for k in checkpointed_state(final, "bank"))
 
 
 def test_the_meta_learner_is_saved_and_reloads_to_the_same_accuracy(tiny_root, baseline_run):
