@@ -345,14 +345,15 @@ def markdown(res: dict, groups: list[list[Setting]]) -> str:
     every, sampled, large = groups[0]
     env = res["environment"]
     peak_load = max(x[0] for x in [env["loadavg_start"], *env["loadavg_after_each_round"], env["loadavg_end"]])
-    crowded = (f" The 1-minute load reached {peak_load:.1f} on {env['cpu_count']} cores: a multi-thread "
-               "figure then mostly measures waiting for a free core (each parallel op needs all its "
-               "threads scheduled), so compare settings at 1 thread." if peak_load > env["cpu_count"] else "")
+    crowded = (f" The CPU was shared with other jobs (load above {env['cpu_count']} cores), so absolute seconds "
+               "are pessimistic, and a multi-thread figure then mostly measures waiting for a free core (each "
+               "parallel op needs all its threads scheduled): compare settings at 1 thread."
+               if peak_load > env["cpu_count"] else "")
     lines = [f"# ECI meta-iteration speed ({'quick check' if res['quick'] else 'full run'})", "",
              f"`python benchmarks/speed.py`; {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, "
              f"{env['platform']}; {env['wall_seconds'] / 60:.0f} min wall. Load average (1/5/15 min) "
-             f"{env['loadavg_start']} at the start, {env['loadavg_end']} at the end: the CPU was shared with "
-             f"other jobs, so absolute seconds are pessimistic.{crowded} Settings of a group were timed in "
+             f"{env['loadavg_start']} at the start, {env['loadavg_end']} at the end, 1-minute peak {peak_load:.1f} "
+             f"(this benchmark's own threads count: 1-2).{crowded} Settings of a group were timed in "
              f"interleaved rounds (median of {res['rounds']}); the groups (the 13-teacher settings, the zoo "
              f"sizes, the largest all-teacher zoo) one after another. Random-weight Conv4 teachers, 5 classes each, "
              f"bank of {every.images_per_class} images per class, {every.way}-way {every.shot}-shot "
