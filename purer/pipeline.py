@@ -721,11 +721,17 @@ class Baselines:
         if self.pending is None:
             return baseline_rows(self.cfg, self.splits, self.teachers, self.progress)
         try:
-            return self.pending.get()
-        finally:
+            rows = self.pending.get()
+        except BaseException:
             self.close()
+            raise
+        self.pool.close()  # the worker is idle: let it exit on its own, so it leaves nothing behind
+        self.pool.join()
+        self.pool = None
+        return rows
 
     def close(self) -> None:
+        """Stop the worker at once (an error or an interrupt in the main process)."""
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()

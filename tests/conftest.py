@@ -21,4 +21,5 @@ def baseline_run(tiny_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     res = recipe(overrides(tiny_root, out))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "resource_tracker" not in res.stderr, res.stderr[-3000:]  # the baselines' worker exits cleanly
     return out
