@@ -111,19 +111,15 @@ class GradientSwitch:
         """
         if not isinstance(learner, MetaLearner):
             raise TypeError(f"learner must be a purer.meta.MetaLearner, got {type(learner).__name__}")
-        weight = self.config.lambda_adv
-        if self.config.adversarial_queries == "all":
-            def loss(bank: PseudoBank) -> torch.Tensor:
-                outer, _ = learner.outer_loss(bank.episode(spec))
-                return -weight * outer
-        else:
-            def loss(bank: PseudoBank) -> torch.Tensor:
-                episode = bank.episode(spec)
-                adapted = learner.adapt(episode.support_x, episode.support_y, episode.way, create_graph=True)
-                logits = learner.predict(adapted, episode.query_x)
-                per_query = torch.nn.functional.cross_entropy(logits, episode.query_y, reduction="none")
-                correct = (logits.argmax(-1) == episode.query_y).float()
-                return -weight * (per_query * correct).mean()
+        weight, correct_only = self.config.lambda_adv, self.config.adversarial_queries == "correct"
+
+        def loss(bank: PseudoBank) -> torch.Tensor:
+            episode = bank.episode(spec)
+            logits = learner.query_logits(episode)
+            per_query = torch.nn.functional.cross_entropy(logits, episode.query_y, reduction="none")
+            if correct_only:
+                per_query = per_query * (logits.argmax(-1) == episode.query_y)
+            return -weight * per_query.mean()
 
         return loss
 

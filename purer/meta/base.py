@@ -83,6 +83,13 @@ class MetaLearner(nn.Module, ABC):
     def predict(self, adapted: Any, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> logits ``[B, N]`` under the adapted state."""
 
+    def query_logits(self, episode: Episode) -> torch.Tensor:
+        """Logits ``[N*Q, N]`` of the episode's queries after adapting on its support (the graph through
+        the inner loop is kept whenever grad mode is on)."""
+        adapted = self.adapt(episode.support_x, episode.support_y, episode.way,
+                             create_graph=torch.is_grad_enabled())
+        return self.predict(adapted, episode.query_x)
+
     def outer_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
         """Query cross-entropy after adaptation, and query accuracy (a 0-dim tensor).
 
@@ -90,9 +97,7 @@ class MetaLearner(nn.Module, ABC):
         through the inner loop) whenever grad mode is on, which the adversarial
         curriculum needs even while the learner is in eval mode.
         """
-        adapted = self.adapt(episode.support_x, episode.support_y, episode.way,
-                             create_graph=torch.is_grad_enabled())
-        logits = self.predict(adapted, episode.query_x)
+        logits = self.query_logits(episode)
         loss = nn.functional.cross_entropy(logits, episode.query_y)
         acc = (logits.argmax(-1) == episode.query_y).float().mean()
         return loss, acc.detach()
