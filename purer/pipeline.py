@@ -725,15 +725,17 @@ class Baselines:
         except BaseException:
             self.close()
             raise
-        self.pool.close()  # the worker is idle: let it exit on its own, so it leaves nothing behind
-        self.pool.join()
-        self.pool = None
+        self.close(finished=True)
         return rows
 
-    def close(self) -> None:
-        """Stop the worker at once (an error or an interrupt in the main process)."""
+    def close(self, finished: bool = False) -> None:
+        """End the worker: let a finished one exit on its own (so it leaves nothing behind), else stop it
+        at once (an error or an interrupt in the main process)."""
         if self.pool is not None:
-            self.pool.terminate()
+            if finished:
+                self.pool.close()
+            else:
+                self.pool.terminate()
             self.pool.join()
             self.pool = None
 
