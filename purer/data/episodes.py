@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from einops import rearrange
 
+# The splits of every real dataset: meta-train classes (teachers, baselines), meta-val (selection), meta-test.
+SPLITS = ("train", "val", "test")
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -76,6 +79,10 @@ class Episode:
     def to(self, device: torch.device | str) -> "Episode":
         return Episode(self.support_x.to(device), self.support_y.to(device), self.query_x.to(device),
                        self.query_y.to(device), self.classes)
+
+    def detach(self) -> "Episode":
+        """The same episode with its images cut from any graph (e.g. a pseudo episode from the bank)."""
+        return Episode(self.support_x.detach(), self.support_y, self.query_x.detach(), self.query_y, self.classes)
 
 
 def episode_labels(way: int, per_class: int, device: torch.device | str | None = None) -> torch.Tensor:

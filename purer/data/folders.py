@@ -35,8 +35,7 @@ from einops import rearrange
 from PIL import Image
 from tqdm import tqdm
 
-from .episodes import ImageSet
-from .sources import SPLITS
+from .episodes import SPLITS, ImageSet
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
 # Folder names that archivers and file browsers leave behind; never classes.

@@ -103,9 +103,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from .episodes import ImageSet
+from .episodes import SPLITS, ImageSet
 from .glyphs import default_data_root
-from .sources import SPLITS
 
 # Bump when a change to the builder changes its output.
 BUILDER_VERSION = 1

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .episodes import ImageSet
+from .episodes import SPLITS, ImageSet
 
-SPLITS = ("train", "val", "test")
 DATASETS = ("glyphs", "icons", "folder", "cifar_fs", "miniimagenet", "cub")
 
 
