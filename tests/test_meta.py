@@ -236,3 +236,48 @@ def test_maml_works_for_every_zoo_architecture(arch, args, first_order):
     assert all(p.grad is not None for p in learner.parameters())
     fast = learner.adapt(ep.support_x, ep.support_y, 5)
     assert learner.predict(fast, ep.query_x).shape == (15, 5)
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+def test_a_saved_model_folder_reloads_to_the_same_predictions(kind, tmp_path):
+    from purer.meta import MetaLearner
+
+    spec = InputSpec(1, SIZE, (0.5,), (0.25,))
+    model = tiny_model(seed=3)
+    learner = ProtoNet(model, spec) if kind == "protonet" else \
+        (ANIL if kind == "anil" else MAML)(model, 5, spec, MAMLConfig(inner_lr=0.2, inner_steps=2))
+    chosen = {1: {"lr": 0.5, "steps": 10}, 5: {"lr": 0.1, "steps": 1}}
+    learner.test_time = {1: {}, 5: {}} if kind == "protonet" else chosen  # nothing to tune in a ProtoNet
+    learner.save_pretrained(tmp_path / "learner", selected={"iteration": 7})
+    config = __import__("json").loads((tmp_path / "learner" / "config.json").read_text())
+    assert config["learner"] == kind and config["in_channels"] == 1 and config["image_size"] == SIZE
+    assert config["mean"] == [0.5] and config["std"] == [0.25] and config["selected"] == {"iteration": 7}
+    loaded = MetaLearner.from_pretrained(tmp_path / "learner")
+    assert type(loaded) is type(learner) and not loaded.training
+    if kind != "protonet":
+        assert config["test_time"] == {"1": {"lr": 0.5, "steps": 10}, "5": {"lr": 0.1, "steps": 1}}
+        assert loaded.test_time_settings(1) == {"lr": 0.5, "steps": 10}
+        assert loaded.test_time_settings(4) == {"lr": 0.1, "steps": 1}  # the nearest shot chosen for
+        assert loaded.config == learner.config
+    ep = an_episode()
+    # A bigger image (grey, 2x the size) is resized by the saved input contract, as a user's would be.
+    big = lambda x: torch.nn.functional.interpolate(x, scale_factor=2)
+    for net in (learner.eval(), loaded):
+        state = net.adapt(big(ep.support_x), ep.support_y, 5, **net.test_time_settings(1))
+        if net is learner:
+            expected = net.predict(state, big(ep.query_x))
+        else:
+            assert torch.allclose(net.predict(state, big(ep.query_x)), expected, atol=1e-6)
+
+
+def test_a_model_folder_needs_a_registered_network_and_a_readable_folder(tmp_path):
+    from purer.meta import MetaLearner
+
+    hand_made = ProtoNet(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE, 4)))
+    with pytest.raises(ValueError, match="hand-made network"):
+        hand_made.save_pretrained(tmp_path / "hand")
+    with pytest.raises(ValueError, match="cannot load a meta-learner from"):
+        MetaLearner.from_pretrained(tmp_path / "missing")
+    ProtoNet(tiny_model(), InputSpec(1, SIZE)).save_pretrained(tmp_path / "proto")
+    with pytest.raises(ValueError, match="holds a ProtoNet, not a MAML"):
+        MAML.from_pretrained(tmp_path / "proto")

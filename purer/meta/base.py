@@ -1,19 +1,36 @@
-"""The one interface every meta-learner (MAML, ANIL, ProtoNet) offers.
+"""The one interface every meta-learner (MAML, ANIL, ProtoNet) offers, and its model folder.
 
 The curriculum (GradientSwitch), ICFIL, the evaluation and the baselines only rely
-on this interface.
+on this interface.  A meta-learner saves itself as a Hugging Face style folder
+(:meth:`MetaLearner.save_pretrained`: ``config.json`` + ``model.safetensors``,
+nothing pickled) and :meth:`MetaLearner.from_pretrained` rebuilds it, ready to
+classify a new few-shot task:
+
+Example:
+    >>> learner = MetaLearner.from_pretrained("runs/purer-glyphs/meta_learner")          # doctest: +SKIP
+    >>> state = learner.adapt(support_x, support_y, way=5, **learner.test_time_settings(shot=1))  # doctest: +SKIP
+    >>> labels = learner.predict(state, query_x).argmax(-1)                               # doctest: +SKIP
 """
 from __future__ import annotations
 
+import json
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..data.episodes import Episode
+from ..zoo.architectures import Classifier, build_model
+from ..zoo.store import read_safetensors
 from ..zoo.teacher import ModelConfig, prepare_input
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
 
 
 @dataclass(frozen=True)
@@ -51,13 +68,30 @@ class MetaLearner(nn.Module, ABC):
     Class attributes:
         tunable: names of ``adapt`` keyword arguments that test-time model
             selection may set (e.g. ``("lr", "steps")`` for an inner loop).
+        kind: the learner's name in a saved folder's ``config.json`` (``maml``,
+            ``anil``, ``protonet``); a subclass declares it as
+            ``class MyLearner(MetaLearner, kind="mine")`` to be loadable by
+            :meth:`from_pretrained`.
+
+    Attributes:
+        test_time: the test-time settings chosen per shot (``{1: {"lr": 0.1, "steps": 10}}``),
+            saved with the learner; see :meth:`test_time_settings`.
     """
 
     tunable: tuple[str, ...] = ()
+    kind: ClassVar[str] = ""
+    _kinds: ClassVar[dict[str, type["MetaLearner"]]] = {}
+
+    def __init_subclass__(cls, kind: str = "", **kwargs):
+        super().__init_subclass__(**kwargs)
+        if kind:
+            cls.kind = kind
+            MetaLearner._kinds[kind] = cls
 
     def __init__(self, input_spec: InputSpec | None = None):
         super().__init__()
         self.input_spec = input_spec
+        self.test_time: dict[int, dict] = {}
         if input_spec is not None:
             self.register_buffer("input_mean", torch.tensor(input_spec.mean), persistent=False)
             self.register_buffer("input_std", torch.tensor(input_spec.std), persistent=False)
@@ -105,6 +139,79 @@ class MetaLearner(nn.Module, ABC):
     def test_cost(self) -> dict:
         """What a test task needs: ``{"params": <weights used>, "models": <networks run>}``."""
         return {"params": sum(p.numel() for p in self.parameters()), "models": 1}
+
+    def test_time_settings(self, shot: int) -> dict:
+        """The ``adapt`` settings chosen on meta-val for ``shot``-shot tasks (those of the nearest shot
+        chosen for, the smaller on a tie; ``{}`` if none were)."""
+        if not self.test_time:
+            return {}
+        return dict(self.test_time[min(self.test_time, key=lambda s: (abs(s - shot), s))])
+
+    # -- the model folder -------------------------------------------------------------
+    def _network(self) -> tuple[dict | None, int | None]:
+        """The network's ``build_args`` (see :class:`~purer.zoo.Classifier`) and its head's outputs (``None``:
+        no head); a saved folder records both."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be saved as a model folder")
+
+    def _folder_config(self) -> dict:
+        """The learner's own constructor settings for ``config.json`` (beyond network and input)."""
+        return {}
+
+    @classmethod
+    def _from_folder_config(cls, network: Classifier, input_spec: InputSpec | None, config: dict) -> "MetaLearner":
+        """A learner of this kind around ``network`` from its ``config.json`` (weights loaded afterwards)."""
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str | os.PathLike, **info: Any) -> None:
+        """Write the learner as a model folder: ``config.json`` + ``model.safetensors`` (nothing pickled).
+
+        ``config.json`` holds the learner kind, its network (``arch``, ``arch_args``,
+        ``way``: the head's outputs, ``null`` for ProtoNet, which takes any way), its input (``in_channels``, ``image_size``, ``mean``, ``std``), its own
+        settings (e.g. the inner loop), :attr:`test_time` and the JSON values of ``info``
+        (e.g. the meta-val selection).
+
+        Raises:
+            ValueError: the learner's network was not built by :func:`purer.zoo.build_model`.
+        """
+        build, way = self._network()
+        if self.kind not in MetaLearner._kinds or build is None:
+            raise ValueError(f"{type(self).__name__} over a hand-made network cannot be saved as a model folder; "
+                             "build its network with purer.zoo.build_model (or purer.meta.random_model)")
+        spec = self.input_spec
+        config = {"learner": self.kind, "arch": build["arch"], "arch_args": build["arch_args"],
+                  "way": way, "in_channels": build["in_channels"],
+                  "image_size": build["image_size"], "mean": list(spec.mean) if spec else None,
+                  "std": list(spec.std) if spec else None, **self._folder_config(),
+                  "test_time": {str(k): v for k, v in sorted(self.test_time.items())}, **info}
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}, str(path / WEIGHTS))
+        tmp = path / (CONFIG + ".tmp")
+        tmp.write_text(json.dumps(config, indent=1))
+        os.replace(tmp, path / CONFIG)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "MetaLearner":
+        """The learner saved at ``path`` by :meth:`save_pretrained`, in eval mode, on the CPU.
+
+        Raises:
+            ValueError: a missing, foreign or corrupt folder (one line naming it).
+        """
+        path = Path(path)
+        try:
+            c = json.loads((path / CONFIG).read_text())
+            kind = MetaLearner._kinds[c["learner"]]
+            network = build_model(c["arch"], c["way"] or 1, c["in_channels"], c["image_size"], c["arch_args"])
+            spec = None if c["mean"] is None else InputSpec(c["in_channels"], c["image_size"], tuple(c["mean"]),
+                                                            tuple(c["std"]))
+            learner = kind._from_folder_config(network, spec, c)
+            learner.load_state_dict(read_safetensors(path / WEIGHTS))
+            learner.test_time = {int(k): dict(v) for k, v in c.get("test_time", {}).items()}
+        except (OSError, KeyError, TypeError, ValueError, RuntimeError) as e:  # missing, foreign or corrupt files
+            raise ValueError(f"cannot load a meta-learner from {path}: {' '.join(str(e).split())[:300]}") from None
+        if not isinstance(learner, cls):
+            raise ValueError(f"{path} holds a {type(learner).__name__}, not a {cls.__name__}")
+        return learner.eval()
 
 
 def batch_stats_only(model: nn.Module) -> nn.Module:

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -70,7 +70,7 @@ def sgd_steps(params: dict[str, torch.Tensor], loss_fn: Callable[[dict[str, torc
     return params if create_graph else {n: p.detach() for n, p in params.items()}
 
 
-class MAML(MetaLearner):
+class MAML(MetaLearner, kind="maml"):
     """Model-agnostic meta-learning over a :class:`~purer.zoo.Classifier`.
 
     Args:
@@ -119,8 +119,18 @@ class MAML(MetaLearner):
     def predict(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, adapted, (self.prepare(x),))
 
+    def _network(self) -> tuple[dict | None, int]:
+        return self.model.build_args, self.model.head.out_features
 
-class ANIL(MAML):
+    def _folder_config(self) -> dict:
+        return {"maml": asdict(self.config)}
+
+    @classmethod
+    def _from_folder_config(cls, network: Classifier, input_spec: InputSpec | None, config: dict) -> "MAML":
+        return cls(network, config["way"], input_spec, MAMLConfig(**config["maml"]))
+
+
+class ANIL(MAML, kind="anil"):
     """Almost No Inner Loop: MAML whose inner loop adapts only the linear head.
 
     Support features are computed once per task, so each inner step costs a

@@ -67,7 +67,7 @@ class PrototypeClassifier(MetaLearner):
         return neg_sq_distances(self.features(x), adapted)
 
 
-class ProtoNet(PrototypeClassifier):
+class ProtoNet(PrototypeClassifier, kind="protonet"):
     """Prototypical network over an encoder.
 
     Args:
@@ -84,6 +84,14 @@ class ProtoNet(PrototypeClassifier):
         self.encoder = batch_stats_only(copy.deepcopy(encoder))
         for p in self.encoder.parameters():
             p.requires_grad_(True)
+        self._build_args = model.build_args if isinstance(model, Classifier) else None  # for save_pretrained
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.prepare(x))
+
+    def _network(self) -> tuple[dict | None, None]:
+        return self._build_args, None  # any way: prototypes, no head
+
+    @classmethod
+    def _from_folder_config(cls, network: Classifier, input_spec: InputSpec | None, config: dict) -> "ProtoNet":
+        return cls(network, input_spec)

@@ -39,13 +39,21 @@ def available() -> list[str]:
 
 
 class Classifier(nn.Module):
-    """``head(encoder(x))``; ``encoder`` maps ``[B, C, H, W]`` to flat features ``[B, D]``."""
+    """``head(encoder(x))``; ``encoder`` maps ``[B, C, H, W]`` to flat features ``[B, D]``.
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int):
+    Attributes:
+        build_args: what :func:`build_model` needs to rebuild the encoder
+            (``{"arch", "arch_args", "in_channels", "image_size"}``), or ``None`` for a
+            hand-made encoder; a saved meta-learner records it (see
+            :meth:`purer.meta.MetaLearner.save_pretrained`).
+    """
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int, build_args: dict | None = None):
         super().__init__()
         self.encoder = encoder
         self.head = nn.Linear(feature_dim, num_classes)
         self.feature_dim = feature_dim
+        self.build_args = build_args
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -163,4 +171,5 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
         except RuntimeError as e:
             raise ValueError(f"{arch!r} cannot take {in_channels}x{image_size}x{image_size} images: {e}") from None
         encoder.train(was_training)
-    return Classifier(encoder, int(dim), num_classes)
+    return Classifier(encoder, int(dim), num_classes, {"arch": arch, "arch_args": arch_args,
+                                                       "in_channels": in_channels, "image_size": image_size})
