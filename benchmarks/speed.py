@@ -69,7 +69,7 @@ from torch.func import functional_call
 from purer.data import EpisodeSampler
 from purer.inversion import EpisodeInversion, GradientSwitch, PseudoBank
 from purer.meta import MAMLConfig, MetaTrainConfig, meta_step
-from purer.pipeline import MetaConfig, RunConfig, _detached, build_learner
+from purer.pipeline import MetaConfig, RunConfig, build_learner
 from purer.zoo import ModelConfig, Teacher
 
 RESULTS = Path(__file__).parent / "results"
@@ -182,7 +182,7 @@ class Bench:
         t1 = time.perf_counter()
         with torch.no_grad():
             episodes = [self.bank.episode(self.train_tasks.task(it * mb + j)) for j in range(mb)]
-        episodes = [_detached(e) for e in episodes]
+        episodes = [e.detach() for e in episodes]
         t2 = time.perf_counter()
         self.inner_seconds = 0.0
         meta_step(self.learner, self.optimizer, episodes, total=mb)

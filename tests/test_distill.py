@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from meta_synthetic import ARCH_ARGS, template_images, tiny_teacher
 from purer.inversion import EpisodeInversion, InversionConfig, PseudoBank
-from purer.meta import batch_stats_only, distill_zoo, random_model, teacher_agreement, with_new_head
-from purer.meta.init import distillation_loss
+from purer.distill import distill_zoo, distillation_loss, teacher_agreement
+from purer.meta import batch_stats_only, random_model, with_new_head
 from recipe_runs import accuracies, overrides, recipe
 
 

@@ -1,11 +1,11 @@
 """Meta-learners behind one interface (MAML, ANIL, ProtoNet), their initialisations and the meta-training loop."""
 from .base import InputSpec, MetaLearner, batch_stats_only
-from .init import average_teachers, distill_zoo, from_model, random_model, teacher_agreement, with_new_head
+from .init import average_teachers, from_model, random_model, with_new_head
 from .maml import ANIL, MAML, MAMLConfig
 from .protonet import ProtoNet, neg_sq_distances, prototypes
 from .train import MetaTrainConfig, TrainHistory, meta_step, meta_train, real_episodes
 
-__all__ = ["InputSpec", "MetaLearner", "batch_stats_only", "average_teachers", "distill_zoo", "from_model",
-           "random_model", "teacher_agreement", "with_new_head", "ANIL", "MAML", "MAMLConfig", "ProtoNet",
+__all__ = ["InputSpec", "MetaLearner", "batch_stats_only", "average_teachers", "from_model",
+           "random_model", "with_new_head", "ANIL", "MAML", "MAMLConfig", "ProtoNet",
            "neg_sq_distances", "prototypes", "MetaTrainConfig", "TrainHistory", "meta_step", "meta_train",
            "real_episodes"]

@@ -1,9 +1,10 @@
 """The meta-training loop: outer Adam steps on meta-batches of episodes from any source.
 
 An episode source is a callable returning one :class:`~purer.data.Episode` per call
-or an iterator of them: real tasks now (:func:`real_episodes`), pseudo tasks from
-the inversion bank later. Each step reports the meta-batch's query accuracy, which
-the adversarial curriculum (GradientSwitch) consumes through ``callback``.
+or an iterator of them: real tasks (:func:`real_episodes`, the baselines' upper
+bound) or pseudo tasks of synthesised images. :func:`meta_step`, one outer step,
+is what ECI meta-training calls; it reports the meta-batch's query accuracy, the
+feedback of the adversarial curriculum.
 
 Example:
     >>> history = meta_train(learner, real_episodes(train_set, way=5, shot=1), MetaTrainConfig(iterations=100))

@@ -1,0 +1,120 @@
+"""Building a run's objects: the zoo's teachers, the pseudo-image bank and the meta-learner at its start."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..meta import ANIL, MAML, MAMLConfig, MetaLearner, ProtoNet
+from ..meta.base import InputSpec
+from ..meta.init import average_teachers, random_model, with_new_head
+from ..inversion import PseudoBank
+from ..zoo.architectures import Classifier
+from ..zoo.pretrain import PretrainConfig, pretrain_zoo
+from ..zoo.store import Zoo, default_zoo_dir
+from ..zoo.teacher import Teacher
+from .config import RunConfig, RunError, ZooConfig
+from .distributed import Dist
+
+
+def zoo_path(cfg: RunConfig) -> Path:
+    z = cfg.zoo
+    if z.path:
+        return Path(z.path)
+    name = f"{cfg.data.dataset}-{z.arch}-{z.num_models}x{z.classes_per_model}-{z.subsets}-{cfg.data.image_size}px"
+    # Every recipe field names the default directory, else a finished zoo built with other
+    # epochs or another seed would be reused silently; defaults keep the short name.
+    if z.epochs != ZooConfig.epochs:
+        name += f"-{z.epochs}ep"
+    if z.seed != ZooConfig.seed:
+        name += f"-seed{z.seed}"
+    return default_zoo_dir(name)
+
+
+def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
+    """The zoo's teachers, kept in memory; pre-trained on first use when allowed."""
+    path = zoo_path(cfg)
+    z = cfg.zoo
+    try:
+        spec = PretrainConfig(dataset=cfg.data.dataset, data_root=cfg.data.root, image_size=cfg.data.image_size,
+                              num_models=z.num_models, classes_per_model=z.classes_per_model, arch=z.arch,
+                              subsets=z.subsets, epochs=z.epochs, seed=z.seed)
+        present = Zoo(path).ids() if (path / "zoo.json").exists() else None
+    except (FileNotFoundError, ValueError) as e:
+        raise RunError(f"zoo at {path}: {e}") from None
+    # Build a missing zoo, or finish one this recipe started (an interrupted pre-training); a zoo
+    # holding other models (e.g. registered ones) is used as it is and never written to.
+    ours = {spec.model_id(i) for i in range(z.num_models)}
+    if present is None or (z.build_if_missing and len(present) < z.num_models and set(present) <= ours):
+        if not z.build_if_missing:
+            raise RunError(f"no model zoo at {path}; build one with `purer-zoo pretrain --zoo {path}` or "
+                           "`purer-zoo register`, or set zoo.build_if_missing=true")
+        if dist.main:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # small teachers train fastest on one thread each
+            try:
+                print(f"pre-training a {z.num_models}-model zoo at {path} (once; later runs reuse it)")
+                pretrain_zoo(spec, Zoo(path, create=True), progress=progress)
+            except (FileNotFoundError, ValueError) as e:  # a zoo recipe the data cannot satisfy
+                raise RunError(f"cannot pre-train the zoo at {path}: {e}") from None
+            finally:
+                torch.set_num_threads(threads)
+        dist.barrier()
+    try:
+        teachers = Zoo(path).load_teachers()
+    except (FileNotFoundError, ValueError) as e:  # a corrupt or foreign zoo directory
+        raise RunError(str(e)) from None
+    if not teachers:
+        raise RunError(f"the model zoo at {path} is empty")
+    return teachers
+
+
+def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, size: int,
+                  distilled: Classifier | None = None) -> MetaLearner:
+    """The meta-learner of ``cfg.meta`` at its initialisation.
+
+    ``distilled`` is the zoo's student (:func:`purer.meta.init.distill_zoo`) for
+    ``init: distilled``: the learner takes its encoder and a fresh ``way``-output head
+    (ProtoNet uses the encoder only).  On ``--resume`` there is none: a random model
+    of the same shape stands in until the checkpoint's weights are loaded.
+    """
+    m = cfg.meta
+    try:
+        if m.init == "avg-teachers":
+            model = average_teachers(teachers, m.way)
+            spec = InputSpec.of(teachers[0].config)
+        elif distilled is not None:
+            model = with_new_head(distilled, m.way, seed=cfg.seed)
+            spec = InputSpec(channels, size)
+        else:
+            model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)
+            spec = InputSpec(channels, size)
+    except ValueError as e:  # an unknown meta.arch or bad arch_args, or a zoo that cannot be averaged
+        raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
+    return wrap_learner(m.learner, model, m.way, spec, m.maml)
+
+
+def wrap_learner(kind: str, model: Classifier, way: int, spec: InputSpec, maml: MAMLConfig) -> MetaLearner:
+    """``model`` as the meta-learner ``kind`` (one of :data:`purer.pipeline.config.LEARNERS`)."""
+    if kind == "protonet":
+        return ProtoNet(model, spec)
+    return (ANIL if kind == "anil" else MAML)(model, way, spec, maml)
+
+
+def build_bank(cfg: RunConfig, teachers: Sequence[Teacher], channels: int) -> PseudoBank:
+    """The run's pseudo-image bank at its initialisation."""
+    m = cfg.meta
+    return PseudoBank(teachers, m.images_per_class or (m.shot + m.query), image_size=cfg.data.image_size,
+                      channels=channels, merge_shared_classes=cfg.zoo.merge_shared_classes, seed=cfg.seed,
+                      space=cfg.inversion.space)
+
+
+def load_meta_learner(path: str | os.PathLike) -> MetaLearner:
+    """:meth:`MetaLearner.from_pretrained` for a run's ``<output_dir>/meta_learner``, a :class:`RunError` if it
+    cannot be read."""
+    try:
+        return MetaLearner.from_pretrained(path)
+    except ValueError as e:
+        raise RunError(str(e)) from None

@@ -1,0 +1,186 @@
+"""The run's configuration: one dataclass section per stage, and the error a user can fix.
+
+``recipes/configs/*.yaml`` and ``key=value`` overrides set any field (see
+:func:`purer.config.load_config`); a misspelt key is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..baselines import METHODS as BASELINE_METHODS
+from ..calibrate import ICFILConfig
+from ..evaluate import TuningGrid
+from ..inversion import InversionConfig, SwitchConfig
+from ..meta import MAMLConfig, MetaTrainConfig
+from ..zoo.pretrain import PretrainConfig
+
+LEARNERS = ("maml", "anil", "protonet")
+# The rows a default run compares its MAML meta-learner with (fine-tuning and ProtoNet rows: see
+# purer.baselines.METHODS, e.g. eval.baselines=[...] in a config).
+DEFAULT_BASELINES = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "maml-random", "maml-avg-teachers",
+                     "maml-real")
+INITS = ("random", "avg-teachers", "distilled")
+
+
+@dataclass
+class DataConfig:
+    """The real data: meta-val for selection, meta-test for the table, meta-train only for baselines.
+
+    Attributes:
+        dataset: a name of :func:`purer.data.load_split` (``glyphs`` is built in).
+        root: where the dataset lies (``glyphs``: the cache directory).
+        image_size: the side every image is resized to; Conv4 at 32 px ends in
+            2x2x32 = 128 features, at 28 px in only 32 (METHOD.md).
+    """
+
+    dataset: str = "glyphs"
+    root: str | None = None
+    image_size: int = 32
+
+
+@dataclass
+class ZooConfig:
+    """The model zoo: an existing directory, or one pre-trained on first use.
+
+    Attributes:
+        path: the zoo directory (default: ``model_zoo/zoos/<dataset>-<arch>-<models>x<classes>-<subsets>-<size>px``,
+            with ``-<epochs>ep`` / ``-seed<seed>`` when those differ from the defaults).
+        build_if_missing: pre-train the zoo from the fields below when ``path`` holds none (or
+            finish one they started); a zoo holding other models is used as it is.
+        num_models, classes_per_model, arch, subsets, epochs, seed: the pre-training
+            recipe (see :class:`purer.zoo.pretrain.PretrainConfig`); teachers learn
+            classes of the meta-train split only.
+        merge_shared_classes: teachers whose ``class_ids`` name the same class share one
+            bank class (METHOD.md part 1: a class is (model, local label) unless the zoo
+            says two models share a class id), so with ``subsets: random`` a pseudo task
+            never holds one class under two labels.  Set false for a zoo whose class ids
+            are per-model labels (e.g. ``0..4`` of unrelated datasets).
+    """
+
+    path: str | None = None
+    build_if_missing: bool = True
+    num_models: int = 12
+    classes_per_model: int = 5
+    arch: str = "conv4"
+    subsets: str = "disjoint"
+    epochs: int = PretrainConfig.epochs
+    seed: int = 0
+    merge_shared_classes: bool = True
+
+
+@dataclass
+class MetaConfig:
+    """The meta-learner and its training on pseudo episodes.
+
+    Attributes:
+        learner: ``maml`` | ``anil`` | ``protonet``.
+        arch, arch_args: its network (any registered architecture).
+        init: ``random``, ``avg-teachers`` (the release's initialisation; needs a
+            same-architecture zoo) or ``distilled`` (the zoo distilled into ``arch``
+            on the run's bank before meta-training; see :func:`purer.meta.init.distill_zoo`).
+        distill_steps: iterations of the ``distilled`` pre-phase (one inversion step
+            and one student step each).
+        way, shot, query: the pseudo tasks it trains on (the release uses 15 queries;
+            the default 5 makes an iteration about 2.5 times cheaper on a CPU).
+        images_per_class: P, bank images per class (default ``shot + query``, as the release).
+        maml: inner loop (MAML/ANIL).
+        train: iterations, meta-batch, outer lr, and ``val_every`` (meta-val selection).
+        val_tasks: size of the fixed meta-val task list used for selection.
+    """
+
+    learner: str = "maml"
+    arch: str = "conv4"
+    arch_args: dict = field(default_factory=dict)
+    init: str = "random"
+    distill_steps: int = 300
+    way: int = 5
+    shot: int = 1
+    query: int = 5
+    images_per_class: int | None = None
+    # Inner lr 0.1, not the release's 0.01: on glyph meta-val (5-way 1-shot, 600 ECI iterations) 0.1 reached
+    # 82% at 500 iterations where 0.01 reached 67% at 400; METHOD.md's prototype also adapts best at 0.1.
+    maml: MAMLConfig = field(default_factory=lambda: MAMLConfig(inner_lr=0.1))
+    train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=600, val_every=200))
+    val_tasks: int = 50
+
+    def __post_init__(self):
+        if self.distill_steps < 1:
+            raise ValueError(f"distill_steps must be >= 1, got {self.distill_steps}")
+
+
+@dataclass
+class EvalConfig:
+    """Meta-test protocol: the same seeded task list for every row.
+
+    Attributes:
+        way, shots, query, tasks, seed: the meta-test task lists (one per shot).
+        val_tasks: meta-val tasks for choosing test-time settings.
+        grid: the shared grid of test-time inner lr and steps.
+        icfil: also report the meta-learner with ICFIL.
+        baselines: rows of :data:`purer.baselines.METHODS` to run (cached by config).
+        baseline_train_iterations: real-data meta-training of the upper-bound rows.
+    """
+
+    way: int = 5
+    shots: list[int] = field(default_factory=lambda: [1, 5])
+    query: int = 15
+    tasks: int = 600
+    seed: int = 0
+    val_tasks: int = 30
+    grid: TuningGrid = field(default_factory=lambda: TuningGrid(steps=(1, 10)))
+    icfil: bool = True
+    baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
+    baseline_train_iterations: int = 300
+
+
+@dataclass
+class RunConfig:
+    """Everything :func:`run` needs; ``recipes/configs/*.yaml`` set any of it.
+
+    Attributes:
+        output_dir: where results, pictures, logs and checkpoints go.
+        seed: training seed (bank, meta-learner initialisation, pseudo tasks, teacher sampling).
+        checkpoint_every: meta-iterations between checkpoints (``accelerator.save_state``).
+        picture_every: meta-iterations between PNG grids of a pseudo episode.
+        cache_dir: cached baseline rows (keyed by everything they depend on).
+        threads: torch threads per process (``None``: torch's default). One is fastest for
+            these small networks; use processes (``accelerate launch --num_processes``) for more cores.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
+    switch: SwitchConfig = field(default_factory=lambda: SwitchConfig(warmup=200))
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    # A cheaper ICFIL than its library defaults: it runs on every meta-test task of both shots.
+    icfil: ICFILConfig = field(default_factory=lambda: ICFILConfig(inversion_steps=5, calibration_steps=5))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/purer-glyphs"
+    seed: int = 0
+    checkpoint_every: int = 250
+    picture_every: int = 500
+    cache_dir: str = "runs/.cache"
+    threads: int | None = 1
+
+    def __post_init__(self):
+        if self.meta.learner not in LEARNERS:
+            raise ValueError(f"meta.learner must be one of {LEARNERS}, got {self.meta.learner!r}")
+        if self.meta.init not in INITS:
+            raise ValueError(f"meta.init must be one of {INITS}, got {self.meta.init!r}")
+        unknown = set(self.eval.baselines) - set(BASELINE_METHODS)
+        if unknown:
+            raise ValueError(f"unknown eval.baselines {sorted(unknown)}; choose from {list(BASELINE_METHODS)}")
+        if self.meta.learner != "protonet" and self.meta.way != self.eval.way:
+            raise ValueError(f"a {self.meta.learner} meta-learner's head has meta.way={self.meta.way} outputs, so "
+                             f"eval.way must match (got {self.eval.way}); ProtoNet alone can change the way")
+        if min(self.eval.tasks, self.eval.val_tasks, self.meta.val_tasks) < 1 or not self.eval.shots:
+            raise ValueError("eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1, and eval.shots non-empty")
+        if self.checkpoint_every < 1 or self.picture_every < 1:
+            raise ValueError("checkpoint_every and picture_every must be >= 1")
+        if self.inversion.seed != InversionConfig.seed:
+            # The run's seed drives the inversion (see meta_train_eci); a second seed would be ignored.
+            raise ValueError(f"inversion.seed is set by the run's seed; use seed={self.inversion.seed} instead")
+
+
+class RunError(RuntimeError):
+    """A problem with the run's inputs (dataset, zoo, task sizes) that the user can fix."""

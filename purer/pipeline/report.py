@@ -1,0 +1,51 @@
+"""The run's report: results.json, the Markdown results table and the hyper-parameters for TensorBoard."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import to_dict
+
+
+def results_table(rows: Sequence[dict], title: str = "") -> str:
+    """A Markdown table of ``results.json`` rows: one line per method, one column per (way, shot)."""
+    cols = sorted({(r["way"], r["shot"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["way"], r["shot"]): r for r in rows}
+    head = ["method"] + [f"{w}-way {s}-shot" for w, s in cols] + ["test-time cost"]
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for meth in methods:
+        vals, cost = [], ""
+        for w, s in cols:
+            r = cell.get((meth, w, s))
+            vals.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" if r else "")
+            cost = cost or (", ".join(f"{k}={v}" for k, v in r["test_cost"].items()) if r else "")
+        lines.append("| " + " | ".join([meth] + vals + [cost]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def flat_hparams(cfg) -> dict[str, Any]:
+    """A dataclass config as flat ``{"section.key": scalar}`` pairs (TensorBoard's hyper-parameters)."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif isinstance(v, (int, float, str, bool)):
+                flat[prefix + k] = v
+            elif v is not None:
+                flat[prefix + k] = str(v)
+
+    walk(to_dict(cfg), "")
+    return flat
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` atomically (a temp file, then a rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
