@@ -7,6 +7,7 @@ many images each class has, so real and pseudo sources share one sampling rule.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
 
@@ -85,6 +86,55 @@ class Episode:
         return Episode(self.support_x.detach(), self.support_y, self.query_x.detach(), self.query_y, self.classes)
 
 
+@dataclass
+class TaskBatch:
+    """``T`` episodes of one shape (way, shot, query), stacked for batched adaptation and evaluation.
+
+    Attributes:
+        support_x: ``[T, N*K, C, H, W]`` float images in ``[0, 1]``, each task class-major
+            (or ``[T, N*K, D]`` features, see :class:`purer.baselines.FeatureSet`).
+        support_y: ``[N*K]`` int64 labels, the same for every task (class-major ``0..N-1``).
+        query_x: ``[T, N*Q, ...]`` like ``support_x``.
+        query_y: ``[N*Q]``.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    def __post_init__(self):
+        if self.support_x.ndim < 3 or self.support_x.shape[0] != self.query_x.shape[0] \
+                or self.support_x.shape[2:] != self.query_x.shape[2:]:
+            raise ValueError(f"a TaskBatch holds support [T, N*K, ...] and query [T, N*Q, ...] of one item shape, "
+                             f"got {tuple(self.support_x.shape)} and {tuple(self.query_x.shape)}")
+
+    def __len__(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str) -> "TaskBatch":
+        return TaskBatch(self.support_x.to(device), self.support_y.to(device), self.query_x.to(device),
+                         self.query_y.to(device))
+
+    @property
+    def way(self) -> int:
+        return int(self.support_y.max()) + 1
+
+    @classmethod
+    def stack(cls, episodes: Sequence["Episode"]) -> "TaskBatch":
+        """Stack episodes of one shape (their labels must agree, as a sampler's class-major labels do)."""
+        first = episodes[0]
+        for ep in episodes[1:]:
+            if not (torch.equal(ep.support_y, first.support_y) and torch.equal(ep.query_y, first.query_y)):
+                raise ValueError("episodes of a TaskBatch must share way, shot, query and label order")
+        return cls(torch.stack([e.support_x for e in episodes]), first.support_y,
+                   torch.stack([e.query_x for e in episodes]), first.query_y)
+
+    def task(self, i: int) -> "Episode":
+        """Task ``i`` as an :class:`Episode` (no class names)."""
+        return Episode(self.support_x[i], self.support_y, self.query_x[i], self.query_y)
+
+
 def episode_labels(way: int, per_class: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Class-major labels ``[way * per_class]``: ``0,0,..,1,1,..``."""
     return torch.arange(way, device=device).repeat_interleave(per_class)
@@ -131,9 +181,25 @@ class ImageSet:
         order = torch.argsort(self.labels, stable=True)
         counts = torch.bincount(self.labels, minlength=len(self.class_names)).tolist()
         self._members = list(torch.split(order, counts))
+        # members as one [classes, largest class] table, so a batch of tasks is gathered with one index
+        self._table = np.zeros((len(counts), max(counts, default=0)), dtype=np.int64)
+        for c, m in enumerate(self._members):
+            self._table[c, :len(m)] = m.numpy()
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> "ImageSet":
+        """This set with its images on ``device`` (moved once; episodes are then gathered there)."""
+        if torch.device(device) == self.device:
+            return self
+        moved = copy.copy(self)
+        moved.images = self.images.to(device)
+        return moved
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -157,15 +223,30 @@ class ImageSet:
             else torch.zeros(0, dtype=torch.long)
         return ImageSet(self.images[idx], new, [self.class_names[c] for c in classes], name or self.name)
 
-    def episode(self, spec: TaskSpec) -> Episode:
-        def gather(inst: np.ndarray) -> torch.Tensor:
-            idx = torch.stack([self._members[c][torch.as_tensor(i)] for c, i in zip(spec.classes, inst)])
-            return self.float_images(rearrange(idx, "n k -> (n k)"))
+    def index(self, classes: np.ndarray, inst: np.ndarray) -> torch.Tensor:
+        """Row indices ``[..., N*K]`` (on :attr:`device`) of instances ``inst [..., N, K]`` (into each class's
+        own list) of ``classes [..., N]``, class-major."""
+        idx = torch.as_tensor(self._table[classes[..., None], inst]).to(self.device)
+        return rearrange(idx, "... n k -> ... (n k)")
 
-        way = spec.way
-        return Episode(gather(spec.support), episode_labels(way, spec.support.shape[1]),
-                       gather(spec.query), episode_labels(way, spec.query.shape[1]),
+    def _gather(self, classes: np.ndarray, inst: np.ndarray) -> torch.Tensor:
+        return self.float_images(self.index(classes, inst))
+
+    def episode(self, spec: TaskSpec) -> Episode:
+        way, dev = spec.way, self.device
+        return Episode(self._gather(spec.classes, spec.support), episode_labels(way, spec.support.shape[1], dev),
+                       self._gather(spec.classes, spec.query), episode_labels(way, spec.query.shape[1], dev),
                        tuple(self.class_names[c] for c in spec.classes))
+
+    def episodes(self, specs: Sequence[TaskSpec]) -> TaskBatch:
+        """The tasks of ``specs`` (one shape) as a :class:`TaskBatch`, gathered with one index per part."""
+        shapes = {(s.way, s.support.shape[1], s.query.shape[1]) for s in specs}
+        if len(shapes) != 1:
+            raise ValueError(f"a TaskBatch needs tasks of one (way, shot, query), got {sorted(shapes)}")
+        (way, shot, query), dev = shapes.pop(), self.device
+        classes = np.stack([s.classes for s in specs])
+        return TaskBatch(self._gather(classes, np.stack([s.support for s in specs])), episode_labels(way, shot, dev),
+                         self._gather(classes, np.stack([s.query for s in specs])), episode_labels(way, query, dev))
 
 
 class EpisodeSampler:
