@@ -13,8 +13,8 @@ from torch import nn
 
 from purer.data import EpisodeSampler
 from purer.inversion import (BNStatsHook, EpisodeInversion, GradientSwitch, InversionConfig, L2Prior, PseudoBank,
-                             SwitchConfig, TotalVariation, bn_distance, build_augmentation, l2_prior,
-                             save_bank_grid, save_episode_grid, total_variation)
+                             RandomAffineAugment, SwitchConfig, TotalVariation, bn_distance, build_augmentation,
+                             l2_prior, save_bank_grid, save_episode_grid, total_variation)
 from purer.meta.base import MetaLearner
 from purer.zoo import ModelConfig, Teacher
 
@@ -371,6 +371,55 @@ def test_a_step_split_over_processes_equals_the_whole_step(zoo):
     assert all(not torch.equal(idle_bank.snapshot([c]), fresh()[0].snapshot([c])) for c in bank.teacher_classes[2])
 
 
+def mixed_zoo(dtype=torch.float64) -> list[Teacher]:
+    """Random teachers of two architectures (Conv4, ResNet-10), two input contracts and two class counts, with
+    non-trivial BN running statistics; teachers of one contract differ in their normalisation."""
+    zoo = []
+    for i, (arch, args, size, classes, mean) in enumerate([
+            ("conv4", {"width": 4, "depth": 2}, SIZE, 3, 0.5), ("resnet10", {"width": 4}, 12, 3, 0.4),
+            ("conv4", {"width": 4, "depth": 2}, SIZE, 3, 0.3), ("resnet10", {"width": 4}, 12, 3, 0.6),
+            ("conv4", {"width": 4, "depth": 2}, SIZE, 2, 0.5)]):
+        torch.manual_seed(i)
+        config = ModelConfig(arch, classes, [f"t{i}c{k}" for k in range(classes)], in_channels=1, image_size=size,
+                             mean=[mean], std=[0.25], arch_args=args)
+        model = config.build().train()
+        with torch.no_grad():
+            model(torch.rand(8, 1, size, size))
+        zoo.append(Teacher(model.to(dtype), config, f"m{i}"))
+    return zoo
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_batched_teachers_equal_the_per_teacher_step(augment):
+    """vmap over same-contract teachers (each its own BN statistics) gives the loop's losses and bank gradients."""
+    results = []
+    for batching in ("loop", "vmap"):
+        zoo = mixed_zoo()
+        bank = PseudoBank(zoo, images_per_class=3, seed=2).double()
+        inversion = EpisodeInversion(zoo, bank, InversionConfig(teacher_batching=batching, augment=augment, seed=5))
+        assert inversion.batched == (batching == "vmap")
+        losses, parts = inversion.teacher_losses([0, 1, 2, 3, 4])
+        grads = torch.autograd.grad(losses.sum(), list(bank.logits))
+        results.append((losses, parts, grads))
+    (l1, p1, g1), (l2, p2, g2) = results
+    assert torch.allclose(l1, l2, rtol=1e-10, atol=1e-12)
+    assert all(torch.allclose(p1[k], p2[k], rtol=1e-10, atol=1e-12) for k in p1)
+    assert (p1["r_bn"] > 0).all()  # every teacher's own BN statistics, none shared
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g1, g2))
+    assert all(g.abs().sum() > 0 for g in g1)
+
+
+def test_a_step_under_bf16_autocast_still_lowers_the_inversion_loss(zoo):
+    bank = PseudoBank(zoo, images_per_class=4)
+    inversion = EpisodeInversion(zoo, bank, no_aug(), autocast=torch.bfloat16)
+    first = inversion.teacher_losses([0, 1, 2])[0].sum().item()
+    for _ in range(5):
+        stats = inversion.step(teachers=[0, 1, 2])
+    assert stats["loss"].dtype == torch.float32
+    assert inversion.teacher_losses([0, 1, 2])[0].sum().item() < first
+    assert all(p.dtype == torch.float32 for p in bank.parameters())
+
+
 def test_augmented_steps_do_not_depend_on_the_global_rng(zoo):
     banks = []
     for global_seed in (1, 2):
@@ -417,12 +466,39 @@ def test_inversion_config_and_zoo_mismatch_raise(zoo):
 def test_augmentation_is_differentiable_and_switchable():
     x = torch.rand(6, 1, SIZE, SIZE, requires_grad=True)
     aug = build_augmentation(InversionConfig(flip=True), SIZE)
-    assert len(aug) == 3  # shift, crop, flip
-    y = aug(x)
+    theta = aug.sample(6, torch.Generator().manual_seed(0))
+    y = aug(x, theta)
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    assert isinstance(build_augmentation(no_aug(), SIZE), nn.Identity)
+    off = build_augmentation(no_aug(), SIZE)
+    assert off.identity and off(x, off.sample(6, torch.Generator())) is x
+    # the same seed draws the same warps; the crop's area stays within crop_scale, shifts within the jitter
+    assert torch.equal(theta, aug.sample(6, torch.Generator().manual_seed(0)))
+    many = build_augmentation(InversionConfig(jitter=2, crop_scale=(0.8, 1.0)), SIZE).sample(500, torch.Generator())
+    side = many[:, 1, 1]
+    assert (side.square() >= 0.8 - 1e-6).all() and (side <= 1).all() and torch.equal(many[:, 0, 0], side)
+    assert (many[:, :, 2].abs() <= (1 - side)[:, None] + 2 * 2 / SIZE + 1e-6).all()
+
+
+def test_augmentation_warps_are_the_shift_crop_and_flip_they_say():
+    aug = RandomAffineAugment(jitter=2, crop_scale=(0.5, 1.0), flip=True, image_size=8)
+    x = torch.arange(64.0).view(1, 1, 8, 8)
+
+    def warp(side=1.0, mirror=1.0, dx=0.0, dy=0.0):
+        # a shift right by dx pixels reads the input dx pixels to the left (normalised: 2 / 8 per pixel)
+        return aug(x, torch.tensor([[[side * mirror, 0, -dx * 2 / 8], [0, side, -dy * 2 / 8]]]))[0, 0]
+
+    assert torch.allclose(warp(), x[0, 0], atol=1e-5)
+    assert torch.allclose(warp(mirror=-1), x[0, 0].flip(-1), atol=1e-5)
+    shifted = warp(dx=1)
+    assert torch.allclose(shifted[:, 1:], x[0, 0, :, :-1], atol=1e-5)  # content moved one pixel right
+    assert torch.allclose(shifted[:, 0], x[0, 0, :, 0], atol=1e-5)  # and the border repeats
+    down = warp(dy=2)
+    assert torch.allclose(down[2:], x[0, 0, :-2], atol=1e-5)
+    # a centred half-side crop, resized back: the middle 4x4 pixels at twice the size
+    crop = aug(x, torch.tensor([[[0.5, 0, 0], [0, 0.5, 0]]]))[0, 0]
+    assert torch.allclose(torch.nn.functional.avg_pool2d(crop[None, None], 2)[0, 0], x[0, 0, 2:6, 2:6], atol=0.6)
 
 
 # ---------------------------------------------------------------- gradient switch

@@ -33,6 +33,8 @@ def bn_distance(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     """
     if x.ndim < 2 or x.shape[1] != running_mean.shape[0]:
         raise ValueError(f"BN input must be [B, C, ...] with C={running_mean.shape[0]}, got {tuple(x.shape)}")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # statistics in full precision under mixed-precision autocast
     dims = [0, *range(2, x.ndim)]
     # Two plain means instead of torch.var_mean: the same biased variance, about 3x
     # faster forward + backward on CPU for reductions over the batch and space.
@@ -65,6 +67,7 @@ class BNStatsHook:
                                  "R_bn needs a model trained with tracked BN statistics")
         self.terms: list[torch.Tensor] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._device = next(model.parameters(), torch.empty(0)).device
 
     def _record(self, module: _BatchNorm, inputs: tuple[torch.Tensor, ...]) -> None:
         self.terms.append(bn_distance(inputs[0], module.running_mean, module.running_var))
@@ -86,7 +89,7 @@ class BNStatsHook:
     def loss(self) -> torch.Tensor:
         """R_bn: the sum of the recorded terms (a 0-dim tensor; zero for a model without BN)."""
         if not self.terms:
-            return torch.zeros(())
+            return torch.zeros((), device=self._device)
         return torch.stack(self.terms).sum()
 
     def clear(self) -> None:

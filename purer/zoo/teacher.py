@@ -82,6 +82,12 @@ def prepare_input(x: torch.Tensor, in_channels: int, image_size: int, mean: torc
     Grey images are repeated to 3 channels; colour images are averaged to 1.
     Differentiable in ``x``.
     """
+    x = convert_input(x, in_channels, image_size)
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def convert_input(x: torch.Tensor, in_channels: int, image_size: int) -> torch.Tensor:
+    """``[B, C, H, W]`` images -> ``in_channels`` channels at ``image_size`` (the input shape, not normalised)."""
     if x.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got {tuple(x.shape)}")
     c = x.shape[1]
@@ -94,7 +100,7 @@ def prepare_input(x: torch.Tensor, in_channels: int, image_size: int, mean: torc
             raise ValueError(f"cannot feed {c}-channel images to a {in_channels}-channel model")
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    return x
 
 
 class Teacher(nn.Module):
@@ -126,6 +132,10 @@ class Teacher(nn.Module):
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return prepare_input(x, self.config.in_channels, self.config.image_size, self.mean, self.std)
+
+    def prepare_shape(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`prepare` but the normalisation (which a batch of teachers applies each its own)."""
+        return convert_input(x, self.config.in_channels, self.config.image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.prepare(x))
