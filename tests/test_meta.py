@@ -281,3 +281,37 @@ def test_a_model_folder_needs_a_registered_network_and_a_readable_folder(tmp_pat
     ProtoNet(tiny_model(), InputSpec(1, SIZE)).save_pretrained(tmp_path / "proto")
     with pytest.raises(ValueError, match="holds a ProtoNet, not a MAML"):
         MAML.from_pretrained(tmp_path / "proto")
+
+
+def a_task_batch(tasks=3, way=5, shot=2, query=3, seed=0):
+    from purer.data import TaskBatch
+    data = template_images(num_classes=way + 4, seed=seed)
+    sampler = EpisodeSampler(data.class_sizes(), way, shot, query, seed=seed)
+    return TaskBatch.stack([data.episode(sampler.task(i)) for i in range(tasks)])
+
+
+@pytest.mark.parametrize("kind,first_order", [("maml", False), ("maml", True), ("anil", False), ("protonet", False)])
+def test_tasks_adapted_together_equal_tasks_adapted_one_by_one(kind, first_order):
+    """vmap over tasks (each its own BatchNorm batch) gives the per-task logits and the same meta-gradient."""
+    torch.manual_seed(0)
+    spec = InputSpec(1, SIZE, (0.5,), (0.25,))
+    model = random_model("conv4", 5, 1, SIZE, ARCH_ARGS, seed=1).double()
+    learner = ProtoNet(model, spec) if kind == "protonet" else \
+        (ANIL if kind == "anil" else MAML)(model, 5, spec, MAMLConfig(inner_lr=0.3, inner_steps=2,
+                                                                       first_order=first_order))
+    batch = a_task_batch()
+    batch.support_x, batch.query_x = batch.support_x.double(), batch.query_x.double()
+    params = [p for p in learner.parameters()]
+    learner.task_batching = "vmap"
+    together = learner.batch_query_logits(batch)
+    learner.task_batching = "loop"
+    one_by_one = learner.batch_query_logits(batch)
+    assert together.shape == (3, 15, 5)
+    assert torch.allclose(together, one_by_one, rtol=1e-10, atol=1e-10)
+    loss = lambda logits: F.cross_entropy(logits.flatten(0, 1), batch.query_y.repeat(3))
+    g1 = torch.autograd.grad(loss(together), params)
+    g2 = torch.autograd.grad(loss(one_by_one), params)
+    assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-10) for a, b in zip(g1, g2))
+    learner.task_batching = "vmap"
+    with torch.no_grad():  # test time: no graph, the same logits
+        assert torch.allclose(learner.batch_query_logits(batch), together, atol=1e-10)

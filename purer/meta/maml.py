@@ -23,16 +23,18 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
+from ..data.episodes import TaskBatch
 from ..zoo.architectures import Classifier
-from .base import InputSpec, MetaLearner, batch_stats_only
+from .base import InputSpec, MetaLearner, batch_stats_only, explicit_batch_norm
 
 
 @dataclass
@@ -68,6 +70,22 @@ def sgd_steps(params: dict[str, torch.Tensor], loss_fn: Callable[[dict[str, torc
             grads = torch.autograd.grad(loss_fn(params), list(params.values()), create_graph=second_order)
             params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
     return params if create_graph else {n: p.detach() for n, p in params.items()}
+
+
+def functional_sgd_steps(params: dict[str, torch.Tensor], loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                         lr: float, steps: int, first_order: bool) -> dict[str, torch.Tensor]:
+    """:func:`sgd_steps` with ``torch.func.grad``, so it runs under ``vmap`` (one task per vmapped slice).
+
+    Differentiable by the caller's autograd (second order through the inner steps)
+    unless ``first_order``, which treats each step's gradient as a constant; under
+    ``torch.no_grad()`` nothing outside the inner loop is recorded.
+    """
+    for _ in range(steps):
+        grads = grad(loss_fn)(params)
+        if first_order:
+            grads = {n: g.detach() for n, g in grads.items()}
+        params = {n: p - lr * grads[n] for n, p in params.items()}
+    return params
 
 
 class MAML(MetaLearner, kind="maml"):
@@ -119,6 +137,26 @@ class MAML(MetaLearner, kind="maml"):
     def predict(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, adapted, (self.prepare(x),))
 
+    def _settings(self, lr: float | None, steps: int | None) -> tuple[float, int]:
+        return self.config.inner_lr if lr is None else lr, self.config.inner_steps if steps is None else steps
+
+    def _query_logits_together(self, batch: TaskBatch, *, lr: float | None = None, steps: int | None = None
+                               ) -> torch.Tensor:
+        """All tasks at once: the inner loop and the query pass vmapped over tasks (each task's BatchNorm on
+        its own batch); equal to adapting one task after another."""
+        self._check(batch.way)
+        lr, steps = self._settings(lr, steps)
+        params, sy = dict(self.model.named_parameters()), batch.support_y
+        first_order = self.config.first_order
+        second_order = torch.is_grad_enabled() and not first_order
+
+        def task(sx: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+            loss = lambda p: F.cross_entropy(functional_call(self.model, p, (sx,)), sy)
+            return functional_call(self.model, functional_sgd_steps(params, loss, lr, steps, first_order), (qx,))
+
+        with explicit_batch_norm(self.model) if second_order else contextlib.nullcontext():
+            return vmap(task)(self.prepare_tasks(batch.support_x), self.prepare_tasks(batch.query_x))
+
     def _network(self) -> tuple[dict | None, int]:
         return self.model.build_args, self.model.head.out_features
 
@@ -149,3 +187,19 @@ class ANIL(MAML, kind="anil"):
 
     def predict(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.model.encoder(self.prepare(x)), adapted["weight"], adapted["bias"])
+
+    def _query_logits_together(self, batch: TaskBatch, *, lr: float | None = None, steps: int | None = None
+                               ) -> torch.Tensor:
+        self._check(batch.way)
+        lr, steps = self._settings(lr, steps)
+        head, sy, create_graph = dict(self.model.head.named_parameters()), batch.support_y, torch.is_grad_enabled()
+
+        def task(sx: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+            feats = self.model.encoder(sx)
+            if not create_graph:
+                feats = feats.detach()
+            loss = lambda p: F.cross_entropy(F.linear(feats, p["weight"], p["bias"]), sy)
+            fast = functional_sgd_steps(head, loss, lr, steps, self.config.first_order)
+            return F.linear(self.model.encoder(qx), fast["weight"], fast["bias"])
+
+        return vmap(task)(self.prepare_tasks(batch.support_x), self.prepare_tasks(batch.query_x))

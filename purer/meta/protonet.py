@@ -24,7 +24,9 @@ import copy
 
 import torch
 from torch import nn
+from torch.func import vmap
 
+from ..data.episodes import TaskBatch
 from ..zoo.architectures import Classifier
 from .base import InputSpec, MetaLearner, batch_stats_only
 
@@ -88,6 +90,13 @@ class ProtoNet(PrototypeClassifier, kind="protonet"):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.prepare(x))
+
+    def _query_logits_together(self, batch: TaskBatch) -> torch.Tensor:
+        """All tasks at once: the encoder vmapped over tasks (each task's BatchNorm on its own batch)."""
+        support = vmap(self.encoder)(self.prepare_tasks(batch.support_x))  # [T, N*K, D]
+        query = vmap(self.encoder)(self.prepare_tasks(batch.query_x))
+        protos = vmap(prototypes, in_dims=(0, None, None))(support, batch.support_y, batch.way)
+        return -(query.unsqueeze(2) - protos.unsqueeze(1)).pow(2).sum(-1)
 
     def _network(self) -> tuple[dict | None, None]:
         return self._build_args, None  # any way: prototypes, no head

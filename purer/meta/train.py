@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from tqdm.auto import tqdm
 
-from ..data.episodes import Episode, EpisodeSampler, ImageSet, TaskSpec
+from ..data.episodes import Episode, EpisodeSampler, ImageSet, TaskBatch, TaskSpec
 from ..evaluate import evaluate
 from .base import MetaLearner
 
@@ -53,10 +55,11 @@ class MetaTrainConfig:
 
 @dataclass
 class TrainHistory:
-    """Per-step mean outer loss and query accuracy of the meta-batch, and the validation record."""
+    """Per-step mean outer loss and query accuracy of the meta-batch (floats once training ends), and the
+    validation record."""
 
-    loss: list[float] = field(default_factory=list)
-    acc: list[float] = field(default_factory=list)
+    loss: list = field(default_factory=list)
+    acc: list = field(default_factory=list)
     val: list[tuple[int, float]] = field(default_factory=list)
     best_step: int | None = None
     best_val: float = -math.inf
@@ -70,13 +73,15 @@ def real_episodes(source: ImageSet, way: int, shot: int, query: int | None = 15,
 
 def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: Sequence[Episode], *,
               total: int | None = None, sync: Callable[[list[torch.Tensor]], None] | None = None
-              ) -> tuple[float, float]:
-    """One outer step on a meta-batch; returns its mean query loss and accuracy.
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One outer step on a meta-batch; returns its mean query loss and accuracy (0-dim tensors, detached).
 
     The outer loss is the *mean* over the meta-batch (the release sums; under Adam
     the two differ only through Adam's epsilon), so splitting the meta-batch across
-    processes and summing their gradients gives exactly the same step. Each task
-    is backpropagated on its own so only one task's graph is alive at a time.
+    processes and summing their gradients gives exactly the same step.  Tasks go
+    through the learner together when it adapts them together on this device
+    (:meth:`MetaLearner.tasks_together`, e.g. MAML on a GPU); otherwise each task is
+    backpropagated on its own, so only one task's graph is alive at a time.
 
     Args:
         total: tasks in the whole meta-batch when ``episodes`` is one process's share
@@ -89,19 +94,28 @@ def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: 
         raise ValueError(f"meta_step needs at least one episode (total={total}, here {len(episodes)})")
     learner.train()
     optimizer.zero_grad(set_to_none=True)
-    sums = torch.zeros(2)
-    for ep in episodes:
-        loss, acc = learner.outer_loss(ep)
-        (loss / total).backward()
-        sums += torch.stack([loss.detach(), acc])
+    params = [p for p in learner.parameters() if p.requires_grad]
+    sums = torch.zeros(2, device=params[0].device)
+    if episodes and learner.tasks_together(params[0].device):
+        batch = TaskBatch.stack(episodes)
+        logits = learner.batch_query_logits(batch)
+        ce = F.cross_entropy(rearrange(logits, "t q n -> (t q) n"), batch.query_y.repeat(len(batch)),
+                             reduction="none").view(len(batch), -1).mean(1)
+        (ce.sum() / total).backward()
+        correct = (logits.argmax(-1) == batch.query_y).float().mean(1)
+        sums += torch.stack([ce.detach().sum(), correct.sum()])
+    else:
+        for ep in episodes:
+            loss, acc = learner.outer_loss(ep)
+            (loss / total).backward()
+            sums += torch.stack([loss.detach(), acc])
     if sync is not None:
-        params = [p for p in learner.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         sync([p.grad for p in params] + [sums])
     optimizer.step()
-    return float(sums[0]) / total, float(sums[1]) / total
+    return sums[0] / total, sums[1] / total
 
 
 def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainConfig | None = None, *,
@@ -136,15 +150,18 @@ def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainCon
         history.loss.append(loss)
         history.acc.append(acc)
         if callback is not None:
-            callback(step, loss, acc)
+            callback(step, float(loss), float(acc))
         if config.val_every and (step % config.val_every == 0 or step == config.iterations):
             score = evaluate(learner, val[0], val[1], adapt_kwargs=val_kwargs, progress=False).accuracy
             history.val.append((step, score))
             if score > history.best_val:
                 history.best_val, history.best_step = score, step
                 best_state = copy.deepcopy(learner.state_dict())
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.3f}")
+        if step % 25 == 0 or step == config.iterations:  # one synchronisation per 25 steps on a GPU
+            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.3f}")
     if best_state is not None:
         learner.load_state_dict(best_state)
     learner.train()
+    if history.loss:
+        history.loss, history.acc = torch.stack(history.loss).tolist(), torch.stack(history.acc).tolist()
     return history
