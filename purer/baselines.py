@@ -23,22 +23,24 @@ scored on the same meta-test task list.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
-from .data.episodes import Episode, ImageSet, TaskSpec, episode_labels
+from .data.episodes import Episode, ImageSet, TaskBatch, TaskSpec, episode_labels
 from .evaluate import TuningGrid, evaluate, select_test_time, task_list
 from .meta.base import InputSpec, MetaLearner
 from .meta.init import average_teachers, random_model
 from .meta.maml import MAML, MAMLConfig, sgd_steps
-from .meta.protonet import PrototypeClassifier, ProtoNet
+from .meta.protonet import PrototypeClassifier, ProtoNet, prototypes
 from .meta.train import MetaTrainConfig, meta_train, real_episodes
 from .zoo.teacher import Teacher
 
@@ -68,13 +70,20 @@ class FeatureSet:
         return self.source.class_sizes()
 
     def episode(self, spec: TaskSpec) -> Episode:
-        def gather(inst) -> torch.Tensor:
-            idx = torch.stack([self.source.members(c)[torch.as_tensor(i)] for c, i in zip(spec.classes, inst)])
-            return self.features[rearrange(idx, "n k -> (n k)")]
+        way, dev = spec.way, self.features.device
+        return Episode(self.features[self.source.index(spec.classes, spec.support).to(dev)],
+                       episode_labels(way, spec.support.shape[1], dev),
+                       self.features[self.source.index(spec.classes, spec.query).to(dev)],
+                       episode_labels(way, spec.query.shape[1], dev), tuple(self.class_names[c] for c in spec.classes))
 
-        return Episode(gather(spec.support), episode_labels(spec.way, spec.support.shape[1]), gather(spec.query),
-                       episode_labels(spec.way, spec.query.shape[1]),
-                       tuple(self.class_names[c] for c in spec.classes))
+    def episodes(self, specs: Sequence[TaskSpec]) -> TaskBatch:
+        """The tasks of ``specs`` (one shape) as a :class:`TaskBatch` of features ``[T, N*K, D]``."""
+        way, shot, query = specs[0].way, specs[0].support.shape[1], specs[0].query.shape[1]
+        classes, dev = np.stack([s.classes for s in specs]), self.features.device
+        return TaskBatch(self.features[self.source.index(classes, np.stack([s.support for s in specs])).to(dev)],
+                         episode_labels(way, shot, dev),
+                         self.features[self.source.index(classes, np.stack([s.query for s in specs])).to(dev)],
+                         episode_labels(way, query, dev))
 
 
 class NearestCentroid(PrototypeClassifier):
@@ -94,6 +103,16 @@ class NearestCentroid(PrototypeClassifier):
     def __init__(self, teachers: Sequence[Teacher] = ()):
         super().__init__(None)
         self.teachers = nn.ModuleList(teachers)
+        self.task_batching = "vmap"  # fixed features, no per-task weights: a batch of tasks is always cheaper
+
+    def _query_logits_together(self, batch: TaskBatch) -> torch.Tensor:
+        support, query = self.features_of(batch.support_x), self.features_of(batch.query_x)
+        protos = vmap(prototypes, in_dims=(0, None, None))(support, batch.support_y, batch.way)
+        return -(query.unsqueeze(2) - protos.unsqueeze(1)).pow(2).sum(-1)
+
+    def features_of(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`features` of ``[T, B, ...]`` (T tasks' images or features at once) -> ``[T, B, D]``."""
+        return self.features(x.flatten(0, 1)).view(*x.shape[:2], -1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` in ``[0, 1]`` -> ``[B, D]`` (``D`` = sum of the teachers' feature sizes, or C*H*W).
@@ -107,11 +126,14 @@ class NearestCentroid(PrototypeClassifier):
         return torch.cat([F.normalize(t.features(x), dim=-1) for t in self.teachers], dim=-1)
 
     @torch.no_grad()
-    def extract(self, source: ImageSet, batch_size: int = 512) -> FeatureSet:
-        """The features of every image of ``source``, as an episode source for :func:`purer.evaluate.evaluate`."""
-        feats = [self.features(source.float_images(torch.arange(i, min(i + batch_size, len(source)))))
-                 for i in range(0, len(source), batch_size)]
-        return FeatureSet(source, torch.cat(feats))
+    def extract(self, source: ImageSet, batch_size: int = 512, autocast: torch.dtype | None = None) -> FeatureSet:
+        """The features of every image of ``source`` (on its device), as an episode source for
+        :func:`purer.evaluate.evaluate`; ``autocast``: a lower precision for the teachers' passes."""
+        dev = source.device
+        with torch.autocast(dev.type, dtype=autocast) if autocast else contextlib.nullcontext():
+            feats = [self.features(source.float_images(torch.arange(i, min(i + batch_size, len(source)), device=dev)))
+                     for i in range(0, len(source), batch_size)]
+        return FeatureSet(source, torch.cat(feats).float())
 
     def test_cost(self) -> dict:
         return {"params": sum(p.numel() for p in self.parameters()), "models": len(self.teachers)}
@@ -157,15 +179,15 @@ class FineTune(MetaLearner):
                 + self.way * (self.teacher.model.feature_dim + 1), "models": 1}
 
 
-def best_teacher(teachers: Sequence[Teacher], val_source: ImageSet, val_tasks: Sequence[TaskSpec]
-                 ) -> tuple[Teacher, float]:
+def best_teacher(teachers: Sequence[Teacher], val_source: ImageSet, val_tasks: Sequence[TaskSpec],
+                 autocast: torch.dtype | None = None) -> tuple[Teacher, float]:
     """The teacher whose features give the best nearest-centroid accuracy (percent) on meta-val tasks."""
     if not teachers:
         raise ValueError("best_teacher needs at least one teacher")
     scores = []
     for t in teachers:
         nc = NearestCentroid([t])
-        scores.append(evaluate(nc, nc.extract(val_source), val_tasks, progress=False).accuracy)
+        scores.append(evaluate(nc, nc.extract(val_source, autocast=autocast), val_tasks, progress=False).accuracy)
     i = max(range(len(teachers)), key=scores.__getitem__)
     return teachers[i], scores[i]
 
@@ -206,8 +228,11 @@ class BaselineConfig:
 
 def run_baselines(splits: Mapping[str, ImageSet], teachers: Sequence[Teacher] = (),
                   config: BaselineConfig | None = None, methods: Sequence[str] | None = None,
-                  progress: bool = True, log: Callable[[dict], None] | None = None) -> list[dict]:
+                  progress: bool = True, log: Callable[[dict], None] | None = None,
+                  autocast: torch.dtype | None = None) -> list[dict]:
     """Evaluate the baselines on ``splits["test"]`` with test-time settings chosen on ``splits["val"]``.
+
+    Everything runs on the device of ``splits["test"]`` (teachers must be there too).
 
     Args:
         splits: ``{"train", "val", "test"}`` image sets (``"train"`` only for the ``*-real`` rows).
@@ -217,6 +242,7 @@ def run_baselines(splits: Mapping[str, ImageSet], teachers: Sequence[Teacher] = 
         methods: a subset of :data:`METHODS` (default: all that apply).
         progress: tqdm bars.
         log: called with each row as soon as it is ready.
+        autocast: a lower precision for the teachers' feature extraction (mixed precision).
 
     Returns:
         ``results.json`` rows (see :meth:`purer.evaluate.EvalResult.row`) with extras:
@@ -238,6 +264,7 @@ def run_baselines(splits: Mapping[str, ImageSet], teachers: Sequence[Teacher] = 
     elif not same_architecture(teachers):
         methods = [m for m in methods if "avg-teachers" not in m]
     val, test = splits["val"], splits["test"]
+    device = test.device
     c, size = test.image_shape[0], test.image_shape[1]
     data_spec = InputSpec(c, size)
     teacher_spec = InputSpec.of(teachers[0].config) if teachers else None
@@ -246,11 +273,13 @@ def run_baselines(splits: Mapping[str, ImageSet], teachers: Sequence[Teacher] = 
     for shot in config.shots:
         test_tasks = task_list(test, way, shot, config.query, config.test_tasks, config.task_seed)
         val_tasks = task_list(val, way, shot, config.query, config.val_tasks, config.task_seed)
-        best = best_teacher(teachers, val, val_tasks)[0] if any("best-teacher" in m for m in methods) else None
+        best = best_teacher(teachers, val, val_tasks, autocast)[0] if any("best-teacher" in m for m in methods) \
+            else None
 
         def trained(kind: str, seed: int) -> tuple[MetaLearner, dict]:
             model = random_model(config.arch, way, c, size, config.arch_args, seed=seed)
             learner = MAML(model, way, data_spec, config.maml) if kind == "maml" else ProtoNet(model, data_spec)
+            learner.to(device)
             history = meta_train(learner, real_episodes(splits["train"], way, shot, config.query, seed=seed),
                                  config.train, val=(val, val_tasks), progress=progress)
             return learner, {"train_iterations": config.train.iterations, "best_step": history.best_step}
@@ -276,8 +305,9 @@ def run_baselines(splits: Mapping[str, ImageSet], teachers: Sequence[Teacher] = 
             for seed in (config.train_seeds if seeded else (None,)):
                 start = time.perf_counter()
                 learner, extra = build(seed)
-                v, t = (learner.extract(val), learner.extract(test)) if isinstance(learner, NearestCentroid) \
-                    else (val, test)
+                learner.to(device)
+                v, t = (learner.extract(val, autocast=autocast), learner.extract(test, autocast=autocast)) \
+                    if isinstance(learner, NearestCentroid) else (val, test)
                 chosen = select_test_time(learner, v, val_tasks, config.grid)
                 result = evaluate(learner, t, test_tasks, method=method, adapt_kwargs=chosen.settings,
                                   progress=progress)

@@ -89,15 +89,15 @@ def distill_zoo(teachers: Sequence[Teacher], bank: PseudoBank, inversion: Episod
     if inversion.bank is not bank:
         raise ValueError("the inversion must update the given bank")
     student = batch_stats_only(random_model(arch, bank.num_classes, bank.channels, bank.image_size, arch_args,
-                                            seed=seed)).train()
+                                            seed=seed)).train().to(inversion.device)
     optimizer = torch.optim.Adam(student.parameters(), lr=lr)
     bar = tqdm(range(steps), desc="distil zoo", disable=not progress)
-    for _ in bar:
+    for step in bar:
         chosen = inversion.sample_teachers()
         inversion.step(teachers=chosen)
         images = [_teacher_images(bank, i) for i in chosen]
         logits = student(torch.cat(images)).split([len(x) for x in images])
-        loss = torch.zeros(())
+        loss = logits[0].new_zeros(())
         for i, x, s in zip(chosen, images, logits):
             with torch.no_grad():
                 target = teachers[i](x)
@@ -105,7 +105,8 @@ def distill_zoo(teachers: Sequence[Teacher], bank: PseudoBank, inversion: Episod
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        bar.set_postfix(kd=f"{loss.item():.3f}")
+        if step % 25 == 0:  # one synchronisation per 25 steps on a GPU
+            bar.set_postfix(kd=f"{loss.item():.3f}")
     return student
 
 

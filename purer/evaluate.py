@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data.episodes import EpisodeSampler, EpisodeSource, TaskSpec
+from .data.episodes import EpisodeSampler, EpisodeSource, TaskBatch, TaskSpec
 
 if TYPE_CHECKING:
     from .meta.base import MetaLearner
@@ -88,9 +88,11 @@ class EvalResult:
         return 100 * mean_ci95(self.task_acc)[1]
 
     def row(self, **extra) -> dict:
-        """A ``results.json`` row: method, way, shot, accuracy and ci95 (percent), test_cost, and extras."""
+        """A ``results.json`` row: method, way, shot, accuracy and ci95 (percent), test_cost, the task list's
+        size and fingerprint (rows with one ``tasks_id`` are paired), and extras."""
         row = {"method": self.method, "way": self.way, "shot": self.shot, "accuracy": round(self.accuracy, 2),
-               "ci95": round(self.ci95, 2), "test_cost": self.test_cost, "tasks": int(self.task_acc.size)}
+               "ci95": round(self.ci95, 2), "test_cost": self.test_cost, "tasks": int(self.task_acc.size),
+               "tasks_id": self.tasks_id}
         if self.settings:
             row["settings"] = self.settings
         row.update(extra)
@@ -98,8 +100,13 @@ class EvalResult:
 
 
 def evaluate(learner: "MetaLearner", source: EpisodeSource, tasks: Sequence[TaskSpec], *, method: str = "",
-             adapt_kwargs: dict | None = None, progress: bool = True) -> EvalResult:
+             adapt_kwargs: dict | None = None, progress: bool = True, chunk: int = 50) -> EvalResult:
     """Accuracy of ``learner`` on every task of ``tasks`` (adapt on support, predict query).
+
+    Tasks are taken ``chunk`` at a time (:meth:`MetaLearner.batch_query_logits`): a
+    learner that adapts to tasks together on this device does so, others adapt one
+    after another; either way the per-task accuracies are the same.  Accuracies stay
+    on the device until the end (no synchronisation per task).
 
     Args:
         learner: any :class:`~purer.meta.MetaLearner` (its own weights are not changed).
@@ -110,6 +117,7 @@ def evaluate(learner: "MetaLearner", source: EpisodeSource, tasks: Sequence[Task
         adapt_kwargs: test-time settings passed to ``learner.adapt`` (e.g. from
             :func:`select_test_time`).
         progress: show a tqdm bar.
+        chunk: tasks gathered and adapted at once.
     """
     if not tasks:
         raise ValueError("evaluate needs a non-empty task list")
@@ -117,18 +125,24 @@ def evaluate(learner: "MetaLearner", source: EpisodeSource, tasks: Sequence[Task
     was_training = learner.training
     learner.eval()
     device = next(itertools.chain(learner.parameters(), learner.buffers()), torch.empty(0)).device
-    accs = np.empty(len(tasks))
+    batched = hasattr(source, "episodes") and len({(t.way, t.support.shape[1], t.query.shape[1]) for t in tasks}) == 1
+    step = chunk if batched else 1
+    accs = []
     start = time.perf_counter()
     try:
-        with torch.no_grad():
-            for i, spec in enumerate(tqdm(tasks, desc=f"eval {method}".strip(), disable=not progress, leave=False)):
-                ep = source.episode(spec).to(device)
-                state = learner.adapt(ep.support_x, ep.support_y, spec.way, **adapt_kwargs)
-                accs[i] = float((learner.predict(state, ep.query_x).argmax(-1) == ep.query_y).float().mean())
+        with torch.no_grad(), tqdm(total=len(tasks), desc=f"eval {method}".strip(), disable=not progress,
+                                   leave=False) as bar:
+            for i in range(0, len(tasks), step):
+                part = tasks[i:i + step]
+                batch = source.episodes(part) if batched else TaskBatch.stack([source.episode(part[0])])
+                batch = batch.to(device)
+                logits = learner.batch_query_logits(batch, **adapt_kwargs)
+                accs.append((logits.argmax(-1) == batch.query_y).float().mean(1))
+                bar.update(len(part))
     finally:
         learner.train(was_training)
-    return EvalResult(method, tasks[0].way, int(tasks[0].support.shape[1]), accs, learner.test_cost(),
-                      fingerprint(tasks), adapt_kwargs, time.perf_counter() - start)
+    return EvalResult(method, tasks[0].way, int(tasks[0].support.shape[1]), torch.cat(accs).double().cpu().numpy(),
+                      learner.test_cost(), fingerprint(tasks), adapt_kwargs, time.perf_counter() - start)
 
 
 def paired_difference(a: EvalResult, b: EvalResult) -> tuple[float, float]:

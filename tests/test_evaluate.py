@@ -82,3 +82,23 @@ def test_select_test_time_picks_the_best_grid_point_on_val():
     assert again == pytest.approx(chosen.val_accuracy)
     nothing = select_test_time(ProtoNet(random_model("conv4", 5, 1, SIZE, ARCH_ARGS, seed=0)), val, tasks, grid)
     assert nothing.settings == {} and list(nothing.table) == ["default"]
+
+
+@pytest.mark.parametrize("kind", ["nc-features", "maml"])
+def test_chunked_evaluation_gives_the_per_task_accuracies(kind):
+    """Tasks gathered and adapted together (vmap) score exactly as tasks taken one at a time."""
+    data = template_images(12, noise=0.3)
+    tasks = task_list(data, 5, 2, query=4, tasks=13, seed=1)
+    if kind == "maml":
+        learner = MAML(random_model("conv4", 5, 1, SIZE, ARCH_ARGS, seed=0), 5, config=MAMLConfig(inner_lr=0.2,
+                                                                                                   inner_steps=3))
+        source = data
+    else:
+        learner = NearestCentroid()
+        source = learner.extract(data)
+    learner.task_batching = "vmap"
+    together = evaluate(learner, source, tasks, progress=False, chunk=5)  # 5 + 5 + 3 tasks
+    learner.task_batching = "loop"
+    alone = evaluate(learner, source, tasks, progress=False, chunk=1)
+    assert np.array_equal(together.task_acc, alone.task_acc) and together.tasks_id == alone.tasks_id
+    assert 0 < together.accuracy <= 100

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: small teachers train fastest on one thread, and "
                         "oversubscribed cores slow everything down on a shared machine)")
+    p.add_argument("--device", default=None,
+                   help="where to train: cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = sub.add_parser("register", parents=[zoo_opt], help="add an existing weights file to a zoo",
@@ -112,13 +114,18 @@ def _pretrain(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **flags)
     if args.threads < 1:
         raise ValueError(f"--threads must be positive, got {args.threads}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # an unknown or absent device
+        raise ValueError(f"--device {device}: {' '.join(str(e).split())[:200]}") from None
     zoo = Zoo(_zoo_path(args), create=True)
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    log(f"pre-training {cfg.num_models} {cfg.arch} model(s) on {cfg.dataset} into {zoo.path}")
+    log(f"pre-training {cfg.num_models} {cfg.arch} model(s) on {cfg.dataset} into {zoo.path} ({device})")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        ids = pretrain_zoo(cfg, zoo, progress=not args.quiet, log=log)
+        ids = pretrain_zoo(cfg, zoo, progress=not args.quiet, log=log, device=device)
     finally:
         torch.set_num_threads(threads)
     accs = [zoo.config(i).metrics.get("heldout_acc", float("nan")) for i in ids]

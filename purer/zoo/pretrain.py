@@ -184,6 +184,8 @@ def train_teacher(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor
                   desc: str = "", progress: bool = True) -> dict:
     """Train ``model`` in place with Adam; leave it at its best held-out epoch.
 
+    Runs on the device of ``model`` and the images (one device for all).
+
     Args:
         train_x, heldout_x: ``[M, C, H, W]`` float images in ``[0, 1]``.
         train_y, heldout_y: ``[M]`` int64 labels.
@@ -194,7 +196,8 @@ def train_teacher(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor
         "heldout_images", "seconds"}`` (best epoch by accuracy, ties broken by loss; 1-based).
     """
     start = time.perf_counter()
-    mean_t, std_t = torch.tensor(mean), torch.tensor(std)
+    device = train_x.device
+    mean_t, std_t = torch.tensor(mean, device=device), torch.tensor(std, device=device)
     augment = _augmenter(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best = (-1.0, float("inf"))
@@ -202,7 +205,8 @@ def train_teacher(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=True)
     for epoch in bar:
         model.train()
-        for batch in torch.randperm(len(train_y)).split(cfg.batch_size):
+        # The batching draws from the CPU generator, so the order is the same on every device.
+        for batch in torch.randperm(len(train_y)).to(device).split(cfg.batch_size):
             if len(batch) < 2:  # BatchNorm cannot train on a single image
                 continue
             x = prepare_input(augment(train_x[batch]), train_x.shape[1], train_x.shape[-1], mean_t, std_t)
@@ -225,9 +229,11 @@ def train_teacher(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor
 
 def pretrain_teacher(data: ImageSet, classes: list[int], i: int, cfg: PretrainConfig,
                      progress: bool = True) -> tuple[nn.Module, ModelConfig]:
-    """Train model ``i`` of the zoo on ``classes`` of ``data``; return it with its config."""
+    """Train model ``i`` of the zoo on ``classes`` of ``data`` (on ``data``'s device); return it with its config."""
     train_idx, train_y, held_idx, held_y = heldout_split(data, classes, cfg.heldout_fraction, cfg.seed)
-    train_x, held_x = data.float_images(train_idx), data.float_images(held_idx)
+    dev = data.device
+    train_x, held_x = data.float_images(train_idx.to(dev)), data.float_images(held_idx.to(dev))
+    train_y, held_y = train_y.to(dev), held_y.to(dev)
     mean, std = channel_stats(train_x)
     channels, size = data.image_shape[0], data.image_shape[-1]
     # Initialisation, batching and augmentation draw from torch's global RNG; forking it
@@ -237,15 +243,15 @@ def pretrain_teacher(data: ImageSet, classes: list[int], i: int, cfg: PretrainCo
         config = ModelConfig(arch=cfg.arch_of(i), num_classes=len(classes),
                              class_ids=[data.class_names[c] for c in classes], in_channels=channels,
                              image_size=size, mean=mean, std=std, dataset=cfg.dataset, arch_args=dict(cfg.arch_args))
-        model = config.build()
+        model = config.build().to(dev)
         config.metrics = train_teacher(model, train_x, train_y, held_x, held_y, mean, std, cfg,
                                        desc=cfg.model_id(i), progress=progress)
     return model, config
 
 
 def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, progress: bool = True,
-                 log: Callable[[str], None] = lambda msg: None) -> list[str]:
-    """Pre-train the zoo ``cfg`` describes into ``zoo``, adding each model as soon as it is trained.
+                 log: Callable[[str], None] = lambda msg: None, device: torch.device | str = "cpu") -> list[str]:
+    """Pre-train the zoo ``cfg`` describes into ``zoo`` on ``device``, adding each model as soon as it is trained.
 
     Models already in ``zoo`` (same id, same architecture and classes) are skipped, so an
     interrupted run resumes.
@@ -256,6 +262,7 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
         data: the meta-train images; default ``load_split(cfg.dataset, "train", cfg.data_root, cfg.image_size)``.
         progress: show a tqdm bar per model.
         log: receives one line per skipped or finished model.
+        device: where to train (the images are moved there once).
 
     Returns:
         the ids of the zoo's ``cfg.num_models`` models, trained now or before.
@@ -271,6 +278,7 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
     c, h, w = data.image_shape
     if h != w or h != cfg.image_size:
         raise ValueError(f"data images are {h}x{w} but image_size is {cfg.image_size}; load them at that size")
+    data = data.to(device)
     subsets = class_subsets(len(data.class_names), cfg.num_models, cfg.classes_per_model, cfg.subsets, cfg.seed)
     present = set(zoo.ids())
     ids = []
