@@ -56,7 +56,7 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
             torch.set_num_threads(1)  # small teachers train fastest on one thread each
             try:
                 print(f"pre-training a {z.num_models}-model zoo at {path} (once; later runs reuse it)")
-                pretrain_zoo(spec, Zoo(path, create=True), progress=progress)
+                pretrain_zoo(spec, Zoo(path, create=True), progress=progress, device=dist.acc.device)
             except (FileNotFoundError, ValueError) as e:  # a zoo recipe the data cannot satisfy
                 raise RunError(f"cannot pre-train the zoo at {path}: {e}") from None
             finally:

@@ -12,6 +12,7 @@ from ..calibrate import ICFILConfig
 from ..evaluate import TuningGrid
 from ..inversion import InversionConfig, SwitchConfig
 from ..meta import MAMLConfig, MetaTrainConfig
+from ..meta.base import TASK_BATCHING
 from ..zoo.pretrain import PretrainConfig
 
 LEARNERS = ("maml", "anil", "protonet")
@@ -20,6 +21,7 @@ LEARNERS = ("maml", "anil", "protonet")
 DEFAULT_BASELINES = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "maml-random", "maml-avg-teachers",
                      "maml-real")
 INITS = ("random", "avg-teachers", "distilled")
+PRECISIONS = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -86,6 +88,9 @@ class MetaConfig:
         maml: inner loop (MAML/ANIL).
         train: iterations, meta-batch, outer lr, and ``val_every`` (meta-val selection).
         val_tasks: size of the fixed meta-val task list used for selection.
+        task_batching: how a meta-batch's (and an evaluation chunk's) tasks go through
+            the learner: ``vmap`` together, ``loop`` one by one, ``auto`` (``vmap`` on a
+            GPU, ``loop`` on a CPU); see :attr:`purer.meta.MetaLearner.task_batching`.
     """
 
     learner: str = "maml"
@@ -102,10 +107,13 @@ class MetaConfig:
     maml: MAMLConfig = field(default_factory=lambda: MAMLConfig(inner_lr=0.1))
     train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=600, val_every=200))
     val_tasks: int = 50
+    task_batching: str = "auto"
 
     def __post_init__(self):
         if self.distill_steps < 1:
             raise ValueError(f"distill_steps must be >= 1, got {self.distill_steps}")
+        if self.task_batching not in TASK_BATCHING:
+            raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {self.task_batching!r}")
 
 
 @dataclass
@@ -145,6 +153,17 @@ class RunConfig:
         cache_dir: cached baseline rows (keyed by everything they depend on).
         threads: torch threads per process (``None``: torch's default). One is fastest for
             these small networks; use processes (``accelerate launch --num_processes``) for more cores.
+        cpu: run on the CPU even where a GPU is present (as ``accelerate launch --cpu``);
+            otherwise the Accelerator's device (CUDA when present).
+        mixed_precision: ``no``, ``bf16`` or ``fp16`` for the teachers' forward passes
+            (inversion and the feature baselines); ``None``: what ``accelerate launch
+            --mixed_precision`` says.  The bank, its optimizer and the meta-learner stay
+            in float32.
+        deterministic: deterministic GPU kernels (``torch.use_deterministic_algorithms``),
+            so a GPU run repeats itself exactly, at some cost in speed.  Runs on
+            different devices draw the same tasks, teachers and augmentations either way.
+        log_every: meta-iterations between TensorBoard points and progress-bar updates;
+            the numbers in between stay on the device (no synchronisation per step).
     """
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -161,6 +180,10 @@ class RunConfig:
     picture_every: int = 500
     cache_dir: str = "runs/.cache"
     threads: int | None = 1
+    cpu: bool = False
+    mixed_precision: str | None = None
+    deterministic: bool = False
+    log_every: int = 10
 
     def __post_init__(self):
         if self.meta.learner not in LEARNERS:
@@ -175,8 +198,10 @@ class RunConfig:
                              f"eval.way must match (got {self.eval.way}); ProtoNet alone can change the way")
         if min(self.eval.tasks, self.eval.val_tasks, self.meta.val_tasks) < 1 or not self.eval.shots:
             raise ValueError("eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1, and eval.shots non-empty")
-        if self.checkpoint_every < 1 or self.picture_every < 1:
-            raise ValueError("checkpoint_every and picture_every must be >= 1")
+        if self.checkpoint_every < 1 or self.picture_every < 1 or self.log_every < 1:
+            raise ValueError("checkpoint_every, picture_every and log_every must be >= 1")
+        if self.mixed_precision not in (None, *PRECISIONS):
+            raise ValueError(f"mixed_precision must be one of {PRECISIONS} (or unset), got {self.mixed_precision!r}")
         if self.inversion.seed != InversionConfig.seed:
             # The run's seed drives the inversion (see meta_train_eci); a second seed would be ignored.
             raise ValueError(f"inversion.seed is set by the run's seed; use seed={self.inversion.seed} instead")

@@ -83,3 +83,8 @@ def bank_grad_sync(dist: Dist, bank: PseudoBank) -> Callable[[dict[int, torch.Te
         return full
 
     return sync
+
+
+def autocast_dtype(accelerator) -> torch.dtype | None:
+    """The lower precision of the accelerator's mixed precision (``--mixed_precision``), ``None`` for ``no``."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))

@@ -38,7 +38,7 @@ from ..meta.train import meta_step
 from ..zoo.teacher import Teacher
 from .build import build_bank, build_learner
 from .config import RunConfig, RunError
-from .distributed import Dist, bank_grad_sync
+from .distributed import Dist, autocast_dtype, bank_grad_sync
 from .metatest import evaluate_split
 
 
@@ -142,9 +142,10 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                    resume: bool, progress: bool) -> tuple[MetaLearner, dict]:
     """ECI meta-training on pseudo episodes; returns the meta-val-best learner and a summary."""
     m = cfg.meta
-    channels, size = val_set.image_shape[0], cfg.data.image_size
-    bank = build_bank(cfg, teachers, channels)
-    inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed))
+    channels, size, device = val_set.image_shape[0], cfg.data.image_size, acc.device
+    bank = build_bank(cfg, teachers, channels).to(device)
+    inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed),
+                                 autocast=autocast_dtype(acc))
     switch = GradientSwitch(cfg.switch)
     distilled, seconds_distill = None, 0.0
     if m.init == "distilled" and not resume:
@@ -157,7 +158,8 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         except ValueError as e:  # an unknown meta.arch or bad arch_args
             raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
         seconds_distill = time.perf_counter() - start
-    learner = build_learner(cfg, teachers, channels, size, distilled)
+    learner = build_learner(cfg, teachers, channels, size, distilled).to(device)
+    learner.task_batching = m.task_batching
     optimizer = torch.optim.Adam(learner.parameters(), lr=m.train.outer_lr)
     best, state = BestLearner(learner), TrainState()
     objects = {"bank": bank, "inversion": inversion, "switch": switch, "learner": learner, "optimizer": optimizer,
@@ -181,6 +183,10 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     sync = bank_grad_sync(dist, bank)
     mb = m.train.meta_batch
     times = {"inversion": 0.0, "meta": 0.0}
+    # Per-step numbers stay on the device and are summed; they are read (one synchronisation) every
+    # log_every iterations.  The switch's pseudo-query accuracy is the one number read every step: it
+    # decides whether the next bank update is adversarial.
+    logged: dict[str, torch.Tensor] = {}
     bar = tqdm(range(state.iteration, m.train.iterations), initial=state.iteration, total=m.train.iterations,
                desc="ECI meta-train", disable=not (progress and dist.main))
     with DeferredInterrupt() as interrupt:
@@ -199,13 +205,22 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                 episodes = [bank.episode(train_tasks.task(it * mb + j)) for j in dist.share(range(mb))]
             loss, qacc = meta_step(learner, optimizer, [e.detach() for e in episodes], total=mb,
                                    sync=dist.sum_ if dist.world > 1 else None)
-            state.adversarial_next = switch.update(qacc)
+            state.adversarial_next = switch.update(float(qacc))
             state.iteration = it + 1
             t2 = time.perf_counter()
             times["inversion"] += t1 - t0
             times["meta"] += t2 - t1
-            logs = {"meta/loss": loss, "meta/pseudo_query_acc": qacc, "switch/fired": switch.fired,
-                    **{f"inversion/{k}": v for k, v in inv.items()}}
+            for k, v in {"meta/loss": loss, "meta/pseudo_query_acc": qacc,
+                         **{f"inversion/{k}": v for k, v in inv.items() if k != "extra"}}.items():
+                logged[k] = logged.get(k, 0) + v
+            logs: dict[str, float] = {}
+            if state.iteration % cfg.log_every == 0 or state.iteration == m.train.iterations:
+                n = (state.iteration - 1) % cfg.log_every + 1
+                logs = {k: float(v) / n for k, v in logged.items()}
+                logs["switch/fired"] = switch.fired
+                logged = {}
+                bar.set_postfix(acc=f"{logs['meta/pseudo_query_acc']:.2f}", ce=f"{logs['inversion/ce']:.2f}",
+                                fired=switch.fired)
             # val_every = 0: validate (and keep) the final state only, as MetaTrainConfig documents.
             if m.train.val_every and state.iteration % m.train.val_every == 0 or state.iteration == m.train.iterations:
                 score = evaluate_split(learner, val_set, val_tasks, dist, progress=False).accuracy
@@ -214,12 +229,12 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                 if score > state.best_val:
                     state.best_val, state.best_iteration = score, state.iteration
                     best.keep(learner)
-            acc.log(logs, step=state.iteration)
+            if logs:
+                acc.log(logs, step=state.iteration)
             if dist.main and (state.iteration % cfg.picture_every == 0 or state.iteration == 1):
                 with torch.no_grad():
                     save_episode_grid(bank.episode(train_tasks.task(it * mb)), out / "pictures" /
                                       f"pseudo_episode_{state.iteration:06d}.png")
-            bar.set_postfix(acc=f"{qacc:.2f}", ce=f"{inv['ce']:.2f}", fired=switch.fired)
             # The last checkpoint lets a run interrupted during meta-test resume without retraining.
             saved = state.iteration % cfg.checkpoint_every == 0 or state.iteration == m.train.iterations
             if saved:

@@ -27,7 +27,7 @@ from ..zoo.store import Zoo
 from ..zoo.teacher import Teacher
 from .build import zoo_path
 from .config import RunConfig
-from .distributed import Dist
+from .distributed import Dist, autocast_dtype
 from .report import write_json
 
 
@@ -75,33 +75,35 @@ def _baseline_plan(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequen
                                                              val_every=max(1, e.baseline_train_iterations // 6)),
                           grid=e.grid)
     key = json.dumps({"data": to_dict(cfg.data), "baselines": dataclasses.asdict(bcfg), "methods": e.baselines,
-                      "zoo": [t.config.sha256 for t in teachers],
+                      "zoo": [t.config.sha256 for t in teachers], "mixed_precision": cfg.mixed_precision,
                       "splits": {k: [len(v), v.class_names[:3]] for k, v in splits.items()}}, sort_keys=True,
                      default=str)
     path = Path(cfg.cache_dir) / f"baselines-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     return bcfg, path, key
 
 
-def baseline_rows(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequence[Teacher], progress: bool
-                  ) -> list[dict]:
-    """The baseline rows, reused from ``cache_dir`` when nothing they depend on changed."""
+def baseline_rows(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequence[Teacher], progress: bool,
+                  autocast: torch.dtype | None = None) -> list[dict]:
+    """The baseline rows (on the splits' device), reused from ``cache_dir`` when nothing they depend on changed."""
     if not cfg.eval.baselines:
         return []
     bcfg, path, key = _baseline_plan(cfg, splits, teachers)
     if path.is_file():
         print(f"baselines: reusing {path} (same data, zoo and settings)")
         return json.loads(path.read_text())["rows"]
-    rows = run_baselines(splits, teachers, bcfg, methods=cfg.eval.baselines, progress=progress)
+    rows = run_baselines(splits, teachers, bcfg, methods=cfg.eval.baselines, progress=progress, autocast=autocast)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": json.loads(key), "rows": rows})
     return rows
 
 
-def _baselines_worker(cfg: RunConfig) -> list[dict]:
+def _baselines_worker(cfg: RunConfig, device: str, autocast: torch.dtype | None) -> list[dict]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size) for s in ("train", "val", "test")}
-    return baseline_rows(cfg, splits, Zoo(zoo_path(cfg)).load_teachers(), progress=False)
+    splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size).to(device)
+              for s in ("train", "val", "test")}
+    teachers = [t.to(device) for t in Zoo(zoo_path(cfg)).load_teachers()]
+    return baseline_rows(cfg, splits, teachers, progress=False, autocast=autocast)
 
 
 class Baselines:
@@ -116,17 +118,18 @@ class Baselines:
     def __init__(self, cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequence[Teacher], dist: Dist,
                  progress: bool):
         self.cfg, self.splits, self.teachers, self.progress = cfg, splits, teachers, progress
+        self.autocast = autocast_dtype(dist.acc)
         self.pool = self.pending = None
         if dist.world == 1 and cfg.eval.baselines and not _baseline_plan(cfg, splits, teachers)[1].is_file():
             import multiprocessing
 
             print("baselines: computing them in a background process while meta-training runs")
             self.pool = multiprocessing.get_context("spawn").Pool(1)
-            self.pending = self.pool.apply_async(_baselines_worker, (cfg,))
+            self.pending = self.pool.apply_async(_baselines_worker, (cfg, str(dist.acc.device), self.autocast))
 
     def rows(self) -> list[dict]:
         if self.pending is None:
-            return baseline_rows(self.cfg, self.splits, self.teachers, self.progress)
+            return baseline_rows(self.cfg, self.splits, self.teachers, self.progress, self.autocast)
         try:
             rows = self.pending.get()
         except BaseException:

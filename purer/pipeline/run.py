@@ -1,6 +1,7 @@
 """The whole run: data and zoo -> ECI meta-training -> meta-test with the baselines -> the report."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -26,12 +27,19 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
     from accelerate.utils import ProjectConfiguration
 
     out = Path(cfg.output_dir)
-    acc = accelerator or Accelerator(cpu=True, log_with="tensorboard",
+    precision = {"mixed_precision": cfg.mixed_precision} if cfg.mixed_precision else {}
+    # Without a GPU, cpu=True also lets `accelerate launch --multi_gpu --num_processes N` start N CPU processes.
+    acc = accelerator or Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), log_with="tensorboard",
+                                     **precision,
                                      project_config=ProjectConfiguration(project_dir=str(out),
                                                                          logging_dir=str(out / "logs")))
     dist = Dist(acc)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -46,6 +54,9 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
         raise RunError(str(e)) from None
     _check_sizes(cfg, splits)
     teachers = load_zoo(cfg, dist, progress)
+    # Everything lives on the accelerator's device from here on: each split is moved once.
+    splits = {k: v.to(acc.device) for k, v in splits.items()}
+    teachers = [t.to(acc.device) for t in teachers]
 
     baselines = Baselines(cfg, splits, teachers, dist, progress)
     try:
