@@ -64,10 +64,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from purer.data import EpisodeSampler
 from purer.inversion import EpisodeInversion, GradientSwitch, PseudoBank
+from purer.inversion.synthesizer import StackedTeachers
 from purer.meta import MAMLConfig, MetaTrainConfig, meta_step
 from purer.pipeline import MetaConfig, RunConfig, build_learner
 from purer.zoo import ModelConfig, Teacher
@@ -141,21 +142,21 @@ def random_zoo(s: Setting) -> list[Teacher]:
 class Bench:
     """The objects of one meta-training run, built as :func:`purer.pipeline.meta_train_eci` builds them."""
 
-    def __init__(self, s: Setting, seed: int = 0):
+    def __init__(self, s: Setting, seed: int = 0, device: str = "cpu", autocast: torch.dtype | None = None):
         torch.manual_seed(seed)
-        self.setting = s
+        self.setting, self.device = s, torch.device(device)
         cfg = RunConfig(seed=seed, meta=MetaConfig(way=s.way, shot=s.shot, query=s.query,
                                                    images_per_class=s.images_per_class,
                                                    maml=MAMLConfig(inner_lr=s.inner_lr, inner_steps=s.inner_steps),
                                                    train=MetaTrainConfig(meta_batch=s.meta_batch)))
         cfg.inversion = dataclasses.replace(cfg.inversion, teachers_per_step=s.teachers_per_step)
         m = cfg.meta
-        teachers = random_zoo(s)
+        teachers = [t.to(self.device) for t in random_zoo(s)]
         self.bank = PseudoBank(teachers, m.images_per_class, image_size=s.image_size, channels=s.channels,
-                               merge_shared_classes=cfg.zoo.merge_shared_classes, seed=seed)
-        self.inversion = EpisodeInversion(teachers, self.bank, cfg.inversion)
+                               merge_shared_classes=cfg.zoo.merge_shared_classes, seed=seed).to(self.device)
+        self.inversion = EpisodeInversion(teachers, self.bank, cfg.inversion, autocast=autocast)
         self.switch = GradientSwitch(cfg.switch)
-        self.learner = build_learner(cfg, teachers, s.channels, s.image_size)
+        self.learner = build_learner(cfg, teachers, s.channels, s.image_size).to(self.device)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=m.train.outer_lr)
         self.train_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=seed)
         self.fresh_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=seed + 10_000)
@@ -164,54 +165,85 @@ class Bench:
         adapt = self.learner.adapt
 
         def timed_adapt(*args, **kwargs):
-            start = time.perf_counter()
+            start = self.now()
             try:
                 return adapt(*args, **kwargs)
             finally:
-                self.inner_seconds += time.perf_counter() - start
+                self.inner_seconds += self.now() - start
 
         # An instance attribute shadows the method, so outer_loss (inside meta_step) calls the timer.
         self.learner.adapt = timed_adapt
 
+    def now(self) -> float:
+        """A timestamp after the device has finished its queued work (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def iteration(self) -> dict[str, float]:
-        """One meta-iteration (plus, with ``detail``, an adversarial step and the floor); seconds per part."""
+        """One meta-iteration (plus, with ``detail``, an adversarial step and the floor); seconds per part.
+
+        The inner loop is timed apart only where the learner adapts task by task (on a CPU); with tasks
+        vmapped together it is part of the outer update.
+        """
         s, it, mb = self.setting, self.iterations, self.setting.meta_batch
-        t0 = time.perf_counter()
+        t0 = self.now()
         chosen = self.inversion.sample_teachers()
         self.inversion.step(teachers=chosen, total=len(chosen))
-        t1 = time.perf_counter()
+        t1 = self.now()
         with torch.no_grad():
             episodes = [self.bank.episode(self.train_tasks.task(it * mb + j)) for j in range(mb)]
         episodes = [e.detach() for e in episodes]
-        t2 = time.perf_counter()
+        t2 = self.now()
         self.inner_seconds = 0.0
         meta_step(self.learner, self.optimizer, episodes, total=mb)
-        t3 = time.perf_counter()
+        t3 = self.now()
         parts = {"inversion": t1 - t0, "episodes": t2 - t1, "inner_loop": self.inner_seconds,
                  "outer_update": t3 - t2 - self.inner_seconds}
         if s.detail:
-            t4 = time.perf_counter()
+            t4 = self.now()
             extra = self.switch.adversarial_loss(self.learner, self.fresh_tasks.task(it))
             self.inversion.step(extra_loss=extra, teachers=chosen, total=len(chosen))
-            parts["adversarial_inversion"] = time.perf_counter() - t4
+            parts["adversarial_inversion"] = self.now() - t4
             parts["teacher_passes"] = self.teacher_passes(chosen)
             parts["learner_passes"] = self.learner_passes(episodes)
         self.iterations += 1
         return parts
 
     def teacher_passes(self, chosen: list[int]) -> float:
-        """Seconds of the bare forward + backward (to the input) of the ``chosen`` teachers on their images."""
-        seconds = 0.0
-        for i in chosen:
-            teacher = self.inversion.teachers[i]
-            with torch.no_grad():
-                x, _ = self.bank.teacher_batch(i)
-                z = teacher.prepare(self.inversion.augment(x))
-            z.requires_grad_(True)
-            start = time.perf_counter()
-            torch.autograd.grad(teacher.model(z).sum(), z)
-            seconds += time.perf_counter() - start
+        """Seconds of the bare forward + backward (to the input) of the ``chosen`` teachers on their prepared,
+        augmented images, in the form the inversion step runs them (one teacher after another in the
+        channels-last layout on a CPU, or vmapped over each group of same-contract teachers)."""
+        inv = self.inversion
+        with torch.no_grad():
+            batches = {i: self.bank.teacher_batch(i)[0] for i in chosen}
+            inputs = {}
+            for key, group in inv.groups.items():
+                members = [i for i in group if i in batches]
+                if members:
+                    x = torch.stack([inv.augment(batches[i], inv._theta(i, len(batches[i]))) for i in members])
+                    inputs[key] = (members, inv._prepare(members, x))
         self.bank.pop_touched()
+        seconds = 0.0
+        for key, (members, z) in inputs.items():
+            if inv.batched:
+                stacked = inv._stacked.get(key) or StackedTeachers([inv.teachers[i] for i in inv.groups[key]])
+                local = torch.as_tensor([inv.groups[key].index(i) for i in members])
+                params = {k: v[local] for k, v in stacked.params.items()}
+                buffers = {k: v[local] for k, v in stacked.buffers.items()}
+                z = z.requires_grad_(True)
+                start = self.now()
+                out = vmap(lambda p, b, x: functional_call(stacked.template, (p, b), (x,)))(params, buffers, z)
+                torch.autograd.grad(out.sum(), z)
+                seconds += self.now() - start
+                continue
+            for i, x in zip(members, z):
+                if inv.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x.requires_grad_(True)
+                start = self.now()
+                torch.autograd.grad(inv.teachers[i].model(x).sum(), x)
+                seconds += self.now() - start
         return seconds
 
     def learner_passes(self, episodes) -> float:
@@ -222,7 +254,7 @@ class Bench:
         for ep in episodes:
             with torch.no_grad():
                 sx, qx = self.learner.prepare(ep.support_x), self.learner.prepare(ep.query_x)
-            start = time.perf_counter()
+            start = self.now()
             fast = params
             for _ in range(s.inner_steps):
                 loss = F.cross_entropy(functional_call(model, fast, (sx,)), ep.support_y)
@@ -230,7 +262,7 @@ class Bench:
                 fast = {n: p - s.inner_lr * g for (n, p), g in zip(fast.items(), grads)}
             loss = F.cross_entropy(functional_call(model, fast, (qx,)), ep.query_y)
             torch.autograd.grad(loss, list(params.values()))
-            seconds += time.perf_counter() - start
+            seconds += self.now() - start
         return seconds
 
 
