@@ -347,26 +347,34 @@ def test_extra_loss_is_added_and_checked(zoo):
         inversion.step(extra_loss=lambda b: b.class_images(0), teachers=[1])
 
 
-def test_a_step_split_over_processes_equals_the_whole_step(zoo):
-    """Two simulated processes each run one teacher; summing their per-class gradients gives the full step."""
+def test_a_step_split_over_processes_is_bit_for_bit_the_whole_step(zoo):
+    """Two simulated processes: one runs teacher 0 and the extra loss, the other teacher 2.
+
+    The extra loss reads classes of both teachers, so those classes sum gradient terms
+    computed in different processes: they must add up in the one-process order, bit for bit
+    (an all-reduce of per-process sums rounds differently, and a run then depends on its split).
+    """
     def fresh():
         bank = PseudoBank(zoo, images_per_class=3)
         return bank, EpisodeInversion(zoo, bank, InversionConfig(seed=7))
 
+    def extra(bank):
+        a, b = bank.teacher_classes[0][0], bank.teacher_classes[2][1]
+        return -10 * (bank.class_images(a) * bank.class_images(b).flip(-1)).mean()
+
     whole_bank, whole = fresh()
-    whole_stats = whole.step(teachers=[0, 2])
-    other: dict[int, torch.Tensor] = {}
+    whole_stats = whole.step(extra_loss=extra, teachers=[0, 2])
+    other: dict[int, dict[int, torch.Tensor]] = {}
     _, second = fresh()
-    second_stats = second.step(teachers=[2], total=2, sync=lambda g: other.update(g) or {})  # records only
+    second_stats = second.step(teachers=[2], total=2, sync=lambda terms: other.update(terms) or terms)  # records
     bank, first = fresh()
-    stats = first.step(teachers=[0], total=2,
-                       sync=lambda g: {k: g.get(k, 0) + other.get(k, 0) for k in sorted({*g, *other})})
-    assert set(other) == set(bank.teacher_classes[2])
-    assert torch.allclose(bank.snapshot(), whole_bank.snapshot(), atol=1e-6)
+    stats = first.step(extra_loss=extra, teachers=[0], total=2, sync=lambda terms: {**terms, **other})
+    assert set(other) == {2} and set(other[2]) == set(bank.teacher_classes[2])
+    assert torch.equal(bank.snapshot(), whole_bank.snapshot())
     assert math.isclose(stats["loss"] + second_stats["loss"], whole_stats["loss"], rel_tol=1e-5)  # sum / total
-    # a process with no teacher in its share still applies the summed gradients and logs every key
+    # a process with no teacher in its share still applies the gathered gradients and logs every key
     idle_bank, idle = fresh()
-    idle_stats = idle.step(teachers=[], total=2, sync=lambda g: {k: other[k] for k in sorted(other)})
+    idle_stats = idle.step(teachers=[], total=2, sync=lambda terms: {**terms, **other})
     assert math.isnan(idle_stats["ce"]) and set(idle_stats) >= {"ce", "r_bn", "r_tv", "r_l2", "acc", "loss"}
     assert all(not torch.equal(idle_bank.snapshot([c]), fresh()[0].snapshot([c])) for c in bank.teacher_classes[2])
 

@@ -41,7 +41,8 @@ from .hooks import BNStatsHook
 from .priors import l2_prior, total_variation
 
 ExtraLoss = Callable[[PseudoBank], torch.Tensor]
-GradSync = Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]
+# {term: {class: grad}} of this process -> those of every process (see EpisodeInversion.step).
+GradSync = Callable[[dict[int, dict[int, torch.Tensor]]], dict[int, dict[int, torch.Tensor]]]
 
 
 @dataclass
@@ -196,8 +197,11 @@ class EpisodeInversion:
             total: how many teachers the whole step has when ``teachers`` is one
                 process's share of them (default ``len(teachers)``); the loss is
                 ``sum(L_EI) / total``, so the shares' gradients add up to the mean.
-            sync: sums the per-class bank gradients ``{class: grad}`` over processes
-                (and returns them for the union of classes); ``None`` in one process.
+            sync: gathers the gradient *terms* ``{term: {class: grad}}`` of every process
+                (term ``i`` is teacher ``i``'s, term ``len(teachers)`` the extra loss's);
+                ``None`` in one process.  Each class sums its terms in term order
+                whichever process computed them, so a step split over processes is
+                bit-for-bit the one-process step (float addition is not associative).
 
         Returns:
             The step's numbers (this process's teachers): ``loss`` (total), mean over
@@ -209,10 +213,11 @@ class EpisodeInversion:
         if total < 1 or total < len(idx):
             raise ValueError(f"an inversion step needs at least one teacher (total={total}, here {len(idx)})")
         self.bank.pop_touched()  # reads since the last step (e.g. meta-training episodes) are not this loss's
-        loss, parts = torch.zeros(()), []
+        loss, parts, terms = torch.zeros(()), [], {}
         for i in idx:
             loss_i, parts_i = self.teacher_loss(i)
-            loss = loss + loss_i / total
+            terms[i] = self._class_grads(loss_i / total)
+            loss = loss + loss_i.detach() / total
             parts.append(parts_i)
         # A process whose share holds no teacher still reports every key (NaN), so logs keep one schema.
         stats = {k: sum(p[k] for p in parts) / len(parts) if parts else math.nan
@@ -222,16 +227,16 @@ class EpisodeInversion:
             if not (isinstance(extra, torch.Tensor) and extra.ndim == 0):
                 raise ValueError(f"extra_loss must return a 0-dim tensor, got {type(extra).__name__} "
                                  f"{tuple(getattr(extra, 'shape', ()))}")
-            loss = loss + extra
+            terms[len(self.teachers)] = self._class_grads(extra)
+            loss = loss + extra.detach()
             stats["extra"] = extra.item()
         stats["loss"] = loss.item()
-
-        touched = self.bank.pop_touched()
-        grads = torch.autograd.grad(loss, [self.bank.logits[k] for k in touched], allow_unused=True) \
-            if touched else ()
-        by_class = {k: g for k, g in zip(touched, grads) if g is not None}
         if sync is not None:
-            by_class = sync(by_class)
+            terms = sync(terms)
+        by_class: dict[int, torch.Tensor] = {}
+        for t in sorted(terms):
+            for k, g in terms[t].items():
+                by_class[k] = g if k not in by_class else by_class[k] + g
         # A backward pass through bank episodes elsewhere (e.g. a meta-update on undetached
         # pseudo episodes) leaves .grad on bank classes; Adam would step them with it.
         self.optimizer.zero_grad(set_to_none=True)
@@ -241,6 +246,13 @@ class EpisodeInversion:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return stats
+
+    def _class_grads(self, loss: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{class: d loss / d logits[class]}`` over the bank classes read since the last call."""
+        touched = self.bank.pop_touched()
+        grads = torch.autograd.grad(loss, [self.bank.logits[k] for k in touched], allow_unused=True) \
+            if touched and loss.requires_grad else ()
+        return {k: g for k, g in zip(touched, grads) if g is not None}
 
     def state_dict(self) -> dict:
         """Optimizer moments, teacher-sampling RNG and step count (the bank saves its own images)."""

@@ -69,20 +69,25 @@ def real_episodes(source: ImageSet, way: int, shot: int, query: int | None = 15,
 
 
 def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: Sequence[Episode], *,
-              total: int | None = None, sync: Callable[[list[torch.Tensor]], None] | None = None
+              total: int | None = None, sync: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
               ) -> tuple[float, float]:
     """One outer step on a meta-batch; returns its mean query loss and accuracy.
 
     The outer loss is the *mean* over the meta-batch (the release sums; under Adam
     the two differ only through Adam's epsilon), so splitting the meta-batch across
-    processes and summing their gradients gives exactly the same step. Each task
-    is backpropagated on its own so only one task's graph is alive at a time.
+    processes gives the same step. Each task is backpropagated on its own so only
+    one task's graph is alive at a time.
 
     Args:
         total: tasks in the whole meta-batch when ``episodes`` is one process's share
             (default ``len(episodes)``).
-        sync: sums a list of tensors in place over processes (gradients and the
-            loss/accuracy sums); ``None`` in one process.
+        sync: gathers one flat row per task of this process's share (its gradient,
+            then its loss and accuracy) into the rows of the whole meta-batch, in task
+            order; ``None`` in one process.  The rows are summed in task order, as one
+            process accumulates them, so the step is bit-for-bit the one-process step:
+            a sum in another order differs in the last bits, and Adam turns the rounding
+            noise of gradients that are zero in exact arithmetic (a convolution's bias
+            before BatchNorm) into full-size steps.
     """
     total = len(episodes) if total is None else total
     if total < 1 or total < len(episodes):
@@ -90,16 +95,25 @@ def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: 
     learner.train()
     optimizer.zero_grad(set_to_none=True)
     sums = torch.zeros(2)
+    params = [p for p in learner.parameters() if p.requires_grad]
+    rows = []
     for ep in episodes:
         loss, acc = learner.outer_loss(ep)
-        (loss / total).backward()
-        sums += torch.stack([loss.detach(), acc])
+        if sync is None:
+            (loss / total).backward()
+            sums += torch.stack([loss.detach(), acc])
+        else:
+            grads = torch.autograd.grad(loss / total, params, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
+                                  + [loss.detach().reshape(1), acc.reshape(1)]))
     if sync is not None:
-        params = [p for p in learner.parameters() if p.requires_grad]
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        sync([p.grad for p in params] + [sums])
+        rows = sync(rows)
+        flat = rows[0]
+        for row in rows[1:]:
+            flat = flat + row
+        for p, g in zip(params, flat[:-2].split([p.numel() for p in params])):
+            p.grad = g.view_as(p).clone()
+        sums = flat[-2:]
     optimizer.step()
     return float(sums[0]) / total, float(sums[1]) / total
 

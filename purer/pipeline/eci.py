@@ -38,7 +38,7 @@ from ..meta.train import meta_step
 from ..zoo.teacher import Teacher
 from .build import build_bank, build_learner
 from .config import RunConfig, RunError
-from .distributed import Dist, bank_grad_sync
+from .distributed import Dist, bank_grad_sync, task_sync
 from .metatest import evaluate_split
 
 
@@ -178,7 +178,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     train_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
     fresh_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
     val_tasks = task_list(val_set, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
-    sync = bank_grad_sync(dist, bank)
+    sync, meta_sync = bank_grad_sync(dist), task_sync(dist, dist.share(range(m.train.meta_batch)))
     mb = m.train.meta_batch
     times = {"inversion": 0.0, "meta": 0.0}
     bar = tqdm(range(state.iteration, m.train.iterations), initial=state.iteration, total=m.train.iterations,
@@ -198,7 +198,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             with torch.no_grad():
                 episodes = [bank.episode(train_tasks.task(it * mb + j)) for j in dist.share(range(mb))]
             loss, qacc = meta_step(learner, optimizer, [e.detach() for e in episodes], total=mb,
-                                   sync=dist.sum_ if dist.world > 1 else None)
+                                   sync=meta_sync)
             state.adversarial_next = switch.update(qacc)
             state.iteration = it + 1
             t2 = time.perf_counter()
