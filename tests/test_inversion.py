@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,6 +379,34 @@ def test_a_step_split_over_processes_is_bit_for_bit_the_whole_step(zoo):
     idle_stats = idle.step(teachers=[], total=2, sync=lambda terms: {**terms, **other})
     assert math.isnan(idle_stats["ce"]) and set(idle_stats) >= {"ce", "r_bn", "r_tv", "r_l2", "acc", "loss"}
     assert all(not torch.equal(idle_bank.snapshot([c]), fresh()[0].snapshot([c])) for c in bank.teacher_classes[2])
+
+
+def test_a_teacher_without_batchnorm_is_named_in_one_warning(zoo, capsys):
+    """R_bn needs BatchNorm statistics: a teacher without them is said once, by name, as one line in the recipe."""
+    import importlib.util
+
+    from purer import PurerWarning
+
+    config = ModelConfig("conv4", WAYS, [f"plain{k}" for k in range(WAYS)], in_channels=1, image_size=SIZE,
+                         arch_args={"width": 8, "depth": 2})
+    model = config.build()
+    for name, child in list(model.encoder.named_modules()):
+        for attr, sub in list(child.named_children()):
+            if isinstance(sub, nn.BatchNorm2d):
+                setattr(child, attr, nn.Identity())
+    teachers = [*zoo[:2], Teacher(model.eval(), config, "plain")]
+    with pytest.warns(PurerWarning) as record:
+        EpisodeInversion(teachers, PseudoBank(teachers, images_per_class=2), no_aug())
+    assert len(record) == 1 and str(record[0].message).startswith(
+        "1 of 3 teachers have no BatchNorm layer (plain), so R_bn cannot shape their pseudo images")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a_bn = 0 asks for no R_bn: nothing to say
+        EpisodeInversion(teachers, PseudoBank(teachers, images_per_class=2), no_aug(a_bn=0.0))
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).resolve().parents[1] / "recipes" / "purer.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    recipe._show_warning(record[0].message, PurerWarning, "synthesizer.py", 1)
+    assert capsys.readouterr().err == f"purer: warning: {record[0].message}\n"
 
 
 def test_augmented_steps_do_not_depend_on_the_global_rng(zoo):

@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from purer.pipeline import checkpointed_state
 from recipe_runs import REPO, RECIPE, accuracies, overrides, recipe
@@ -134,6 +136,32 @@ def test_a_zoo_of_other_models_is_used_as_it_is(tiny_root, baseline_run, tmp_pat
                                                  "eval.baselines": "[]", "eval.icfil": "false"}))
     assert res.returncode == 0, res.stderr[-3000:]
     assert mine.ids() == ["mine"] and json.loads((out / "results.json").read_text())["zoo"]["models"] == 1
+    # config.yaml records the zoo the run used, not the zoo-building defaults it never applied
+    used = yaml.safe_load((out / "config.yaml").read_text())["zoo"]
+    assert (used["path"], used["num_models"], used["classes_per_model"], used["build_if_missing"]) == \
+        (str(mine.path), 1, config.num_classes, False)
+
+
+def test_a_used_output_dir_is_refused_and_overwrite_replaces_its_run(tiny_root, baseline_run, tmp_path):
+    """A fresh run into another run's folder used to delete its checkpoints (two newest kept across runs), and
+    --resume then continued the other run."""
+    out = tmp_path / "used"
+    shutil.copytree(baseline_run, out, ignore=shutil.ignore_patterns("cache", ".lock"))
+    def files() -> list[Path]:
+        return sorted(p.relative_to(out) for p in out.rglob("*") if p.name != ".lock")  # the lock is taken first
+
+    before = files()
+    args = overrides(tiny_root, out, 1, **{"cache_dir": str(baseline_run / "cache"), "eval.baselines": "[]",
+                                           "eval.icfil": "false"})
+    res = recipe(args)
+    assert res.returncode == 2 and "already holds a finished run" in res.stderr
+    assert files() == before  # nothing written, nothing deleted
+    res = recipe(args + ["--overwrite"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    kept = sorted(p.parent.name for p in (out / "checkpoints").glob("checkpoint_*/COMPLETE"))
+    assert kept == ["checkpoint_1"] and results["meta_train"]["iterations"] == 1
+    assert json.loads((out / "checkpoints" / "checkpoint_1" / "run.json").read_text())["run_id"] == results["run_id"]
 
 
 def test_lambda_adv_zero_is_plain_episode_inversion(tiny_root, baseline_run, tmp_path):
@@ -186,7 +214,8 @@ def test_resume_with_another_network_is_a_clear_error(tiny_root, baseline_run, t
     out = tmp_path / "changed"
     shutil.copytree(baseline_run / "checkpoints", out / "checkpoints")
     res = recipe(overrides(tiny_root, out, **{"meta.arch_args": "{width: 8}"}) + ["--resume"])
-    assert res.returncode == 2 and "does not fit this config" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "belong to a run with other settings (meta.arch_args.width: None there, 8 here)" in res.stderr
 
 
 def test_overrides_may_follow_flags_and_precede_them(tiny_root, tmp_path):
@@ -202,18 +231,19 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_root, tmp_path):
 
 def test_two_processes_match_one(tiny_root, baseline_run, tmp_path):
     """Two processes compute the run of one, bit for bit: the same bank and learner after training, so
-    the same switch firings, meta-val curve and rows.  Only wall-clock times and the process count may
-    differ.  (Before per-task gradients were summed in one order, the learners differed in the last
-    bits at iteration 1, Adam made that 1e-3 at iteration 2, and the adversarial step carried it into
-    the bank: on another CPU the rows came out 55.56 against 66.67.)"""
+    the same switch firings, meta-val curve and rows.  Only wall-clock times, the process count and the
+    run id (a new run) may differ.  (Before per-task gradients were summed in one order, the learners
+    differed in the last bits at iteration 1, Adam made that 1e-3 at iteration 2, and the adversarial
+    step carried it into the bank: on another CPU the rows came out 55.56 against 66.67.)"""
     out = tmp_path / "two"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "recipes" / "accelerate" / "two-processes.yaml")]
     res = recipe(overrides(tiny_root, out, **{"cache_dir": str(baseline_run / "cache")}), launcher=launcher)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "not passed to `accelerate launch`" not in res.stderr  # the shipped config gives every setting
 
     def without_times(results: dict) -> dict:
-        results.pop("seconds"), results.pop("processes")
+        results.pop("seconds"), results.pop("processes"), results.pop("run_id")
         for r in results["rows"]:
             r.pop("seconds", None)
         results["meta_train"] = {k: v for k, v in results["meta_train"].items() if not k.startswith("seconds")}

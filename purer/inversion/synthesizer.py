@@ -26,6 +26,7 @@ release (a step moves a pixel by at most ``0.25 * std`` of the range).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -34,7 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import PurerWarning
 from ..zoo.teacher import Teacher
 from .bank import SPACES, PseudoBank
 from .hooks import BNStatsHook
@@ -150,6 +153,12 @@ class EpisodeInversion:
         if bank.space != self.config.space:
             raise ValueError(f"the bank is in {bank.space!r} space but the config says {self.config.space!r}; "
                              f"build the bank with PseudoBank(..., space={self.config.space!r})")
+        no_bn = [t.model_id or f"teacher {i}" for i, t in enumerate(self.teachers)
+                 if not any(isinstance(m, _BatchNorm) for m in t.model.modules())]
+        if no_bn and self.config.a_bn > 0:
+            warnings.warn(f"{len(no_bn)} of {len(self.teachers)} teachers have no BatchNorm layer "
+                          f"({', '.join(no_bn[:3])}{', ...' if len(no_bn) > 3 else ''}), so R_bn cannot shape "
+                          "their pseudo images: only the cross-entropy and the priors do", PurerWarning, stacklevel=2)
         self.augment = build_augmentation(self.config, bank.image_size)
         self.optimizer = torch.optim.Adam(bank.parameters(), lr=self.config.lr, betas=self.config.betas)
         self.generator = torch.Generator().manual_seed(self.config.seed)

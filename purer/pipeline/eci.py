@@ -15,6 +15,7 @@ with ``accelerator.save_state``, so a resumed run equals an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -121,17 +122,25 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(acc, dist: Dist, out: Path, iteration: int) -> None:
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of the run in ``out``, if any."""
+    found = _checkpoints(out / "checkpoints")
+    return found[-1] if found else None
+
+
+def save_checkpoint(acc, dist: Dist, out: Path, iteration: int, identity: dict) -> None:
     """``accelerator.save_state`` into ``checkpoints/checkpoint_<iteration>``; a COMPLETE marker makes it valid.
 
     A run killed while saving leaves an unmarked directory that resume ignores; only
-    the two newest complete checkpoints are kept.
+    the two newest complete checkpoints are kept.  ``run.json`` records ``identity``
+    (run id and training settings; see :func:`purer.pipeline.rundir.run_identity`).
     """
     root = out / "checkpoints"
     target = root / f"checkpoint_{iteration}"
     acc.save_state(str(target))
     dist.barrier()
     if dist.main:
+        (target / "run.json").write_text(json.dumps(identity, indent=1))
         (target / "COMPLETE").write_text(str(iteration))
         for old in _checkpoints(root)[:-2]:
             shutil.rmtree(old, ignore_errors=True)
@@ -139,8 +148,11 @@ def save_checkpoint(acc, dist: Dist, out: Path, iteration: int) -> None:
 
 
 def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher], val_set: ImageSet, out: Path,
-                   resume: bool, progress: bool) -> tuple[MetaLearner, dict]:
-    """ECI meta-training on pseudo episodes; returns the meta-val-best learner and a summary."""
+                   resume: bool, progress: bool, identity: dict) -> tuple[MetaLearner, dict]:
+    """ECI meta-training on pseudo episodes; returns the meta-val-best learner and a summary.
+
+    ``identity`` is written into every checkpoint (see :func:`save_checkpoint`).
+    """
     m = cfg.meta
     channels, size = val_set.image_shape[0], cfg.data.image_size
     bank = build_bank(cfg, teachers, channels)
@@ -223,10 +235,10 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             # The last checkpoint lets a run interrupted during meta-test resume without retraining.
             saved = state.iteration % cfg.checkpoint_every == 0 or state.iteration == m.train.iterations
             if saved:
-                save_checkpoint(acc, dist, out, state.iteration)
+                save_checkpoint(acc, dist, out, state.iteration, identity)
             if dist.any(interrupt.requested):
                 if not saved:
-                    save_checkpoint(acc, dist, out, state.iteration)
+                    save_checkpoint(acc, dist, out, state.iteration, identity)
                 acc.print(f"interrupted: checkpoint written at iteration {state.iteration}; continue with --resume")
                 raise KeyboardInterrupt
     if dist.main:
