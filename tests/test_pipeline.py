@@ -210,6 +210,49 @@ def test_resume_after_sigkill_gives_the_same_results(tiny_root, baseline_run, tm
     assert accuracies(out) == accuracies(baseline_run)
 
 
+def test_the_baselines_worker_dies_with_a_killed_run(tiny_root, tmp_path):
+    """SIGKILL gives a run no chance to stop its background worker, which used to compute on for minutes."""
+    out = tmp_path / "killed_worker"
+    # Not cached, so the worker starts; long enough that it cannot end on its own while the test waits.
+    args = overrides(tiny_root, out, 200, **{"eval.baselines": "[maml-real]", "eval.baseline_train_iterations": 50000})
+    proc = subprocess.Popen([sys.executable, str(RECIPE), "--no-progress", *args], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if "background process" in line:
+            break
+
+    def workers() -> set[int]:
+        """The run's pool worker (not multiprocessing's resource tracker, which ends with its pipe)."""
+        found = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == proc.pid and fields[0] != "Z" and b"spawn_main" in cmdline:
+                found.add(int(stat.parent.name))
+        return found
+
+    deadline = time.time() + 60
+    while not workers() and time.time() < deadline:
+        time.sleep(0.1)
+    alive = workers()
+    assert alive, "no worker started"
+    time.sleep(5)  # past its start-up (a worker killed while starting ends anyway): it is computing rows
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = {pid for pid in alive if Path(f"/proc/{pid}").exists()
+                 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+    for pid in alive:  # a failing test leaves no orphan behind
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"processes {alive} outlived the killed run"
+
+
 def test_resume_with_another_network_is_a_clear_error(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "changed"
     shutil.copytree(baseline_run / "checkpoints", out / "checkpoints")
