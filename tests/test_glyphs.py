@@ -171,3 +171,11 @@ def test_cli_prints_splits_and_saves_a_preview(built, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--data-root", str(blocker), "--image-size", "20"])
     assert e.value.code == 2 and "writable" in capsys.readouterr().err
+
+
+def test_the_report_summary_shows_a_few_examples_of_each_drop():
+    from purer.data.glyphs import GlyphReport
+
+    report = GlyphReport(faces=["a.ttf"], lookalikes=[(f"x{i}", "y") for i in range(9)], too_few_faces=["z"])
+    assert "dropped 9 look-alike classes: x0 ~ y, x1 ~ y, x2 ~ y, x3 ~ y, x4 ~ y, ... (4 more)" in report.summary()
+    assert "x8 ~ y" in str(report) and "more)" not in str(report)  # the full report lists every one

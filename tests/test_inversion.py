@@ -17,6 +17,7 @@ from purer.data import EpisodeSampler
 from purer.inversion import (BNStatsHook, EpisodeInversion, GradientSwitch, InversionConfig, L2Prior, PseudoBank,
                              SwitchConfig, TotalVariation, bn_distance, build_augmentation, l2_prior,
                              save_bank_grid, save_episode_grid, total_variation)
+from purer.inversion.grid import class_labels, save_training_plot
 from purer.meta.base import MetaLearner
 from purer.zoo import ModelConfig, Teacher
 
@@ -249,7 +250,7 @@ def test_both_bank_spaces_invert_and_only_the_pixel_space_stays_in_the_unit_rang
     spec = EpisodeSampler(bank.class_sizes(), way=3, shot=1, query=2).task(0)
     episode = bank.episode(spec)
     assert torch.equal(episode.support_x[0], images[int(spec.classes[0]), int(spec.support[0, 0])])
-    with Image.open(save_episode_grid(episode, tmp_path / "episode.png", scale=1)) as im:
+    with Image.open(save_episode_grid(episode, tmp_path / "episode.png", scale=1, labelled=False)) as im:
         assert im.size == ((1 + 1 + 2) * (SIZE + 1) + 1, 3 * (SIZE + 1) + 1)
 
 
@@ -533,12 +534,22 @@ def test_adversarial_step_raises_the_learners_outer_loss(zoo, queries):
 
 def test_grids_are_written_with_the_expected_layout(zoo, tmp_path):
     bank = PseudoBank(zoo, images_per_class=4)
-    path = save_bank_grid(bank, tmp_path / "bank.png", classes=range(6), scale=2)
+    path = save_bank_grid(bank, tmp_path / "bank.png", classes=range(6), scale=2, labelled=False)
     with Image.open(path) as im:
         assert im.size == (4 * (2 * SIZE + 1) + 1, 6 * (2 * SIZE + 1) + 1)
     episode = bank.episode(EpisodeSampler(bank.class_sizes(), way=3, shot=1, query=2).task(0))
-    with Image.open(save_episode_grid(episode, tmp_path / "ep" / "episode.png", scale=1)) as im:
+    with Image.open(save_episode_grid(episode, tmp_path / "ep" / "episode.png", scale=1, labelled=False)) as im:
         assert im.size == ((1 + 1 + 2) * (SIZE + 1) + 1, 3 * (SIZE + 1) + 1)
+    # labelled: a margin for the row labels (class and teachers) and the support / query headers
+    assert class_labels(bank, ["ta", "tb", "tc"])[:2] == ["t0/class0 (ta)", "t0/class1 (ta)"]
+    with Image.open(save_bank_grid(bank, tmp_path / "bank_l.png", classes=range(6), scale=2,
+                                   teacher_ids=["ta", "tb", "tc"])) as im:
+        assert im.size[0] > 4 * (2 * SIZE + 1) + 1 + 7 * len("t0/class0 (ta)") and im.size[1] >= 6 * (2 * SIZE + 1)
+    with Image.open(save_episode_grid(episode, tmp_path / "ep_l.png", scale=1)) as im:
+        assert im.size[1] > 3 * (SIZE + 1) + 1 + 10  # the header row
+    with Image.open(save_training_plot(tmp_path / "training.png", [(1, 0.2), (2, 0.4), (3, 0.3)], [(3, 50.0)],
+                                       [2])) as im:
+        assert im.size == (700, 350)
 
 
 def test_label_preserving_adversary_stops_pushing_misclassified_queries(zoo):

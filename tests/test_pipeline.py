@@ -36,6 +36,7 @@ def test_run_writes_every_output(baseline_run):
     assert "| purer+icfil |" in table and "± " in table
     assert (out / "config.yaml").is_file()
     assert list((out / "pictures").glob("pseudo_episode_*.png")) and (out / "pictures" / "bank_final.png").is_file()
+    assert (out / "pictures" / "training.png").is_file()
     assert list((out / "logs").rglob("events.out.tfevents*"))
     kept = sorted(p.parent.name for p in (out / "checkpoints").glob("checkpoint_*/COMPLETE"))
     assert kept == ["checkpoint_4", "checkpoint_6"]  # the two newest, the last at the end of training

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..baselines import METHODS as BASELINE_METHODS
 from ..calibrate import ICFILConfig
+from ..data.glyphs import RECIPE_IMAGE_SIZE
 from ..evaluate import TuningGrid
 from ..inversion import InversionConfig, SwitchConfig
 from ..meta import MAMLConfig, MetaTrainConfig
@@ -35,7 +36,7 @@ class DataConfig:
 
     dataset: str = "glyphs"
     root: str | None = None
-    image_size: int = 32
+    image_size: int = RECIPE_IMAGE_SIZE
 
 
 @dataclass

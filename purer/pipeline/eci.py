@@ -33,7 +33,7 @@ from ..data import EpisodeSampler, ImageSet
 from ..distill import distill_zoo
 from ..evaluate import task_list
 from ..inversion import EpisodeInversion, GradientSwitch
-from ..inversion.grid import save_bank_grid, save_episode_grid
+from ..inversion.grid import class_labels, save_bank_grid, save_episode_grid, save_training_plot
 from ..meta import MetaLearner
 from ..meta.train import meta_step
 from ..zoo.teacher import Teacher
@@ -91,6 +91,8 @@ class TrainState:
     best_iteration: int = 0
     val: list = field(default_factory=list)
     adversarial_steps: int = 0
+    pseudo_query: list = field(default_factory=list)  # [iteration, pseudo-query accuracy] (pictures/training.png)
+    fired_at: list = field(default_factory=list)  # iterations at which the switch fired
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,6 +192,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     train_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
     fresh_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
     val_tasks = task_list(val_set, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
+    labels = class_labels(bank, [t.model_id for t in teachers])  # picture rows: class (teachers)
     sync, meta_sync = bank_grad_sync(dist), task_sync(dist, dist.share(range(m.train.meta_batch)))
     mb = m.train.meta_batch
     times = {"inversion": 0.0, "meta": 0.0}
@@ -213,6 +216,9 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                                    sync=meta_sync)
             state.adversarial_next = switch.update(qacc)
             state.iteration = it + 1
+            state.pseudo_query.append([state.iteration, qacc])
+            if state.adversarial_next:
+                state.fired_at.append(state.iteration)
             t2 = time.perf_counter()
             times["inversion"] += t1 - t0
             times["meta"] += t2 - t1
@@ -228,9 +234,10 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                     best.keep(learner)
             acc.log(logs, step=state.iteration)
             if dist.main and (state.iteration % cfg.picture_every == 0 or state.iteration == 1):
+                spec = train_tasks.task(it * mb)
                 with torch.no_grad():
-                    save_episode_grid(bank.episode(train_tasks.task(it * mb)), out / "pictures" /
-                                      f"pseudo_episode_{state.iteration:06d}.png")
+                    save_episode_grid(bank.episode(spec), out / "pictures" / f"pseudo_episode_{state.iteration:06d}.png",
+                                      row_labels=[labels[int(c)] for c in spec.classes])
             bar.set_postfix(acc=f"{qacc:.2f}", ce=f"{inv['ce']:.2f}", fired=switch.fired)
             # The last checkpoint lets a run interrupted during meta-test resume without retraining.
             saved = state.iteration % cfg.checkpoint_every == 0 or state.iteration == m.train.iterations
@@ -242,7 +249,9 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                 acc.print(f"interrupted: checkpoint written at iteration {state.iteration}; continue with --resume")
                 raise KeyboardInterrupt
     if dist.main:
-        save_bank_grid(bank, out / "pictures" / "bank_final.png", classes=list(range(min(20, bank.num_classes))))
+        save_bank_grid(bank, out / "pictures" / "bank_final.png", classes=list(range(min(20, bank.num_classes))),
+                       teacher_ids=[t.model_id for t in teachers])
+        save_training_plot(out / "pictures" / "training.png", state.pseudo_query, state.val, state.fired_at)
     learner.load_state_dict(best.state)
     summary = {"iterations": m.train.iterations, "bank_classes": bank.num_classes,
                "best_iteration": state.best_iteration,

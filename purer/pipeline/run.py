@@ -71,6 +71,14 @@ def _on_main(dist: Dist, fn):
 
 def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: bool) -> dict:
     start = time.perf_counter()
+    e = cfg.eval
+
+    def stage(n: int, text: str) -> None:
+        """One line per stage of the run, with the time so far (each stage shows its own bar and ETA)."""
+        if progress and dist.main:
+            print(f"[{n}/4, {time.perf_counter() - start:.0f} s] {text}", flush=True)
+
+    stage(1, "data and model zoo")
     try:
         splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size)
                   for s in ("train", "val", "test")}
@@ -89,8 +97,12 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
 
     baselines = Baselines(cfg, splits, teachers, dist, progress)
     try:
+        stage(2, f"ECI meta-training, {cfg.meta.train.iterations} iterations")
         learner, summary = meta_train_eci(cfg, acc, dist, teachers, splits["val"], out, resume, progress, identity)
+        stage(3, f"meta-test: {e.tasks} tasks per shot ({', '.join(map(str, e.shots))}-shot), "
+                 f"{'with and without ICFIL' if e.icfil else 'without ICFIL'}")
         rows = evaluate_purer(cfg, learner, splits, dist, progress)
+        stage(4, f"baselines: {', '.join(e.baselines) or 'none'}")
         if dist.main:
             learner.test_time = {r["shot"]: r.get("settings", {}) for r in rows if r["method"] == "purer"}
             learner.save_pretrained(out / "meta_learner", dataset=cfg.data.dataset, selected={
