@@ -161,7 +161,8 @@ def test_bad_font_directory_and_scripts(tmp_path):
 def test_cli_prints_splits_and_saves_a_preview(built, tmp_path, capsys):
     root, sets, _ = built
     png = tmp_path / "preview.png"
-    assert main(["--data-root", str(root), "--preview", str(png)]) == 0
+    size = sets["train"].image_shape[-1]  # the fixture's cache (the CLI's default is the recipe's 32 px)
+    assert main(["--data-root", str(root), "--image-size", str(size), "--preview", str(png)]) == 0
     out = capsys.readouterr().out
     assert "loaded from cache" in out
     assert re.search(rf"train\s+{len(sets['train'].class_names)} classes\s+instances/class min 20 median 20", out)
