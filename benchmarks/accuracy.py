@@ -102,7 +102,8 @@ def command(dataset: str, scenario: str, variant: str, seed: int) -> list[str]:
             f"seed={seed}", f"output_dir={out}", f"cache_dir={RUNS / '.cache'}"]
     if variant != "baselines":
         args.append("eval.baselines=[]")
-    resume = ["--resume"] if any(out.glob("checkpoints/checkpoint_*/COMPLETE")) else []
+    # A run killed before its first checkpoint left nothing to keep: start it again in its folder.
+    resume = ["--resume"] if any(out.glob("checkpoints/checkpoint_*/COMPLETE")) else ["--overwrite"]
     return [sys.executable, str(REPO / "recipes" / "purer.py"), "--no-progress", *resume, *args]
 
 

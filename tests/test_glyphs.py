@@ -161,7 +161,8 @@ def test_bad_font_directory_and_scripts(tmp_path):
 def test_cli_prints_splits_and_saves_a_preview(built, tmp_path, capsys):
     root, sets, _ = built
     png = tmp_path / "preview.png"
-    assert main(["--data-root", str(root), "--preview", str(png)]) == 0
+    size = sets["train"].image_shape[-1]  # the fixture's cache (the CLI's default is the recipe's 32 px)
+    assert main(["--data-root", str(root), "--image-size", str(size), "--preview", str(png)]) == 0
     out = capsys.readouterr().out
     assert "loaded from cache" in out
     assert re.search(rf"train\s+{len(sets['train'].class_names)} classes\s+instances/class min 20 median 20", out)
@@ -171,3 +172,11 @@ def test_cli_prints_splits_and_saves_a_preview(built, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--data-root", str(blocker), "--image-size", "20"])
     assert e.value.code == 2 and "writable" in capsys.readouterr().err
+
+
+def test_the_report_summary_shows_a_few_examples_of_each_drop():
+    from purer.data.glyphs import GlyphReport
+
+    report = GlyphReport(faces=["a.ttf"], lookalikes=[(f"x{i}", "y") for i in range(9)], too_few_faces=["z"])
+    assert "dropped 9 look-alike classes: x0 ~ y, x1 ~ y, x2 ~ y, x3 ~ y, x4 ~ y, ... (4 more)" in report.summary()
+    assert "x8 ~ y" in str(report) and "more)" not in str(report)  # the full report lists every one

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from purer.data import EpisodeSampler
 from purer.inversion import (BNStatsHook, EpisodeInversion, GradientSwitch, InversionConfig, L2Prior, PseudoBank,
                              RandomAffineAugment, SwitchConfig, TotalVariation, bn_distance, build_augmentation,
                              l2_prior, save_bank_grid, save_episode_grid, total_variation)
+from purer.inversion.grid import class_labels, save_training_plot
 from purer.meta.base import MetaLearner
 from purer.zoo import ModelConfig, Teacher
 
@@ -247,7 +250,7 @@ def test_both_bank_spaces_invert_and_only_the_pixel_space_stays_in_the_unit_rang
     spec = EpisodeSampler(bank.class_sizes(), way=3, shot=1, query=2).task(0)
     episode = bank.episode(spec)
     assert torch.equal(episode.support_x[0], images[int(spec.classes[0]), int(spec.support[0, 0])])
-    with Image.open(save_episode_grid(episode, tmp_path / "episode.png", scale=1)) as im:
+    with Image.open(save_episode_grid(episode, tmp_path / "episode.png", scale=1, labelled=False)) as im:
         assert im.size == ((1 + 1 + 2) * (SIZE + 1) + 1, 3 * (SIZE + 1) + 1)
 
 
@@ -347,26 +350,34 @@ def test_extra_loss_is_added_and_checked(zoo):
         inversion.step(extra_loss=lambda b: b.class_images(0), teachers=[1])
 
 
-def test_a_step_split_over_processes_equals_the_whole_step(zoo):
-    """Two simulated processes each run one teacher; summing their per-class gradients gives the full step."""
+def test_a_step_split_over_processes_is_bit_for_bit_the_whole_step(zoo):
+    """Two simulated processes: one runs teacher 0 and the extra loss, the other teacher 2.
+
+    The extra loss reads classes of both teachers, so those classes sum gradient terms
+    computed in different processes: they must add up in the one-process order, bit for bit
+    (an all-reduce of per-process sums rounds differently, and a run then depends on its split).
+    """
     def fresh():
         bank = PseudoBank(zoo, images_per_class=3)
         return bank, EpisodeInversion(zoo, bank, InversionConfig(seed=7))
 
+    def extra(bank):
+        a, b = bank.teacher_classes[0][0], bank.teacher_classes[2][1]
+        return -10 * (bank.class_images(a) * bank.class_images(b).flip(-1)).mean()
+
     whole_bank, whole = fresh()
-    whole_stats = whole.step(teachers=[0, 2])
-    other: dict[int, torch.Tensor] = {}
+    whole_stats = whole.step(extra_loss=extra, teachers=[0, 2])
+    other: dict[int, dict[int, torch.Tensor]] = {}
     _, second = fresh()
-    second_stats = second.step(teachers=[2], total=2, sync=lambda g: other.update(g) or {})  # records only
+    second_stats = second.step(teachers=[2], total=2, sync=lambda terms: other.update(terms) or terms)  # records
     bank, first = fresh()
-    stats = first.step(teachers=[0], total=2,
-                       sync=lambda g: {k: g.get(k, 0) + other.get(k, 0) for k in sorted({*g, *other})})
-    assert set(other) == set(bank.teacher_classes[2])
-    assert torch.allclose(bank.snapshot(), whole_bank.snapshot(), atol=1e-6)
+    stats = first.step(extra_loss=extra, teachers=[0], total=2, sync=lambda terms: {**terms, **other})
+    assert set(other) == {2} and set(other[2]) == set(bank.teacher_classes[2])
+    assert torch.equal(bank.snapshot(), whole_bank.snapshot())
     assert math.isclose(stats["loss"] + second_stats["loss"], whole_stats["loss"], rel_tol=1e-5)  # sum / total
-    # a process with no teacher in its share still applies the summed gradients and logs every key
+    # a process with no teacher in its share still applies the gathered gradients and logs every key
     idle_bank, idle = fresh()
-    idle_stats = idle.step(teachers=[], total=2, sync=lambda g: {k: other[k] for k in sorted(other)})
+    idle_stats = idle.step(teachers=[], total=2, sync=lambda terms: {**terms, **other})
     assert math.isnan(idle_stats["ce"]) and set(idle_stats) >= {"ce", "r_bn", "r_tv", "r_l2", "acc", "loss"}
     assert all(not torch.equal(idle_bank.snapshot([c]), fresh()[0].snapshot([c])) for c in bank.teacher_classes[2])
 
@@ -418,6 +429,34 @@ def test_a_step_under_bf16_autocast_still_lowers_the_inversion_loss(zoo):
     assert stats["loss"].dtype == torch.float32
     assert inversion.teacher_losses([0, 1, 2])[0].sum().item() < first
     assert all(p.dtype == torch.float32 for p in bank.parameters())
+
+
+def test_a_teacher_without_batchnorm_is_named_in_one_warning(zoo, capsys):
+    """R_bn needs BatchNorm statistics: a teacher without them is said once, by name, as one line in the recipe."""
+    import importlib.util
+
+    from purer import PurerWarning
+
+    config = ModelConfig("conv4", WAYS, [f"plain{k}" for k in range(WAYS)], in_channels=1, image_size=SIZE,
+                         arch_args={"width": 8, "depth": 2})
+    model = config.build()
+    for name, child in list(model.encoder.named_modules()):
+        for attr, sub in list(child.named_children()):
+            if isinstance(sub, nn.BatchNorm2d):
+                setattr(child, attr, nn.Identity())
+    teachers = [*zoo[:2], Teacher(model.eval(), config, "plain")]
+    with pytest.warns(PurerWarning) as record:
+        EpisodeInversion(teachers, PseudoBank(teachers, images_per_class=2), no_aug())
+    assert len(record) == 1 and str(record[0].message).startswith(
+        "1 of 3 teachers have no BatchNorm layer (plain), so R_bn cannot shape their pseudo images")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a_bn = 0 asks for no R_bn: nothing to say
+        EpisodeInversion(teachers, PseudoBank(teachers, images_per_class=2), no_aug(a_bn=0.0))
+    spec = importlib.util.spec_from_file_location("recipe", Path(__file__).resolve().parents[1] / "recipes" / "purer.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    recipe._show_warning(record[0].message, PurerWarning, "synthesizer.py", 1)
+    assert capsys.readouterr().err == f"purer: warning: {record[0].message}\n"
 
 
 def test_augmented_steps_do_not_depend_on_the_global_rng(zoo):
@@ -571,12 +610,22 @@ def test_adversarial_step_raises_the_learners_outer_loss(zoo, queries):
 
 def test_grids_are_written_with_the_expected_layout(zoo, tmp_path):
     bank = PseudoBank(zoo, images_per_class=4)
-    path = save_bank_grid(bank, tmp_path / "bank.png", classes=range(6), scale=2)
+    path = save_bank_grid(bank, tmp_path / "bank.png", classes=range(6), scale=2, labelled=False)
     with Image.open(path) as im:
         assert im.size == (4 * (2 * SIZE + 1) + 1, 6 * (2 * SIZE + 1) + 1)
     episode = bank.episode(EpisodeSampler(bank.class_sizes(), way=3, shot=1, query=2).task(0))
-    with Image.open(save_episode_grid(episode, tmp_path / "ep" / "episode.png", scale=1)) as im:
+    with Image.open(save_episode_grid(episode, tmp_path / "ep" / "episode.png", scale=1, labelled=False)) as im:
         assert im.size == ((1 + 1 + 2) * (SIZE + 1) + 1, 3 * (SIZE + 1) + 1)
+    # labelled: a margin for the row labels (class and teachers) and the support / query headers
+    assert class_labels(bank, ["ta", "tb", "tc"])[:2] == ["t0/class0 (ta)", "t0/class1 (ta)"]
+    with Image.open(save_bank_grid(bank, tmp_path / "bank_l.png", classes=range(6), scale=2,
+                                   teacher_ids=["ta", "tb", "tc"])) as im:
+        assert im.size[0] > 4 * (2 * SIZE + 1) + 1 + 7 * len("t0/class0 (ta)") and im.size[1] >= 6 * (2 * SIZE + 1)
+    with Image.open(save_episode_grid(episode, tmp_path / "ep_l.png", scale=1)) as im:
+        assert im.size[1] > 3 * (SIZE + 1) + 1 + 10  # the header row
+    with Image.open(save_training_plot(tmp_path / "training.png", [(1, 0.2), (2, 0.4), (3, 0.3)], [(3, 50.0)],
+                                       [2])) as im:
+        assert im.size == (700, 350)
 
 
 def test_label_preserving_adversary_stops_pushing_misclassified_queries(zoo):

@@ -175,6 +175,29 @@ def test_meta_step_averages_the_meta_batch_and_reports_accuracy():
             assert torch.allclose(pa, pb - 0.1 * pb.grad, atol=1e-6)
 
 
+def test_a_meta_step_split_over_processes_is_bit_for_bit_the_whole_step():
+    """Two simulated processes take tasks 0, 2 and 1, 3; their rows are summed in task order, as one
+    process accumulates them, so the weights agree exactly (not merely to rounding: Adam turns the
+    rounding noise of a convolution bias before BatchNorm, whose gradient is zero in exact
+    arithmetic, into full-size steps)."""
+    eps = [an_episode(seed=s) for s in range(4)]
+
+    def fresh():
+        learner = MAML(tiny_model(), 5)
+        return learner, torch.optim.Adam(learner.parameters(), lr=1e-3)
+
+    whole, opt = fresh()
+    whole_stats = meta_step(whole, opt, eps)
+    theirs, opt_theirs = fresh()
+    rows: dict[int, torch.Tensor] = {}
+    meta_step(theirs, opt_theirs, eps[1::2], total=4, sync=lambda r: rows.update(zip((1, 3), r)) or r * 2)  # records
+    mine, opt_mine = fresh()
+    stats = meta_step(mine, opt_mine, eps[0::2], total=4,
+                      sync=lambda r: [v for _, v in sorted({**rows, **dict(zip((0, 2), r))}.items())])
+    assert stats == whole_stats
+    assert all(torch.equal(a, b) for a, b in zip(mine.parameters(), whole.parameters()))
+
+
 def test_meta_train_callback_validation_and_best_state():
     torch.manual_seed(0)
     train, val = template_images(20, seed=1), template_images(10, seed=2)

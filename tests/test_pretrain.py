@@ -1,4 +1,6 @@
 """Pre-training teachers: class subsets, the 80/20 split, accuracy, and resuming an interrupted run."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +104,13 @@ def test_interrupted_pretrain_resumes(tmp_path, monkeypatch):
     pretrain_zoo(tiny_cfg(epochs=1, num_models=1), other, data=data, progress=False)
     assert other.config("conv4-000").sha256 == first_sha
 
+    # zoo.json records the spec: finishing or extending with other settings would mix teachers
+    with pytest.raises(ValueError, match="was pre-trained with seed=0, not seed=5; finish it with its own settings"):
+        pretrain_zoo(tiny_cfg(epochs=1, seed=5), zoo, data=data, progress=False)
+    assert zoo.pretrain_spec()["num_models"] == 2 and zoo.pretrain_spec()["epochs"] == 1
+    manifest = json.loads(zoo.manifest_path.read_text())
+    del manifest["pretrain"]  # a zoo written before the record: each model's classes are still checked
+    zoo.manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="already holds 'conv4-000'"):
         pretrain_zoo(tiny_cfg(epochs=1, seed=5), zoo, data=data, progress=False)
 

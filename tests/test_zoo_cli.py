@@ -183,3 +183,20 @@ def test_interrupted_pretrain_exits_130_and_resumes(tmp_path, synthetic_split, m
     assert main(argv) == 0
     assert "conv4-000: already in" in capsys.readouterr().err
     assert main(["verify", "--zoo", str(tmp_path / "zoo")]) == 0
+
+
+def test_inspect_prints_class_ids_as_they_are_and_ends_quietly_in_a_closed_pipe(tmp_path, capsys):
+    weights = tmp_path / "cyr.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model(seed=2).state_dict().items()}, str(weights))
+    zoo = str(tmp_path / "zoo")
+    assert main(["register", str(weights), *TINY, "--class-ids", "К,Л,М,Н,П", "--zoo", zoo]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "cyr", "--zoo", zoo]) == 0
+    assert '"К"' in capsys.readouterr().out  # not "\u041a"
+    # `purer-zoo inspect ... | head` : the reader is gone before the command writes
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "purer.zoo", "inspect", "cyr", "--zoo", zoo], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0 and err == ""

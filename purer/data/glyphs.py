@@ -141,6 +141,11 @@ class GlyphConfig:
             raise ValueError(f"min_scale must lie in (0, 1], got {self.min_scale}")
 
 
+#: The image size ``recipes/purer.py`` renders glyphs at (``purer.pipeline.DataConfig.image_size``): Conv4
+#: at 32 px ends in 2x2x32 = 128 features, at 28 px in only 32 (METHOD.md).
+RECIPE_IMAGE_SIZE = 32
+
+
 @dataclass
 class GlyphReport:
     """What a build kept and removed; ``str(report)`` is a readable summary."""
@@ -154,17 +159,28 @@ class GlyphReport:
     seconds: float = 0.0
 
     def __str__(self) -> str:
+        return self.summary(limit=None)
+
+    def summary(self, limit: int | None = 5) -> str:
+        """The report with at most ``limit`` examples of each kind of drop (``None``: all of them)."""
+        def some(items: list[str]) -> str:
+            shown = items if limit is None else items[:limit]
+            return ", ".join(shown) + (f", ... ({len(items) - len(shown)} more)" if len(shown) < len(items) else "")
+
         lines = [f"faces used: {len(self.faces)}; built in {self.seconds:.1f} s; "
                  f"{self.augmented} augmented images added"]
-        lines += [f"dropped face {f}: {why}" for f, why in sorted(self.dropped_faces.items())]
+        faces = [f"{f} ({why})" for f, why in sorted(self.dropped_faces.items())]
+        if faces:
+            lines.append(f"dropped {len(faces)} faces: {some(faces)}" if limit is not None else
+                         "\n".join(f"dropped face {f}" for f in faces))
         if self.dropped_renders:
-            lines.append("dropped renders: " + ", ".join(f"{k} {v}" for k, v in sorted(self.dropped_renders.items())))
+            lines.append(f"dropped renders ({sum(self.dropped_renders.values())}): "
+                         + some([f"{k} {v}" for k, v in sorted(self.dropped_renders.items())]))
         if self.lookalikes:
             lines.append(f"dropped {len(self.lookalikes)} look-alike classes: "
-                         + ", ".join(f"{a} ~ {b}" for a, b in self.lookalikes))
+                         + some([f"{a} ~ {b}" for a, b in self.lookalikes]))
         if self.too_few_faces:
-            lines.append(f"dropped {len(self.too_few_faces)} classes with too few faces: "
-                         + ", ".join(self.too_few_faces))
+            lines.append(f"dropped {len(self.too_few_faces)} classes with too few faces: " + some(self.too_few_faces))
         return "\n".join(lines)
 
 
@@ -672,8 +688,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m purer.data.glyphs", description=main.__doc__)
     parser.add_argument("--data-root", type=Path, default=None, help="cache directory (default $PURER_DATA_ROOT "
                         "or ~/.cache/purer)")
-    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--image-size", type=int, default=RECIPE_IMAGE_SIZE,
+                        help=f"side in pixels (default {RECIPE_IMAGE_SIZE}: the recipe's data.image_size, so its cache)")
     parser.add_argument("--preview", type=Path, default=None, help="save a PNG grid of a few classes per split")
+    parser.add_argument("--all-drops", action="store_true", help="list every dropped face, render and class")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cached = glyph_cache_path(args.image_size, args.data_root).exists()
@@ -690,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scripts = Counter(n.split(":", 1)[0] for n in s.class_names)
         print(f"{split:5s}  {len(sizes):4d} classes  instances/class min {min(sizes)} median {np.median(sizes):g}  "
               f"images {len(s)}  ({', '.join(f'{k} {v}' for k, v in scripts.items())})")
-    print(read_glyph_report(args.image_size, args.data_root))
+    print(read_glyph_report(args.image_size, args.data_root).summary(limit=None if args.all_drops else 5))
     if args.preview:
         save_preview(sets, args.preview)
         print(f"preview saved to {args.preview}")

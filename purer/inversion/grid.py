@@ -1,5 +1,8 @@
 """PNG grids of what the inversion synthesised: the bank (a row per class) and pseudo episodes.
 
+Pictures carry labels (class names, the teachers that know each class, support / query headers);
+``labelled=False`` gives the bare pixel grid.  :func:`save_training_plot` draws meta-training's curves.
+
 Example:
     >>> save_bank_grid(bank, "bank.png", classes=range(10))      # doctest: +SKIP
     >>> save_episode_grid(bank.episode(spec), "episode.png")     # doctest: +SKIP
@@ -49,17 +52,104 @@ def save_image(image: torch.Tensor, path: str | Path) -> Path:
     return path
 
 
+def class_labels(bank: PseudoBank, teacher_ids: Sequence[str] | None = None) -> list[str]:
+    """A row label per bank class: its name and the teachers that know it (``teacher_ids[i]`` names teacher ``i``)."""
+    if teacher_ids is None:
+        return list(bank.class_names)
+    return [f"{name} ({', '.join(teacher_ids[i] for i in bank.class_teachers[k])})"
+            for k, name in enumerate(bank.class_names)]
+
+
 def save_bank_grid(bank: PseudoBank, path: str | Path, classes: Sequence[int] | None = None,
-                   images_per_class: int | None = None, scale: int = 2) -> Path:
-    """PNG of the bank: one row per class (default all), ``images_per_class`` columns (default all)."""
-    images = bank.snapshot(classes)
-    return save_image(image_grid(images[:, :images_per_class], scale=scale), path)
+                   images_per_class: int | None = None, scale: int = 2,
+                   teacher_ids: Sequence[str] | None = None, labelled: bool = True) -> Path:
+    """PNG of the bank: one row per class (default all), ``images_per_class`` columns (default all).
+
+    ``labelled``: each row is headed by its class name and the teachers that know it (``teacher_ids``);
+    otherwise the bare grid ``[C, rows * (S * scale + 1) + 1, columns * (S * scale + 1) + 1]``.
+    """
+    classes = list(range(bank.num_classes) if classes is None else classes)
+    grid = image_grid(bank.snapshot(classes)[:, :images_per_class], scale=scale)
+    if not labelled:
+        return save_image(grid, path)
+    names = class_labels(bank, teacher_ids)
+    return _save_labelled(grid, path, [names[k] for k in classes], bank.image_size * scale, [])
 
 
-def save_episode_grid(episode: Episode, path: str | Path, scale: int = 2) -> Path:
-    """PNG of an episode: one row per label, the K support images, a blank column, the Q query images."""
+def save_episode_grid(episode: Episode, path: str | Path, scale: int = 2, row_labels: Sequence[str] | None = None,
+                      labelled: bool = True) -> Path:
+    """PNG of an episode: one row per label, the K support images, a blank column, the Q query images.
+
+    ``labelled``: "support" / "query" headers, and each row headed by ``row_labels`` (default: the
+    episode's class names); otherwise the bare grid.
+    """
     way = episode.way
     support = rearrange(episode.support_x, "(n k) c h w -> n k c h w", n=way)
     query = rearrange(episode.query_x, "(n q) c h w -> n q c h w", n=way)
     gap = torch.ones_like(support[:, :1])
-    return save_image(image_grid(torch.cat([support.detach(), gap, query.detach()], 1), scale=scale), path)
+    grid = image_grid(torch.cat([support.detach(), gap, query.detach()], 1), scale=scale)
+    if not labelled:
+        return save_image(grid, path)
+    cell, k, q = episode.support_x.shape[-1] * scale + 1, support.shape[1], query.shape[1]
+    headers = [(1 + cell * k / 2, "support"), (1 + cell * (k + 1 + q / 2), "query")]
+    return _save_labelled(grid, path, list(row_labels or episode.classes), cell - 1, headers)
+
+
+def _save_labelled(grid: torch.Tensor, path: str | Path, rows: Sequence[str], cell: int,
+                   headers: Sequence[tuple[float, str]]) -> Path:
+    """``grid`` ``[C, H, W]`` as a PNG with a text label left of each row of ``cell``-pixel images and
+    ``headers`` ``(x, text)`` above it, the grid's pixels drawn one to one."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    c, h, w = grid.shape
+    left, top, dpi = 7 * max(len(r) for r in rows) + 12, 18 if headers else 4, 100
+    width, height = w + left, h + top
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((left / width, 0, w / width, h / height))
+    image = rearrange(grid.clamp(0, 1), "c h w -> h w c").numpy()
+    ax.imshow(image[..., 0] if c == 1 else image, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    for r, text in enumerate(rows):
+        ax.text(-4, 1 + r * (cell + 1) + cell / 2, text, ha="right", va="center", fontsize=8)
+    for x, text in headers:
+        ax.text(x, -3, text, ha="center", va="bottom", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def save_training_plot(path: str | Path, pseudo_query: Sequence[tuple[int, float]],
+                       val: Sequence[tuple[int, float]], fired: Sequence[int]) -> Path:
+    """PNG of ECI meta-training: pseudo-query accuracy per iteration, meta-val accuracy, and the iterations
+    at which the Gradient Switch fired (the next bank update was adversarial).
+
+    Args:
+        pseudo_query: ``(iteration, accuracy in [0, 1])`` per meta-iteration.
+        val: ``(iteration, accuracy in %)`` per meta-val evaluation.
+        fired: iterations at which the switch fired.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if pseudo_query:
+        ax.plot(*zip(*[(i, 100 * a) for i, a in pseudo_query]), lw=0.8, color="tab:blue",
+                label="pseudo-query accuracy")
+    if val:
+        ax.plot(*zip(*val), "o-", color="tab:green", label="meta-val accuracy")
+    for n, it in enumerate(fired):
+        ax.axvline(it, color="tab:red", lw=0.6, alpha=0.6, label="switch fired" if n == 0 else None)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

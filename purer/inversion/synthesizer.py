@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -52,7 +53,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import PurerWarning
 from ..zoo.teacher import Teacher
 from .augment import RandomAffineAugment
 from .bank import SPACES, PseudoBank
@@ -60,7 +63,8 @@ from .hooks import BNStatsHook, bn_distance
 from .priors import l2_prior, total_variation
 
 ExtraLoss = Callable[[PseudoBank], torch.Tensor]
-GradSync = Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]]
+# {term: {class: grad}} of this process -> those of every process (see EpisodeInversion.step).
+GradSync = Callable[[dict[int, dict[int, torch.Tensor]]], dict[int, dict[int, torch.Tensor]]]
 TEACHER_BATCHING = ("auto", "loop", "vmap")
 STATS = ("ce", "r_bn", "r_tv", "r_l2", "acc")
 
@@ -161,7 +165,7 @@ class StackedTeachers:
         self.params = {k: v.detach() for k, v in params.items()}
         self.buffers = buffers
         self.template = copy.deepcopy(teachers[0].model).eval()
-        self.bn = [m for m in self.template.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self.bn = [m for m in self.template.modules() if isinstance(m, _BatchNorm)]
 
     def __call__(self, members: Sequence[int], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         sel = torch.as_tensor(list(members), device=x.device)
@@ -214,6 +218,12 @@ class EpisodeInversion:
         if bank.space != self.config.space:
             raise ValueError(f"the bank is in {bank.space!r} space but the config says {self.config.space!r}; "
                              f"build the bank with PseudoBank(..., space={self.config.space!r})")
+        no_bn = [t.model_id or f"teacher {i}" for i, t in enumerate(self.teachers)
+                 if not any(isinstance(m, _BatchNorm) for m in t.model.modules())]
+        if no_bn and self.config.a_bn > 0:
+            warnings.warn(f"{len(no_bn)} of {len(self.teachers)} teachers have no BatchNorm layer "
+                          f"({', '.join(no_bn[:3])}{', ...' if len(no_bn) > 3 else ''}), so R_bn cannot shape "
+                          "their pseudo images: only the cross-entropy and the priors do", PurerWarning, stacklevel=2)
         self.device = bank.logits[0].device
         self.autocast = autocast
         self.augment = build_augmentation(self.config, bank.image_size)
@@ -324,6 +334,14 @@ class EpisodeInversion:
              total: int | None = None, sync: GradSync | None = None) -> dict[str, torch.Tensor]:
         """One optimizer step on the bank.
 
+        The bank gradient is built from *terms*: each teacher's ``L_EI / total`` (in the
+        ``loop`` mode; with teachers vmapped together, this process's teachers make one
+        term, keyed by the first of them) and the extra loss (term ``len(teachers)``).
+        Each class sums its terms in term order whichever process computed them, so a
+        step split over processes is bit-for-bit the one-process step in the ``loop``
+        mode (float addition is not associative, and Adam turns rounding noise into
+        steps); vmapped teachers agree up to float rounding.
+
         Args:
             extra_loss: optional ``f(bank) -> 0-dim tensor`` added to the loss (the
                 curriculum's ``-lambda_adv * L_outer``).  Only bank classes it reads
@@ -333,8 +351,8 @@ class EpisodeInversion:
             total: how many teachers the whole step has when ``teachers`` is one
                 process's share of them (default ``len(teachers)``); the loss is
                 ``sum(L_EI) / total``, so the shares' gradients add up to the mean.
-            sync: sums the per-class bank gradients ``{class: grad}`` over processes
-                (and returns them for the union of classes); ``None`` in one process.
+            sync: gathers the gradient terms ``{term: {class: grad}}`` of every process;
+                ``None`` in one process.
 
         Returns:
             The step's numbers as detached 0-dim tensors on the bank's device (read them
@@ -348,8 +366,20 @@ class EpisodeInversion:
         if total < 1 or total < len(idx):
             raise ValueError(f"an inversion step needs at least one teacher (total={total}, here {len(idx)})")
         self.bank.pop_touched()  # reads since the last step (e.g. meta-training episodes) are not this loss's
-        losses, parts = self.teacher_losses(idx)
-        loss = losses.sum() / total
+        terms: dict[int, dict[int, torch.Tensor]] = {}
+        if self.batched:
+            losses, parts = self.teacher_losses(idx)
+            if idx:
+                terms[idx[0]] = self._class_grads(losses.sum() / total)
+        else:
+            per_teacher = []
+            for i in idx:  # separate graphs: each teacher's gradient is its own term
+                loss_i, parts_i = self.teacher_losses([i])
+                terms[i] = self._class_grads(loss_i[0] / total)
+                per_teacher.append((loss_i.detach(), parts_i))
+            losses = torch.cat([lo for lo, _ in per_teacher]) if idx else torch.zeros(0, device=self.device)
+            parts = {k: torch.cat([pa[k] for _, pa in per_teacher]) if idx else losses for k in STATS}
+        loss = losses.detach().sum() / total
         # A process whose share holds no teacher still reports every key (NaN), so logs keep one schema.
         stats = {k: v.mean() if len(idx) else torch.full((), float("nan"), device=self.device)
                  for k, v in parts.items()}
@@ -358,16 +388,16 @@ class EpisodeInversion:
             if not (isinstance(extra, torch.Tensor) and extra.ndim == 0):
                 raise ValueError(f"extra_loss must return a 0-dim tensor, got {type(extra).__name__} "
                                  f"{tuple(getattr(extra, 'shape', ()))}")
-            loss = loss + extra
+            terms[len(self.teachers)] = self._class_grads(extra)
+            loss = loss + extra.detach()
             stats["extra"] = extra.detach()
-        stats["loss"] = loss.detach()
-
-        touched = self.bank.pop_touched()
-        grads = torch.autograd.grad(loss, [self.bank.logits[k] for k in touched], allow_unused=True) \
-            if touched and loss.requires_grad else ()
-        by_class = {k: g for k, g in zip(touched, grads) if g is not None}
+        stats["loss"] = loss
         if sync is not None:
-            by_class = sync(by_class)
+            terms = sync(terms)
+        by_class: dict[int, torch.Tensor] = {}
+        for t in sorted(terms):
+            for k, g in terms[t].items():
+                by_class[k] = g if k not in by_class else by_class[k] + g
         # A backward pass through bank episodes elsewhere (e.g. a meta-update on undetached
         # pseudo episodes) leaves .grad on bank classes; Adam would step them with it.
         self.optimizer.zero_grad(set_to_none=True)
@@ -377,6 +407,13 @@ class EpisodeInversion:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         return stats
+
+    def _class_grads(self, loss: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{class: d loss / d logits[class]}`` over the bank classes read since the last call."""
+        touched = self.bank.pop_touched()
+        grads = torch.autograd.grad(loss, [self.bank.logits[k] for k in touched], allow_unused=True) \
+            if touched and loss.requires_grad else ()
+        return {k: g for k, g in zip(touched, grads) if g is not None}
 
     def state_dict(self) -> dict:
         """Optimizer moments, teacher-sampling RNG and step count (the bank saves its own images)."""

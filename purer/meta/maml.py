@@ -52,6 +52,11 @@ class MAMLConfig:
     inner_steps: int = 1
     first_order: bool = False
 
+    def __post_init__(self):
+        if self.inner_lr <= 0 or self.inner_steps < 1:
+            raise ValueError(f"the inner loop needs inner_lr > 0 and inner_steps >= 1, got inner_lr={self.inner_lr} "
+                             f"and inner_steps={self.inner_steps}")
+
 
 def sgd_steps(params: dict[str, torch.Tensor], loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor],
               lr: float, steps: int, *, create_graph: bool = False, first_order: bool = False

@@ -72,22 +72,27 @@ def real_episodes(source: ImageSet, way: int, shot: int, query: int | None = 15,
 
 
 def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: Sequence[Episode], *,
-              total: int | None = None, sync: Callable[[list[torch.Tensor]], None] | None = None
+              total: int | None = None, sync: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """One outer step on a meta-batch; returns its mean query loss and accuracy (0-dim tensors, detached).
 
     The outer loss is the *mean* over the meta-batch (the release sums; under Adam
     the two differ only through Adam's epsilon), so splitting the meta-batch across
-    processes and summing their gradients gives exactly the same step.  Tasks go
-    through the learner together when it adapts them together on this device
-    (:meth:`MetaLearner.tasks_together`, e.g. MAML on a GPU); otherwise each task is
-    backpropagated on its own, so only one task's graph is alive at a time.
+    processes gives the same step.  Tasks go through the learner together when it
+    adapts them together on this device (:meth:`MetaLearner.tasks_together`, e.g.
+    MAML on a GPU); otherwise each task is backpropagated on its own, so only one
+    task's graph is alive at a time.
 
     Args:
         total: tasks in the whole meta-batch when ``episodes`` is one process's share
             (default ``len(episodes)``).
-        sync: sums a list of tensors in place over processes (gradients and the
-            loss/accuracy sums); ``None`` in one process.
+        sync: gathers one flat row per task of this process's share (its gradient,
+            then its loss and accuracy) into the rows of the whole meta-batch, in task
+            order; ``None`` in one process.  The rows are summed in task order, as one
+            process accumulates them, so the step is bit-for-bit the one-process step:
+            a sum in another order differs in the last bits, and Adam turns the rounding
+            noise of gradients that are zero in exact arithmetic (a convolution's bias
+            before BatchNorm) into full-size steps.
     """
     total = len(episodes) if total is None else total
     if total < 1 or total < len(episodes):
@@ -95,25 +100,39 @@ def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: 
     learner.train()
     optimizer.zero_grad(set_to_none=True)
     params = [p for p in learner.parameters() if p.requires_grad]
-    sums = torch.zeros(2, device=params[0].device)
-    if episodes and learner.tasks_together(params[0].device):
+    device = params[0].device
+    sums, rows = torch.zeros(2, device=device), []
+
+    def contribute(loss: torch.Tensor, loss_sum: torch.Tensor, acc_sum: torch.Tensor) -> None:
+        if sync is None:
+            loss.backward()
+            sums.add_(torch.stack([loss_sum, acc_sum]))
+            return
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
+                              + [loss_sum.reshape(1), acc_sum.reshape(1)]))
+
+    if episodes and learner.tasks_together(device):
+        # One row for this process's tasks: with tasks vmapped together there is no per-task gradient, so a
+        # multi-process sum is exact only up to float rounding (one process per GPU, or one GPU: no sum).
         batch = TaskBatch.stack(episodes)
         logits = learner.batch_query_logits(batch)
         ce = F.cross_entropy(rearrange(logits, "t q n -> (t q) n"), batch.query_y.repeat(len(batch)),
                              reduction="none").view(len(batch), -1).mean(1)
-        (ce.sum() / total).backward()
         correct = (logits.argmax(-1) == batch.query_y).float().mean(1)
-        sums += torch.stack([ce.detach().sum(), correct.sum()])
+        contribute(ce.sum() / total, ce.detach().sum(), correct.sum())
     else:
         for ep in episodes:
             loss, acc = learner.outer_loss(ep)
-            (loss / total).backward()
-            sums += torch.stack([loss.detach(), acc])
+            contribute(loss / total, loss.detach(), acc)
     if sync is not None:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        sync([p.grad for p in params] + [sums])
+        rows = sync(rows)
+        flat = rows[0]
+        for row in rows[1:]:
+            flat = flat + row
+        for p, g in zip(params, flat[:-2].split([p.numel() for p in params])):
+            p.grad = g.view_as(p).clone()
+        sums = flat[-2:]
     optimizer.step()
     return sums[0] / total, sums[1] / total
 

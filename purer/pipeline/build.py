@@ -1,6 +1,7 @@
 """Building a run's objects: the zoo's teachers, the pseudo-image bank and the meta-learner at its start."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Sequence
@@ -33,8 +34,15 @@ def zoo_path(cfg: RunConfig) -> Path:
     return default_zoo_dir(name)
 
 
-def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
-    """The zoo's teachers, kept in memory; pre-trained on first use when allowed."""
+def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> tuple[list[Teacher], ZooConfig]:
+    """The zoo's teachers, kept in memory (pre-trained on first use when allowed), and ``cfg.zoo`` as used.
+
+    The second value records what the run used rather than what it was told: the zoo's
+    path, its number of models and, for a zoo the recipe (or ``purer-zoo pretrain``)
+    built, the pretraining settings recorded in its ``zoo.json``; for a zoo of
+    registered models, their common class count and architecture, and
+    ``build_if_missing: false`` (the recipe never writes into such a zoo).
+    """
     path = zoo_path(cfg)
     z = cfg.zoo
     try:
@@ -46,8 +54,12 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
         raise RunError(f"zoo at {path}: {e}") from None
     # Build a missing zoo, or finish one this recipe started (an interrupted pre-training); a zoo
     # holding other models (e.g. registered ones) is used as it is and never written to.
-    ours = {spec.model_id(i) for i in range(z.num_models)}
-    if present is None or (z.build_if_missing and len(present) < z.num_models and set(present) <= ours):
+    ours = present is not None and set(present) <= {spec.model_id(i) for i in range(z.num_models)}
+    if ours and len(present) < z.num_models and not z.build_if_missing:
+        raise RunError(f"the zoo at {path} holds {len(present)} of the {z.num_models} models zoo.num_models asks "
+                       f"for (an interrupted pre-training?); finish it with zoo.build_if_missing=true, or use it as "
+                       f"it is with zoo.num_models={len(present)}")
+    if present is None or (ours and len(present) < z.num_models):
         if not z.build_if_missing:
             raise RunError(f"no model zoo at {path}; build one with `purer-zoo pretrain --zoo {path}` or "
                            "`purer-zoo register`, or set zoo.build_if_missing=true")
@@ -57,18 +69,28 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> list[Teacher]:
             try:
                 print(f"pre-training a {z.num_models}-model zoo at {path} (once; later runs reuse it)")
                 pretrain_zoo(spec, Zoo(path, create=True), progress=progress, device=dist.acc.device)
-            except (FileNotFoundError, ValueError) as e:  # a zoo recipe the data cannot satisfy
+            except (FileNotFoundError, ValueError) as e:  # a zoo recipe the data cannot satisfy, or another spec
                 raise RunError(f"cannot pre-train the zoo at {path}: {e}") from None
             finally:
                 torch.set_num_threads(threads)
         dist.barrier()
     try:
-        teachers = Zoo(path).load_teachers()
+        zoo = Zoo(path)
+        teachers, recorded = zoo.load_teachers(), zoo.pretrain_spec()
     except (FileNotFoundError, ValueError) as e:  # a corrupt or foreign zoo directory
         raise RunError(str(e)) from None
     if not teachers:
         raise RunError(f"the model zoo at {path} is empty")
-    return teachers
+    used = dataclasses.replace(z, path=str(path), num_models=len(teachers))
+    if recorded is not None:
+        used = dataclasses.replace(used, **{k: recorded[k] for k in ("classes_per_model", "arch", "subsets", "epochs",
+                                                                   "seed") if k in recorded})
+    else:
+        sizes, archs = {t.config.num_classes for t in teachers}, {t.config.arch for t in teachers}
+        used = dataclasses.replace(used, build_if_missing=False,
+                                   classes_per_model=sizes.pop() if len(sizes) == 1 else z.classes_per_model,
+                                   arch=archs.pop() if len(archs) == 1 else z.arch)
+    return teachers, used
 
 
 def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, size: int,

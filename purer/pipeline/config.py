@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from ..baselines import METHODS as BASELINE_METHODS
 from ..calibrate import ICFILConfig
+from ..data.glyphs import RECIPE_IMAGE_SIZE
 from ..evaluate import TuningGrid
 from ..inversion import InversionConfig, SwitchConfig
 from ..meta import MAMLConfig, MetaTrainConfig
@@ -37,7 +38,7 @@ class DataConfig:
 
     dataset: str = "glyphs"
     root: str | None = None
-    image_size: int = 32
+    image_size: int = RECIPE_IMAGE_SIZE
 
 
 @dataclass
@@ -196,6 +197,9 @@ class RunConfig:
         if self.meta.learner != "protonet" and self.meta.way != self.eval.way:
             raise ValueError(f"a {self.meta.learner} meta-learner's head has meta.way={self.meta.way} outputs, so "
                              f"eval.way must match (got {self.eval.way}); ProtoNet alone can change the way")
+        if min(self.eval.query, self.meta.query) < 1:
+            raise ValueError(f"eval.query and meta.query must be >= 1 query per class, got {self.eval.query} and "
+                             f"{self.meta.query}")
         if min(self.eval.tasks, self.eval.val_tasks, self.meta.val_tasks) < 1 or not self.eval.shots:
             raise ValueError("eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1, and eval.shots non-empty")
         if self.checkpoint_every < 1 or self.picture_every < 1 or self.log_every < 1:

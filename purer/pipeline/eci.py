@@ -15,6 +15,7 @@ with ``accelerator.save_state``, so a resumed run equals an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -32,13 +33,13 @@ from ..data import EpisodeSampler, ImageSet
 from ..distill import distill_zoo
 from ..evaluate import task_list
 from ..inversion import EpisodeInversion, GradientSwitch
-from ..inversion.grid import save_bank_grid, save_episode_grid
+from ..inversion.grid import class_labels, save_bank_grid, save_episode_grid, save_training_plot
 from ..meta import MetaLearner
 from ..meta.train import meta_step
 from ..zoo.teacher import Teacher
 from .build import build_bank, build_learner
 from .config import RunConfig, RunError
-from .distributed import Dist, autocast_dtype, bank_grad_sync
+from .distributed import Dist, autocast_dtype, bank_grad_sync, task_sync
 from .metatest import evaluate_split
 
 
@@ -90,6 +91,8 @@ class TrainState:
     best_iteration: int = 0
     val: list = field(default_factory=list)
     adversarial_steps: int = 0
+    pseudo_query: list = field(default_factory=list)  # [iteration, pseudo-query accuracy] (pictures/training.png)
+    fired_at: list = field(default_factory=list)  # iterations at which the switch fired
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,17 +124,25 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save_checkpoint(acc, dist: Dist, out: Path, iteration: int) -> None:
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete checkpoint of the run in ``out``, if any."""
+    found = _checkpoints(out / "checkpoints")
+    return found[-1] if found else None
+
+
+def save_checkpoint(acc, dist: Dist, out: Path, iteration: int, identity: dict) -> None:
     """``accelerator.save_state`` into ``checkpoints/checkpoint_<iteration>``; a COMPLETE marker makes it valid.
 
     A run killed while saving leaves an unmarked directory that resume ignores; only
-    the two newest complete checkpoints are kept.
+    the two newest complete checkpoints are kept.  ``run.json`` records ``identity``
+    (run id and training settings; see :func:`purer.pipeline.rundir.run_identity`).
     """
     root = out / "checkpoints"
     target = root / f"checkpoint_{iteration}"
     acc.save_state(str(target))
     dist.barrier()
     if dist.main:
+        (target / "run.json").write_text(json.dumps(identity, indent=1))
         (target / "COMPLETE").write_text(str(iteration))
         for old in _checkpoints(root)[:-2]:
             shutil.rmtree(old, ignore_errors=True)
@@ -139,8 +150,11 @@ def save_checkpoint(acc, dist: Dist, out: Path, iteration: int) -> None:
 
 
 def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher], val_set: ImageSet, out: Path,
-                   resume: bool, progress: bool) -> tuple[MetaLearner, dict]:
-    """ECI meta-training on pseudo episodes; returns the meta-val-best learner and a summary."""
+                   resume: bool, progress: bool, identity: dict) -> tuple[MetaLearner, dict]:
+    """ECI meta-training on pseudo episodes; returns the meta-val-best learner and a summary.
+
+    ``identity`` is written into every checkpoint (see :func:`save_checkpoint`).
+    """
     m = cfg.meta
     channels, size, device = val_set.image_shape[0], cfg.data.image_size, acc.device
     bank = build_bank(cfg, teachers, channels).to(device)
@@ -180,12 +194,12 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     train_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
     fresh_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
     val_tasks = task_list(val_set, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
-    sync = bank_grad_sync(dist, bank)
+    labels = class_labels(bank, [t.model_id for t in teachers])  # picture rows: class (teachers)
+    sync, meta_sync = bank_grad_sync(dist), task_sync(dist, dist.share(range(m.train.meta_batch)))
     mb = m.train.meta_batch
     times = {"inversion": 0.0, "meta": 0.0}
     # Per-step numbers stay on the device and are summed; they are read (one synchronisation) every
-    # log_every iterations.  The switch's pseudo-query accuracy is the one number read every step: it
-    # decides whether the next bank update is adversarial.
+    # log_every iterations.
     logged: dict[str, torch.Tensor] = {}
     bar = tqdm(range(state.iteration, m.train.iterations), initial=state.iteration, total=m.train.iterations,
                desc="ECI meta-train", disable=not (progress and dist.main))
@@ -204,9 +218,13 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             with torch.no_grad():
                 episodes = [bank.episode(train_tasks.task(it * mb + j)) for j in dist.share(range(mb))]
             loss, qacc = meta_step(learner, optimizer, [e.detach() for e in episodes], total=mb,
-                                   sync=dist.sum_ if dist.world > 1 else None)
-            state.adversarial_next = switch.update(float(qacc))
+                                   sync=meta_sync)
+            query_acc = float(qacc)  # the one number read every step: the switch decides on it
+            state.adversarial_next = switch.update(query_acc)
             state.iteration = it + 1
+            state.pseudo_query.append([state.iteration, query_acc])
+            if state.adversarial_next:
+                state.fired_at.append(state.iteration)
             t2 = time.perf_counter()
             times["inversion"] += t1 - t0
             times["meta"] += t2 - t1
@@ -232,20 +250,23 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             if logs:
                 acc.log(logs, step=state.iteration)
             if dist.main and (state.iteration % cfg.picture_every == 0 or state.iteration == 1):
+                spec = train_tasks.task(it * mb)
                 with torch.no_grad():
-                    save_episode_grid(bank.episode(train_tasks.task(it * mb)), out / "pictures" /
-                                      f"pseudo_episode_{state.iteration:06d}.png")
+                    save_episode_grid(bank.episode(spec), out / "pictures" / f"pseudo_episode_{state.iteration:06d}.png",
+                                      row_labels=[labels[int(c)] for c in spec.classes])
             # The last checkpoint lets a run interrupted during meta-test resume without retraining.
             saved = state.iteration % cfg.checkpoint_every == 0 or state.iteration == m.train.iterations
             if saved:
-                save_checkpoint(acc, dist, out, state.iteration)
+                save_checkpoint(acc, dist, out, state.iteration, identity)
             if dist.any(interrupt.requested):
                 if not saved:
-                    save_checkpoint(acc, dist, out, state.iteration)
+                    save_checkpoint(acc, dist, out, state.iteration, identity)
                 acc.print(f"interrupted: checkpoint written at iteration {state.iteration}; continue with --resume")
                 raise KeyboardInterrupt
     if dist.main:
-        save_bank_grid(bank, out / "pictures" / "bank_final.png", classes=list(range(min(20, bank.num_classes))))
+        save_bank_grid(bank, out / "pictures" / "bank_final.png", classes=list(range(min(20, bank.num_classes))),
+                       teacher_ids=[t.model_id for t in teachers])
+        save_training_plot(out / "pictures" / "training.png", state.pseudo_query, state.val, state.fired_at)
     learner.load_state_dict(best.state)
     summary = {"iterations": m.train.iterations, "bank_classes": bank.num_classes,
                "best_iteration": state.best_iteration,

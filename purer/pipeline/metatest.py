@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -83,18 +85,40 @@ def _baseline_plan(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequen
 
 
 def baseline_rows(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequence[Teacher], progress: bool,
-                  autocast: torch.dtype | None = None) -> list[dict]:
-    """The baseline rows (on the splits' device), reused from ``cache_dir`` when nothing they depend on changed."""
+                  autocast: torch.dtype | None = None, log=None) -> list[dict]:
+    """The baseline rows (on the splits' device), reused from ``cache_dir`` when nothing they depend on changed
+    (``log(row)``: see :func:`purer.baselines.run_baselines`)."""
     if not cfg.eval.baselines:
         return []
     bcfg, path, key = _baseline_plan(cfg, splits, teachers)
     if path.is_file():
         print(f"baselines: reusing {path} (same data, zoo and settings)")
         return json.loads(path.read_text())["rows"]
-    rows = run_baselines(splits, teachers, bcfg, methods=cfg.eval.baselines, progress=progress, autocast=autocast)
+    rows = run_baselines(splits, teachers, bcfg, methods=cfg.eval.baselines, progress=progress, log=log,
+                         autocast=autocast)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": json.loads(key), "rows": rows})
     return rows
+
+
+_finished_rows = None  # the worker's queue of finished rows (set by _start_worker)
+
+
+def _start_worker(parent: int, finished_rows) -> None:
+    """Pool initializer: report finished rows to the run, and end with the run's process.
+
+    A SIGKILLed run cannot stop its worker, which used to compute on, orphaned, for minutes;
+    a watcher thread ends it within a second of the run's end, on any system.
+    """
+    global _finished_rows
+    _finished_rows = finished_rows
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _baselines_worker(cfg: RunConfig, device: str, autocast: torch.dtype | None) -> list[dict]:
@@ -103,7 +127,7 @@ def _baselines_worker(cfg: RunConfig, device: str, autocast: torch.dtype | None)
     splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size).to(device)
               for s in ("train", "val", "test")}
     teachers = [t.to(device) for t in Zoo(zoo_path(cfg)).load_teachers()]
-    return baseline_rows(cfg, splits, teachers, progress=False, autocast=autocast)
+    return baseline_rows(cfg, splits, teachers, progress=False, autocast=autocast, log=_finished_rows.put)
 
 
 class Baselines:
@@ -124,19 +148,37 @@ class Baselines:
             import multiprocessing
 
             print("baselines: computing them in a background process while meta-training runs")
-            self.pool = multiprocessing.get_context("spawn").Pool(1)
+            context = multiprocessing.get_context("spawn")
+            self.finished = context.SimpleQueue()
+            self.pool = context.Pool(1, initializer=_start_worker, initargs=(os.getpid(), self.finished))
             self.pending = self.pool.apply_async(_baselines_worker, (cfg, str(dist.acc.device), self.autocast))
 
     def rows(self) -> list[dict]:
         if self.pending is None:
             return baseline_rows(self.cfg, self.splits, self.teachers, self.progress, self.autocast)
         try:
+            self._wait()
             rows = self.pending.get()
         except BaseException:
             self.close()
             raise
         self.close(finished=True)
         return rows
+
+    def _wait(self) -> None:
+        """Wait for the worker, showing its rows as they finish (it may still be busy after meta-test)."""
+        total, done, start = len(self.cfg.eval.baselines) * len(self.cfg.eval.shots), 0, time.perf_counter()
+        if not self.pending.ready():
+            print("baselines: waiting for the background process")
+        while True:
+            while not self.finished.empty():
+                row, done = self.finished.get(), done + 1
+                if self.progress:
+                    print(f"baselines: {done}/{total} rows, {row['method']} {row['shot']}-shot "
+                          f"{row['accuracy']:.2f} ({time.perf_counter() - start:.0f} s waited)")
+            if self.pending.ready():
+                return
+            self.pending.wait(1.0)
 
     def close(self, finished: bool = False) -> None:
         """End the worker: let a finished one exit on its own (so it leaves nothing behind), else stop it

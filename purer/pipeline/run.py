@@ -1,6 +1,7 @@
 """The whole run: data and zoo -> ECI meta-training -> meta-test with the baselines -> the report."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -9,24 +10,36 @@ import torch
 
 from ..config import save_config
 from ..data import EpisodeSampler, ImageSet, load_split
-from .build import load_zoo, zoo_path
+from ..evaluate import task_list
+from .build import load_zoo
 from .config import RunConfig, RunError
 from .distributed import Dist
-from .eci import meta_train_eci
+from .eci import latest_checkpoint, meta_train_eci
 from .metatest import Baselines, evaluate_purer
 from .report import flat_hparams, results_table, write_json
+from .rundir import RunLock, check_writable, claim, run_identity
 
 
-def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool = True) -> dict:
+def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool = True,
+        overwrite: bool = False) -> dict:
     """Run the whole pipeline; write and return ``results.json``'s content.
 
+    ``output_dir`` is locked for the run; a fresh run refuses a folder holding another run's
+    outputs unless ``overwrite`` (which deletes them), and ``resume`` continues the run whose
+    checkpoints are there, with the settings that trained it (see :mod:`purer.pipeline.rundir`).
+
     Raises:
-        RunError: missing dataset or zoo, or task sizes the data cannot supply.
+        RunError: unwritable folders, a folder in use or holding another run, missing dataset
+            or zoo, or task sizes the data cannot supply; raised before any training.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    if resume and overwrite:
+        raise RunError("--resume continues the run in output_dir and --overwrite replaces it; give one of them")
     out = Path(cfg.output_dir)
+    check_writable(out, "output_dir")
+    check_writable(Path(cfg.cache_dir), "cache_dir")
     precision = {"mixed_precision": cfg.mixed_precision} if cfg.mixed_precision else {}
     # Without a GPU, cpu=True also lets `accelerate launch --multi_gpu --num_processes N` start N CPU processes.
     acc = accelerator or Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), log_with="tensorboard",
@@ -41,27 +54,66 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)
-    if dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    acc.init_trackers("purer", config=flat_hparams(cfg))
-    start = time.perf_counter()
+    lock = _on_main(dist, lambda: RunLock(out))
+    try:
+        _on_main(dist, lambda: claim(out, resume, overwrite))
+        return _run(cfg, acc, dist, out, resume, progress)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _on_main(dist: Dist, fn):
+    """``fn()`` in the main process (its result there, ``None`` elsewhere); a RunError it raises stops every
+    process (the others would otherwise wait at the next collective operation for ever)."""
+    result, error = None, None
+    if dist.main:
+        try:
+            result = fn()
+        except RunError as e:
+            error = e
+    if dist.any(error is not None):
+        raise error or RunError("the main process stopped the run (see its error)")
+    return result
+
+
+def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: bool) -> dict:
+    start = time.perf_counter()
+    e = cfg.eval
+
+    def stage(n: int, text: str) -> None:
+        """One line per stage of the run, with the time so far (each stage shows its own bar and ETA)."""
+        if progress and dist.main:
+            print(f"[{n}/4, {time.perf_counter() - start:.0f} s] {text}", flush=True)
+
+    stage(1, "data and model zoo")
     try:
         splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size)
                   for s in ("train", "val", "test")}
-    except (OSError, ValueError) as e:  # missing or malformed data, or an unwritable glyph cache
-        raise RunError(str(e)) from None
-    _check_sizes(cfg, splits)
-    teachers = load_zoo(cfg, dist, progress)
+    except (OSError, ValueError) as err:  # missing or malformed data, or an unwritable glyph cache
+        raise RunError(str(err)) from None
+    queries = _check_sizes(cfg, splits)
+    teachers, used_zoo = load_zoo(cfg, dist, progress)
+    cfg = dataclasses.replace(cfg, zoo=used_zoo)  # config.yaml and the checkpoints record the zoo as used
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        raise RunError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+    identity = run_identity(cfg, checkpoint)
+    if dist.main:
+        save_config(cfg, out / "config.yaml")
+    acc.init_trackers("purer", config=flat_hparams(cfg))
     # Everything lives on the accelerator's device from here on: each split is moved once.
     splits = {k: v.to(acc.device) for k, v in splits.items()}
     teachers = [t.to(acc.device) for t in teachers]
 
     baselines = Baselines(cfg, splits, teachers, dist, progress)
     try:
-        learner, summary = meta_train_eci(cfg, acc, dist, teachers, splits["val"], out, resume, progress)
+        stage(2, f"ECI meta-training, {cfg.meta.train.iterations} iterations")
+        learner, summary = meta_train_eci(cfg, acc, dist, teachers, splits["val"], out, resume, progress, identity)
+        stage(3, f"meta-test: {e.tasks} tasks per shot ({', '.join(map(str, e.shots))}-shot), "
+                 f"{'with and without ICFIL' if e.icfil else 'without ICFIL'}")
         rows = evaluate_purer(cfg, learner, splits, dist, progress)
+        stage(4, f"baselines: {', '.join(e.baselines) or 'none'}")
         if dist.main:
             learner.test_time = {r["shot"]: r.get("settings", {}) for r in rows if r["method"] == "purer"}
             learner.save_pretrained(out / "meta_learner", dataset=cfg.data.dataset, selected={
@@ -69,10 +121,13 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
             rows += baselines.rows()
     finally:
         baselines.close()
-    results = {"dataset": cfg.data.dataset, "way": cfg.eval.way, "query": cfg.eval.query, "tasks": cfg.eval.tasks,
-               "seed": cfg.eval.seed, "train_seed": cfg.seed, "selected_on": "val", "rows": rows,
-               "zoo": {"path": str(zoo_path(cfg)), "models": len(teachers)}, "meta_train": summary,
-               "processes": dist.world, "seconds": round(time.perf_counter() - start, 1)}
+    results = {"dataset": cfg.data.dataset, "way": cfg.eval.way, "query": cfg.eval.query,
+               "queries_per_class": queries, "tasks": cfg.eval.tasks, "seed": cfg.eval.seed, "train_seed": cfg.seed,
+               "selected_on": "val", "rows": rows, "run_id": identity["run_id"],
+               "zoo": {"path": cfg.zoo.path, "models": len(teachers),
+                       "classes": sorted({t.config.num_classes for t in teachers}),
+                       "archs": sorted({t.config.arch for t in teachers})},
+               "meta_train": summary, "processes": dist.world, "seconds": round(time.perf_counter() - start, 1)}
     if dist.main:
         write_json(out / "results.json", results)
         table = results_table(rows, f"{cfg.data.dataset}: {cfg.eval.way}-way, {cfg.eval.tasks} meta-test tasks, "
@@ -83,11 +138,38 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
     return results
 
 
-def _check_sizes(cfg: RunConfig, splits: dict[str, ImageSet]) -> None:
+# The fewest queries per class a meta-val or meta-test task may silently be capped to.  Capping keeps data
+# with small classes usable (the icon benchmark's classes have 10 or more images, so 5-shot tasks keep 5 or
+# more queries), but a task with fewer than 5 queries per class rests on fewer than 5 x way predictions,
+# and eval.shots=[19] on classes of 20 images used to report 1 query per class as "query": 15.  Fewer must
+# be asked for (eval.query), so that results.json says so.
+QUERY_FLOOR = 5
+
+
+def _check_sizes(cfg: RunConfig, splits: dict[str, ImageSet]) -> dict[str, list[int]]:
+    """Check that the data can supply every task list; return the meta-test queries per class of each shot,
+    ``{shot: [fewest, most]}`` over its tasks (classes smaller than shot + eval.query cap them)."""
     e, m = cfg.eval, cfg.meta
-    for split, way, shots in (("val", e.way, e.shots), ("test", e.way, e.shots), ("val", m.way, [m.shot])):
+    for split, way, shots, query in (("val", e.way, e.shots, e.query), ("test", e.way, e.shots, e.query),
+                                     ("val", m.way, [m.shot], m.query)):
         for shot in shots:
             try:
-                EpisodeSampler(splits[split].class_sizes(), way, shot, e.query)
+                EpisodeSampler(splits[split].class_sizes(), way, shot, query)
             except ValueError as err:
                 raise RunError(f"{cfg.data.dataset}/{split}: {err}") from None
+    floor = min(e.query, QUERY_FLOOR)
+    for split in ("val", "test"):
+        for shot in e.shots:
+            sizes = [n for n in splits[split].class_sizes() if n > shot]  # the classes tasks are drawn from
+            if min(sizes) - shot < floor:
+                raise RunError(f"{cfg.data.dataset}/{split}: its smallest class has {min(sizes)} images, so "
+                               f"{shot}-shot tasks on it keep {min(sizes) - shot} queries per class, fewer than "
+                               f"{floor}; lower eval.shots, or set eval.query={min(sizes) - shot} to accept that")
+    queries = {}
+    for shot in e.shots:
+        q = [t.query.shape[1] for t in task_list(splits["test"], e.way, shot, e.query, e.tasks, e.seed)]
+        queries[str(shot)] = [min(q), max(q)]
+        if min(q) < e.query:
+            print(f"eval: {shot}-shot meta-test tasks keep {min(q)}-{max(q)} queries per class (eval.query="
+                  f"{e.query}, capped by class sizes; results.json's queries_per_class says so)")
+    return queries

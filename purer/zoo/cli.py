@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pickle
 import statistics
 import sys
@@ -20,7 +21,7 @@ import torch
 
 from ..config import load_config
 from .pretrain import MIX, SUBSET_MODES, PretrainConfig, pretrain_zoo
-from .store import Zoo, check_state_dict, default_zoo_dir, read_safetensors, validate_model_id
+from .store import Zoo, check_finite, check_state_dict, default_zoo_dir, read_safetensors, validate_model_id
 from .teacher import ModelConfig
 
 PROG = "purer-zoo"
@@ -166,6 +167,7 @@ def _register(args: argparse.Namespace) -> int:
     model = config.build()
     state = _load_state_dict(args.weights)
     check_state_dict(model, state, str(args.weights))
+    check_finite(state, str(args.weights))
     model.load_state_dict(state, strict=True)
     zoo = Zoo(_zoo_path(args), create=True)
     if model_id in zoo:
@@ -178,7 +180,7 @@ def _register(args: argparse.Namespace) -> int:
 def _list(args: argparse.Namespace) -> int:
     entries = Zoo(_zoo_path(args)).entries()
     if args.json:
-        print(json.dumps(entries, indent=2))
+        print(json.dumps(entries, indent=2, ensure_ascii=False))
         return 0
     print(f"{'id':<16} {'arch':<10} {'classes':>7} {'size':>4} {'heldout':>7}  dataset")
     for e in entries:
@@ -189,7 +191,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    print(json.dumps(Zoo(_zoo_path(args)).describe(args.model_id), indent=2))
+    print(json.dumps(Zoo(_zoo_path(args)).describe(args.model_id), indent=2, ensure_ascii=False))
     return 0
 
 
@@ -226,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except KeyError as e:
         message = e.args[0] if e.args else str(e)
+    except BrokenPipeError:
+        # The reader stopped reading (`purer-zoo inspect ... | head`): it has what it wanted.  Later
+        # writes, including the flush at exit, go nowhere instead of failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, FileNotFoundError, OSError) as e:
         message = str(e)
     except KeyboardInterrupt:

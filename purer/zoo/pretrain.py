@@ -15,6 +15,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -249,6 +250,14 @@ def pretrain_teacher(data: ImageSet, classes: list[int], i: int, cfg: PretrainCo
     return model, config
 
 
+def zoo_spec(cfg: PretrainConfig) -> dict:
+    """What ``zoo.json`` records of ``cfg``: every setting a model depends on (``data_root`` only says where
+    the data lies), and ``num_models``, how many models the zoo is meant to hold."""
+    spec = dataclasses.asdict(cfg)
+    del spec["data_root"]
+    return spec
+
+
 def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, progress: bool = True,
                  log: Callable[[str], None] = lambda msg: None, device: torch.device | str = "cpu") -> list[str]:
     """Pre-train the zoo ``cfg`` describes into ``zoo`` on ``device``, adding each model as soon as it is trained.
@@ -268,8 +277,10 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
         the ids of the zoo's ``cfg.num_models`` models, trained now or before.
 
     Raises:
-        ValueError: the data has too few classes or images, or the zoo holds a model with
-            the same id but other classes or architecture (a different spec or seed).
+        ValueError: the data has too few classes or images, the zoo's recorded spec
+            (``zoo.json``'s ``pretrain``, written here) differs from ``cfg`` in anything but
+            ``num_models``, or the zoo holds a model with the same id but other classes or
+            architecture (a zoo older than the record, of another spec or seed).
     """
     if data is None:
         from ..data import load_split
@@ -281,6 +292,16 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
     data = data.to(device)
     subsets = class_subsets(len(data.class_names), cfg.num_models, cfg.classes_per_model, cfg.subsets, cfg.seed)
     present = set(zoo.ids())
+    spec, recorded = zoo_spec(cfg), zoo.pretrain_spec()
+    if recorded is not None:
+        differ = [k for k in spec if k != "num_models" and recorded.get(k) != spec[k]]
+        if differ:
+            raise ValueError(f"zoo {zoo.path} was pre-trained with "
+                             f"{', '.join(f'{k}={recorded.get(k)!r}' for k in differ)}, not "
+                             f"{', '.join(f'{k}={spec[k]!r}' for k in differ)}; finish it with its own settings or "
+                             "use another zoo directory")
+    # Recorded before the first model trains, so a zoo killed half-way says how many models it was meant to hold.
+    zoo.set_pretrain_spec({**spec, "num_models": max(cfg.num_models, (recorded or {}).get("num_models", 0))})
     ids = []
     for i, classes in enumerate(subsets):
         model_id = cfg.model_id(i)

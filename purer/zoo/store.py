@@ -2,7 +2,8 @@
 
 Layout (Hugging Face style)::
 
-    <zoo>/zoo.json                     {"format_version": 1, "models": [{"id", "arch", "class_ids", ...}]}
+    <zoo>/zoo.json                     {"format_version": 1, "models": [{"id", "arch", "class_ids", ...}],
+                                        "pretrain": {the PretrainConfig its models were trained with}}
     <zoo>/<model_id>/model.safetensors the state dict of a :class:`~purer.zoo.Classifier`
     <zoo>/<model_id>/config.json       :meth:`ModelConfig.to_dict` with ``sha256`` of the weights
 
@@ -93,6 +94,15 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
                              f"the architecture expects {list(v.shape)}")
 
 
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise ValueError if a floating-point tensor of ``state`` holds NaN or Inf (a diverged training run):
+    such a teacher classifies nothing and makes every loss built on it NaN."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{source}: tensor {k!r} holds NaN or Inf values (a diverged training?); "
+                             "retrain or re-export the model")
+
+
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning a corrupt or truncated file into a ValueError naming it."""
     if not path.is_file():
@@ -181,8 +191,25 @@ class Zoo:
             raise ValueError(f"{self.manifest_path}: 'models' must be a list of objects with an 'id'")
         return models
 
-    def _write_manifest(self, models: list[dict]) -> None:
-        _write_json_atomic(self.manifest_path, {"format_version": FORMAT_VERSION, "models": models})
+    def _write_manifest(self, models: list[dict], pretrain: dict | None = None) -> None:
+        """Replace the manifest's models (and its pretraining spec, if given; else keep the recorded one)."""
+        data = {"format_version": FORMAT_VERSION, "models": models}
+        spec = pretrain if pretrain is not None else (self.pretrain_spec() if self.manifest_path.exists() else None)
+        if spec is not None:
+            data["pretrain"] = spec
+        _write_json_atomic(self.manifest_path, data)
+
+    def pretrain_spec(self) -> dict | None:
+        """The settings ``purer-zoo pretrain`` (or the recipe) trained this zoo's models with, as recorded
+        in ``zoo.json`` (``None``: a zoo of registered models, or one older than the record)."""
+        spec = _read_json(self.manifest_path).get("pretrain")
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError(f"{self.manifest_path}: 'pretrain' must be an object")
+        return spec
+
+    def set_pretrain_spec(self, spec: dict) -> None:
+        """Record the pretraining settings in ``zoo.json`` (see :func:`purer.zoo.pretrain.pretrain_zoo`)."""
+        self._write_manifest(self.entries(), pretrain=spec)
 
     def ids(self) -> list[str]:
         return [m["id"] for m in self.entries()]
@@ -225,6 +252,7 @@ class Zoo:
         state = read_safetensors(weights)
         model = cfg.build()
         check_state_dict(model, state, str(weights))
+        check_finite(state, str(weights))
         model.load_state_dict(state, strict=True)
         return model.eval(), cfg
 
@@ -254,6 +282,7 @@ class Zoo:
         # Cloning drops shared storage (safetensors refuses aliased tensors) and detaches.
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
         check_state_dict(config.build(), state, f"model {model_id!r}")
+        check_finite(state, f"model {model_id!r}")
 
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{model_id}-", dir=self.path))
         try:

@@ -1,0 +1,105 @@
+"""The run folder: checked before any work, locked while a run writes it, never taken over silently.
+
+- ``output_dir`` and ``cache_dir`` must be writable directories before anything is loaded or
+  trained (a cache that cannot be written used to fail after meta-test, losing the results);
+- one run at a time writes an ``output_dir``: an ``flock`` on ``<output_dir>/.lock``, which the
+  kernel releases when the run ends in any way (even SIGKILL), so a lock is never stale;
+- a fresh run refuses a folder that holds another run's outputs unless told ``overwrite``
+  (then those outputs are deleted first), so checkpoints, results and config.yaml always
+  describe one run;
+- every checkpoint records its run (:func:`run_identity`): ``--resume`` continues it only
+  with the settings that trained it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from .config import RunConfig, RunError
+from .report import flat_hparams
+
+# What a run writes into its output_dir (anything else there, e.g. a cache_dir inside it, is left alone).
+RUN_OUTPUTS = ("results.json", "results.md", "config.yaml", "meta_learner", "pictures", "logs", "checkpoints")
+LOCK = ".lock"
+# Settings that never change what meta-training computes: a resumed run may change them.
+_NOT_TRAINING = ("output_dir", "cache_dir", "threads", "checkpoint_every", "picture_every", "icfil.",
+                 "zoo.build_if_missing")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Make ``path`` (a directory) if needed and check that files can be created in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise RunError(f"{what} {path} is not a writable directory ({e.strerror or e}); set {what} to one") from None
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<output_dir>/.lock`` for the run's lifetime (Linux and macOS)."""
+
+    def __init__(self, out: Path):
+        import fcntl
+
+        self.path = out / LOCK
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise RunError(f"output_dir {out} is in use by another run (pid {holder}); wait for it to end or "
+                           "use another output_dir") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
+def claim(out: Path, resume: bool, overwrite: bool) -> None:
+    """Make ``out`` this run's: refuse another run's outputs unless ``overwrite`` (then delete them)."""
+    found = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if resume or not found:
+        return
+    if not overwrite:
+        state = "a finished run" if "results.json" in found else "another run's outputs"
+        raise RunError(f"output_dir {out} already holds {state} ({', '.join(found[:3])}); continue an interrupted "
+                       "run with --resume, replace it with --overwrite, or use another output_dir")
+    for name in found:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+def training_settings(cfg: RunConfig) -> dict:
+    """The flat settings that decide what meta-training computes (what a checkpoint must be resumed with)."""
+    return {k: v for k, v in flat_hparams(cfg).items() if not k.startswith(_NOT_TRAINING)
+            and (not k.startswith("eval.") or k == "eval.seed")}  # eval.seed draws the meta-val tasks
+
+
+def run_identity(cfg: RunConfig, checkpoint: Path | None) -> dict:
+    """``{"run_id", "settings"}`` of this run: a new id, or on ``--resume`` the id recorded in ``checkpoint``
+    once its settings are checked against ``cfg``'s."""
+    settings = training_settings(cfg)
+    if checkpoint is None:
+        return {"run_id": uuid.uuid4().hex[:12], "settings": settings}
+    try:
+        recorded = json.loads((checkpoint / "run.json").read_text())
+        theirs, run_id = recorded["settings"], recorded["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RunError(f"--resume: {checkpoint} records no run (written by an older purer?); start the run "
+                       "again with --overwrite") from None
+    differ = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in differ[:3])
+        raise RunError(f"--resume: the checkpoints in {checkpoint.parent} belong to a run with other settings "
+                       f"({shown}{'; ...' if len(differ) > 3 else ''}); resume with the settings it started with, "
+                       "or start a new run with --overwrite or another output_dir")
+    return {"run_id": run_id, "settings": settings}
