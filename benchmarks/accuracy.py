@@ -53,28 +53,28 @@ SCENARIOS = {
     "disjoint": [f"eval.baselines={ALL_BASELINES}"],
     # The other zoos re-run only the baselines that depend on the zoo (random init, raw pixels and real data
     # do not: read them from the disjoint scenario, same data and task lists), and skip ICFIL (its cost).
-    "random100": ["zoo.num_models=100", "zoo.subsets=random", "eval.icfil=false",
+    "random100": ["zoo.num_models=100", "zoo.subsets=random", "eval.calibrations=[]",
                   "eval.baselines=[nc-best-teacher, nc-all-teachers, maml-avg-teachers]"],
     # Teachers of three architectures cannot be averaged: no avg-teachers rows.
-    "sh": ["zoo.arch=mix", "eval.icfil=false", "eval.baselines=[nc-best-teacher, nc-all-teachers]"],
+    "sh": ["zoo.arch=mix", "eval.calibrations=[]", "eval.baselines=[nc-best-teacher, nc-all-teachers]"],
     # 20-way 1-shot meta-test of a ProtoNet meta-trained on 5-way pseudo tasks (a MAML head is fixed to its
     # training way, so the eci-maml variant does not apply here).
-    "disjoint-20way": ["meta.learner=protonet", "eval.way=20", "eval.shots=[1]", "eval.icfil=false",
+    "disjoint-20way": ["meta.learner=protonet", "eval.way=20", "eval.shots=[1]", "eval.calibrations=[]",
                        "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, protonet-random, "
                        "protonet-avg-teachers]"],
     # What each part buys: the disjoint zoo, a shorter budget, 1-shot only; compare the ablate-* variants
     # with eci-maml run in this same scenario (curriculum on/off: eci-maml vs ei-maml of the disjoint scenario).
-    "ablations": ["meta.train.iterations=1000", "eval.shots=[1]", "eval.icfil=false", "eval.baselines=[]"],
+    "ablations": ["meta.train.iterations=1000", "eval.shots=[1]", "eval.calibrations=[]", "eval.baselines=[]"],
 }
 # The rows a variant adds: the pipeline's "purer" / "purer+icfil" rows are renamed after the variant.
 # "baselines" runs the scenario's baseline rows alone (no meta-training; its untrained "purer" row is dropped);
 # every other variant runs without them, so the baselines compute once, beside the meta-training runs.
 VARIANTS = {
-    "baselines": ["meta.train.iterations=0", "eval.icfil=false"],
+    "baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
     "eci-maml": [],
     "eci-protonet": ["meta.learner=protonet"],
-    "ei-maml": ["switch.lambda_adv=0", "eval.icfil=false"],
-    "ei-protonet": ["meta.learner=protonet", "switch.lambda_adv=0", "eval.icfil=false"],
+    "ei-maml": ["switch.lambda_adv=0", "eval.calibrations=[]"],
+    "ei-protonet": ["meta.learner=protonet", "switch.lambda_adv=0", "eval.calibrations=[]"],
 }
 # Ablations of eci-maml (one part changed each; compare with eci-maml's plain row of the same seed).
 ABLATIONS = {
@@ -89,7 +89,7 @@ ABLATIONS = {
     "init-avg-teachers": ["meta.init=avg-teachers"],
     "init-distilled": ["meta.init=distilled"],
 }
-VARIANTS.update({f"ablate-{k}": v + ["eval.icfil=false"] for k, v in ABLATIONS.items()})
+VARIANTS.update({f"ablate-{k}": v + ["eval.calibrations=[]"] for k, v in ABLATIONS.items()})
 
 
 def run_dir(dataset: str, scenario: str, variant: str, seed: int) -> Path:

@@ -1,27 +1,41 @@
 """Distilling the zoo into one network on the pseudo bank (above both the inversion and the meta-learners).
 
-:func:`distill_zoo` is the ``meta.init: distilled`` pre-phase: data-free knowledge
-distillation of every teacher into one student over all bank classes, on the
-bank's images, while the bank keeps being inverted.  :func:`distillation_loss` is
-a true KL divergence on log-probabilities (the successors' public code passes
-probabilities as ``F.kl_div``'s first argument, which is not one), and
-:func:`teacher_agreement` measures how much of the zoo a student carries.
+* :class:`ZooDistillation`: during ECI meta-training, beside the episodic loss on
+  pseudo episodes, the meta-learner's features learn what the teachers know, on the
+  bank's images and their augmented views: per-teacher linear heads on the
+  learner's embedding fit each teacher's temperature-softened outputs (logit
+  distillation) and per-teacher linear maps take the embedding onto each teacher's
+  penultimate features (feature distillation), so one network of the learner's
+  size carries what the concatenated zoo carries.  The heads and maps are
+  training-only: the saved meta-learner stays one network.  This is what the
+  successors of PURER (BiDf-MKD, FREE, TGR) add, done here as true divergences.
+* :func:`distill_zoo`: the ``meta.init: distilled`` pre-phase, the zoo distilled
+  into one student over all bank classes before meta-training.
+* :func:`distillation_loss` is a true KL divergence on log-probabilities (the
+  successors' public code passes probabilities as ``F.kl_div``'s first argument,
+  which is not one); :func:`teacher_agreement` measures how much of the zoo a
+  student carries.
 
 Example:
+    >>> distill = ZooDistillation(teachers, feature_dim=128, config=DistillConfig(logit=1.0, feature=1.0))  # doctest: +SKIP
+    >>> losses, stats = distill.losses(learner, bank, distill.sample_teachers(), step=0)          # doctest: +SKIP
     >>> student = distill_zoo(teachers, bank, inversion, "conv4", steps=300, seed=0)   # doctest: +SKIP
-    >>> teacher_agreement(student, teachers, bank)                                     # doctest: +SKIP
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from torch import nn
 from tqdm.auto import tqdm
 
 from .inversion import EpisodeInversion, PseudoBank
-from .meta.base import batch_stats_only
+from .inversion.augment import RandomAffineAugment
+from .meta.base import MetaLearner, batch_stats_only
 from .meta.init import random_model
 from .zoo.architectures import Classifier
 from .zoo.teacher import Teacher
@@ -37,6 +51,120 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     t = temperature
     return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                     log_target=True, reduction="batchmean") * t * t
+
+
+def feature_distance(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(mapped, target)`` per row, mean over the batch (0 when every row points the teacher's way)."""
+    return (1 - F.cosine_similarity(mapped, target, dim=-1)).mean()
+
+
+@dataclass
+class DistillConfig:
+    """Zoo distillation during ECI meta-training (:class:`ZooDistillation`); all weights 0 is PURER as published.
+
+    Attributes:
+        logit: weight of logit distillation (per-teacher heads on the learner's
+            embedding fit each teacher's softened outputs); 0: off.
+        feature: weight of feature distillation (per-teacher linear maps from the
+            learner's embedding onto each teacher's penultimate features, cosine); 0: off.
+        temperature: T of the logit distillation (the loss is scaled by T^2).
+        teachers_per_step: teachers distilled per meta-iteration (sampled uniformly
+            without replacement, apart from the inversion's); its cost does not grow with
+            the zoo.
+        augment: distil on augmented views of the bank images (the inversion's
+            shift and crop, drawn per step and teacher), not only on the images themselves.
+    """
+
+    logit: float = 0.0
+    feature: float = 0.0
+    temperature: float = 4.0
+    teachers_per_step: int = 4
+    augment: bool = True
+
+    def __post_init__(self):
+        if min(self.logit, self.feature) < 0:
+            raise ValueError(f"distillation weights must be >= 0, got logit={self.logit} feature={self.feature}")
+        if self.temperature <= 0 or self.teachers_per_step < 1:
+            raise ValueError(f"need temperature > 0 and teachers_per_step >= 1, got {self.temperature} and "
+                             f"{self.teachers_per_step}")
+
+    @property
+    def active(self) -> bool:
+        return self.logit > 0 or self.feature > 0
+
+
+class ZooDistillation(nn.Module):
+    """The training-only heads and maps through which a meta-learner's embedding learns the zoo.
+
+    Args:
+        teachers: the zoo, in the bank's order (teacher ``i`` is ``teachers[i]``).
+        feature_dim: D, the learner's embedding size (:meth:`MetaLearner.embed`).
+        config: weights, temperature and teachers per step.
+        augment: the augmentation of the distilled views (the inversion's, so the views
+            are those the teachers are inverted on); ``None``: the images themselves.
+        seed: seeds the teacher sampling and the views (per step and teacher).
+
+    Attributes:
+        heads: per teacher ``nn.Linear(D, n_i)`` (logit distillation), or empty.
+        maps: per teacher ``nn.Linear(D, D_i)`` onto its penultimate features, or empty.
+    """
+
+    def __init__(self, teachers: Sequence[Teacher], feature_dim: int, config: DistillConfig,
+                 augment: RandomAffineAugment | None = None, seed: int = 0):
+        super().__init__()
+        self.teachers, self.config, self.seed = list(teachers), config, seed
+        self.augment = augment if config.augment else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.heads = nn.ModuleList([nn.Linear(feature_dim, t.config.num_classes) for t in self.teachers]
+                                       if config.logit > 0 else [])
+            self.maps = nn.ModuleList([nn.Linear(feature_dim, t.model.feature_dim) for t in self.teachers]
+                                      if config.feature > 0 else [])
+        self.generator = torch.Generator().manual_seed(seed + 20_000)
+
+    def sample_teachers(self) -> list[int]:
+        """This step's teachers to distil: ``min(teachers_per_step, zoo size)``, sorted."""
+        n = len(self.teachers)
+        return sorted(torch.randperm(n, generator=self.generator)[:min(self.config.teachers_per_step, n)].tolist())
+
+    def losses(self, learner: MetaLearner, bank: PseudoBank, idx: Sequence[int], step: int
+               ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """One weighted distillation loss per teacher of ``idx`` (0-dim, differentiable in the learner and in
+        the heads and maps; the bank is read detached), and their mean parts ``logit_kd``, ``feature_cos``."""
+        c = self.config
+        out, kd, cos = [], [], []
+        for i in idx:
+            teacher = self.teachers[i]
+            x = _teacher_images(bank, i)
+            if self.augment is not None:
+                draw = int(np.random.SeedSequence([self.seed, 1, step, i]).generate_state(1)[0])
+                x = self.augment(x, self.augment.sample(len(x), torch.Generator().manual_seed(draw)))
+            with torch.no_grad():
+                target_features = teacher.features(x)
+                target_logits = teacher.model.head(target_features)
+            embedding = learner.embed(x)
+            loss = embedding.new_zeros(())
+            if c.logit > 0:
+                kd.append(distillation_loss(self.heads[i](embedding), target_logits, c.temperature))
+                loss = loss + c.logit * kd[-1]
+            if c.feature > 0:
+                cos.append(feature_distance(self.maps[i](embedding), target_features.float()))
+                loss = loss + c.feature * cos[-1]
+            out.append(loss)
+        nan = torch.full((), float("nan"), device=bank.logits[0].device)
+        stats = {"logit_kd": torch.stack(kd).detach().mean() if kd else nan,
+                 "feature_cos": torch.stack(cos).detach().mean() if cos else nan}
+        return out, stats
+
+    def state_dict(self, *args, **kwargs) -> dict:
+        state = super().state_dict(*args, **kwargs)
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        state = dict(state)
+        self.generator.set_state(state.pop("generator"))
+        return super().load_state_dict(state, strict=strict)
 
 
 def _teacher_images(bank: PseudoBank, i: int) -> torch.Tensor:

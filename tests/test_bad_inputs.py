@@ -37,7 +37,7 @@ class Case:
 
     def run(self, *extra: str, zoo: Path | None = None, **kw) -> list[str]:
         """Recipe arguments of a cheap run into ``self.out`` (one iteration, no baselines, no ICFIL)."""
-        args = {"zoo.path": str(zoo or self.zoo), "eval.baselines": "[]", "eval.icfil": "false",
+        args = {"zoo.path": str(zoo or self.zoo), "eval.baselines": "[]", "eval.calibrations": "[]",
                 "cache_dir": str(self.tmp / "cache"), **kw}
         return ["recipe", *overrides(self.root, self.out, 1, **args), *extra]
 

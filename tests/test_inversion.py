@@ -407,7 +407,8 @@ def test_batched_teachers_equal_the_per_teacher_step(augment):
     for batching in ("loop", "vmap"):
         zoo = mixed_zoo()
         bank = PseudoBank(zoo, images_per_class=3, seed=2).double()
-        inversion = EpisodeInversion(zoo, bank, InversionConfig(teacher_batching=batching, augment=augment, seed=5))
+        inversion = EpisodeInversion(zoo, bank, InversionConfig(teacher_batching=batching, augment=augment, seed=5,
+                                                                first_bn_weight=3.0, a_div=0.5))
         assert inversion.batched == (batching == "vmap")
         losses, parts = inversion.teacher_losses([0, 1, 2, 3, 4])
         grads = torch.autograd.grad(losses.sum(), list(bank.logits))
@@ -654,3 +655,27 @@ def test_label_preserving_adversary_stops_pushing_misclassified_queries(zoo):
     assert value.item() == pytest.approx(-2.0 * (ce * correct).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="adversarial_queries"):
         SwitchConfig(adversarial_queries="wrong")
+
+
+def test_the_first_bn_multiplier_and_the_diversity_term_do_what_they_say(zoo):
+    from purer.inversion.synthesizer import within_class_similarity
+
+    net = zoo[0].model
+    with BNStatsHook(net) as bn:
+        net(torch.rand(6, 1, SIZE, SIZE))
+    assert torch.allclose(bn.loss(10.0), 10 * bn.terms[0] + sum(bn.terms[1:]))
+    same = torch.ones(2, 6, 4)  # two teachers, 3 classes of 2 identical images
+    assert torch.allclose(within_class_similarity(same, 2), torch.ones(2))
+    apart = torch.eye(4)[[0, 1, 2, 3, 0, 1]].expand(2, 6, 4)  # each class's two images orthogonal
+    assert torch.allclose(within_class_similarity(apart, 2), torch.zeros(2))
+    assert torch.equal(within_class_similarity(same, 1), torch.zeros(2))
+    # minimised, it spreads a class's pseudo images apart in the teacher's feature space
+    def similarity_after(a_div):
+        bank = PseudoBank(zoo, images_per_class=4, seed=1)
+        inversion = EpisodeInversion(zoo, bank, no_aug(a_div=a_div))
+        for _ in range(15):
+            inversion.step(teachers=[0])
+        with torch.no_grad():
+            x, _ = bank.teacher_batch(0)
+            return float(within_class_similarity(zoo[0].features(x)[None], 4))
+    assert similarity_after(5.0) < similarity_after(0.0) - 0.05

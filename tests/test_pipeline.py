@@ -25,7 +25,15 @@ def test_run_writes_every_output(baseline_run):
     assert results["selected_on"] == "val" and results["dataset"] == "folder"
     assert {"dataset", "way", "query", "tasks", "seed", "rows"} <= set(results)
     methods = [r["method"] for r in results["rows"]]
-    assert methods[:2] == ["purer", "purer+icfil"]
+    assert methods[:3] == ["purer", "purer+icfil", "purer+support-ce"]
+    # one row per shot carries the calibration (or none) chosen on meta-val, the best there
+    mine = [r for r in results["rows"] if r["method"].startswith("purer")]
+    selected = [r for r in mine if r.get("selected")]
+    assert len(selected) == 1 and selected[0]["val_accuracy"] == max(r["val_accuracy"] for r in mine)
+    assert results["calibration"] == {"1": {"purer": "none"}.get(selected[0]["method"],
+                                                                  selected[0]["method"].removeprefix("purer+"))}
+    control = next(r for r in mine if r["method"] == "purer+support-ce")["calibration"]
+    assert control["inversion_steps"] == 0 and control["contrastive_weight"] == 0 == control["pseudo_ce_weight"]
     assert {"nc-pixels", "nc-best-teacher", "maml-random"} <= set(methods)
     for r in results["rows"]:
         assert {"method", "way", "shot", "accuracy", "ci95", "test_cost"} <= set(r)
@@ -118,7 +126,7 @@ def test_teachers_sharing_a_class_share_its_bank_images(tiny_root, tmp_path):
     res = recipe(overrides(tiny_root, out, 1, **{"zoo.path": str(tmp_path / "zoo_random"), "zoo.num_models": 3,
                                                  "zoo.subsets": "random", "zoo.epochs": 1,
                                                  "cache_dir": str(out / "cache"), "eval.baselines": "[]",
-                                                 "eval.icfil": "false"}))
+                                                 "eval.calibrations": "[]"}))
     assert res.returncode == 0, res.stderr[-3000:]
     from purer.zoo.store import Zoo
     names = {c for t in Zoo(tmp_path / "zoo_random").load_teachers() for c in t.class_ids}
@@ -134,7 +142,7 @@ def test_a_zoo_of_other_models_is_used_as_it_is(tiny_root, baseline_run, tmp_pat
     mine.add("mine", model, config)  # e.g. a registered model; the recipe must not pre-train into this zoo
     out = tmp_path / "user_zoo"
     res = recipe(overrides(tiny_root, out, 1, **{"zoo.path": str(mine.path), "cache_dir": str(out / "cache"),
-                                                 "eval.baselines": "[]", "eval.icfil": "false"}))
+                                                 "eval.baselines": "[]", "eval.calibrations": "[]"}))
     assert res.returncode == 0, res.stderr[-3000:]
     assert mine.ids() == ["mine"] and json.loads((out / "results.json").read_text())["zoo"]["models"] == 1
     # config.yaml records the zoo the run used, not the zoo-building defaults it never applied
@@ -153,7 +161,7 @@ def test_a_used_output_dir_is_refused_and_overwrite_replaces_its_run(tiny_root, 
 
     before = files()
     args = overrides(tiny_root, out, 1, **{"cache_dir": str(baseline_run / "cache"), "eval.baselines": "[]",
-                                           "eval.icfil": "false"})
+                                           "eval.calibrations": "[]"})
     res = recipe(args)
     assert res.returncode == 2 and "already holds a finished run" in res.stderr
     assert files() == before  # nothing written, nothing deleted
@@ -167,7 +175,7 @@ def test_a_used_output_dir_is_refused_and_overwrite_replaces_its_run(tiny_root, 
 
 def test_lambda_adv_zero_is_plain_episode_inversion(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "ei"
-    res = recipe(overrides(tiny_root, out, 4, **{"switch.lambda_adv": 0, "eval.baselines": "[]", "eval.icfil": "false"}))
+    res = recipe(overrides(tiny_root, out, 4, **{"switch.lambda_adv": 0, "eval.baselines": "[]", "eval.calibrations": "[]"}))
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "results.json").read_text())["meta_train"]
     assert summary["switch_fired"] > 0 and summary["adversarial_steps"] == 0

@@ -1,6 +1,6 @@
 """ICFIL: inversion calibration following the inner loop (meta-test only)."""
-from .icfil import (ICFIL, CalibratedTask, ICFILConfig, ICFILLearner, SupervisedContrastiveLoss, adapted_model,
-                    select_config, supervised_contrastive_loss, support_statistics_teacher, with_settings)
+from .icfil import (CALIBRATIONS, ICFIL, CalibratedTask, ICFILConfig, ICFILLearner, SupervisedContrastiveLoss, adapted_model,
+                    calibration, select_config, supervised_contrastive_loss, support_statistics_teacher, with_settings)
 
-__all__ = ["ICFIL", "CalibratedTask", "ICFILConfig", "ICFILLearner", "SupervisedContrastiveLoss", "adapted_model",
+__all__ = ["CALIBRATIONS", "ICFIL", "calibration", "CalibratedTask", "ICFILConfig", "ICFILLearner", "SupervisedContrastiveLoss", "adapted_model",
            "select_config", "supervised_contrastive_loss", "support_statistics_teacher", "with_settings"]

@@ -156,6 +156,22 @@ class ICFILConfig:
             raise ValueError("contrastive_weight, real_ce_weight and pseudo_ce_weight must be >= 0")
 
 
+# Test-time calibrations after the inner loop, by name: ICFIL, and its control, which spends the same
+# calibration steps and lr on cross-entropy over the real support alone (no inversion, no contrastive term),
+# so that what ICFIL adds can be told apart from merely fine-tuning longer.
+CALIBRATIONS: dict[str, dict[str, Any]] = {
+    "icfil": {},
+    "support-ce": {"inversion_steps": 0, "contrastive_weight": 0.0, "pseudo_ce_weight": 0.0},
+}
+
+
+def calibration(name: str, base: ICFILConfig | None = None) -> ICFILConfig:
+    """The :class:`ICFILConfig` of the calibration ``name`` (one of :data:`CALIBRATIONS`) on top of ``base``."""
+    if name not in CALIBRATIONS:
+        raise ValueError(f"unknown calibration {name!r}; choose from {sorted(CALIBRATIONS)}")
+    return with_settings(base or ICFILConfig(), CALIBRATIONS[name])
+
+
 @dataclass
 class CalibratedTask:
     """One task's calibrated model (a private copy; the meta-learner is untouched).

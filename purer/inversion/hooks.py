@@ -43,6 +43,12 @@ def bn_distance(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
 
 
+def weighted_sum(terms: list[torch.Tensor], first_weight: float = 1.0) -> torch.Tensor:
+    """``first_weight * terms[0] + sum(terms[1:])`` (the R_bn of recorded per-layer terms)."""
+    total = torch.stack(terms).sum()
+    return total + (first_weight - 1) * terms[0] if first_weight != 1 else total
+
+
 class BNStatsHook:
     """Context manager recording :func:`bn_distance` at every BatchNorm layer of ``model``.
 
@@ -86,11 +92,12 @@ class BNStatsHook:
     def active(self) -> bool:
         return bool(self._handles)
 
-    def loss(self) -> torch.Tensor:
-        """R_bn: the sum of the recorded terms (a 0-dim tensor; zero for a model without BN)."""
-        if not self.terms:
-            return torch.zeros((), device=self._device)
-        return torch.stack(self.terms).sum()
+    def loss(self, first_weight: float = 1.0) -> torch.Tensor:
+        """R_bn: the sum of the recorded terms (a 0-dim tensor; zero for a model without BN).
+
+        ``first_weight`` multiplies the first layer's term (DeepInversion's first-BN
+        multiplier: the first layer's statistics are those of the image itself)."""
+        return weighted_sum(self.terms, first_weight) if self.terms else torch.zeros((), device=self._device)
 
     def clear(self) -> None:
         self.terms = []

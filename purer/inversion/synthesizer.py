@@ -59,7 +59,7 @@ from .. import PurerWarning
 from ..zoo.teacher import Teacher
 from .augment import RandomAffineAugment
 from .bank import SPACES, PseudoBank
-from .hooks import BNStatsHook, bn_distance
+from .hooks import BNStatsHook, bn_distance, weighted_sum
 from .priors import l2_prior, total_variation
 
 ExtraLoss = Callable[[PseudoBank], torch.Tensor]
@@ -102,6 +102,13 @@ class InversionConfig:
         teacher_batching: how a group of same-architecture teachers runs: ``loop``,
             ``vmap`` (one batched network) or ``auto`` (``vmap`` on a GPU, ``loop`` on
             a CPU; see the module docstring).
+        first_bn_weight: multiplier of R_bn's first BatchNorm layer (DeepInversion's
+            first-BN multiplier, 10 there: the first layer's statistics are the image's own);
+            1 is the release's plain sum.
+        a_div: weight of the within-class diversity term
+            (:func:`within_class_similarity`); 0 in the release.
+        steps_per_iteration: bank updates per meta-iteration (the ECI loop runs them;
+            an adversarial term joins the last); 1 in the release.
     """
 
     teachers_per_step: int = 4
@@ -117,6 +124,9 @@ class InversionConfig:
     seed: int = 0
     space: str = "pixel"
     teacher_batching: str = "auto"
+    first_bn_weight: float = 1.0
+    a_div: float = 0.0
+    steps_per_iteration: int = 1
 
     def __post_init__(self):
         if self.teachers_per_step < 1:
@@ -132,6 +142,9 @@ class InversionConfig:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {SPACES}, got {self.space!r}")
+        if self.first_bn_weight < 0 or self.a_div < 0 or self.steps_per_iteration < 1:
+            raise ValueError(f"need first_bn_weight >= 0, a_div >= 0 and steps_per_iteration >= 1, got "
+                             f"{self.first_bn_weight}, {self.a_div} and {self.steps_per_iteration}")
         if self.teacher_batching not in TEACHER_BATCHING:
             raise ValueError(f"teacher_batching must be one of {TEACHER_BATCHING}, got {self.teacher_batching!r}")
 
@@ -141,6 +154,22 @@ def build_augmentation(config: InversionConfig, image_size: int) -> RandomAffine
     if not config.augment:
         return RandomAffineAugment(0, (1.0, 1.0), False, image_size)
     return RandomAffineAugment(config.jitter, config.crop_scale, config.flip, image_size)
+
+
+def within_class_similarity(features: torch.Tensor, per_class: int) -> torch.Tensor:
+    """Mean cosine similarity between the teacher features of different images of one class: ``[T, n*P, D]``
+    (class-major, ``P = per_class``) -> ``[T]`` (0 with one image per class).
+
+    Minimised (``a_div``), it pushes a class's pseudo images apart in the teacher's
+    feature space, so the bank does not collapse to near-copies (the diversity that
+    CMI's contrastive term buys, without its memory bank or second view).
+    """
+    if per_class < 2:
+        return features.new_zeros(features.shape[0])
+    z = F.normalize(rearrange(features, "t (n p) d -> t n p d", p=per_class), dim=-1)
+    sim = torch.einsum("tnpd,tnqd->tnpq", z, z)
+    off_diagonal = sim.sum((-1, -2)) - sim.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return (off_diagonal / (per_class * (per_class - 1))).mean(-1)
 
 
 def contract(teacher: Teacher) -> tuple:
@@ -153,7 +182,8 @@ def contract(teacher: Teacher) -> tuple:
 
 
 class StackedTeachers:
-    """Same-contract teachers as one batched network: ``[T, B, C, H, W] -> logits [T, B, n], R_bn [T]``.
+    """Same-contract teachers as one batched network: ``[T, B, C, H, W]`` -> logits ``[T, B, n]``, R_bn ``[T]``
+    and penultimate features ``[T, B, D]``.
 
     The weights of all ``teachers`` are stacked once; a forward pass takes any
     subset (``members``) and vmaps ``functional_call`` over them, each teacher with
@@ -167,22 +197,26 @@ class StackedTeachers:
         self.template = copy.deepcopy(teachers[0].model).eval()
         self.bn = [m for m in self.template.modules() if isinstance(m, _BatchNorm)]
 
-    def __call__(self, members: Sequence[int], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, members: Sequence[int], x: torch.Tensor, first_bn_weight: float = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sel = torch.as_tensor(list(members), device=x.device)
         params = {k: v.index_select(0, sel) for k, v in self.params.items()}
         buffers = {k: v.index_select(0, sel) for k, v in self.buffers.items()}
-        return vmap(self._one)(params, buffers, x)
+        return vmap(lambda p, b, z: self._one(p, b, z, first_bn_weight))(params, buffers, x)
 
-    def _one(self, params: dict, buffers: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _one(self, params: dict, buffers: dict, x: torch.Tensor, first_bn_weight: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         terms: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
         record = lambda m, inputs: terms.append(bn_distance(inputs[0], m.running_mean, m.running_var))
         handles = [m.register_forward_pre_hook(record) for m in self.bn]
+        handles.append(self.template.head.register_forward_pre_hook(lambda m, inputs: features.append(inputs[0])))
         try:
             logits = functional_call(self.template, (params, buffers), (x,))
         finally:
             for h in handles:
                 h.remove()
-        return logits, torch.stack(terms).sum() if terms else x.new_zeros(())
+        return logits, weighted_sum(terms, first_bn_weight) if terms else x.new_zeros(()), features[0]
 
 
 class EpisodeInversion:
@@ -258,24 +292,29 @@ class EpisodeInversion:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _forward(self, key: tuple, members: list[int], z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teachers ``members`` (of group ``key``) on their inputs ``z [T, B, C, H, W]`` -> logits, R_bn [T]."""
+    def _forward(self, key: tuple, members: list[int], z: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teachers ``members`` (of group ``key``) on their inputs ``z [T, B, C, H, W]`` -> logits ``[T, B, n]``,
+        R_bn ``[T]`` and penultimate features ``[T, B, D]``."""
+        first = self.config.first_bn_weight
         with self._precision():
             if self.batched:
                 if key not in self._stacked:
                     self._stacked[key] = StackedTeachers([self.teachers[i] for i in self.groups[key]])
                 local = [self.groups[key].index(i) for i in members]
-                logits, r_bn = self._stacked[key](local, z)
+                logits, r_bn, features = self._stacked[key](local, z, first)
             else:
-                outs, bns = [], []
+                outs, bns, feats = [], [], []
                 for i, x in zip(members, z):
                     if self.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    with BNStatsHook(self.teachers[i].model) as bn:
-                        outs.append(self.teachers[i].model(x))
-                    bns.append(bn.loss())
-                logits, r_bn = torch.stack(outs), torch.stack(bns)
-        return logits.float(), r_bn.float()
+                    model = self.teachers[i].model
+                    with BNStatsHook(model) as bn:
+                        feats.append(model.features(x))
+                        outs.append(model.head(feats[-1]))
+                    bns.append(bn.loss(first))
+                logits, r_bn, features = torch.stack(outs), torch.stack(bns), torch.stack(feats)
+        return logits.float(), r_bn.float(), features.float()
 
     def teacher_losses(self, idx: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_EI of each teacher in ``idx`` on its classes' bank images: ``[len(idx)]``, and the parts ``[len(idx)]``.
@@ -302,7 +341,7 @@ class EpisodeInversion:
             y = torch.stack([batches[p][1] for p in at])  # [T, B] local labels
             seen_aug = self._prepare(members, torch.stack([augmented[p] for p in at]))
             seen = self._prepare(members, torch.stack([plain[p] for p in at]))
-            logits, r_bn = self._forward(key, members, seen_aug)
+            logits, r_bn, features = self._forward(key, members, seen_aug)
             ce = F.cross_entropy(rearrange(logits, "t b n -> (t b) n"), y.flatten(), reduction="none")
             ce = ce.view(len(members), -1).mean(1)
             # Priors act on what the teacher takes in (its size and normalisation), the
@@ -310,6 +349,8 @@ class EpisodeInversion:
             r_tv, r_l2 = total_variation(seen), l2_prior(seen)
             acc = (logits.argmax(-1) == y).float().mean(1)
             total = ce + c.a_bn * r_bn + c.a_tv * r_tv + c.a_l2 * r_l2
+            if c.a_div > 0:
+                total = total + c.a_div * within_class_similarity(features, bank.images_per_class)
             for j, p in enumerate(at):
                 loss[p] = total[j]
                 for k, v in zip(STATS, (ce, r_bn, r_tv, r_l2, acc)):

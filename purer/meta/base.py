@@ -203,6 +203,11 @@ class MetaLearner(nn.Module, ABC):
         return dict(self.test_time[min(self.test_time, key=lambda s: (abs(s - shot), s))])
 
     # -- the model folder -------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` in ``[0, 1]`` -> the meta-parameters' features ``[B, D]`` (before any
+        adaptation; what zoo distillation shapes, see :class:`purer.distill.ZooDistillation`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no feature embedding")
+
     def _network(self) -> tuple[dict | None, int | None]:
         """The network's ``build_args`` (see :class:`~purer.zoo.Classifier`) and its head's outputs (``None``:
         no head); a saved folder records both."""

@@ -142,6 +142,9 @@ class MAML(MetaLearner, kind="maml"):
     def predict(self, adapted: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, adapted, (self.prepare(x),))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(self.prepare(x))
+
     def _settings(self, lr: float | None, steps: int | None) -> tuple[float, int]:
         return self.config.inner_lr if lr is None else lr, self.config.inner_steps if steps is None else steps
 

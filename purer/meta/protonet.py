@@ -91,6 +91,9 @@ class ProtoNet(PrototypeClassifier, kind="protonet"):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(self.prepare(x))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
     def _query_logits_together(self, batch: TaskBatch) -> torch.Tensor:
         """All tasks at once: the encoder vmapped over tasks (each task's BatchNorm on its own batch)."""
         support = vmap(self.encoder)(self.prepare_tasks(batch.support_x))  # [T, N*K, D]

@@ -72,8 +72,8 @@ def real_episodes(source: ImageSet, way: int, shot: int, query: int | None = 15,
 
 
 def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: Sequence[Episode], *,
-              total: int | None = None, sync: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              total: int | None = None, sync: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+              extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """One outer step on a meta-batch; returns its mean query loss and accuracy (0-dim tensors, detached).
 
     The outer loss is the *mean* over the meta-batch (the release sums; under Adam
@@ -86,6 +86,10 @@ def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: 
     Args:
         total: tasks in the whole meta-batch when ``episodes`` is one process's share
             (default ``len(episodes)``).
+        extra: further 0-dim terms of the outer objective (e.g. one teacher's zoo
+            distillation each, :class:`purer.distill.ZooDistillation`), added after the
+            tasks in order, each its own row for ``sync``; their parameters (heads, maps)
+            must be in ``optimizer``.
         sync: gathers one flat row per task of this process's share (its gradient,
             then its loss and accuracy) into the rows of the whole meta-batch, in task
             order; ``None`` in one process.  The rows are summed in task order, as one
@@ -99,7 +103,7 @@ def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: 
         raise ValueError(f"meta_step needs at least one episode (total={total}, here {len(episodes)})")
     learner.train()
     optimizer.zero_grad(set_to_none=True)
-    params = [p for p in learner.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     device = params[0].device
     sums, rows = torch.zeros(2, device=device), []
 
@@ -125,6 +129,8 @@ def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: 
         for ep in episodes:
             loss, acc = learner.outer_loss(ep)
             contribute(loss / total, loss.detach(), acc)
+    for term in extra:
+        contribute(term, sums.new_zeros(()), sums.new_zeros(()))
     if sync is not None:
         rows = sync(rows)
         flat = rows[0]

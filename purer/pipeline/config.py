@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..baselines import METHODS as BASELINE_METHODS
-from ..calibrate import ICFILConfig
+from ..calibrate import CALIBRATIONS, ICFILConfig
+from ..distill import DistillConfig
 from ..data.glyphs import RECIPE_IMAGE_SIZE
 from ..evaluate import TuningGrid
 from ..inversion import InversionConfig, SwitchConfig
@@ -125,7 +126,14 @@ class EvalConfig:
         way, shots, query, tasks, seed: the meta-test task lists (one per shot).
         val_tasks: meta-val tasks for choosing test-time settings.
         grid: the shared grid of test-time inner lr and steps.
-        icfil: also report the meta-learner with ICFIL.
+        calibrations: test-time calibrations after the inner loop, one row each
+            (``purer+<name>``): ``icfil`` and its control ``support-ce`` (the same steps as
+            cross-entropy on the real support; :data:`purer.calibrate.CALIBRATIONS`).  The
+            one best on meta-val (or none) is marked ``"selected": true`` and saved with
+            the meta-learner; ``[]``: none.
+        calibration_grid: ICFIL settings searched on meta-val (keys as in
+            :func:`purer.calibrate.with_settings`, e.g. ``{calibration_lr: [1e-4, 1e-3]}``);
+            ``{}``: the ``icfil`` section as it is.
         baselines: rows of :data:`purer.baselines.METHODS` to run (cached by config).
         baseline_train_iterations: real-data meta-training of the upper-bound rows.
     """
@@ -137,7 +145,8 @@ class EvalConfig:
     seed: int = 0
     val_tasks: int = 30
     grid: TuningGrid = field(default_factory=lambda: TuningGrid(steps=(1, 10)))
-    icfil: bool = True
+    calibrations: list[str] = field(default_factory=lambda: ["icfil", "support-ce"])
+    calibration_grid: dict = field(default_factory=dict)
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     baseline_train_iterations: int = 300
 
@@ -172,6 +181,7 @@ class RunConfig:
     inversion: InversionConfig = field(default_factory=InversionConfig)
     switch: SwitchConfig = field(default_factory=lambda: SwitchConfig(warmup=200))
     meta: MetaConfig = field(default_factory=MetaConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # A cheaper ICFIL than its library defaults: it runs on every meta-test task of both shots.
     icfil: ICFILConfig = field(default_factory=lambda: ICFILConfig(inversion_steps=5, calibration_steps=5))
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -191,6 +201,9 @@ class RunConfig:
             raise ValueError(f"meta.learner must be one of {LEARNERS}, got {self.meta.learner!r}")
         if self.meta.init not in INITS:
             raise ValueError(f"meta.init must be one of {INITS}, got {self.meta.init!r}")
+        if set(self.eval.calibrations) - set(CALIBRATIONS):
+            raise ValueError(f"unknown eval.calibrations {sorted(set(self.eval.calibrations) - set(CALIBRATIONS))}; "
+                             f"choose from {sorted(CALIBRATIONS)}")
         unknown = set(self.eval.baselines) - set(BASELINE_METHODS)
         if unknown:
             raise ValueError(f"unknown eval.baselines {sorted(unknown)}; choose from {list(BASELINE_METHODS)}")

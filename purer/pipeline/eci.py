@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import EpisodeSampler, ImageSet
-from ..distill import distill_zoo
+from ..distill import ZooDistillation, distill_zoo
 from ..evaluate import task_list
 from ..inversion import EpisodeInversion, GradientSwitch
 from ..inversion.grid import class_labels, save_bank_grid, save_episode_grid, save_training_plot
@@ -73,7 +73,7 @@ class DeferredInterrupt:
 
 
 # What a checkpoint of ECI meta-training holds, in the order Accelerate numbers the files.
-CHECKPOINTED = ("bank", "inversion", "switch", "learner", "optimizer", "best", "state")
+CHECKPOINTED = ("bank", "inversion", "switch", "learner", "optimizer", "best", "state", "distill")
 
 
 def checkpointed_state(checkpoint: str | os.PathLike, name: str) -> dict:
@@ -174,9 +174,14 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         seconds_distill = time.perf_counter() - start
     learner = build_learner(cfg, teachers, channels, size, distilled).to(device)
     learner.task_batching = m.task_batching
-    optimizer = torch.optim.Adam(learner.parameters(), lr=m.train.outer_lr)
+    with torch.no_grad():  # the learner's embedding size, for the distillation's heads and maps
+        feature_dim = learner.embed(torch.zeros(2, channels, size, size, device=device)).shape[-1]
+    distillation = ZooDistillation(teachers, feature_dim, cfg.distill, inversion.augment, seed=cfg.seed).to(device)
+    # The heads and maps train with the learner (one Adam step on episodic + distillation loss).
+    optimizer = torch.optim.Adam([*learner.parameters(), *distillation.parameters()], lr=m.train.outer_lr)
     best, state = BestLearner(learner), TrainState()
     objects = {"bank": bank, "inversion": inversion, "switch": switch, "learner": learner, "optimizer": optimizer,
+               "distill": distillation,
                "best": best, "state": state}
     for name in CHECKPOINTED:
         acc.register_for_checkpointing(objects[name])
@@ -195,7 +200,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     fresh_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
     val_tasks = task_list(val_set, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
     labels = class_labels(bank, [t.model_id for t in teachers])  # picture rows: class (teachers)
-    sync, meta_sync = bank_grad_sync(dist), task_sync(dist, dist.share(range(m.train.meta_batch)))
+    sync = bank_grad_sync(dist)
     mb = m.train.meta_batch
     times = {"inversion": 0.0, "meta": 0.0}
     # Per-step numbers stay on the device and are summed; they are read (one synchronisation) every
@@ -206,6 +211,9 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     with DeferredInterrupt() as interrupt:
         for it in bar:
             t0 = time.perf_counter()
+            for _ in range(cfg.inversion.steps_per_iteration - 1):  # more plain bank updates first, if asked
+                chosen = inversion.sample_teachers()
+                inversion.step(teachers=dist.share(chosen), total=len(chosen), sync=sync)
             chosen = inversion.sample_teachers()
             extra = None
             if state.adversarial_next and dist.main and cfg.switch.lambda_adv > 0:
@@ -217,8 +225,13 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             t1 = time.perf_counter()
             with torch.no_grad():
                 episodes = [bank.episode(train_tasks.task(it * mb + j)) for j in dist.share(range(mb))]
+            # Zoo distillation beside the episodic loss: its teachers split over processes like the tasks, each
+            # teacher's term a row after the tasks' (so the sum is the one-process sum).
+            distilled = dist.share(distillation.sample_teachers()) if cfg.distill.active else []
+            terms, dstats = distillation.losses(learner, bank, distilled, it) if distilled else ([], {})
+            meta_sync = task_sync(dist, [*dist.share(range(mb)), *(mb + i for i in distilled)])
             loss, qacc = meta_step(learner, optimizer, [e.detach() for e in episodes], total=mb,
-                                   sync=meta_sync)
+                                   sync=meta_sync, extra=terms)
             query_acc = float(qacc)  # the one number read every step: the switch decides on it
             state.adversarial_next = switch.update(query_acc)
             state.iteration = it + 1
@@ -229,7 +242,8 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             times["inversion"] += t1 - t0
             times["meta"] += t2 - t1
             for k, v in {"meta/loss": loss, "meta/pseudo_query_acc": qacc,
-                         **{f"inversion/{k}": v for k, v in inv.items() if k != "extra"}}.items():
+                         **{f"inversion/{k}": v for k, v in inv.items() if k != "extra"},
+                         **{f"distill/{k}": v for k, v in dstats.items()}}.items():
                 logged[k] = logged.get(k, 0) + v
             logs: dict[str, float] = {}
             if state.iteration % cfg.log_every == 0 or state.iteration == m.train.iterations:

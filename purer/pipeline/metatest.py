@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from ..baselines import BaselineConfig, run_baselines
-from ..calibrate import ICFIL
+from ..calibrate import ICFIL, calibration, select_config
 from ..config import to_dict
 from ..data import ImageSet, TaskSpec, load_split
 from ..evaluate import EvalResult, evaluate, fingerprint, paired_difference, select_test_time, task_list
@@ -46,9 +46,11 @@ def evaluate_split(learner: MetaLearner, source: ImageSet, tasks: Sequence[TaskS
 
 
 def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, ImageSet], dist: Dist,
-                   progress: bool) -> list[dict]:
-    """The meta-learner's rows (``purer``, ``purer+icfil``), settings chosen on meta-val."""
-    e, rows = cfg.eval, []
+                   progress: bool) -> tuple[list[dict], dict]:
+    """The meta-learner's rows (``purer``, ``purer+<calibration>``), every setting chosen on meta-val, and per
+    shot the calibration chosen on meta-val (``{"name", "settings", "val_accuracy"}``; name ``none`` when no
+    calibration beats the plain learner there)."""
+    e, rows, chosen_calibration = cfg.eval, [], {}
     for shot in e.shots:
         test_tasks = task_list(splits["test"], e.way, shot, e.query, e.tasks, e.seed)
         val_tasks = task_list(splits["val"], e.way, shot, e.query, e.val_tasks, e.seed)
@@ -56,13 +58,26 @@ def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, Image
         plain = evaluate_split(learner, splits["test"], test_tasks, dist, method="purer",
                                adapt_kwargs=chosen.settings, progress=progress)
         rows.append(plain.row(val_accuracy=round(chosen.val_accuracy, 2), seconds=round(plain.seconds, 1)))
-        if e.icfil:
-            with_icfil = evaluate_split(ICFIL(cfg.icfil).wrap(learner), splits["test"], test_tasks, dist,
-                                        method="purer+icfil", adapt_kwargs=chosen.settings, progress=progress)
-            diff, ci = paired_difference(with_icfil, plain)
-            rows.append(with_icfil.row(paired_vs_purer=[round(diff, 2), round(ci, 2)],
-                                       seconds=round(with_icfil.seconds, 1)))
-    return rows
+        best = {"name": "none", "settings": {}, "val_accuracy": round(chosen.val_accuracy, 2), "row": rows[-1]}
+        for name in e.calibrations:
+            config = calibration(name, cfg.icfil)
+            if name == "icfil" and e.calibration_grid:
+                config, val_accuracy, _ = select_config(learner, splits["val"], val_tasks, e.calibration_grid,
+                                                        base=config, adapt_kwargs=chosen.settings)
+            else:
+                val_accuracy = evaluate_split(ICFIL(config).wrap(learner), splits["val"], val_tasks, dist,
+                                              adapt_kwargs=chosen.settings).accuracy
+            result = evaluate_split(ICFIL(config).wrap(learner), splits["test"], test_tasks, dist,
+                                    method=f"purer+{name}", adapt_kwargs=chosen.settings, progress=progress)
+            diff, ci = paired_difference(result, plain)
+            settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "inversion"}
+            rows.append(result.row(val_accuracy=round(val_accuracy, 2), paired_vs_purer=[round(diff, 2), round(ci, 2)],
+                                   calibration=settings, seconds=round(result.seconds, 1)))
+            if val_accuracy > best["val_accuracy"]:
+                best = {"name": name, "settings": settings, "val_accuracy": round(val_accuracy, 2), "row": rows[-1]}
+        best.pop("row")["selected"] = True
+        chosen_calibration[shot] = best
+    return rows, chosen_calibration
 
 
 def _baseline_plan(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequence[Teacher]

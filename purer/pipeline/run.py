@@ -111,19 +111,21 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
         stage(2, f"ECI meta-training, {cfg.meta.train.iterations} iterations")
         learner, summary = meta_train_eci(cfg, acc, dist, teachers, splits["val"], out, resume, progress, identity)
         stage(3, f"meta-test: {e.tasks} tasks per shot ({', '.join(map(str, e.shots))}-shot), "
-                 f"{'with and without ICFIL' if e.icfil else 'without ICFIL'}")
-        rows = evaluate_purer(cfg, learner, splits, dist, progress)
+                 f"plain{''.join(f' and + {c}' for c in e.calibrations)}")
+        rows, calibrations = evaluate_purer(cfg, learner, splits, dist, progress)
         stage(4, f"baselines: {', '.join(e.baselines) or 'none'}")
         if dist.main:
             learner.test_time = {r["shot"]: r.get("settings", {}) for r in rows if r["method"] == "purer"}
             learner.save_pretrained(out / "meta_learner", dataset=cfg.data.dataset, selected={
-                "iteration": summary["best_iteration"], "val_accuracy": summary["val_accuracy"]})
+                "iteration": summary["best_iteration"], "val_accuracy": summary["val_accuracy"]},
+                calibration={str(k): v for k, v in calibrations.items()})
             rows += baselines.rows()
     finally:
         baselines.close()
     results = {"dataset": cfg.data.dataset, "way": cfg.eval.way, "query": cfg.eval.query,
                "queries_per_class": queries, "tasks": cfg.eval.tasks, "seed": cfg.eval.seed, "train_seed": cfg.seed,
-               "selected_on": "val", "rows": rows, "run_id": identity["run_id"],
+               "selected_on": "val", "rows": rows, "calibration": {str(k): v["name"] for k, v in calibrations.items()},
+               "run_id": identity["run_id"],
                "zoo": {"path": cfg.zoo.path, "models": len(teachers),
                        "classes": sorted({t.config.num_classes for t in teachers}),
                        "archs": sorted({t.config.arch for t in teachers})},
