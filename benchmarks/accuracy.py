@@ -65,17 +65,28 @@ SCENARIOS = {
     # What each part buys: the disjoint zoo, a shorter budget, 1-shot only; compare the ablate-* variants
     # with eci-maml run in this same scenario (curriculum on/off: eci-maml vs ei-maml of the disjoint scenario).
     "ablations": ["meta.train.iterations=1000", "eval.shots=[1]", "eval.calibrations=[]", "eval.baselines=[]"],
+    # Choosing the default: the disjoint zoo, 1,000 iterations, compared on the runs' meta-val accuracy (the
+    # 1-shot meta-test rows are kept for the record, never used to choose).
+    "select": ["meta.train.iterations=1000", "eval.shots=[1]", "eval.calibrations=[]", "eval.baselines=[]"],
 }
-# The rows a variant adds: the pipeline's "purer" / "purer+icfil" rows are renamed after the variant.
+# The rows a variant adds: the pipeline's "purer" / "purer+<calibration>" rows are renamed after the variant.
 # "baselines" runs the scenario's baseline rows alone (no meta-training; its untrained "purer" row is dropped);
 # every other variant runs without them, so the baselines compute once, beside the meta-training runs.
-VARIANTS = {
-    "baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
-    "eci-maml": [],
-    "eci-protonet": ["meta.learner=protonet"],
-    "ei-maml": ["switch.lambda_adv=0", "eval.calibrations=[]"],
-    "ei-protonet": ["meta.learner=protonet", "switch.lambda_adv=0", "eval.calibrations=[]"],
+# A PURER variant is "<curriculum>-<learner>" and any "+<part>"s, e.g. "eci-maml+kd-both+div": ECI or EI (no
+# curriculum), MAML or ProtoNet, and the parts below.  "paper" is PURER as published
+# (recipes/configs/purer-paper.yaml); DEFAULT is what the recipe runs with no arguments.
+CURRICULA = {"eci": [], "ei": ["switch.lambda_adv=0"]}
+LEARNERS = {"maml": [], "protonet": ["meta.learner=protonet"]}
+PARTS = {
+    "kd-logit": ["distill.logit=1.0"],
+    "kd-feature": ["distill.feature=1.0"],
+    "kd-both": ["distill.logit=1.0", "distill.feature=1.0"],
+    "bn10": ["inversion.first_bn_weight=10"],
+    "div": ["inversion.a_div=1.0"],
+    "steps2": ["inversion.steps_per_iteration=2"],
 }
+VARIANTS = {"baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
+            "paper": ["--config", "recipes/configs/purer-paper.yaml"]}
 # Ablations of eci-maml (one part changed each; compare with eci-maml's plain row of the same seed).
 ABLATIONS = {
     "lambda-adv-1": ["switch.lambda_adv=1"],
@@ -89,7 +100,26 @@ ABLATIONS = {
     "init-avg-teachers": ["meta.init=avg-teachers"],
     "init-distilled": ["meta.init=distilled"],
 }
-VARIANTS.update({f"ablate-{k}": v + ["eval.calibrations=[]"] for k, v in ABLATIONS.items()})
+VARIANTS.update({f"ablate-{k}": ["--config", "recipes/configs/purer-paper.yaml", *v, "eval.calibrations=[]"]
+                 for k, v in ABLATIONS.items()})
+DEFAULT = "default"  # the recipe's own defaults (recipes/configs/default.yaml), marked "default": true
+
+
+def variant_args(variant: str) -> list[str]:
+    """The recipe arguments of ``variant`` (see the comment above :data:`CURRICULA`)."""
+    if variant in VARIANTS:
+        return list(VARIANTS[variant])
+    if variant == DEFAULT:
+        return []
+    base, *parts = variant.split("+")
+    curriculum, _, learner = base.partition("-")
+    unknown = [p for p in parts if p not in PARTS]
+    if curriculum not in CURRICULA or learner not in LEARNERS or unknown:
+        raise ValueError(f"unknown variant {variant!r}: use baselines, paper, {DEFAULT}, ablate-<name>, or "
+                         f"<{'|'.join(CURRICULA)}>-<{'|'.join(LEARNERS)}>[+part...] with parts {', '.join(PARTS)}")
+    # A named variant starts from PURER as published and adds only what its name says.
+    args = ["--config", "recipes/configs/purer-paper.yaml", *CURRICULA[curriculum], *LEARNERS[learner]]
+    return args + [a for p in parts for a in PARTS[p]]
 
 
 def run_dir(dataset: str, scenario: str, variant: str, seed: int) -> Path:
@@ -98,7 +128,7 @@ def run_dir(dataset: str, scenario: str, variant: str, seed: int) -> Path:
 
 def command(dataset: str, scenario: str, variant: str, seed: int) -> list[str]:
     out = run_dir(dataset, scenario, variant, seed)
-    args = [*COMMON, *DATASETS[dataset], *SCENARIOS[scenario], *VARIANTS[variant],
+    args = [*COMMON, *DATASETS[dataset], *SCENARIOS[scenario], *variant_args(variant),
             f"seed={seed}", f"output_dir={out}", f"cache_dir={RUNS / '.cache'}"]
     if variant != "baselines":
         args.append("eval.baselines=[]")
@@ -119,6 +149,8 @@ def launch(cmd: list[str], out: Path) -> tuple[Path, int, float]:
 
 
 def cmd_run(args) -> int:
+    for variant in args.variants:
+        variant_args(variant)  # an unknown name stops here, before any run starts
     jobs = []
     for variant in args.variants:
         for seed in args.seeds:
@@ -136,10 +168,9 @@ def cmd_run(args) -> int:
 
 
 def method_name(variant: str, pipeline_method: str) -> str:
-    if pipeline_method == "purer":
-        return variant
-    if pipeline_method == "purer+icfil":
-        return f"{variant}+icfil"
+    """A pipeline row's name in the table: ``purer[+<calibration>]`` becomes ``<variant>[+<calibration>]``."""
+    if pipeline_method == "purer" or pipeline_method.startswith("purer+"):
+        return variant + pipeline_method.removeprefix("purer")
     return pipeline_method
 
 
@@ -151,7 +182,8 @@ def collect(dataset: str, root: Path = RUNS) -> dict:
         scenario, variant, seed = results.parts[-4], results.parts[-3], int(results.parts[-2][4:])
         data = json.loads(results.read_text())
         runs.append({"scenario": scenario, "variant": variant, "seed": seed, "seconds": data["seconds"],
-                     "meta_train": data["meta_train"], "zoo_models": data["zoo"]["models"]})
+                     "meta_train": data["meta_train"], "zoo_models": data["zoo"]["models"],
+                     "calibration": data.get("calibration", {})})
         for r in data["rows"]:
             if (variant == "baselines") == r["method"].startswith("purer"):
                 continue  # a baselines run's untrained learner, or baseline rows elsewhere
@@ -171,10 +203,14 @@ def collect(dataset: str, root: Path = RUNS) -> dict:
             row["seed_sd"] = round(statistics.stdev(accs), 2)
         if "settings" in first:
             row["settings"] = [r.get("settings") for _, r in found]
+        if "val_accuracy" in first:
+            row["val_accuracy"] = round(statistics.fmean(r["val_accuracy"] for _, r in found), 2)
+        if method.split("+")[0] == DEFAULT:
+            row["default"] = True
         rows.append(row)
     return {"dataset": dataset, "selected_on": "val", "runs": runs, "rows": rows,
             "settings": {"common": COMMON, "datasets": DATASETS[dataset], "scenarios": SCENARIOS,
-                         "variants": VARIANTS}}
+                         "variants": {v: variant_args(v) for v in sorted({r["variant"] for r in runs})}}}
 
 
 def markdown(report: dict) -> str:
@@ -188,7 +224,9 @@ def markdown(report: dict) -> str:
     for scenario, rows in by_scenario.items():
         cols = sorted({(r["way"], r["shot"]) for r in rows})
         cell = {(r["method"], r["way"], r["shot"]): r for r in rows}
-        methods = sorted({r["method"] for r in rows}, key=lambda m: (not m.startswith(("eci", "ei")), m))
+        ours = (DEFAULT, "paper", "eci", "ei", "ablate")
+        methods = sorted({r["method"] for r in rows},
+                         key=lambda m: (not m.startswith(ours), not m.startswith(DEFAULT), m))
         head = ["method"] + [f"{w}-way {s}-shot" for w, s in cols] + ["seeds", "test-time cost"]
         lines += [f"## {scenario}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in methods:
@@ -231,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run (or finish) the benchmark runs of one scenario")
     r.add_argument("dataset", choices=sorted(DATASETS))
     r.add_argument("scenario", choices=sorted(SCENARIOS))
-    r.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["eci-maml", "eci-protonet"],
-                   metavar="VARIANT", help=f"of: {', '.join(VARIANTS)} (default: eci-maml eci-protonet)")
+    r.add_argument("--variants", nargs="+", default=[DEFAULT, "paper"], metavar="VARIANT",
+                   help=f"baselines, paper, {DEFAULT}, ablate-<{'|'.join(ABLATIONS)}>, or "
+                        f"<{'|'.join(CURRICULA)}>-<{'|'.join(LEARNERS)}>[+<{'|'.join(PARTS)}>...] "
+                        f"(default: {DEFAULT} paper)")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     c = sub.add_parser("collect", help="write benchmarks/results/accuracy_<dataset>.{json,md}")
