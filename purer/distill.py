@@ -29,7 +29,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -168,8 +167,8 @@ class ZooDistillation(nn.Module):
 
 
 def _teacher_images(bank: PseudoBank, i: int) -> torch.Tensor:
-    """Detached bank images ``[n_i * P, C, S, S]`` of teacher ``i``'s classes (class-major)."""
-    return rearrange(bank.snapshot(bank.teacher_classes[i]), "n p c h w -> (n p) c h w")
+    """Detached bank images ``[n_i * P, C, S, S]`` of teacher ``i``'s classes (class-major, its shape)."""
+    return bank.teacher_images(i)
 
 
 def distill_zoo(teachers: Sequence[Teacher], bank: PseudoBank, inversion: EpisodeInversion, arch: str,

@@ -19,7 +19,7 @@ from purer.inversion import (BNStatsHook, EpisodeInversion, GradientSwitch, Inve
                              l2_prior, save_bank_grid, save_episode_grid, total_variation)
 from purer.inversion.grid import class_labels, save_training_plot
 from purer.meta.base import MetaLearner
-from purer.zoo import ModelConfig, Teacher
+from purer.zoo import ModelConfig, Teacher, prepare_input
 
 SIZE = 16
 WAYS = 5
@@ -408,7 +408,7 @@ def test_batched_teachers_equal_the_per_teacher_step(augment):
         zoo = mixed_zoo()
         bank = PseudoBank(zoo, images_per_class=3, seed=2).double()
         inversion = EpisodeInversion(zoo, bank, InversionConfig(teacher_batching=batching, augment=augment, seed=5,
-                                                                first_bn_weight=3.0, a_div=0.5))
+                                                                first_bn_weight=3.0, bn_layers="mean", a_div=0.5))
         assert inversion.batched == (batching == "vmap")
         losses, parts = inversion.teacher_losses([0, 1, 2, 3, 4])
         grads = torch.autograd.grad(losses.sum(), list(bank.logits))
@@ -664,6 +664,7 @@ def test_the_first_bn_multiplier_and_the_diversity_term_do_what_they_say(zoo):
     with BNStatsHook(net) as bn:
         net(torch.rand(6, 1, SIZE, SIZE))
     assert torch.allclose(bn.loss(10.0), 10 * bn.terms[0] + sum(bn.terms[1:]))
+    assert torch.allclose(bn.loss(1.0, mean=True), sum(bn.terms) / len(bn.terms))
     same = torch.ones(2, 6, 4)  # two teachers, 3 classes of 2 identical images
     assert torch.allclose(within_class_similarity(same, 2), torch.ones(2))
     apart = torch.eye(4)[[0, 1, 2, 3, 0, 1]].expand(2, 6, 4)  # each class's two images orthogonal
@@ -679,3 +680,41 @@ def test_the_first_bn_multiplier_and_the_diversity_term_do_what_they_say(zoo):
             x, _ = bank.teacher_batch(0)
             return float(within_class_similarity(zoo[0].features(x)[None], 4))
     assert similarity_after(5.0) < similarity_after(0.0) - 0.05
+
+
+def test_a_zoo_of_two_datasets_keeps_each_class_in_its_teachers_contract():
+    """A grey 12 px teacher and a colour 16 px teacher share one bank: each class is stored, inverted and
+    recognised in its own teacher's input, and pseudo episodes mix them in the bank's common shape."""
+    grey = train_teacher(0, "grey", image_size=12)
+    colour_config = ModelConfig("conv4", WAYS, [f"colour{k}" for k in range(WAYS)], in_channels=3, image_size=16,
+                                mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], arch_args={"width": 8, "depth": 2})
+    torch.manual_seed(1)
+    model = colour_config.build()
+    x, y = class_data(5, WAYS, 40, seed=1)
+    colour_x = torch.cat([x, x.roll(1, -1), x.flip(-1)], 1)  # three different channels per class
+    inputs = prepare_input(colour_x, 3, 16, torch.tensor([0.5] * 3), torch.tensor([0.25] * 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        i = torch.randint(len(y), (32,))
+        loss = F.cross_entropy(model(inputs[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    colour = Teacher(model.eval(), colour_config, "colour")
+    zoo = [grey, colour]
+    bank = PseudoBank(zoo, images_per_class=4, own_contract=True)
+    assert bank.image_shape == (3, 16, 16)
+    assert [bank.class_shapes[k] for k in (0, WAYS)] == [(1, 12), (3, 16)]
+    assert bank.teacher_batch(0)[0].shape == (WAYS * 4, 1, 12, 12)
+    assert bank.teacher_batch(1)[0].shape == (WAYS * 4, 3, 16, 16)
+    episode = bank.episode(EpisodeSampler(bank.class_sizes(), 4, 1, 2, seed=0).task(0))
+    assert episode.support_x.shape[1:] == (3, 16, 16)
+    inversion = EpisodeInversion(zoo, bank, InversionConfig(teachers_per_step=2))
+    before = [float(inversion.teacher_loss(i)[1]["acc"]) for i in (0, 1)]
+    for _ in range(40):
+        inversion.step()
+    after = [float(inversion.teacher_loss(i)[1]["acc"]) for i in (0, 1)]
+    assert min(after) >= 0.9 and after[0] > before[0] and after[1] > before[1], (before, after)
+    grey_images = bank.snapshot([0])[0]  # a grey class in the common shape: three equal channels
+    assert torch.allclose(grey_images[:, 0], grey_images[:, 1]) and torch.allclose(grey_images[:, 1], grey_images[:, 2])

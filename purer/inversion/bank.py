@@ -44,7 +44,7 @@ from einops import rearrange
 from torch import nn
 
 from ..data.episodes import Episode, TaskSpec, episode_labels
-from ..zoo.teacher import Teacher
+from ..zoo.teacher import Teacher, convert_input
 
 SPACES = ("pixel", "normalized")
 
@@ -66,19 +66,28 @@ class PseudoBank(nn.Module):
             ``pixel`` space, noise of the teachers' mean and spread in ``normalized``).
         space: ``pixel`` (``image = sigmoid(logit)``) or ``normalized``
             (``image = mean + std * z``); see the module docstring.
+        own_contract: keep each class's images in its teacher's input contract (its
+            channels and size; the largest of several teachers sharing the class), so
+            a grey teacher's class is grey and has no colour its teacher cannot see, and
+            a class of a 40 px teacher is not resampled from 32 px.  Pseudo episodes and
+            snapshots still come in the bank's common shape (``channels``, ``image_size``),
+            converted as :func:`purer.zoo.prepare_input` converts (grey repeated to three
+            channels, colour averaged to one, bilinear resizing).  With one contract in
+            the zoo (and ``image_size``/``channels`` its own) nothing changes.
 
     Attributes:
         class_names: ``[M]`` names of the bank classes.
         teacher_classes: for each teacher, ``[num_classes_i]`` bank class of each local label.
         class_teachers: for each bank class, the teachers that know it.
-        logits: ``[M]`` parameters ``[P, C, S, S]``, the raw tensor of each class
-            (sigmoid logits, or ``z`` in ``normalized`` space).
+        logits: ``[M]`` parameters ``[P, C, S, S]`` (``[P, C_k, S_k, S_k]`` with ``own_contract``),
+            the raw tensor of each class (sigmoid logits, or ``z`` in ``normalized`` space).
+        class_shapes: ``[M]`` ``(C_k, S_k)`` of each class's stored images.
         mean, std: ``[C, 1, 1]`` buffers of the ``normalized`` space (``None`` in ``pixel``).
     """
 
     def __init__(self, teachers: Sequence[Teacher], images_per_class: int, image_size: int | None = None,
                  channels: int | None = None, merge_shared_classes: bool = False, seed: int = 0,
-                 space: str = "pixel"):
+                 space: str = "pixel", own_contract: bool = False):
         super().__init__()
         if not teachers:
             raise ValueError("PseudoBank needs at least one teacher")
@@ -115,9 +124,19 @@ class PseudoBank(nn.Module):
             for k in mine:
                 self.class_teachers[k].append(i)
 
+        self.class_shapes: list[tuple[int, int]] = []
+        for k in range(len(self.class_names)):
+            if own_contract:
+                mine = [configs[i] for i in self.class_teachers[k]]
+                self.class_shapes.append((max(c.in_channels for c in mine), max(c.image_size for c in mine)))
+            else:
+                self.class_shapes.append((self.channels, self.image_size))
+        if space == "normalized" and len(set(self.class_shapes)) > 1:
+            raise ValueError("a normalized-space bank needs one image shape for all classes; use the pixel space "
+                             "for a zoo of several input contracts")
         g = torch.Generator().manual_seed(seed)
-        shape = (self.images_per_class, self.channels, self.image_size, self.image_size)
-        self.logits = nn.ParameterList([nn.Parameter(torch.randn(shape, generator=g)) for _ in self.class_names])
+        self.logits = nn.ParameterList([nn.Parameter(torch.randn((self.images_per_class, c, s, s), generator=g))
+                                        for c, s in self.class_shapes])
         self._touched: set[int] = set()
         self.space = space
         normalized = space == "normalized"
@@ -166,22 +185,39 @@ class PseudoBank(nn.Module):
             z = z[torch.as_tensor(index, dtype=torch.long, device=z.device)]
         return self.to_images(z)
 
+    def _as(self, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """Images ``[B, C, S, S]`` in another shape ``(channels, size)`` (unchanged if they have it)."""
+        return x if (x.shape[1], x.shape[-1]) == shape else convert_input(x, *shape)
+
+    def teacher_shape(self, i: int) -> tuple[int, int]:
+        """The ``(channels, size)`` teacher ``i``'s classes come in (its contract's, or the bank's)."""
+        shapes = {self.class_shapes[k] for k in self.teacher_classes[i]}
+        return shapes.pop() if len(shapes) == 1 else (self.channels, self.image_size)
+
     def teacher_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All images of teacher ``i``'s classes and its local labels.
 
         Returns:
-            ``x [n_i * P, C, S, S]`` in pixel units (class-major, local label order) and
-            ``y [n_i * P]`` int64 local labels ``0..n_i-1``.
+            ``x [n_i * P, C, S, S]`` in pixel units (class-major, local label order; in
+            :meth:`teacher_shape`) and ``y [n_i * P]`` int64 local labels ``0..n_i-1``.
         """
-        classes = self.teacher_classes[i]
-        x = torch.cat([self.class_images(c) for c in classes])
+        classes, shape = self.teacher_classes[i], self.teacher_shape(i)
+        x = torch.cat([self._as(self.class_images(c), shape) for c in classes])
         return x, episode_labels(len(classes), self.images_per_class, device=x.device)
 
+    @torch.no_grad()
+    def teacher_images(self, i: int) -> torch.Tensor:
+        """Detached :meth:`teacher_batch` images ``[n_i * P, C, S, S]``; does not mark them touched."""
+        shape = self.teacher_shape(i)
+        return torch.cat([self._as(self.to_images(self.logits[k]), shape) for k in self.teacher_classes[i]])
+
     def episode(self, spec: TaskSpec) -> Episode:
-        """The pseudo episode of ``spec``; ``support_x [N*K, C, S, S]``, ``query_x [N*Q, C, S, S]``,
-        class-major, labels ``0..N-1``; images differentiable in the bank."""
+        """The pseudo episode of ``spec``; ``support_x [N*K, C, S, S]``, ``query_x [N*Q, C, S, S]`` in the
+        bank's common shape, class-major, labels ``0..N-1``; images differentiable in the bank."""
+        common = (self.channels, self.image_size)
+
         def gather(inst: np.ndarray) -> torch.Tensor:
-            x = torch.stack([self.class_images(int(c), i) for c, i in zip(spec.classes, inst)])
+            x = torch.stack([self._as(self.class_images(int(c), i), common) for c, i in zip(spec.classes, inst)])
             return rearrange(x, "n k c h w -> (n k) c h w")
 
         dev = self.logits[0].device
@@ -196,7 +232,8 @@ class PseudoBank(nn.Module):
 
     @torch.no_grad()
     def snapshot(self, classes: Sequence[int] | None = None) -> torch.Tensor:
-        """Detached images ``[M, P, C, S, S]`` of ``classes`` (default all) in pixel units, unclamped;
-        does not mark them touched."""
+        """Detached images ``[M, P, C, S, S]`` of ``classes`` (default all) in pixel units and the bank's common
+        shape, unclamped; does not mark them touched."""
         classes = range(self.num_classes) if classes is None else classes
-        return torch.stack([self.to_images(self.logits[c]) for c in classes])
+        common = (self.channels, self.image_size)
+        return torch.stack([self._as(self.to_images(self.logits[c]), common) for c in classes])

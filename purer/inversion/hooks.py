@@ -90,10 +90,14 @@ def bn_distance(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.
     return torch.linalg.vector_norm(mean - running_mean) + torch.linalg.vector_norm(var - running_var)
 
 
-def weighted_sum(terms: list[torch.Tensor], first_weight: float = 1.0) -> torch.Tensor:
-    """``first_weight * terms[0] + sum(terms[1:])`` (the R_bn of recorded per-layer terms)."""
+def weighted_sum(terms: list[torch.Tensor], first_weight: float = 1.0, mean: bool = False) -> torch.Tensor:
+    """``first_weight * terms[0] + sum(terms[1:])`` (the R_bn of recorded per-layer terms), divided by the
+    number of terms if ``mean`` (per-layer normalised: a deep network's many BN layers do not outweigh a
+    shallow one's few in a mixed zoo)."""
     total = torch.stack(terms).sum()
-    return total + (first_weight - 1) * terms[0] if first_weight != 1 else total
+    if first_weight != 1:
+        total = total + (first_weight - 1) * terms[0]
+    return total / len(terms) if mean else total
 
 
 class BNStatsHook:
@@ -139,12 +143,13 @@ class BNStatsHook:
     def active(self) -> bool:
         return bool(self._handles)
 
-    def loss(self, first_weight: float = 1.0) -> torch.Tensor:
+    def loss(self, first_weight: float = 1.0, mean: bool = False) -> torch.Tensor:
         """R_bn: the sum of the recorded terms (a 0-dim tensor; zero for a model without BN).
 
         ``first_weight`` multiplies the first layer's term (DeepInversion's first-BN
-        multiplier: the first layer's statistics are those of the image itself)."""
-        return weighted_sum(self.terms, first_weight) if self.terms else torch.zeros((), device=self._device)
+        multiplier: the first layer's statistics are those of the image itself);
+        ``mean`` divides by the number of layers (see :func:`weighted_sum`)."""
+        return weighted_sum(self.terms, first_weight, mean) if self.terms else torch.zeros((), device=self._device)
 
     def clear(self) -> None:
         self.terms = []

@@ -105,6 +105,8 @@ class InversionConfig:
         first_bn_weight: multiplier of R_bn's first BatchNorm layer (DeepInversion's
             first-BN multiplier, 10 there: the first layer's statistics are the image's own);
             1 is the release's plain sum.
+        bn_layers: ``sum`` R_bn's per-layer terms (the release) or take their ``mean``, so
+            that in a mixed zoo a ResNet-18's ~20 BN layers do not outweigh a Conv4's 4.
         a_div: weight of the within-class diversity term
             (:func:`within_class_similarity`); 0 in the release.
         steps_per_iteration: bank updates per meta-iteration (the ECI loop runs them;
@@ -125,6 +127,7 @@ class InversionConfig:
     space: str = "pixel"
     teacher_batching: str = "auto"
     first_bn_weight: float = 1.0
+    bn_layers: str = "sum"
     a_div: float = 0.0
     steps_per_iteration: int = 1
 
@@ -145,6 +148,8 @@ class InversionConfig:
         if self.first_bn_weight < 0 or self.a_div < 0 or self.steps_per_iteration < 1:
             raise ValueError(f"need first_bn_weight >= 0, a_div >= 0 and steps_per_iteration >= 1, got "
                              f"{self.first_bn_weight}, {self.a_div} and {self.steps_per_iteration}")
+        if self.bn_layers not in ("sum", "mean"):
+            raise ValueError(f"bn_layers must be 'sum' or 'mean', got {self.bn_layers!r}")
         if self.teacher_batching not in TEACHER_BATCHING:
             raise ValueError(f"teacher_batching must be one of {TEACHER_BATCHING}, got {self.teacher_batching!r}")
 
@@ -197,14 +202,14 @@ class StackedTeachers:
         self.template = copy.deepcopy(teachers[0].model).eval()
         self.bn = [m for m in self.template.modules() if isinstance(m, _BatchNorm)]
 
-    def __call__(self, members: Sequence[int], x: torch.Tensor, first_bn_weight: float = 1.0
+    def __call__(self, members: Sequence[int], x: torch.Tensor, first_bn_weight: float = 1.0, bn_mean: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sel = torch.as_tensor(list(members), device=x.device)
         params = {k: v.index_select(0, sel) for k, v in self.params.items()}
         buffers = {k: v.index_select(0, sel) for k, v in self.buffers.items()}
-        return vmap(lambda p, b, z: self._one(p, b, z, first_bn_weight))(params, buffers, x)
+        return vmap(lambda p, b, z: self._one(p, b, z, first_bn_weight, bn_mean))(params, buffers, x)
 
-    def _one(self, params: dict, buffers: dict, x: torch.Tensor, first_bn_weight: float
+    def _one(self, params: dict, buffers: dict, x: torch.Tensor, first_bn_weight: float, bn_mean: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         terms: list[torch.Tensor] = []
         features: list[torch.Tensor] = []
@@ -216,7 +221,7 @@ class StackedTeachers:
         finally:
             for h in handles:
                 h.remove()
-        return logits, weighted_sum(terms, first_bn_weight) if terms else x.new_zeros(()), features[0]
+        return logits, weighted_sum(terms, first_bn_weight, bn_mean) if terms else x.new_zeros(()), features[0]
 
 
 class EpisodeInversion:
@@ -296,13 +301,13 @@ class EpisodeInversion:
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teachers ``members`` (of group ``key``) on their inputs ``z [T, B, C, H, W]`` -> logits ``[T, B, n]``,
         R_bn ``[T]`` and penultimate features ``[T, B, D]``."""
-        first = self.config.first_bn_weight
+        first, mean = self.config.first_bn_weight, self.config.bn_layers == "mean"
         with self._precision():
             if self.batched:
                 if key not in self._stacked:
                     self._stacked[key] = StackedTeachers([self.teachers[i] for i in self.groups[key]])
                 local = [self.groups[key].index(i) for i in members]
-                logits, r_bn, features = self._stacked[key](local, z, first)
+                logits, r_bn, features = self._stacked[key](local, z, first, mean)
             else:
                 outs, bns, feats = [], [], []
                 for i, x in zip(members, z):
@@ -312,25 +317,21 @@ class EpisodeInversion:
                     with BNStatsHook(model) as bn:
                         feats.append(model.features(x))
                         outs.append(model.head(feats[-1]))
-                    bns.append(bn.loss(first))
+                    bns.append(bn.loss(first, mean))
                 logits, r_bn, features = torch.stack(outs), torch.stack(bns), torch.stack(feats)
         return logits.float(), r_bn.float(), features.float()
 
     def teacher_losses(self, idx: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_EI of each teacher in ``idx`` on its classes' bank images: ``[len(idx)]``, and the parts ``[len(idx)]``.
 
-        One augmentation call for all images; one prepare and one (batched or looped)
-        forward pass per group of same-contract teachers.
+        Per group of same-contract teachers: one augmentation call, one prepare and one
+        (batched or looped) forward pass.
         """
         c, bank = self.config, self.bank
         if not idx:
             empty = torch.zeros(0, device=self.device)
             return empty, {k: empty for k in STATS}
         batches = [bank.teacher_batch(i) for i in idx]
-        x = torch.cat([b[0] for b in batches])
-        theta = torch.cat([self._theta(i, len(b[0])) for i, b in zip(idx, batches)])
-        augmented = self.augment(x, theta).split([len(b[0]) for b in batches])
-        plain = x.split([len(b[0]) for b in batches])
         position = {i: p for p, i in enumerate(idx)}
         loss, parts = [None] * len(idx), {k: [None] * len(idx) for k in STATS}
         for key, group in self.groups.items():
@@ -338,9 +339,13 @@ class EpisodeInversion:
             if not members:
                 continue
             at = [position[i] for i in members]
+            # One augmentation call for the group's images (a group shares one input shape).
+            x = torch.stack([batches[p][0] for p in at])
+            theta = torch.cat([self._theta(i, x.shape[1]) for i in members])
+            augmented = self.augment(rearrange(x, "t b c h w -> (t b) c h w"), theta).view_as(x)
             y = torch.stack([batches[p][1] for p in at])  # [T, B] local labels
-            seen_aug = self._prepare(members, torch.stack([augmented[p] for p in at]))
-            seen = self._prepare(members, torch.stack([plain[p] for p in at]))
+            seen_aug = self._prepare(members, augmented)
+            seen = self._prepare(members, x)
             logits, r_bn, features = self._forward(key, members, seen_aug)
             ce = F.cross_entropy(rearrange(logits, "t b n -> (t b) n"), y.flatten(), reduction="none")
             ce = ce.view(len(members), -1).mean(1)
