@@ -187,14 +187,14 @@ def collect(dataset: str, root: Path = RUNS) -> dict:
         for r in data["rows"]:
             if (variant == "baselines") == r["method"].startswith("purer"):
                 continue  # a baselines run's untrained learner, or baseline rows elsewhere
-            key = (scenario, method_name(variant, r["method"]), r["way"], r["shot"])
+            key = (scenario, r.get("dataset", dataset), method_name(variant, r["method"]), r["way"], r["shot"])
             groups.setdefault(key, []).append((seed, r))
     rows = []
-    for (scenario, method, way, shot), found in sorted(groups.items()):
+    for (scenario, data, method, way, shot), found in sorted(groups.items()):
         found.sort(key=lambda sr: sr[0])
         accs = [r["accuracy"] for _, r in found]
         first = found[0][1]
-        row = {"scenario": scenario, "method": method, "way": way, "shot": shot,
+        row = {"scenario": scenario, "dataset": data, "method": method, "way": way, "shot": shot,
                "accuracy": round(statistics.fmean(accs), 2),
                "ci95": round(statistics.fmean(r["ci95"] for _, r in found), 2),
                "seeds": [s for s, _ in found], "tasks": first["tasks"], "test_cost": first["test_cost"],

@@ -14,19 +14,23 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "purer.py"
 
 
-def write_tiny_dataset(root: Path) -> Path:
-    """A class-per-folder dataset: 16x16 grey blobs, 10 train / 6 val / 6 test classes of 8 images."""
-    rng = np.random.default_rng(0)
+def write_tiny_dataset(root: Path, colour: bool = False, prefix: str = "") -> Path:
+    """A class-per-folder dataset: 16x16 grey (or colour: a blob per channel) blobs, 10 train / 6 val / 6 test
+    classes of 8 images, named ``<prefix><split><k>``."""
+    rng = np.random.default_rng(1 if colour else 0)
     for split, n in (("train", 10), ("val", 6), ("test", 6)):
         for c in range(n):
-            template = (rng.random((4, 4)) > 0.5).astype(np.float32)
-            template = np.kron(template, np.ones((4, 4), np.float32))
-            d = root / split / f"{split}{c:02d}"
+            channels = 3 if colour else 1
+            template = (rng.random((channels, 4, 4)) > 0.5).astype(np.float32)
+            template = np.kron(template, np.ones((1, 4, 4), np.float32))
+            d = root / split / f"{prefix}{split}{c:02d}"
             d.mkdir(parents=True)
             for i in range(8):
-                img = np.clip(0.8 * np.roll(template, rng.integers(-1, 2), axis=1) + 0.1
-                              + 0.1 * rng.standard_normal((16, 16)), 0, 1)
-                Image.fromarray((img * 255).astype(np.uint8), "L").save(d / f"{i}.png")
+                img = np.clip(0.8 * np.roll(template, rng.integers(-1, 2), axis=2) + 0.1
+                              + 0.1 * rng.standard_normal((channels, 16, 16)), 0, 1)
+                pixels = (img * 255).astype(np.uint8)
+                Image.fromarray(pixels.transpose(1, 2, 0) if colour else pixels[0], "RGB" if colour else "L"
+                                ).save(d / f"{i}.png")
     return root
 
 

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from ..config import load_config
 from ..meta import ANIL, MAML, MAMLConfig, MetaLearner, ProtoNet
 from ..meta.base import InputSpec
 from ..meta.init import average_teachers, random_model, with_new_head
@@ -24,6 +25,8 @@ def zoo_path(cfg: RunConfig) -> Path:
     z = cfg.zoo
     if z.path:
         return Path(z.path)
+    if z.spec:
+        return default_zoo_dir(Path(z.spec).stem)
     name = f"{cfg.data.dataset}-{z.arch}-{z.num_models}x{z.classes_per_model}-{z.subsets}-{cfg.data.image_size}px"
     # Every recipe field names the default directory, else a finished zoo built with other
     # epochs or another seed would be reused silently; defaults keep the short name.
@@ -46,20 +49,22 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> tuple[list[Teacher],
     path = zoo_path(cfg)
     z = cfg.zoo
     try:
-        spec = PretrainConfig(dataset=cfg.data.dataset, data_root=cfg.data.root, image_size=cfg.data.image_size,
-                              num_models=z.num_models, classes_per_model=z.classes_per_model, arch=z.arch,
-                              subsets=z.subsets, epochs=z.epochs, seed=z.seed)
+        spec = load_config(PretrainConfig, z.spec) if z.spec else PretrainConfig(
+            dataset=cfg.data.dataset, data_root=cfg.data.root, image_size=cfg.data.image_size,
+            num_models=z.num_models, classes_per_model=z.classes_per_model, arch=z.arch, subsets=z.subsets,
+            epochs=z.epochs, seed=z.seed)
         present = Zoo(path).ids() if (path / "zoo.json").exists() else None
     except (FileNotFoundError, ValueError) as e:
         raise RunError(f"zoo at {path}: {e}") from None
+    expected = [prefix + part.model_id(i) for prefix, part in spec.expanded() for i in range(part.num_models)]
     # Build a missing zoo, or finish one this recipe started (an interrupted pre-training); a zoo
     # holding other models (e.g. registered ones) is used as it is and never written to.
-    ours = present is not None and set(present) <= {spec.model_id(i) for i in range(z.num_models)}
-    if ours and len(present) < z.num_models and not z.build_if_missing:
-        raise RunError(f"the zoo at {path} holds {len(present)} of the {z.num_models} models zoo.num_models asks "
+    ours = present is not None and set(present) <= set(expected)
+    if ours and len(present) < len(expected) and not z.build_if_missing:
+        raise RunError(f"the zoo at {path} holds {len(present)} of the {len(expected)} models zoo.num_models asks "
                        f"for (an interrupted pre-training?); finish it with zoo.build_if_missing=true, or use it as "
                        f"it is with zoo.num_models={len(present)}")
-    if present is None or (ours and len(present) < z.num_models):
+    if present is None or (ours and len(present) < len(expected)):
         if not z.build_if_missing:
             raise RunError(f"no model zoo at {path}; build one with `purer-zoo pretrain --zoo {path}` or "
                            "`purer-zoo register`, or set zoo.build_if_missing=true")
@@ -67,7 +72,7 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> tuple[list[Teacher],
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # small teachers train fastest on one thread each
             try:
-                print(f"pre-training a {z.num_models}-model zoo at {path} (once; later runs reuse it)")
+                print(f"pre-training a {len(expected)}-model zoo at {path} (once; later runs reuse it)")
                 pretrain_zoo(spec, Zoo(path, create=True), progress=progress, device=dist.acc.device)
             except (FileNotFoundError, ValueError) as e:  # a zoo recipe the data cannot satisfy, or another spec
                 raise RunError(f"cannot pre-train the zoo at {path}: {e}") from None

@@ -31,15 +31,36 @@ class DataConfig:
     """The real data: meta-val for selection, meta-test for the table, meta-train only for baselines.
 
     Attributes:
-        dataset: a name of :func:`purer.data.load_split` (``glyphs`` is built in).
-        root: where the dataset lies (``glyphs``: the cache directory).
+        dataset: a name of :func:`purer.data.load_split` (``glyphs`` is built in), or several
+            joined by ``+`` (``glyphs+icons``, the MH scenario: one learner, selected on the
+            mean of the datasets' meta-val accuracies and meta-tested on each, beside each
+            one's own baselines).
+        root: where the dataset lies (``glyphs``: the cache directory); for several datasets
+            a mapping ``{dataset: root}`` (a dataset it does not name: its default place).
         image_size: the side every image is resized to; Conv4 at 32 px ends in
             2x2x32 = 128 features, at 28 px in only 32 (METHOD.md).
     """
 
     dataset: str = "glyphs"
-    root: str | None = None
+    root: str | dict | None = None
     image_size: int = RECIPE_IMAGE_SIZE
+
+    def __post_init__(self):
+        names = self.dataset.split("+")
+        if not all(names) or len(set(names)) != len(names):
+            raise ValueError(f"dataset must be a name or distinct names joined by '+', got {self.dataset!r}")
+        if isinstance(self.root, dict) and set(self.root) - set(names):
+            raise ValueError(f"root names datasets {sorted(set(self.root) - set(names))} that dataset does not hold")
+        if isinstance(self.root, str) and len(names) > 1:
+            raise ValueError("with several datasets, give root as a mapping {dataset: root}")
+
+    def each(self) -> list["DataConfig"]:
+        """One config per dataset (``[self]`` for one dataset)."""
+        names = self.dataset.split("+")
+        if len(names) == 1:
+            return [self]
+        roots = self.root or {}
+        return [DataConfig(name, roots.get(name), self.image_size) for name in names]
 
 
 @dataclass
@@ -51,6 +72,9 @@ class ZooConfig:
             with ``-<epochs>ep`` / ``-seed<seed>`` when those differ from the defaults).
         build_if_missing: pre-train the zoo from the fields below when ``path`` holds none (or
             finish one they started); a zoo holding other models is used as it is.
+        spec: a zoo spec file (``model_zoo/specs/*.yaml``, :class:`purer.zoo.pretrain.PretrainConfig`
+            keys, e.g. a zoo of several datasets' ``parts``) to build the zoo from, instead of the
+            fields below; the default ``path`` is then ``model_zoo/zoos/<spec file name>``.
         num_models, classes_per_model, arch, subsets, epochs, seed: the pre-training
             recipe (see :class:`purer.zoo.pretrain.PretrainConfig`); teachers learn
             classes of the meta-train split only.
@@ -63,6 +87,7 @@ class ZooConfig:
 
     path: str | None = None
     build_if_missing: bool = True
+    spec: str | None = None
     num_models: int = 12
     classes_per_model: int = 5
     arch: str = "conv4"

@@ -149,14 +149,17 @@ def save_checkpoint(acc, dist: Dist, out: Path, iteration: int, identity: dict) 
     dist.barrier()
 
 
-def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher], val_set: ImageSet, out: Path,
-                   resume: bool, progress: bool, identity: dict) -> tuple[MetaLearner, dict]:
+def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher], val_sets: dict[str, ImageSet],
+                   out: Path, resume: bool, progress: bool, identity: dict) -> tuple[MetaLearner, dict]:
     """ECI meta-training on pseudo episodes; returns the meta-val-best learner and a summary.
 
-    ``identity`` is written into every checkpoint (see :func:`save_checkpoint`).
+    ``val_sets``: the meta-val split of each dataset; the iteration kept is the best on the mean of their
+    accuracies, and the learner takes the most channels any of them has.  ``identity`` is written into
+    every checkpoint (see :func:`save_checkpoint`).
     """
     m = cfg.meta
-    channels, size, device = val_set.image_shape[0], cfg.data.image_size, acc.device
+    channels = max(v.image_shape[0] for v in val_sets.values())
+    size, device = cfg.data.image_size, acc.device
     bank = build_bank(cfg, teachers, channels).to(device)
     inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed),
                                  autocast=autocast_dtype(acc))
@@ -198,7 +201,8 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
 
     train_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
     fresh_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
-    val_tasks = task_list(val_set, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
+    val_tasks = {name: task_list(v, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
+                 for name, v in val_sets.items()}
     labels = class_labels(bank, [t.model_id for t in teachers])  # picture rows: class (teachers)
     sync = bank_grad_sync(dist)
     mb = m.train.meta_batch
@@ -255,7 +259,11 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                                 fired=switch.fired)
             # val_every = 0: validate (and keep) the final state only, as MetaTrainConfig documents.
             if m.train.val_every and state.iteration % m.train.val_every == 0 or state.iteration == m.train.iterations:
-                score = evaluate_split(learner, val_set, val_tasks, dist, progress=False).accuracy
+                scores = {name: evaluate_split(learner, v, val_tasks[name], dist, progress=False).accuracy
+                          for name, v in val_sets.items()}
+                score = sum(scores.values()) / len(scores)
+                if len(scores) > 1:
+                    logs.update({f"val/accuracy/{name}": v for name, v in scores.items()})
                 state.val.append([state.iteration, score])
                 logs["val/accuracy"] = score
                 if score > state.best_val:

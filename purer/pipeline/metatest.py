@@ -22,7 +22,7 @@ import torch
 from ..baselines import BaselineConfig, run_baselines
 from ..calibrate import ICFIL, calibration, select_config
 from ..config import to_dict
-from ..data import ImageSet, TaskSpec, load_split
+from ..data import SPLITS, ImageSet, TaskSpec, load_split
 from ..evaluate import EvalResult, evaluate, fingerprint, paired_difference, select_test_time, task_list
 from ..meta import MetaLearner, MetaTrainConfig
 from ..zoo.store import Zoo
@@ -99,21 +99,38 @@ def _baseline_plan(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequen
     return bcfg, path, key
 
 
-def baseline_rows(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequence[Teacher], progress: bool,
-                  autocast: torch.dtype | None = None, log=None) -> list[dict]:
-    """The baseline rows (on the splits' device), reused from ``cache_dir`` when nothing they depend on changed
-    (``log(row)``: see :func:`purer.baselines.run_baselines`)."""
+def own_teachers(teachers: Sequence[Teacher], dataset: str) -> list[Teacher]:
+    """The teachers trained on ``dataset`` (all of them when none says so): a dataset's baselines are those
+    a user of that dataset's own zoo has."""
+    return [t for t in teachers if t.config.dataset == dataset] or list(teachers)
+
+
+def baseline_rows(cfg: RunConfig, splits: dict[str, dict[str, ImageSet]], teachers: Sequence[Teacher],
+                  progress: bool, autocast: torch.dtype | None = None, log=None) -> list[dict]:
+    """The baseline rows of every dataset (each row names its ``dataset``; on the splits' device), reused from
+    ``cache_dir`` when nothing they depend on changed (``log(row)``: see :func:`purer.baselines.run_baselines`)."""
     if not cfg.eval.baselines:
         return []
-    bcfg, path, key = _baseline_plan(cfg, splits, teachers)
-    if path.is_file():
-        print(f"baselines: reusing {path} (same data, zoo and settings)")
-        return json.loads(path.read_text())["rows"]
-    rows = run_baselines(splits, teachers, bcfg, methods=cfg.eval.baselines, progress=progress, log=log,
-                         autocast=autocast)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"key": json.loads(key), "rows": rows})
+    rows = []
+    for d in cfg.data.each():
+        c, mine = dataclasses.replace(cfg, data=d), own_teachers(teachers, d.dataset)
+        bcfg, path, key = _baseline_plan(c, splits[d.dataset], mine)
+        if path.is_file():
+            print(f"baselines: reusing {path} (same data, zoo and settings)")
+            found = json.loads(path.read_text())["rows"]
+        else:
+            found = run_baselines(splits[d.dataset], mine, bcfg, methods=cfg.eval.baselines, progress=progress,
+                                  log=log, autocast=autocast)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, {"key": json.loads(key), "rows": found})
+        rows += [{**r, "dataset": d.dataset} for r in found]
     return rows
+
+
+def _cached(cfg: RunConfig, splits: dict[str, dict[str, ImageSet]], teachers: Sequence[Teacher]) -> bool:
+    """Whether every dataset's baseline rows are in the cache already."""
+    return all(_baseline_plan(dataclasses.replace(cfg, data=d), splits[d.dataset],
+                              own_teachers(teachers, d.dataset))[1].is_file() for d in cfg.data.each())
 
 
 _finished_rows = None  # the worker's queue of finished rows (set by _start_worker)
@@ -139,8 +156,8 @@ def _start_worker(parent: int, finished_rows) -> None:
 def _baselines_worker(cfg: RunConfig, device: str, autocast: torch.dtype | None) -> list[dict]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size).to(device)
-              for s in ("train", "val", "test")}
+    splits = {d.dataset: {s: load_split(d.dataset, s, d.root, d.image_size).to(device) for s in SPLITS}
+              for d in cfg.data.each()}
     teachers = [t.to(device) for t in Zoo(zoo_path(cfg)).load_teachers()]
     return baseline_rows(cfg, splits, teachers, progress=False, autocast=autocast, log=_finished_rows.put)
 
@@ -154,12 +171,12 @@ class Baselines:
     Otherwise they are computed (or read from the cache) when :meth:`rows` is called.
     """
 
-    def __init__(self, cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequence[Teacher], dist: Dist,
-                 progress: bool):
+    def __init__(self, cfg: RunConfig, splits: dict[str, dict[str, ImageSet]], teachers: Sequence[Teacher],
+                 dist: Dist, progress: bool):
         self.cfg, self.splits, self.teachers, self.progress = cfg, splits, teachers, progress
         self.autocast = autocast_dtype(dist.acc)
         self.pool = self.pending = None
-        if dist.world == 1 and cfg.eval.baselines and not _baseline_plan(cfg, splits, teachers)[1].is_file():
+        if dist.world == 1 and cfg.eval.baselines and not _cached(cfg, splits, teachers):
             import multiprocessing
 
             print("baselines: computing them in a background process while meta-training runs")
@@ -182,7 +199,8 @@ class Baselines:
 
     def _wait(self) -> None:
         """Wait for the worker, showing its rows as they finish (it may still be busy after meta-test)."""
-        total, done, start = len(self.cfg.eval.baselines) * len(self.cfg.eval.shots), 0, time.perf_counter()
+        total = len(self.cfg.eval.baselines) * len(self.cfg.eval.shots) * len(self.cfg.data.each())
+        done, start = 0, time.perf_counter()
         if not self.pending.ready():
             print("baselines: waiting for the background process")
         while True:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import save_config
-from ..data import EpisodeSampler, ImageSet, load_split
+from ..data import SPLITS, EpisodeSampler, ImageSet, load_split
 from ..evaluate import task_list
 from .build import load_zoo
 from .config import RunConfig, RunError
@@ -87,14 +87,16 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
             print(f"[{n}/4, {time.perf_counter() - start:.0f} s] {text}", flush=True)
 
     stage(1, "data and model zoo")
+    datasets = {d.dataset: dataclasses.replace(cfg, data=d) for d in cfg.data.each()}  # one run config each
     try:
-        splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size)
-                  for s in ("train", "val", "test")}
+        splits = {name: {s: load_split(c.data.dataset, s, c.data.root, c.data.image_size) for s in SPLITS}
+                  for name, c in datasets.items()}
     except (OSError, ValueError) as err:  # missing or malformed data, or an unwritable glyph cache
         raise RunError(str(err)) from None
-    queries = _check_sizes(cfg, splits)
+    queries = {name: _check_sizes(c, splits[name]) for name, c in datasets.items()}
     teachers, used_zoo = load_zoo(cfg, dist, progress)
     cfg = dataclasses.replace(cfg, zoo=used_zoo)  # config.yaml and the checkpoints record the zoo as used
+    datasets = {name: dataclasses.replace(c, zoo=used_zoo) for name, c in datasets.items()}
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         raise RunError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
@@ -103,37 +105,52 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
         save_config(cfg, out / "config.yaml")
     acc.init_trackers("purer", config=flat_hparams(cfg))
     # Everything lives on the accelerator's device from here on: each split is moved once.
-    splits = {k: v.to(acc.device) for k, v in splits.items()}
+    splits = {name: {k: v.to(acc.device) for k, v in parts.items()} for name, parts in splits.items()}
     teachers = [t.to(acc.device) for t in teachers]
 
     baselines = Baselines(cfg, splits, teachers, dist, progress)
     try:
         stage(2, f"ECI meta-training, {cfg.meta.train.iterations} iterations")
-        learner, summary = meta_train_eci(cfg, acc, dist, teachers, splits["val"], out, resume, progress, identity)
+        learner, summary = meta_train_eci(cfg, acc, dist, teachers, {n: p["val"] for n, p in splits.items()}, out,
+                                          resume, progress, identity)
         stage(3, f"meta-test: {e.tasks} tasks per shot ({', '.join(map(str, e.shots))}-shot), "
                  f"plain{''.join(f' and + {c}' for c in e.calibrations)}")
-        rows, calibrations = evaluate_purer(cfg, learner, splits, dist, progress)
+        rows, calibrations = [], {}
+        for name, c in datasets.items():  # each dataset on its own tasks, settings chosen on its own meta-val
+            mine, chosen = evaluate_purer(c, learner, splits[name], dist, progress)
+            rows += [{**r, "dataset": name} for r in mine]
+            calibrations.update({str(k) if len(datasets) == 1 else f"{name}/{k}": v for k, v in chosen.items()})
         stage(4, f"baselines: {', '.join(e.baselines) or 'none'}")
         if dist.main:
-            learner.test_time = {r["shot"]: r.get("settings", {}) for r in rows if r["method"] == "purer"}
+            # The test-time settings a user gets (test_time_settings) are those of the first dataset.
+            first = next(iter(datasets))
+            learner.test_time = {r["shot"]: r.get("settings", {}) for r in rows
+                                 if r["method"] == "purer" and r["dataset"] == first}
+            by_dataset: dict[str, dict] = {}
+            for r in rows:
+                if r["method"] == "purer":
+                    by_dataset.setdefault(r["dataset"], {})[str(r["shot"])] = r.get("settings", {})
             learner.save_pretrained(out / "meta_learner", dataset=cfg.data.dataset, selected={
                 "iteration": summary["best_iteration"], "val_accuracy": summary["val_accuracy"]},
-                calibration={str(k): v for k, v in calibrations.items()})
+                calibration=calibrations, **({"test_time_by_dataset": by_dataset} if len(datasets) > 1 else {}))
             rows += baselines.rows()
     finally:
         baselines.close()
     results = {"dataset": cfg.data.dataset, "way": cfg.eval.way, "query": cfg.eval.query,
-               "queries_per_class": queries, "tasks": cfg.eval.tasks, "seed": cfg.eval.seed, "train_seed": cfg.seed,
-               "selected_on": "val", "rows": rows, "calibration": {str(k): v["name"] for k, v in calibrations.items()},
+               "queries_per_class": queries[cfg.data.dataset] if len(datasets) == 1 else queries,
+               "tasks": cfg.eval.tasks, "seed": cfg.eval.seed, "train_seed": cfg.seed,
+               "selected_on": "val", "rows": rows, "calibration": {k: v["name"] for k, v in calibrations.items()},
                "run_id": identity["run_id"],
                "zoo": {"path": cfg.zoo.path, "models": len(teachers),
                        "classes": sorted({t.config.num_classes for t in teachers}),
-                       "archs": sorted({t.config.arch for t in teachers})},
+                       "archs": sorted({t.config.arch for t in teachers}),
+                       "datasets": sorted({t.config.dataset for t in teachers})},
                "meta_train": summary, "processes": dist.world, "seconds": round(time.perf_counter() - start, 1)}
     if dist.main:
         write_json(out / "results.json", results)
-        table = results_table(rows, f"{cfg.data.dataset}: {cfg.eval.way}-way, {cfg.eval.tasks} meta-test tasks, "
-                                    "mean ± 95% CI (%)")
+        table = "\n".join(results_table([r for r in rows if r["dataset"] == name],
+                                        f"{name}: {cfg.eval.way}-way, {cfg.eval.tasks} meta-test tasks, "
+                                        "mean ± 95% CI (%)") for name in datasets)
         (out / "results.md").write_text(table)
         print("\n" + table)
     acc.end_training()

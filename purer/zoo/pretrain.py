@@ -59,6 +59,10 @@ class PretrainConfig:
         max_shift, max_rotation, max_scale: light random affine augmentation
             (shift as a fraction of the side, degrees, +- relative scale); all 0 disables it.
         seed: seeds the subsets, the held-out split, initialisation and batching.
+        parts: several zoos in one (the MH scenario: teachers of several datasets):
+            each part is a mapping of the keys above that override this spec's (e.g.
+            ``{dataset: icons, image_size: 40, num_models: 6}``); a part's model ids start
+            with its dataset (``icons-conv4-000``).  Empty: one zoo of this spec.
     """
 
     dataset: str = "glyphs"
@@ -78,6 +82,7 @@ class PretrainConfig:
     max_rotation: float = 10.0
     max_scale: float = 0.1
     seed: int = 0
+    parts: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         for name in ("image_size", "num_models", "classes_per_model", "epochs", "batch_size"):
@@ -93,6 +98,21 @@ class PretrainConfig:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
         if not (0 <= self.max_shift < 0.5 and 0 <= self.max_rotation <= 180 and 0 <= self.max_scale < 1):
             raise ValueError("augmentation needs 0 <= max_shift < 0.5, 0 <= max_rotation <= 180, 0 <= max_scale < 1")
+        for part in self.parts:
+            if not isinstance(part, dict) or "parts" in part:
+                raise ValueError(f"each of parts must be a mapping of pretraining keys (no nested parts), got {part!r}")
+            unknown = set(part) - {f.name for f in dataclasses.fields(self)}
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)} in a part of the zoo spec")
+        datasets = [p.get("dataset", self.dataset) for p in self.parts]
+        if len(set(datasets)) != len(datasets):
+            raise ValueError(f"the parts of a zoo need distinct datasets (their model ids start with it), got {datasets}")
+
+    def expanded(self) -> list[tuple[str, "PretrainConfig"]]:
+        """``(model id prefix, spec)`` of each part (``[("", self)]`` for a zoo of one spec)."""
+        if not self.parts:
+            return [("", self)]
+        return [(f"{p.get('dataset', self.dataset)}-", dataclasses.replace(self, parts=[], **p)) for p in self.parts]
 
     def arch_of(self, i: int) -> str:
         """The architecture of model ``i``."""
@@ -252,9 +272,13 @@ def pretrain_teacher(data: ImageSet, classes: list[int], i: int, cfg: PretrainCo
 
 def zoo_spec(cfg: PretrainConfig) -> dict:
     """What ``zoo.json`` records of ``cfg``: every setting a model depends on (``data_root`` only says where
-    the data lies), and ``num_models``, how many models the zoo is meant to hold."""
+    the data lies), and ``num_models``, how many models the zoo is meant to hold (for a zoo of several
+    parts, the sum over parts)."""
     spec = dataclasses.asdict(cfg)
     del spec["data_root"]
+    spec["parts"] = [{k: v for k, v in p.items() if k != "data_root"} for p in cfg.parts]
+    if cfg.parts:
+        spec["num_models"] = sum(part.num_models for _, part in cfg.expanded())
     return spec
 
 
@@ -282,6 +306,27 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
             ``num_models``, or the zoo holds a model with the same id but other classes or
             architecture (a zoo older than the record, of another spec or seed).
     """
+    spec, recorded = zoo_spec(cfg), zoo.pretrain_spec()
+    if recorded is not None:
+        differ = [k for k in spec if k != "num_models" and recorded.get(k) != spec[k]]
+        if differ:
+            raise ValueError(f"zoo {zoo.path} was pre-trained with "
+                             f"{', '.join(f'{k}={recorded.get(k)!r}' for k in differ)}, not "
+                             f"{', '.join(f'{k}={spec[k]!r}' for k in differ)}; finish it with its own settings or "
+                             "use another zoo directory")
+    # Recorded before the first model trains, so a zoo killed half-way says how many models it was meant to hold.
+    zoo.set_pretrain_spec({**spec, "num_models": max(spec["num_models"], (recorded or {}).get("num_models", 0))})
+    if cfg.parts and data is not None:
+        raise ValueError("a zoo of several parts loads each part's data itself; pass no data")
+    ids = []
+    for prefix, part in cfg.expanded():
+        ids += _pretrain_part(part, prefix, zoo, data, progress, log, device)
+    return ids
+
+
+def _pretrain_part(cfg: PretrainConfig, prefix: str, zoo: Zoo, data: ImageSet | None, progress: bool,
+                   log: Callable[[str], None], device: torch.device | str) -> list[str]:
+    """:func:`pretrain_zoo` of one part (one dataset): its models, ids starting with ``prefix``."""
     if data is None:
         from ..data import load_split
 
@@ -292,19 +337,9 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
     data = data.to(device)
     subsets = class_subsets(len(data.class_names), cfg.num_models, cfg.classes_per_model, cfg.subsets, cfg.seed)
     present = set(zoo.ids())
-    spec, recorded = zoo_spec(cfg), zoo.pretrain_spec()
-    if recorded is not None:
-        differ = [k for k in spec if k != "num_models" and recorded.get(k) != spec[k]]
-        if differ:
-            raise ValueError(f"zoo {zoo.path} was pre-trained with "
-                             f"{', '.join(f'{k}={recorded.get(k)!r}' for k in differ)}, not "
-                             f"{', '.join(f'{k}={spec[k]!r}' for k in differ)}; finish it with its own settings or "
-                             "use another zoo directory")
-    # Recorded before the first model trains, so a zoo killed half-way says how many models it was meant to hold.
-    zoo.set_pretrain_spec({**spec, "num_models": max(cfg.num_models, (recorded or {}).get("num_models", 0))})
     ids = []
     for i, classes in enumerate(subsets):
-        model_id = cfg.model_id(i)
+        model_id = prefix + cfg.model_id(i)
         ids.append(model_id)
         class_ids = [data.class_names[c] for c in classes]
         if model_id in present:
