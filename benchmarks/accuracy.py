@@ -46,7 +46,7 @@ RUNS = REPO / "runs" / "benchmarks"
 # Settings shared by every benchmark run (on top of the recipe's embedded defaults).
 COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.val_tasks=100",
           "eval.tasks=600", "checkpoint_every=250", "picture_every=1000", "threads=1"]
-DATASETS = {"glyphs": [], "icons": ["data.dataset=icons"]}
+DATASETS = {"glyphs": [], "icons": ["data.dataset=icons"], "mh": ["data.dataset=glyphs+icons"]}
 ALL_BASELINES = "[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, maml-random, " \
                 "maml-avg-teachers, protonet-random, protonet-avg-teachers, maml-real, protonet-real]"
 SCENARIOS = {
@@ -55,8 +55,18 @@ SCENARIOS = {
     # do not: read them from the disjoint scenario, same data and task lists), and skip ICFIL (its cost).
     "random100": ["zoo.num_models=100", "zoo.subsets=random", "eval.calibrations=[]",
                   "eval.baselines=[nc-best-teacher, nc-all-teachers, maml-avg-teachers]"],
-    # Teachers of three architectures cannot be averaged: no avg-teachers rows.
-    "sh": ["zoo.arch=mix", "eval.calibrations=[]", "eval.baselines=[nc-best-teacher, nc-all-teachers]"],
+    # SH: Conv4, ResNet-10 and ResNet-18 teachers (width 32) on the disjoint zoo's classes; the ResNet-10 side
+    # alone beside it. Teachers of several architectures cannot be averaged: no avg-teachers rows.
+    "sh": ["zoo.spec=model_zoo/specs/glyphs-mix.yaml", "eval.calibrations=[]",
+           "eval.baselines=[nc-best-teacher, nc-all-teachers]"],
+    "resnet10": ["zoo.spec=model_zoo/specs/glyphs-resnet10.yaml", "eval.calibrations=[]",
+                 "eval.baselines=[nc-best-teacher, nc-all-teachers]"],
+    # MH: one zoo of glyph (grey, 32 px) and icon (colour, 40 px) teachers, meta-tested on each dataset beside
+    # each one's baselines; and the icon teachers alone, the single-dataset zoo the MH icon rows compare with.
+    "mh": ["zoo.spec=model_zoo/specs/mh-glyphs-icons.yaml", "eval.calibrations=[]",
+           "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, maml-random, protonet-random]"],
+    "icons40": ["zoo.spec=model_zoo/specs/icons-conv4-40px.yaml", "eval.calibrations=[]",
+                "eval.baselines=[nc-best-teacher, nc-all-teachers, maml-avg-teachers]"],
     # 20-way 1-shot meta-test of a ProtoNet meta-trained on 5-way pseudo tasks (a MAML head is fixed to its
     # training way, so the eci-maml variant does not apply here).
     "disjoint-20way": ["meta.learner=protonet", "eval.way=20", "eval.shots=[1]", "eval.calibrations=[]",
@@ -81,6 +91,9 @@ PARTS = {
     "kd-logit": ["distill.logit=1.0"],
     "kd-feature": ["distill.feature=1.0"],
     "kd-both": ["distill.logit=1.0", "distill.feature=1.0"],
+    "kd-logit3": ["distill.logit=3.0"],
+    "kd-feature0.3": ["distill.feature=0.3"],
+    "kd-all-teachers": ["distill.teachers_per_step=12"],
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],

@@ -1,6 +1,6 @@
 """Choosing among PURER's variants on meta-val, never on meta-test.
 
-    python benchmarks/select.py glyphs select     # -> benchmarks/results/selection_glyphs_select.{json,md}
+    python benchmarks/selection.py glyphs select     # -> benchmarks/results/selection_glyphs_select.{json,md}
 
 For every finished run of ``benchmarks/accuracy.py`` under ``runs/benchmarks/<dataset>/<scenario>/``,
 the run's selected meta-learner (``meta_learner/``, with the test-time settings its run chose on meta-val)
