@@ -4,7 +4,7 @@
 
 For every finished run of ``benchmarks/accuracy.py`` under ``runs/benchmarks/<dataset>/<scenario>/``,
 the run's selected meta-learner (``meta_learner/``, with the test-time settings its run chose on meta-val)
-is scored on a fixed list of 600 meta-val tasks per shot (5-way, 15 queries, task seed 1: more tasks than a
+is scored on a fixed list of 300 meta-val tasks per shot (5-way, 15 queries, task seed 1: more tasks than a
 run's own selection uses, so that variants a point or two apart can be told apart).  The variant with the
 best mean over shots is marked ``chosen``; every variant is scored on the same tasks, so differences are
 paired.  Meta-test is not read.
@@ -30,7 +30,7 @@ from purer.pipeline import RunConfig
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "runs" / "benchmarks"
-TASKS, SEED = 600, 1
+TASKS, SEED = 300, 1
 
 
 def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Path = RUNS) -> dict:

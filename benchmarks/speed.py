@@ -448,7 +448,40 @@ def markdown(res: dict, groups: list[list[Setting]]) -> str:
         lines.append(f"| {s.image_size} px | " + " | ".join(
             " / ".join(_cell(res, s.name, t, k) for k in ("inversion", "meta_step", "meta_iteration"))
             for t in threads) + f" | {res['settings'][s.name]['rss_mb']['peak']:.0f} |")
+    mt = res.get("meta_test")
+    if mt:
+        lines += ["", "## Meta-test", "",
+                  f"{mt['scaled_to']} tasks of MAML (3x32x32, 5-way 1-shot, 15 queries, 10 test-time steps), one "
+                  f"thread; timed on {mt['tasks_timed']} tasks and scaled.", "",
+                  "| tasks | seconds | accuracy (%) |", "|---|---:|---:|",
+                  f"| one by one (the CPU default) | {mt['loop']['seconds']} | {mt['loop']['accuracy']} |",
+                  f"| vmapped together, chunks of 50 (the GPU default) | {mt['vmap']['seconds']} | "
+                  f"{mt['vmap']['accuracy']} |"]
     return "\n".join(lines) + "\n"
+
+
+def time_meta_test(tasks: int, scale_to: int = 600) -> dict:
+    """Seconds of a meta-test of ``scale_to`` tasks (MAML, 3x32x32, 5-way 1-shot 15-query, 10 test-time steps at
+    lr 0.1, one thread), measured on ``tasks`` of them and scaled, with the tasks adapted one by one (this CPU's
+    default) and vmapped together in chunks of 50 (a GPU's default); the accuracies must agree."""
+    from purer.data import ImageSet
+    from purer.evaluate import evaluate, task_list
+    from purer.meta import MAML, InputSpec, random_model
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.rand(20 * 40, 3, 32, 32, generator=g), torch.arange(20).repeat_interleave(40),
+                    [f"c{i}" for i in range(20)])
+    learner = MAML(random_model("conv4", 5, 3, 32, seed=0), 5, InputSpec(3, 32), MAMLConfig(inner_lr=0.1,
+                                                                                            inner_steps=10))
+    chosen = task_list(data, 5, 1, 15, tasks, 0)
+    out = {"tasks_timed": tasks, "scaled_to": scale_to}
+    for mode in ("loop", "vmap"):
+        learner.task_batching = mode
+        evaluate(learner, data, chosen[:5], progress=False, chunk=5)  # warm-up
+        result = evaluate(learner, data, chosen, progress=False, chunk=50)
+        out[mode] = {"seconds": round(result.seconds * scale_to / tasks, 1), "accuracy": round(result.accuracy, 2)}
+    return out
 
 
 def main(quick: bool = False, threads: tuple[int, ...] = (1, 2), rounds: int | None = None, warmup: int = 1,
@@ -473,9 +506,10 @@ def main(quick: bool = False, threads: tuple[int, ...] = (1, 2), rounds: int | N
                                 "seconds": {t: summarise(v) for t, v in r["rounds"].items()},
                                 "rss_mb": r["rss_mb"], "dense_adam_seconds": r["dense_adam_seconds"],
                                 "rounds": r["rounds"]}
+    meta_test = time_meta_test(10 if quick else 100)
     res = {"quick": quick, "threads": list(threads), "rounds": rounds, "warmup_iterations": warmup,
            "iterations_per_round": steps, "statistic": "median over rounds per part; totals are sums of medians",
-           "settings": settings,
+           "settings": settings, "meta_test": meta_test,
            "environment": {"platform": platform.platform(), "python": platform.python_version(),
                            "torch": torch.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                            "loadavg_start": load_start, "loadavg_after_each_round": loads,

@@ -67,3 +67,14 @@ def test_bad_files(tmp_path):
 
 def test_parse_overrides_nested():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+
+
+def test_every_shipped_recipe_config_loads():
+    from pathlib import Path
+
+    from purer.pipeline import RunConfig
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("*.yaml"))
+    assert {"default.yaml", "purer-paper.yaml", "mh.yaml", "sh-mix.yaml"} <= {c.name for c in configs}
+    for path in configs:
+        load_config(RunConfig, path)  # unknown keys or bad values raise
