@@ -190,6 +190,7 @@ def method_name(variant: str, pipeline_method: str) -> str:
 def collect(dataset: str, root: Path = RUNS) -> dict:
     """Every finished run of ``dataset`` under ``root`` -> rows averaged over training seeds."""
     groups: dict[tuple, list] = {}
+    variant_of: dict[tuple, str] = {}
     runs = []
     for results in sorted((root / dataset).glob("*/*/seed*/results.json")):
         scenario, variant, seed = results.parts[-4], results.parts[-3], int(results.parts[-2][4:])
@@ -201,6 +202,7 @@ def collect(dataset: str, root: Path = RUNS) -> dict:
             if (variant == "baselines") == r["method"].startswith("purer"):
                 continue  # a baselines run's untrained learner, or baseline rows elsewhere
             key = (scenario, r.get("dataset", dataset), method_name(variant, r["method"]), r["way"], r["shot"])
+            variant_of[scenario, key[2]] = variant
             groups.setdefault(key, []).append((seed, r))
     rows = []
     for (scenario, data, method, way, shot), found in sorted(groups.items()):
@@ -220,10 +222,36 @@ def collect(dataset: str, root: Path = RUNS) -> dict:
             row["val_accuracy"] = round(statistics.fmean(r["val_accuracy"] for _, r in found), 2)
         if method.split("+")[0] == DEFAULT:
             row["default"] = True
+        row["variant"] = variant_of[scenario, method]
         rows.append(row)
-    return {"dataset": dataset, "selected_on": "val", "runs": runs, "rows": rows,
+    carried_runs, carried_rows = carried(dataset, {(r["scenario"], r["variant"]) for r in runs})
+    return {"dataset": dataset, "selected_on": "val", "runs": runs + carried_runs, "rows": rows + carried_rows,
             "settings": {"common": COMMON, "datasets": DATASETS[dataset], "scenarios": SCENARIOS,
                          "variants": {v: variant_args(v) for v in sorted({r["variant"] for r in runs})}}}
+
+
+def carried(dataset: str, present: set[tuple[str, str]]) -> tuple[list, list]:
+    """Runs and rows of the committed results file whose (scenario, variant) has no run folder here.
+
+    The runs behind a results file live on the machine that made them; collecting on another machine keeps
+    the rows it cannot recompute (marked ``carried_from``: the commit that last wrote them) rather than drop
+    them, and replaces a (scenario, variant) as a whole as soon as one of its runs exists here."""
+    path = RESULTS / f"accuracy_{dataset}.json"
+    if not path.is_file():
+        return [], []
+    old = json.loads(path.read_text())
+    commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+
+    def variant(row):  # rows written before rows named their variant had no "+part" variants
+        return row.get("variant") or ("baselines" if not row["method"].startswith(
+            (DEFAULT, "paper", "eci", "ei", "ablate")) else row["method"].split("+")[0])
+
+    runs = [{**r, "carried_from": r.get("carried_from", commit)} for r in old.get("runs", [])
+            if (r["scenario"], r["variant"]) not in present]
+    rows = [{**r, "variant": variant(r), "carried_from": r.get("carried_from", commit)} for r in old["rows"]
+            if (r["scenario"], variant(r)) not in present]
+    return runs, rows
 
 
 def markdown(report: dict) -> str:
@@ -253,13 +281,19 @@ def markdown(report: dict) -> str:
                 cells.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}{sd}")
                 seeds = seeds or ",".join(map(str, r["seeds"]))
                 cost = cost or ", ".join(f"{k}={v}" for k, v in r["test_cost"].items())
-            lines.append("| " + " | ".join([m] + cells + [seeds, cost]) + " |")
+            mark = " †" if any("carried_from" in cell.get((m, w, s), {}) for w, s in cols) else ""
+            lines.append("| " + " | ".join([m + mark] + cells + [seeds, cost]) + " |")
         lines.append("")
+    commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})
+    if commits:
+        lines += [f"† carried from the results file of commit {', '.join(commits)}: its runs were not on the "
+                  "machine that collected this file (same scenario settings and task lists).", ""]
     lines += ["## Runs", "", "| scenario | variant | seed | minutes | best iteration | meta-val | switch fired |",
               "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         mt = r["meta_train"]
-        lines.append(f"| {r['scenario']} | {r['variant']} | {r['seed']} | {r['seconds'] / 60:.1f} | "
+        mark = " †" if "carried_from" in r else ""
+        lines.append(f"| {r['scenario']} | {r['variant']}{mark} | {r['seed']} | {r['seconds'] / 60:.1f} | "
                      f"{mt['best_iteration']} | {mt['val_accuracy']} | {mt['switch_fired']} |")
     return "\n".join(lines) + "\n"
 

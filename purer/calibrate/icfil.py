@@ -125,7 +125,8 @@ class ICFILConfig:
             task's result does not depend on which tasks ran before it.
 
     Defaults: ``calibration_lr`` and ``contrastive_weight`` are the best mean of 1- and
-    5-shot over 40 glyph meta-val tasks each (``benchmarks/icfil.py``); a pilot on
+    5-shot over 40 glyph meta-val tasks each (a sweep of an earlier release; each run now
+    chooses among ``eval.calibration_grid`` on its own meta-val); a pilot on
     meta-val found temperature 0.5, stronger priors (a_bn 1, a_tv 1e-2) and 20
     calibration steps no better; M = 3 and 30 inversion steps keep the cost near
     one second per task for a 32 px Conv4 on one CPU thread (the adapted model
