@@ -139,9 +139,9 @@ def run_dir(dataset: str, scenario: str, variant: str, seed: int) -> Path:
     return RUNS / dataset / scenario / variant / f"seed{seed}"
 
 
-def command(dataset: str, scenario: str, variant: str, seed: int) -> list[str]:
+def command(dataset: str, scenario: str, variant: str, seed: int, extra: tuple[str, ...] = ()) -> list[str]:
     out = run_dir(dataset, scenario, variant, seed)
-    args = [*COMMON, *DATASETS[dataset], *SCENARIOS[scenario], *variant_args(variant),
+    args = [*COMMON, *DATASETS[dataset], *SCENARIOS[scenario], *variant_args(variant), *extra,
             f"seed={seed}", f"output_dir={out}", f"cache_dir={RUNS / '.cache'}"]
     if variant != "baselines":
         args.append("eval.baselines=[]")
@@ -171,7 +171,7 @@ def cmd_run(args) -> int:
             if (out / "results.json").is_file():
                 print(f"done already: {out}")
                 continue
-            jobs.append((command(args.dataset, args.scenario, variant, seed), out))
+            jobs.append((command(args.dataset, args.scenario, variant, seed, tuple(args.set)), out))
     failed = 0
     with ThreadPoolExecutor(args.jobs) as pool:
         for out, rc, secs in pool.map(lambda j: launch(*j), jobs):
@@ -187,8 +187,9 @@ def method_name(variant: str, pipeline_method: str) -> str:
     return pipeline_method
 
 
-def collect(dataset: str, root: Path = RUNS) -> dict:
-    """Every finished run of ``dataset`` under ``root`` -> rows averaged over training seeds."""
+def collect(dataset: str, root: Path = RUNS, previous: Path | None = None) -> dict:
+    """Every finished run of ``dataset`` under ``root`` -> rows averaged over training seeds; with
+    ``previous`` (a results file), the rows of it that no run here replaces (:func:`carried`)."""
     groups: dict[tuple, list] = {}
     variant_of: dict[tuple, str] = {}
     runs = []
@@ -224,20 +225,19 @@ def collect(dataset: str, root: Path = RUNS) -> dict:
             row["default"] = True
         row["variant"] = variant_of[scenario, method]
         rows.append(row)
-    carried_runs, carried_rows = carried(dataset, {(r["scenario"], r["variant"]) for r in runs})
+    carried_runs, carried_rows = carried(previous, {(r["scenario"], r["variant"]) for r in runs})
     return {"dataset": dataset, "selected_on": "val", "runs": runs + carried_runs, "rows": rows + carried_rows,
             "settings": {"common": COMMON, "datasets": DATASETS[dataset], "scenarios": SCENARIOS,
                          "variants": {v: variant_args(v) for v in sorted({r["variant"] for r in runs})}}}
 
 
-def carried(dataset: str, present: set[tuple[str, str]]) -> tuple[list, list]:
-    """Runs and rows of the committed results file whose (scenario, variant) has no run folder here.
+def carried(path: Path | None, present: set[tuple[str, str]]) -> tuple[list, list]:
+    """Runs and rows of the results file ``path`` whose (scenario, variant) has no run folder here.
 
     The runs behind a results file live on the machine that made them; collecting on another machine keeps
     the rows it cannot recompute (marked ``carried_from``: the commit that last wrote them) rather than drop
     them, and replaces a (scenario, variant) as a whole as soon as one of its runs exists here."""
-    path = RESULTS / f"accuracy_{dataset}.json"
-    if not path.is_file():
+    if path is None or not path.is_file():
         return [], []
     old = json.loads(path.read_text())
     commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], cwd=REPO,
@@ -299,7 +299,7 @@ def markdown(report: dict) -> str:
 
 
 def cmd_collect(args) -> int:
-    report = collect(args.dataset)
+    report = collect(args.dataset, previous=RESULTS / f"accuracy_{args.dataset}.json")
     if not report["rows"]:
         print(f"no finished runs under {RUNS / args.dataset}", file=sys.stderr)
         return 1
@@ -322,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"(default: {DEFAULT} paper)")
     r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     r.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    r.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="recipe keys added to these runs, e.g. eval.calibrations=[] for the extra seeds of a "
+                        "variant whose calibration rows one seed already gives (recorded in each run's config.yaml)")
     c = sub.add_parser("collect", help="write benchmarks/results/accuracy_<dataset>.{json,md}")
     c.add_argument("dataset", choices=sorted(DATASETS))
     args = parser.parse_args(argv)

@@ -42,3 +42,22 @@ def test_collect_averages_seeds_and_names_rows_after_the_variant(bench, tmp_path
     table = bench.markdown(report)
     assert "| eci-maml | 82.00 ± 0.80 (sd 2.83) | 0,1 | models=1 |" in table
     assert len(report["runs"]) == 4
+
+
+def test_collect_carries_the_rows_no_run_here_replaces(bench, tmp_path):
+    previous = tmp_path / "accuracy_glyphs.json"
+    old_run = {"scenario": "disjoint", "seed": 0, "seconds": 60.0, "zoo_models": 12,
+               "meta_train": {"best_iteration": 500, "val_accuracy": 80.0, "switch_fired": 3}}
+    old_row = {"scenario": "disjoint", "way": 5, "shot": 1, "ci95": 1.0, "seeds": [0], "tasks": 600,
+               "test_cost": {"models": 1}}
+    previous.write_text(json.dumps({"runs": [{**old_run, "variant": "baselines"}, {**old_run, "variant": "eci-maml"}],
+                                    "rows": [{**old_row, "method": "nc-pixels", "accuracy": 70.0},
+                                             {**old_row, "method": "eci-maml+icfil", "accuracy": 79.0}]}))
+    fake_run(tmp_path / "runs", "eci-maml", 0, [("purer", 81.0, 1.0)])
+    report = bench.collect("glyphs", tmp_path / "runs", previous)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"eci-maml", "nc-pixels"}  # the old eci-maml+icfil row went with its variant
+    assert "carried_from" in rows["nc-pixels"] and rows["nc-pixels"]["variant"] == "baselines"
+    assert "carried_from" not in rows["eci-maml"]
+    assert [r["variant"] for r in report["runs"]] == ["eci-maml", "baselines"]
+    assert "| nc-pixels † | 70.00 ± 1.00 | 0 | models=1 |" in bench.markdown(report)
