@@ -25,7 +25,10 @@ meta-train; ``random100`` 100 Conv4 teachers on random 5-class subsets (shared
 classes share a bank class); ``sh`` the paper's SH mix of 12 Conv4 / ResNet-10 /
 ResNet-18 teachers; ``disjoint-20way`` the disjoint zoo with 20-way 1-shot
 meta-test tasks (ProtoNet variants only); ``ablations`` the disjoint zoo at 1,000
-iterations, 5-way 1-shot, for the ``ablate-*`` variants beside eci-maml.
+iterations, 5-way 1-shot, for the ``ablate-*`` variants beside eci-maml; ``select``,
+``sh-select`` and ``resnet10-select`` the Conv4, SH and ResNet-10 zoos of the same classes
+at that budget (choosing the default, diagnosing SH); ``mh`` glyph and icon teachers in
+one zoo, ``icons40`` its icon half alone (see the comments in :data:`SCENARIOS`).
 """
 from __future__ import annotations
 
@@ -78,6 +81,12 @@ SCENARIOS = {
     # Choosing the default: the disjoint zoo, 1,000 iterations, compared on the runs' meta-val accuracy (the
     # 1-shot meta-test rows are kept for the record, never used to choose).
     "select": ["meta.train.iterations=1000", "eval.shots=[1]", "eval.calibrations=[]", "eval.baselines=[]"],
+    # Diagnosing SH at the same budget: the mixed zoo and its ResNet-10 side, to compare with "select" (the
+    # Conv4 zoo of the same classes).
+    "sh-select": ["zoo.spec=model_zoo/specs/glyphs-mix.yaml", "meta.train.iterations=1000", "eval.shots=[1]",
+                  "eval.calibrations=[]", "eval.baselines=[]"],
+    "resnet10-select": ["zoo.spec=model_zoo/specs/glyphs-resnet10.yaml", "meta.train.iterations=1000",
+                        "eval.shots=[1]", "eval.calibrations=[]", "eval.baselines=[]"],
 }
 # The rows a variant adds: the pipeline's "purer" / "purer+<calibration>" rows are renamed after the variant.
 # "baselines" runs the scenario's baseline rows alone (no meta-training; its untrained "purer" row is dropped);
@@ -97,6 +106,7 @@ PARTS = {
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],
+    "bnmean": ["inversion.bn_layers=mean"],
 }
 VARIANTS = {"baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
             "paper": ["--config", "recipes/configs/purer-paper.yaml"]}

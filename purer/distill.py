@@ -63,7 +63,10 @@ class DistillConfig:
 
     Attributes:
         logit: weight of logit distillation (per-teacher heads on the learner's
-            embedding fit each teacher's softened outputs); 0: off.
+            embedding fit each teacher's softened outputs); 0: off. The default 1 won on
+            meta-val among PURER as published, logit, feature and both, with and without
+            the curriculum, MAML and ProtoNet and the bank levers
+            (``benchmarks/results/selection_glyphs_select.md``).
         feature: weight of feature distillation (per-teacher linear maps from the
             learner's embedding onto each teacher's penultimate features, cosine); 0: off.
         temperature: T of the logit distillation (the loss is scaled by T^2).
@@ -74,7 +77,7 @@ class DistillConfig:
             shift and crop, drawn per step and teacher), not only on the images themselves.
     """
 
-    logit: float = 0.0
+    logit: float = 1.0
     feature: float = 0.0
     temperature: float = 4.0
     teachers_per_step: int = 4
