@@ -173,7 +173,7 @@ def test_a_distilled_learner_beats_an_undistilled_one_on_held_out_classes(shifte
     data, zoo, bank = shifted_zoo
     held_out = data.subset(list(range(12, 20)))
     tasks = task_list(held_out, 5, 1, 5, 200, 0)
-    plain, _ = train_on_the_bank(zoo, bank, DistillConfig(), 100)
+    plain, _ = train_on_the_bank(zoo, bank, DistillConfig(logit=0.0), 100)
     distilled_, _ = train_on_the_bank(zoo, bank, DistillConfig(logit=1.0, feature=1.0), 100)
     a = evaluate(plain, held_out, tasks, progress=False)
     b = evaluate(distilled_, held_out, tasks, progress=False)
@@ -190,6 +190,6 @@ def test_distillation_heads_and_maps_follow_the_zoo_and_checkpoint(zoo):
     again = ZooDistillation(zoo, 32, DistillConfig(logit=1.0, feature=0.5, teachers_per_step=2), seed=9)
     again.load_state_dict(state)
     assert again.sample_teachers() == distillation.sample_teachers() and all(len(p) == 2 for p in picks)
-    assert not list(ZooDistillation(zoo, 32, DistillConfig()).parameters())  # PURER as published: nothing added
+    assert not list(ZooDistillation(zoo, 32, DistillConfig(logit=0.0)).parameters())  # PURER as published: none
     with pytest.raises(ValueError, match="weights must be >= 0"):
         DistillConfig(logit=-1.0)
