@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from purer.calibrate import (ICFIL, ICFILConfig, SupervisedContrastiveLoss, adapted_model, select_config,
+from purer.calibrate import (ICFIL, ICFILConfig, SupervisedContrastiveLoss, adapted_model, calibration,
+                             select_config,
                              support_statistics_teacher, supervised_contrastive_loss)
 from purer.data import EpisodeSampler, ImageSet
 from purer.evaluate import evaluate, task_list
@@ -236,3 +237,23 @@ def test_select_config_searches_the_grid_on_validation_tasks(trained_model, test
     assert len(table) == 2 and acc == max(r["accuracy"] for r in table)
     with pytest.raises(ValueError, match="unknown ICFIL setting 'calibration_stepz'"):
         select_config(learner, test_set, tasks, {"calibration_stepz": [1]})
+
+
+def test_the_support_ce_control_synthesises_nothing_and_fine_tunes_on_the_real_support(trained_model, test_set):
+    learner = learners(trained_model)["maml"].eval()
+    ep = episode(test_set)
+    control = ICFIL(calibration("support-ce", FAST))
+    task = control.adapt(learner, ep.support_x, ep.support_y, 5)
+    assert len(task.pseudo_x) == 0 and control.wrap(learner).test_cost()["calibration_steps"] == 3
+    assert "pseudo_per_class" not in control.wrap(learner).test_cost()
+    # the same steps by hand: adapt, then Adam on cross-entropy over the real support
+    adapted = learner.adapt(ep.support_x, ep.support_y, 5)
+    model, _ = adapted_model(learner, adapted)
+    opt = torch.optim.Adam(model.parameters(), lr=FAST.calibration_lr)
+    for _ in range(FAST.calibration_steps):
+        opt.zero_grad()
+        F.cross_entropy(model(learner.prepare(ep.support_x)), ep.support_y).backward()
+        opt.step()
+    with torch.no_grad():
+        expected = model(learner.prepare(ep.query_x))
+        assert torch.allclose(task.logits(learner.prepare(ep.query_x)), expected, atol=1e-5)

@@ -156,6 +156,11 @@ class ICFILConfig:
         if min(self.contrastive_weight, self.real_ce_weight, self.pseudo_ce_weight) < 0:
             raise ValueError("contrastive_weight, real_ce_weight and pseudo_ce_weight must be >= 0")
 
+    @property
+    def uses_pseudo(self) -> bool:
+        """Whether any loss term reads the pseudo support (no: nothing is synthesised, as in ``support-ce``)."""
+        return self.contrastive_weight > 0 or self.pseudo_ce_weight > 0
+
 
 # Test-time calibrations after the inner loop, by name: ICFIL, and its control, which spends the same
 # calibration steps and lr on cross-entropy over the real support alone (no inversion, no contrastive term),
@@ -345,15 +350,16 @@ class ICFIL:
         optimizer = torch.optim.Adam(params, lr=c.calibration_lr)
         loss = torch.zeros(())
         for _ in range(c.calibration_steps):
-            fr, fp = model.encoder(xr), model.encoder(xp)
-            if is_proto:
-                protos = prototypes(fr, real_y, way)
-                logits_r, logits_p = neg_sq_distances(fr, protos), neg_sq_distances(fp, protos)
-            else:
-                logits_r, logits_p = model.head(fr), model.head(fp)
-            loss = (c.contrastive_weight * supervised_contrastive_loss(torch.cat([fr, fp]), labels, c.temperature)
-                    + c.real_ce_weight * F.cross_entropy(logits_r, real_y)
-                    + c.pseudo_ce_weight * F.cross_entropy(logits_p, pseudo_y))
+            fr = model.encoder(xr)
+            protos = prototypes(fr, real_y, way) if is_proto else None
+            logits_r = neg_sq_distances(fr, protos) if is_proto else model.head(fr)
+            loss = c.real_ce_weight * F.cross_entropy(logits_r, real_y)
+            if c.uses_pseudo:
+                fp = model.encoder(xp)
+                logits_p = neg_sq_distances(fp, protos) if is_proto else model.head(fp)
+                loss = (c.contrastive_weight * supervised_contrastive_loss(torch.cat([fr, fp]), labels,
+                                                                           c.temperature)
+                        + loss + c.pseudo_ce_weight * F.cross_entropy(logits_p, pseudo_y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -376,8 +382,11 @@ class ICFIL:
             torch.manual_seed(self.config.seed)
             adapted = learner.adapt(support_x, support_y, way, **test_time)
             model, is_proto = adapted_model(learner, adapted)
-            teacher = support_statistics_teacher(model, learner, support_x)
-            pseudo_x, pseudo_y, stats = self.invert(teacher, support_x, way)
+            if self.config.uses_pseudo:
+                teacher = support_statistics_teacher(model, learner, support_x)
+                pseudo_x, pseudo_y, stats = self.invert(teacher, support_x, way)
+            else:  # nothing reads a pseudo support: synthesise none
+                pseudo_x, pseudo_y, stats = support_x[:0], support_y[:0], {}
             stats["calibration_loss"] = self.calibrate(learner, model, is_proto, support_x, support_y, pseudo_x,
                                                        pseudo_y, way)
         for p in model.parameters():
@@ -426,6 +435,8 @@ class ICFILLearner(MetaLearner):
 
     def test_cost(self) -> dict:
         c = self.icfil.config
+        if not c.uses_pseudo:
+            return {**self.learner.test_cost(), "calibration_steps": c.calibration_steps}
         return {**self.learner.test_cost(), "icfil_steps": c.inversion_steps + c.calibration_steps,
                 "pseudo_per_class": c.pseudo_per_class}
 
