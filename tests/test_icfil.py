@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from purer.calibrate import (ICFIL, ICFILConfig, SupervisedContrastiveLoss, adapted_model, calibration,
-                             select_config,
-                             support_statistics_teacher, supervised_contrastive_loss)
+                             select_config, support_statistics_teacher, supervised_contrastive_loss)
 from purer.data import EpisodeSampler, ImageSet
 from purer.evaluate import evaluate, task_list
 from purer.inversion.synthesizer import InversionConfig
