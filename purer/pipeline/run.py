@@ -41,7 +41,8 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
     check_writable(out, "output_dir")
     check_writable(Path(cfg.cache_dir), "cache_dir")
     precision = {"mixed_precision": cfg.mixed_precision} if cfg.mixed_precision else {}
-    # Without a GPU, cpu=True also lets `accelerate launch --multi_gpu --num_processes N` start N CPU processes.
+    # The CPU when asked (cfg.cpu) or when there is no GPU; forcing it then also lets `accelerate launch
+    # --multi_gpu --num_processes N` start N CPU processes.
     acc = accelerator or Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), log_with="tensorboard",
                                      **precision,
                                      project_config=ProjectConfiguration(project_dir=str(out),
