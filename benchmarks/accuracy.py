@@ -297,7 +297,8 @@ def markdown(report: dict) -> str:
     commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})
     if commits:
         lines += [f"† carried from the results file of commit {', '.join(commits)}: its runs were not on the "
-                  "machine that collected this file (same scenario settings and task lists).", ""]
+                  "machine that collected this file (the scenario settings of that commit, the same task lists; "
+                  "sh-width64 is that commit's SH zoo, its ResNets at their default width 64).", ""]
     lines += ["## Runs", "", "| scenario | variant | seed | minutes | best iteration | meta-val | switch fired |",
               "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
