@@ -271,7 +271,9 @@ def markdown(report: dict) -> str:
              "every row of a scenario on the same task lists.", ""]
     by_scenario: dict[str, list] = {}
     for r in report["rows"]:
-        by_scenario.setdefault(r["scenario"], []).append(r)
+        data = r.get("dataset", report["dataset"])  # several datasets in one run: a table for each
+        by_scenario.setdefault(r["scenario"] + ("" if data == report["dataset"] else f", meta-test on {data}"),
+                               []).append(r)
     for scenario, rows in by_scenario.items():
         cols = sorted({(r["way"], r["shot"]) for r in rows})
         cell = {(r["method"], r["way"], r["shot"]): r for r in rows}
@@ -296,9 +298,11 @@ def markdown(report: dict) -> str:
         lines.append("")
     commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})
     if commits:
+        sh64 = "; sh-width64 is that commit's SH zoo, its ResNets at their default width 64" \
+            if "sh-width64" in by_scenario else ""
         lines += [f"† carried from the results file of commit {', '.join(commits)}: its runs were not on the "
-                  "machine that collected this file (the scenario settings of that commit, the same task lists; "
-                  "sh-width64 is that commit's SH zoo, its ResNets at their default width 64).", ""]
+                  f"machine that collected this file (the scenario settings of that commit, the same task "
+                  f"lists{sh64}).", ""]
     lines += ["## Runs", "", "| scenario | variant | seed | minutes | best iteration | meta-val | switch fired |",
               "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:

@@ -61,3 +61,16 @@ def test_collect_carries_the_rows_no_run_here_replaces(bench, tmp_path):
     assert "carried_from" not in rows["eci-maml"]
     assert [r["variant"] for r in report["runs"]] == ["eci-maml", "baselines"]
     assert "| nc-pixels † | 70.00 ± 1.00 | 0 | models=1 |" in bench.markdown(report)
+
+
+def test_a_run_over_several_datasets_gets_a_table_per_dataset(bench, tmp_path):
+    out = tmp_path / "mh" / "mh" / "default" / "seed0"
+    out.mkdir(parents=True)
+    rows = [{"method": "purer", "dataset": d, "way": 5, "shot": 1, "accuracy": a, "ci95": 1.0, "tasks": 600,
+             "test_cost": {"models": 1}} for d, a in (("glyphs", 81.0), ("icons", 36.0))]
+    (out / "results.json").write_text(json.dumps({"seconds": 60.0, "zoo": {"models": 24}, "rows": rows,
+                                                  "meta_train": {"best_iteration": 1, "val_accuracy": 50.0,
+                                                                 "switch_fired": 0}}))
+    table = bench.markdown(bench.collect("mh", tmp_path))
+    glyphs, icons = table.split("## mh, meta-test on glyphs")[1].split("## mh, meta-test on icons")
+    assert "| default | 81.00 ± 1.00 | 0 |" in glyphs and "| default | 36.00 ± 1.00 | 0 |" in icons
