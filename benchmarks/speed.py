@@ -15,7 +15,7 @@ random-weight Conv4 teachers (timing does not depend on the weights) and times:
   inside ``adapt`` (support forward, the create-graph gradient, fast weights) and
   the outer update is the rest of ``meta_step`` (query forward, loss, the backward
   pass through the inner step, which is where the second-order cost lands, and Adam);
-* the floor (like the adversarial step, for the 13-teacher settings only): the
+* the floor (like the adversarial step, for every setting): the
   same teachers' bare forward + backward (to the input) on the same prepared,
   augmented bank images, and the meta-learner's bare second-order passes on the
   same episodes (support forward, create-graph gradient, query forward with the
@@ -74,7 +74,7 @@ from purer.pipeline import MetaConfig, RunConfig, build_learner
 from purer.zoo import ModelConfig, Teacher
 
 RESULTS = Path(__file__).parent / "results"
-# Parts timed on every iteration, and those timed only for settings with ``detail``.
+# Parts of a meta-iteration, and the extra parts timed beside it (the adversarial step instead, the floor).
 PARTS = ("inversion", "episodes", "inner_loop", "outer_update")
 DETAIL_PARTS = ("adversarial_inversion", "teacher_passes", "learner_passes")
 
@@ -90,7 +90,6 @@ class Setting:
         images_per_class: bank images per class.
         way, shot, query, meta_batch: the pseudo tasks of a meta-update.
         inner_lr, inner_steps: MAML's second-order inner loop.
-        detail: also time the adversarial inversion step and the floor.
     """
 
     teachers: int = 13
@@ -105,7 +104,6 @@ class Setting:
     meta_batch: int = 4
     inner_lr: float = 0.01
     inner_steps: int = 1
-    detail: bool = True
 
     @property
     def name(self) -> str:
@@ -122,10 +120,9 @@ def plan(quick: bool) -> list[list[Setting]]:
         zoo_sizes, large = (10, 50, 100), 84
     every = dataclasses.replace(base, teachers_per_step=base.teachers)
     main = [every, base, dataclasses.replace(base, image_size=large)]
-    # Zoo sizes: the meta-iteration only (the adversarial step and the floor would double the cost
-    # and are measured above); the largest all-teacher zoo alone, as its step holds every teacher's graph.
-    sampled = [dataclasses.replace(base, teachers=n, detail=False) for n in zoo_sizes]
-    full = [dataclasses.replace(base, teachers=n, teachers_per_step=n, detail=False) for n in zoo_sizes]
+    # Zoo sizes; the largest all-teacher zoo alone, as its step holds every teacher's graph.
+    sampled = [dataclasses.replace(base, teachers=n) for n in zoo_sizes]
+    full = [dataclasses.replace(base, teachers=n, teachers_per_step=n) for n in zoo_sizes]
     return [main, sampled + full[:-1], full[-1:]]
 
 
@@ -181,12 +178,12 @@ class Bench:
         return time.perf_counter()
 
     def iteration(self) -> dict[str, float]:
-        """One meta-iteration (plus, with ``detail``, an adversarial step and the floor); seconds per part.
+        """One meta-iteration, an adversarial inversion step instead and the floor; seconds per part.
 
         The inner loop is timed apart only where the learner adapts task by task (on a CPU); with tasks
         vmapped together it is part of the outer update.
         """
-        s, it, mb = self.setting, self.iterations, self.setting.meta_batch
+        it, mb = self.iterations, self.setting.meta_batch
         t0 = self.now()
         chosen = self.inversion.sample_teachers()
         self.inversion.step(teachers=chosen, total=len(chosen))
@@ -200,13 +197,12 @@ class Bench:
         t3 = self.now()
         parts = {"inversion": t1 - t0, "episodes": t2 - t1, "inner_loop": self.inner_seconds,
                  "outer_update": t3 - t2 - self.inner_seconds}
-        if s.detail:
-            t4 = self.now()
-            extra = self.switch.adversarial_loss(self.learner, self.fresh_tasks.task(it))
-            self.inversion.step(extra_loss=extra, teachers=chosen, total=len(chosen))
-            parts["adversarial_inversion"] = self.now() - t4
-            parts["teacher_passes"] = self.teacher_passes(chosen)
-            parts["learner_passes"] = self.learner_passes(episodes)
+        t4 = self.now()
+        extra = self.switch.adversarial_loss(self.learner, self.fresh_tasks.task(it))
+        self.inversion.step(extra_loss=extra, teachers=chosen, total=len(chosen))
+        parts["adversarial_inversion"] = self.now() - t4
+        parts["teacher_passes"] = self.teacher_passes(chosen)
+        parts["learner_passes"] = self.learner_passes(episodes)
         self.iterations += 1
         return parts
 
@@ -283,10 +279,9 @@ def summarise(rounds: list[dict[str, float]]) -> dict[str, float]:
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     med["meta_step"] = med["inner_loop"] + med["outer_update"]
     med["meta_iteration"] = med["inversion"] + med["episodes"] + med["meta_step"]
-    if "adversarial_inversion" in med:
-        med["adversarial_meta_iteration"] = med["adversarial_inversion"] + med["episodes"] + med["meta_step"]
-        med["floor"] = med["teacher_passes"] + med["learner_passes"]
-        med["floor_share"] = med["floor"] / med["meta_iteration"]
+    med["adversarial_meta_iteration"] = med["adversarial_inversion"] + med["episodes"] + med["meta_step"]
+    med["floor"] = med["teacher_passes"] + med["learner_passes"]
+    med["floor_share"] = med["floor"] / med["meta_iteration"]
     return med
 
 
@@ -422,8 +417,6 @@ def markdown(res: dict, groups: list[list[Setting]]) -> str:
     for name, entry in res["settings"].items():
         for t in threads:
             m = entry["seconds"][str(t)]
-            if "floor" not in m:
-                continue
             lines.append(f"| {name} | {t} | {m['meta_iteration']:.3f} | {m['floor']:.3f} | "
                          f"{100 * m['floor_share']:.0f}% | {100 * (1 - m['teacher_passes'] / m['inversion']):.0f}% | "
                          f"{100 * (1 - m['learner_passes'] / m['meta_step']):.0f}% |")
