@@ -137,7 +137,7 @@ class ZooDistillation(nn.Module):
         out, kd, cos = [], [], []
         for i in idx:
             teacher = self.teachers[i]
-            x = _teacher_images(bank, i)
+            x = bank.teacher_images(i)
             if self.augment is not None:
                 draw = int(np.random.SeedSequence([self.seed, 1, step, i]).generate_state(1)[0])
                 x = self.augment(x, self.augment.sample(len(x), torch.Generator().manual_seed(draw)))
@@ -167,11 +167,6 @@ class ZooDistillation(nn.Module):
         state = dict(state)
         self.generator.set_state(state.pop("generator"))
         return super().load_state_dict(state, strict=strict)
-
-
-def _teacher_images(bank: PseudoBank, i: int) -> torch.Tensor:
-    """Detached bank images ``[n_i * P, C, S, S]`` of teacher ``i``'s classes (class-major, its shape)."""
-    return bank.teacher_images(i)
 
 
 def distill_zoo(teachers: Sequence[Teacher], bank: PseudoBank, inversion: EpisodeInversion, arch: str,
@@ -225,7 +220,7 @@ def distill_zoo(teachers: Sequence[Teacher], bank: PseudoBank, inversion: Episod
     for step in bar:
         chosen = inversion.sample_teachers()
         inversion.step(teachers=chosen)
-        images = [_teacher_images(bank, i) for i in chosen]
+        images = [bank.teacher_images(i) for i in chosen]
         logits = student(torch.cat(images)).split([len(x) for x in images])
         loss = logits[0].new_zeros(())
         for i, x, s in zip(chosen, images, logits):
@@ -251,7 +246,7 @@ def teacher_agreement(model: Classifier, teachers: Sequence[Teacher], bank: Pseu
     """
     agree, total = 0, 0
     for i, teacher in enumerate(teachers):
-        x = _teacher_images(bank, i)
+        x = bank.teacher_images(i)
         picked = model(x)[:, bank.teacher_classes[i]].argmax(-1)
         agree += int((picked == teacher(x).argmax(-1)).sum())
         total += len(x)
