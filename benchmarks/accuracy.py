@@ -121,7 +121,7 @@ ABLATIONS = {
     "teachers-per-step-12": ["inversion.teachers_per_step=12"],
     "bank-16-per-class": ["meta.images_per_class=16"],
     "init-avg-teachers": ["meta.init=avg-teachers"],
-    "init-distilled": ["meta.init=distilled"],
+    "init-zoo-student": ["meta.init=zoo-student"],
 }
 VARIANTS.update({f"ablate-{k}": ["--config", "recipes/configs/purer-paper.yaml", *v, "eval.calibrations=[]"]
                  for k, v in ABLATIONS.items()})

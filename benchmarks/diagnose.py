@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from purer.config import load_config
+from purer.yaml_config import load_config
 from purer.data import EpisodeSampler, load_split
 from purer.evaluate import evaluate, task_list
 from purer.inversion import PseudoBank

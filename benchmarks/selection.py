@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 
-from purer.config import load_config
+from purer.yaml_config import load_config
 from purer.data import load_split
 from purer.evaluate import evaluate, paired_difference, task_list
 from purer.meta import MetaLearner

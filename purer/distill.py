@@ -1,4 +1,6 @@
-"""Distilling the zoo into one network on the pseudo bank (above both the inversion and the meta-learners).
+"""Zoo distillation during ECI meta-training: the meta-learner's embedding learns the teachers' outputs on the
+pseudo bank (above both the inversion and the meta-learners).  The ``meta.init: zoo-student`` pre-phase, which
+distils the zoo into a fresh network *before* meta-training, is :mod:`purer.student`.
 
 * :class:`ZooDistillation`: during ECI meta-training, beside the episodic loss on
   pseudo episodes, the meta-learner's features learn what the teachers know, on the
@@ -9,8 +11,6 @@
   size carries what the concatenated zoo carries.  The heads and maps are
   training-only: the saved meta-learner stays one network.  This is what the
   successors of PURER (BiDf-MKD, FREE, TGR) add, done here as true divergences.
-* :func:`distill_zoo`: the ``meta.init: distilled`` pre-phase, the zoo distilled
-  into one student over all bank classes before meta-training.
 * :func:`distillation_loss` is a true KL divergence on log-probabilities (the
   successors' public code passes probabilities as ``F.kl_div``'s first argument,
   which is not one); :func:`teacher_agreement` measures how much of the zoo a
@@ -19,7 +19,6 @@
 Example:
     >>> distill = ZooDistillation(teachers, feature_dim=128, config=DistillConfig(logit=1.0, feature=1.0))  # doctest: +SKIP
     >>> losses, stats = distill.losses(learner, bank, distill.sample_teachers(), step=0)          # doctest: +SKIP
-    >>> student = distill_zoo(teachers, bank, inversion, "conv4", steps=300, seed=0)   # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -30,12 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .inversion import EpisodeInversion, PseudoBank
+from .inversion import PseudoBank
 from .inversion.augment import RandomAffineAugment
-from .meta.base import MetaLearner, batch_stats_only
-from .meta.init import random_model
+from .meta.base import MetaLearner
 from .zoo.architectures import Classifier
 from .zoo.teacher import Teacher
 
@@ -167,72 +164,6 @@ class ZooDistillation(nn.Module):
         state = dict(state)
         self.generator.set_state(state.pop("generator"))
         return super().load_state_dict(state, strict=strict)
-
-
-def distill_zoo(teachers: Sequence[Teacher], bank: PseudoBank, inversion: EpisodeInversion, arch: str,
-                steps: int, seed: int, arch_args: dict | None = None, lr: float = 1e-3, temperature: float = 4.0,
-                progress: bool = False) -> Classifier:
-    """Data-free distillation of the whole zoo into one ``arch`` student over all bank classes.
-
-    A pre-phase before ECI meta-training (``meta.init: distilled``), the usual
-    stronger initialisation of later data-free meta-learning work.  Each of
-    ``steps`` iterations:
-
-    1. one plain :meth:`EpisodeInversion.step` on the bank, from teachers drawn by
-       :meth:`EpisodeInversion.sample_teachers` (the bank and the inversion state go
-       on into meta-training, which keeps updating them);
-    2. one Adam step of the student on the bank images (detached) of those teachers'
-       classes, one forward pass over all of them: for each teacher, its
-       :func:`distillation_loss` between the student's logits restricted to the
-       teacher's bank classes and the teacher's logits, averaged over the teachers.
-
-    Pure knowledge distillation: no cross-entropy on the bank class labels, since
-    the teachers' soft outputs already carry the label (the bank is inverted
-    towards it) and also how alike a teacher finds its classes.  The student's
-    BatchNorm uses batch statistics, as the meta-learners' does.  The result is
-    deterministic given ``seed``, the bank and the inversion state (no draw uses the
-    global RNG), so every process of a multi-process run can run it and agree.
-
-    Args:
-        teachers: the zoo, in the bank's order.
-        bank: the pseudo-image bank built from ``teachers``; updated in place.
-        inversion: the :class:`EpisodeInversion` of ``bank``; its state advances by ``steps``.
-        arch, arch_args: the student's architecture (the meta-learner's), at the
-            bank's channels and size.
-        steps: pre-phase iterations (>= 1).
-        seed: seed of the student's initial weights.
-        lr: the student's Adam learning rate.
-        temperature: T of the distillation loss.
-        progress: show a tqdm bar ("distil zoo").
-
-    Returns:
-        The student, a :class:`~purer.zoo.Classifier` with ``bank.num_classes``
-        outputs (bank class order); :func:`with_new_head` makes it a learner's model.
-    """
-    if steps < 1:
-        raise ValueError(f"distillation needs steps >= 1, got {steps}")
-    if inversion.bank is not bank:
-        raise ValueError("the inversion must update the given bank")
-    student = batch_stats_only(random_model(arch, bank.num_classes, bank.channels, bank.image_size, arch_args,
-                                            seed=seed)).train().to(inversion.device)
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-    bar = tqdm(range(steps), desc="distil zoo", disable=not progress)
-    for step in bar:
-        chosen = inversion.sample_teachers()
-        inversion.step(teachers=chosen)
-        images = [bank.teacher_images(i) for i in chosen]
-        logits = student(torch.cat(images)).split([len(x) for x in images])
-        loss = logits[0].new_zeros(())
-        for i, x, s in zip(chosen, images, logits):
-            with torch.no_grad():
-                target = teachers[i](x)
-            loss = loss + distillation_loss(s[:, bank.teacher_classes[i]], target, temperature) / len(chosen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 25 == 0:  # one synchronisation per 25 steps on a GPU
-            bar.set_postfix(kd=f"{loss.item():.3f}")
-    return student
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from purer import PurerWarning  # noqa: E402
-from purer.config import ConfigError, load_config  # noqa: E402
+from purer.yaml_config import ConfigError, load_config  # noqa: E402
 from purer.pipeline import RunConfig, RunError, run  # noqa: E402
 
 

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from purer.config import ConfigError, load_config, parse_overrides, save_config
+from purer.yaml_config import ConfigError, load_config, parse_overrides, save_config
 
 
 @dataclass

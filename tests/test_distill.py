@@ -1,4 +1,4 @@
-"""meta.init=distilled: the zoo distilled into the meta-learner's network on the run's bank, then ECI."""
+"""Zoo distillation during ECI (purer.distill) and the meta.init=zoo-student pre-phase (purer.student)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from meta_synthetic import ARCH_ARGS, template_images, tiny_teacher
 from purer.data import EpisodeSampler, ImageSet
-from purer.distill import DistillConfig, ZooDistillation, distill_zoo, distillation_loss, teacher_agreement
+from purer.distill import DistillConfig, ZooDistillation, distillation_loss, teacher_agreement
+from purer.student import zoo_student
 from purer.evaluate import evaluate, paired_difference, task_list
 from purer.inversion import EpisodeInversion, InversionConfig, PseudoBank
 from purer.meta import InputSpec, ProtoNet, batch_stats_only, meta_step, random_model, with_new_head
@@ -28,7 +29,7 @@ def zoo():
 def distilled(zoo, steps: int):
     bank = PseudoBank(zoo, images_per_class=4)
     inversion = EpisodeInversion(zoo, bank, InversionConfig(teachers_per_step=2))
-    return distill_zoo(zoo, bank, inversion, "conv4", steps, seed=0, arch_args=ARCH_ARGS), bank, inversion
+    return zoo_student(zoo, bank, inversion, "conv4", steps, seed=0, arch_args=ARCH_ARGS), bank, inversion
 
 
 def test_distillation_loss_is_the_tempered_kl_to_the_teacher():
@@ -56,9 +57,9 @@ def test_distillation_checks_its_inputs(zoo):
     bank = PseudoBank(zoo, images_per_class=2)
     inversion = EpisodeInversion(zoo, bank)
     with pytest.raises(ValueError, match="steps >= 1"):
-        distill_zoo(zoo, bank, inversion, "conv4", 0, seed=0)
+        zoo_student(zoo, bank, inversion, "conv4", 0, seed=0)
     with pytest.raises(ValueError, match="given bank"):
-        distill_zoo(zoo, PseudoBank(zoo, images_per_class=2), inversion, "conv4", 1, seed=0)
+        zoo_student(zoo, PseudoBank(zoo, images_per_class=2), inversion, "conv4", 1, seed=0)
 
 
 def test_a_new_head_keeps_the_encoder_and_is_seeded(zoo):
@@ -71,16 +72,16 @@ def test_a_new_head_keeps_the_encoder_and_is_seeded(zoo):
 
 
 def test_a_distilled_run_completes_and_resumes_without_distilling_again(tiny_root, tmp_path):
-    fast = {"meta.init": "distilled", "meta.distill_steps": 5, "eval.baselines": "[]", "eval.calibrations": "[]"}
+    fast = {"meta.init": "zoo-student", "meta.zoo_student_steps": 5, "eval.baselines": "[]", "eval.calibrations": "[]"}
     out = tmp_path / "distilled"
     res = recipe(overrides(tiny_root, out, 4, **fast))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((out / "results.json").read_text())["meta_train"]["seconds_distill"] > 0
+    assert json.loads((out / "results.json").read_text())["meta_train"]["seconds_zoo_student"] > 0
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoints" / "checkpoint_2", resumed / "checkpoints" / "checkpoint_2")
     res = recipe(overrides(tiny_root, resumed, 4, **fast) + ["--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((resumed / "results.json").read_text())["meta_train"]["seconds_distill"] == 0
+    assert json.loads((resumed / "results.json").read_text())["meta_train"]["seconds_zoo_student"] == 0
     assert accuracies(resumed) == accuracies(out)
 
 

@@ -135,7 +135,7 @@ def test_random_subsets_resnet(tmp_path):
 def test_shipped_specs_load(name, models, subsets, arch):
     from pathlib import Path
 
-    from purer.config import load_config
+    from purer.yaml_config import load_config
 
     cfg = load_config(PretrainConfig, Path(__file__).resolve().parents[1] / "model_zoo" / "specs" / f"{name}.yaml")
     assert (cfg.dataset, cfg.image_size, cfg.num_models, cfg.classes_per_model) == ("glyphs", 32, models, 5)

@@ -59,6 +59,7 @@ from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
 from .episodes import ImageSet
+from .sources import RECIPE_IMAGE_SIZE
 
 # Bump when a change to the builder changes its output: old caches are then rebuilt.
 BUILDER_VERSION = 1
@@ -139,11 +140,6 @@ class GlyphConfig:
                              f"got {self.min_instances} and {self.min_faces}")
         if not 0 < self.min_scale <= 1:
             raise ValueError(f"min_scale must lie in (0, 1], got {self.min_scale}")
-
-
-#: The image size ``recipes/purer.py`` renders glyphs at (``purer.pipeline.DataConfig.image_size``): Conv4
-#: at 32 px ends in 2x2x32 = 128 features, at 28 px in only 32 (METHOD.md).
-RECIPE_IMAGE_SIZE = 32
 
 
 @dataclass

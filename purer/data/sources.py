@@ -13,6 +13,9 @@ from pathlib import Path
 from .episodes import SPLITS, ImageSet
 
 DATASETS = ("glyphs", "icons", "folder", "cifar_fs", "miniimagenet", "cub")
+#: The image size ``recipes/purer.py`` reads data at (``purer.pipeline.DataConfig.image_size``): Conv4
+#: at 32 px ends in 2x2x32 = 128 features, at 28 px in only 32 (METHOD.md).
+RECIPE_IMAGE_SIZE = 32
 
 
 def load_split(dataset: str, split: str, root: str | Path | None = None, image_size: int | None = None) -> ImageSet:

@@ -3,7 +3,7 @@
 Each function returns a fresh :class:`~purer.zoo.Classifier` whose head has ``way``
 outputs, ready for :class:`~purer.meta.MAML`, :class:`~purer.meta.ANIL` or
 :class:`~purer.meta.ProtoNet` (which uses only its encoder).  The zoo distilled on
-the pseudo bank (:func:`purer.distill.distill_zoo`) is another start; it needs the
+the pseudo bank (:func:`purer.student.zoo_student`) is another start; it needs the
 bank, so it lives above both packages, and :func:`with_new_head` turns its student
 into a learner's model.
 

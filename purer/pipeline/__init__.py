@@ -2,7 +2,7 @@
 
 ``recipes/purer.py`` is a thin command line around :func:`run`.  The stages, one file each:
 
-- :mod:`~purer.pipeline.config`: the run's config sections (:class:`RunConfig`) and :class:`RunError`;
+- :mod:`~purer.pipeline.run_config`: the run's config sections (:class:`RunConfig`) and :class:`RunError`;
 - :mod:`~purer.pipeline.build`: the zoo's teachers (pre-trained on first use), the bank, the learner;
 - :mod:`~purer.pipeline.eci`: ECI meta-training and its checkpointed state;
 - :mod:`~purer.pipeline.metatest`: meta-test with and without ICFIL, and the baselines beside it;
@@ -11,11 +11,11 @@
 - :mod:`~purer.pipeline.run`: :func:`run`, the whole run in order.
 
 Example:
-    >>> from purer.config import load_config
+    >>> from purer.yaml_config import load_config
     >>> results = run(load_config(RunConfig, "recipes/configs/default.yaml"))   # doctest: +SKIP
 """
 from .build import build_bank, build_learner, load_meta_learner, load_zoo, zoo_path
-from .config import DataConfig, EvalConfig, MetaConfig, RunConfig, RunError, ZooConfig
+from .run_config import DataConfig, EvalConfig, MetaConfig, RunConfig, RunError, ZooConfig
 from .eci import CHECKPOINTED, DeferredInterrupt, checkpointed_state, meta_train_eci
 from .metatest import evaluate_purer, evaluate_split
 from .report import results_table

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import load_config
+from ..yaml_config import load_config
 from ..meta import ANIL, MAML, MAMLConfig, MetaLearner, ProtoNet
 from ..meta.base import InputSpec
 from ..meta.init import average_teachers, random_model, with_new_head
@@ -17,7 +17,7 @@ from ..zoo.architectures import Classifier
 from ..zoo.pretrain import PretrainConfig, pretrain_zoo
 from ..zoo.store import Zoo, default_zoo_dir
 from ..zoo.teacher import Teacher
-from .config import RunConfig, RunError, ZooConfig
+from .run_config import RunConfig, RunError, ZooConfig
 from .distributed import Dist
 
 
@@ -99,11 +99,11 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> tuple[list[Teacher],
 
 
 def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, size: int,
-                  distilled: Classifier | None = None) -> MetaLearner:
+                  student: Classifier | None = None) -> MetaLearner:
     """The meta-learner of ``cfg.meta`` at its initialisation.
 
-    ``distilled`` is the zoo's student (:func:`purer.meta.init.distill_zoo`) for
-    ``init: distilled``: the learner takes its encoder and a fresh ``way``-output head
+    ``student`` is the zoo's student (:func:`purer.student.zoo_student`) for
+    ``init: zoo-student``: the learner takes its encoder and a fresh ``way``-output head
     (ProtoNet uses the encoder only).  On ``--resume`` there is none: a random model
     of the same shape stands in until the checkpoint's weights are loaded.
     """
@@ -112,8 +112,8 @@ def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, si
         if m.init == "avg-teachers":
             model = average_teachers(teachers, m.way)
             spec = InputSpec.of(teachers[0].config)
-        elif distilled is not None:
-            model = with_new_head(distilled, m.way, seed=cfg.seed)
+        elif student is not None:
+            model = with_new_head(student, m.way, seed=cfg.seed)
             spec = InputSpec(channels, size)
         else:
             model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)

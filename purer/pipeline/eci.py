@@ -30,7 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import EpisodeSampler, ImageSet
-from ..distill import ZooDistillation, distill_zoo
+from ..distill import ZooDistillation
+from ..student import zoo_student
 from ..evaluate import task_list
 from ..inversion import EpisodeInversion, GradientSwitch
 from ..inversion.grid import class_labels, save_bank_grid, save_episode_grid, save_training_plot
@@ -38,7 +39,7 @@ from ..meta import MetaLearner
 from ..meta.train import meta_step
 from ..zoo.teacher import Teacher
 from .build import build_bank, build_learner
-from .config import RunConfig, RunError
+from .run_config import RunConfig, RunError
 from .distributed import Dist, autocast_dtype, bank_grad_sync, task_sync
 from .metatest import evaluate_split
 
@@ -164,18 +165,18 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed),
                                  autocast=autocast_dtype(acc))
     switch = GradientSwitch(cfg.switch)
-    distilled, seconds_distill = None, 0.0
-    if m.init == "distilled" and not resume:
+    student, seconds_zoo_student = None, 0.0
+    if m.init == "zoo-student" and not resume:
         # A pre-phase on the run's bank (resume finds it done: the checkpoint holds bank and learner).
         # Every process runs all of it, deterministic from the seed, so their banks and learners agree.
         start = time.perf_counter()
         try:
-            distilled = distill_zoo(teachers, bank, inversion, m.arch, m.distill_steps, cfg.seed,
-                                    arch_args=m.arch_args, progress=progress and dist.main)
+            student = zoo_student(teachers, bank, inversion, m.arch, m.zoo_student_steps, cfg.seed,
+                                  arch_args=m.arch_args, progress=progress and dist.main)
         except ValueError as e:  # an unknown meta.arch or bad arch_args
             raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
-        seconds_distill = time.perf_counter() - start
-    learner = build_learner(cfg, teachers, channels, size, distilled).to(device)
+        seconds_zoo_student = time.perf_counter() - start
+    learner = build_learner(cfg, teachers, channels, size, student).to(device)
     learner.task_batching = m.task_batching
     with torch.no_grad():  # the learner's embedding size, for the distillation's heads and maps
         feature_dim = learner.embed(torch.zeros(2, channels, size, size, device=device)).shape[-1]
@@ -294,6 +295,6 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                "best_iteration": state.best_iteration,
                "val_accuracy": round(state.best_val, 2) if state.val else None, "switch_fired": switch.fired,
                "adversarial_steps": state.adversarial_steps, "val_curve": state.val,
-               "seconds_distill": round(seconds_distill, 1), "seconds_inversion": round(times["inversion"], 1),
+               "seconds_zoo_student": round(seconds_zoo_student, 1), "seconds_inversion": round(times["inversion"], 1),
                "seconds_meta": round(times["meta"], 1)}
     return learner, summary

@@ -21,14 +21,14 @@ import torch
 
 from ..baselines import BaselineConfig, run_baselines
 from ..calibrate import ICFIL, calibration, select_config
-from ..config import to_dict
+from ..yaml_config import to_dict
 from ..data import SPLITS, ImageSet, TaskSpec, load_split
 from ..evaluate import EvalResult, evaluate, fingerprint, paired_difference, select_test_time, task_list
 from ..meta import MetaLearner, MetaTrainConfig
 from ..zoo.store import Zoo
 from ..zoo.teacher import Teacher
 from .build import zoo_path
-from .config import RunConfig
+from .run_config import RunConfig
 from .distributed import Dist, autocast_dtype
 from .report import write_json
 

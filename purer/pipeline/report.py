@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import to_dict
+from ..yaml_config import to_dict
 
 
 def results_table(rows: Sequence[dict], title: str = "") -> str:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import save_config
+from ..yaml_config import save_config
 from ..data import SPLITS, EpisodeSampler, ImageSet, load_split
 from ..evaluate import task_list
 from .build import load_zoo
-from .config import RunConfig, RunError
+from .run_config import RunConfig, RunError
 from .distributed import Dist
 from .eci import latest_checkpoint, meta_train_eci
 from .metatest import Baselines, evaluate_purer

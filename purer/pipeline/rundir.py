@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .config import RunConfig, RunError
+from .run_config import RunConfig, RunError
 from .report import flat_hparams
 
 # What a run writes into its output_dir (anything else there, e.g. a cache_dir inside it, is left alone).

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import load_config
+from ..yaml_config import load_config
 from .pretrain import MIX, SUBSET_MODES, PretrainConfig, pretrain_zoo
 from .store import Zoo, check_finite, check_state_dict, default_zoo_dir, read_safetensors, validate_model_id
 from .teacher import ModelConfig

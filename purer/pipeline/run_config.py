@@ -1,7 +1,7 @@
 """The run's configuration: one dataclass section per stage, and the error a user can fix.
 
 ``recipes/configs/*.yaml`` and ``key=value`` overrides set any field (see
-:func:`purer.config.load_config`); a misspelt key is an error.
+:func:`purer.yaml_config.load_config`); a misspelt key is an error.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ..baselines import METHODS as BASELINE_METHODS
 from ..calibrate import CALIBRATIONS, ICFILConfig
 from ..distill import DistillConfig
-from ..data.glyphs import RECIPE_IMAGE_SIZE
+from ..data.sources import RECIPE_IMAGE_SIZE
 from ..evaluate import TuningGrid
 from ..inversion import InversionConfig, SwitchConfig
 from ..meta import MAMLConfig, MetaTrainConfig
@@ -22,7 +22,7 @@ LEARNERS = ("maml", "anil", "protonet")
 # purer.baselines.METHODS, e.g. eval.baselines=[...] in a config).
 DEFAULT_BASELINES = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "maml-random", "maml-avg-teachers",
                      "maml-real")
-INITS = ("random", "avg-teachers", "distilled")
+INITS = ("random", "avg-teachers", "zoo-student")
 PRECISIONS = ("no", "bf16", "fp16")
 
 
@@ -105,9 +105,9 @@ class MetaConfig:
         learner: ``maml`` | ``anil`` | ``protonet``.
         arch, arch_args: its network (any registered architecture).
         init: ``random``, ``avg-teachers`` (the release's initialisation; needs a
-            same-architecture zoo) or ``distilled`` (the zoo distilled into ``arch``
-            on the run's bank before meta-training; see :func:`purer.meta.init.distill_zoo`).
-        distill_steps: iterations of the ``distilled`` pre-phase (one inversion step
+            same-architecture zoo) or ``zoo-student`` (the zoo distilled into a fresh ``arch``
+            on the run's bank before meta-training; see :func:`purer.student.zoo_student`).
+        zoo_student_steps: iterations of the ``zoo-student`` pre-phase (one inversion step
             and one student step each).
         way, shot, query: the pseudo tasks it trains on (the release uses 15 queries;
             the default 5 makes an iteration about 2.5 times cheaper on a CPU).
@@ -124,7 +124,7 @@ class MetaConfig:
     arch: str = "conv4"
     arch_args: dict = field(default_factory=dict)
     init: str = "random"
-    distill_steps: int = 300
+    zoo_student_steps: int = 300
     way: int = 5
     shot: int = 1
     query: int = 5
@@ -137,8 +137,8 @@ class MetaConfig:
     task_batching: str = "auto"
 
     def __post_init__(self):
-        if self.distill_steps < 1:
-            raise ValueError(f"distill_steps must be >= 1, got {self.distill_steps}")
+        if self.zoo_student_steps < 1:
+            raise ValueError(f"zoo_student_steps must be >= 1, got {self.zoo_student_steps}")
         if self.task_batching not in TASK_BATCHING:
             raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {self.task_batching!r}")
 
