@@ -64,11 +64,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
 from purer.data import EpisodeSampler
 from purer.inversion import EpisodeInversion, GradientSwitch, PseudoBank
-from purer.inversion.synthesizer import StackedTeachers
 from purer.meta import MAMLConfig, MetaTrainConfig, meta_step
 from purer.pipeline import MetaConfig, RunConfig, build_learner
 from purer.zoo import ModelConfig, Teacher
@@ -208,38 +207,19 @@ class Bench:
 
     def teacher_passes(self, chosen: list[int]) -> float:
         """Seconds of the bare forward + backward (to the input) of the ``chosen`` teachers on their prepared,
-        augmented images, in the form the inversion step runs them (one teacher after another in the
-        channels-last layout on a CPU, or vmapped over each group of same-contract teachers)."""
+        augmented images, in the form the inversion step runs them (:meth:`EpisodeInversion.bare_forward`:
+        one teacher after another in the channels-last layout on a CPU, or vmapped over each group of
+        same-contract teachers)."""
         inv = self.inversion
         with torch.no_grad():
-            batches = {i: self.bank.teacher_batch(i)[0] for i in chosen}
-            inputs = {}
-            for key, group in inv.groups.items():
-                members = [i for i in group if i in batches]
-                if members:
-                    x = torch.stack([inv.augment(batches[i], inv._theta(i, len(batches[i]))) for i in members])
-                    inputs[key] = (members, inv._prepare(members, x))
+            groups = inv.teacher_inputs(chosen)
         self.bank.pop_touched()
         seconds = 0.0
-        for key, (members, z) in inputs.items():
-            if inv.batched:
-                stacked = inv._stacked.get(key) or StackedTeachers([inv.teachers[i] for i in inv.groups[key]])
-                local = torch.as_tensor([inv.groups[key].index(i) for i in members])
-                params = {k: v[local] for k, v in stacked.params.items()}
-                buffers = {k: v[local] for k, v in stacked.buffers.items()}
-                z = z.requires_grad_(True)
-                start = self.now()
-                out = vmap(lambda p, b, x: functional_call(stacked.template, (p, b), (x,)))(params, buffers, z)
-                torch.autograd.grad(out.sum(), z)
-                seconds += self.now() - start
-                continue
-            for i, x in zip(members, z):
-                if inv.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                x.requires_grad_(True)
-                start = self.now()
-                torch.autograd.grad(inv.teachers[i].model(x).sum(), x)
-                seconds += self.now() - start
+        for g in groups:
+            z = g.augmented_inputs.detach().requires_grad_(True)
+            start = self.now()
+            torch.autograd.grad(inv.bare_forward(g.key, g.members, z).sum(), z)
+            seconds += self.now() - start
         return seconds
 
     def learner_passes(self, episodes) -> float:

@@ -83,7 +83,7 @@ class FeatureSet:
         return TaskBatch(self.features[self.source.index(classes, np.stack([s.support for s in specs])).to(dev)],
                          episode_labels(way, shot, dev),
                          self.features[self.source.index(classes, np.stack([s.query for s in specs])).to(dev)],
-                         episode_labels(way, query, dev))
+                         episode_labels(way, query, dev), way)
 
 
 class NearestCentroid(PrototypeClassifier):

@@ -22,16 +22,17 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .inversion import PseudoBank
 from .inversion.augment import RandomAffineAugment
+from .inversion.draws import TeacherSampler, augmentation_draws
 from .meta.base import MetaLearner
 from .zoo.architectures import Classifier
 from .zoo.teacher import Teacher
@@ -102,6 +103,7 @@ class ZooDistillation(nn.Module):
         augment: the augmentation of the distilled views (the inversion's, so the views
             are those the teachers are inverted on); ``None``: the images themselves.
         seed: seeds the teacher sampling and the views (per step and teacher).
+        autocast: a lower precision (``torch.bfloat16``) for the teachers' forward passes, as in the inversion.
 
     Attributes:
         heads: per teacher ``nn.Linear(D, n_i)`` (logit distillation), or empty.
@@ -109,7 +111,7 @@ class ZooDistillation(nn.Module):
     """
 
     def __init__(self, teachers: Sequence[Teacher], feature_dim: int, config: DistillConfig,
-                 augment: RandomAffineAugment | None = None, seed: int = 0):
+                 augment: RandomAffineAugment | None = None, seed: int = 0, autocast: torch.dtype | None = None):
         super().__init__()
         self.teachers, self.config, self.seed = list(teachers), config, seed
         self.augment = augment if config.augment else None
@@ -119,12 +121,12 @@ class ZooDistillation(nn.Module):
                                        if config.logit > 0 else [])
             self.maps = nn.ModuleList([nn.Linear(feature_dim, t.model.feature_dim) for t in self.teachers]
                                       if config.feature > 0 else [])
-        self.generator = torch.Generator().manual_seed(seed + 20_000)
+        self.sampler = TeacherSampler(len(self.teachers), config.teachers_per_step, seed + 20_000)
+        self.autocast = autocast
 
     def sample_teachers(self) -> list[int]:
         """This step's teachers to distil: ``min(teachers_per_step, zoo size)``, sorted."""
-        n = len(self.teachers)
-        return sorted(torch.randperm(n, generator=self.generator)[:min(self.config.teachers_per_step, n)].tolist())
+        return self.sampler.sample()
 
     def losses(self, learner: MetaLearner, bank: PseudoBank, idx: Sequence[int], step: int
                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
@@ -132,22 +134,24 @@ class ZooDistillation(nn.Module):
         the heads and maps; the bank is read detached), and their mean parts ``logit_kd``, ``feature_cos``."""
         c = self.config
         out, kd, cos = [], [], []
-        for i in idx:
+        images = [bank.teacher_images(i) for i in idx]
+        if self.augment is not None:  # the step's views, drawn on the CPU and copied to the device once
+            thetas = augmentation_draws(self.augment, (self.seed, 1), step, idx, [len(x) for x in images],
+                                        bank.logits[0].device).split([len(x) for x in images])
+            images = [self.augment(x, theta) for x, theta in zip(images, thetas)]
+        for i, x in zip(idx, images):
             teacher = self.teachers[i]
-            x = bank.teacher_images(i)
-            if self.augment is not None:
-                draw = int(np.random.SeedSequence([self.seed, 1, step, i]).generate_state(1)[0])
-                x = self.augment(x, self.augment.sample(len(x), torch.Generator().manual_seed(draw)))
-            with torch.no_grad():
+            with torch.no_grad(), _precision(x.device, self.autocast):
                 target_features = teacher.features(x)
                 target_logits = teacher.model.head(target_features)
+            target_features, target_logits = target_features.float(), target_logits.float()
             embedding = learner.embed(x)
             loss = embedding.new_zeros(())
             if c.logit > 0:
                 kd.append(distillation_loss(self.heads[i](embedding), target_logits, c.temperature))
                 loss = loss + c.logit * kd[-1]
             if c.feature > 0:
-                cos.append(feature_distance(self.maps[i](embedding), target_features.float()))
+                cos.append(feature_distance(self.maps[i](embedding), target_features))
                 loss = loss + c.feature * cos[-1]
             out.append(loss)
         nan = torch.full((), float("nan"), device=bank.logits[0].device)
@@ -157,13 +161,18 @@ class ZooDistillation(nn.Module):
 
     def state_dict(self, *args, **kwargs) -> dict:
         state = super().state_dict(*args, **kwargs)
-        state["generator"] = self.generator.get_state()
+        state["sampler"] = self.sampler.state_dict()
         return state
 
     def load_state_dict(self, state: dict, strict: bool = True):
         state = dict(state)
-        self.generator.set_state(state.pop("generator"))
+        self.sampler.load_state_dict(state.pop("sampler"))
         return super().load_state_dict(state, strict=strict)
+
+
+def _precision(device: torch.device, dtype: torch.dtype | None):
+    """The teachers' mixed precision (``autocast``), or nothing."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 @torch.no_grad()

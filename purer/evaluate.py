@@ -18,12 +18,13 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import host
 from .data.episodes import EpisodeSampler, EpisodeSource, TaskBatch, TaskSpec
 
 if TYPE_CHECKING:
@@ -121,14 +122,26 @@ def evaluate(learner: "MetaLearner", source: EpisodeSource, tasks: Sequence[Task
     """
     if not tasks:
         raise ValueError("evaluate needs a non-empty task list")
+    start = time.perf_counter()
+    accs = task_accuracies(learner, source, tasks, adapt_kwargs=adapt_kwargs, progress=progress, method=method,
+                           chunk=chunk)
+    return EvalResult(method, tasks[0].way, int(tasks[0].support.shape[1]), host.values(accs.double(), "result"),
+                      learner.test_cost(), fingerprint(tasks), dict(adapt_kwargs or {}), time.perf_counter() - start)
+
+
+def task_accuracies(learner: "MetaLearner", source: EpisodeSource, tasks: Sequence[TaskSpec], *,
+                    adapt_kwargs: dict | None = None, progress: bool = False, method: str = "", chunk: int = 50
+                    ) -> torch.Tensor:
+    """The accuracy of ``learner`` on each task of ``tasks``, ``[len(tasks)]`` on the learner's device (not read
+    back: :func:`evaluate` reads it once; a multi-process run gathers the processes' shares first).  Arguments
+    as :func:`evaluate`'s; an empty task list gives an empty tensor."""
     adapt_kwargs = dict(adapt_kwargs or {})
     was_training = learner.training
     learner.eval()
     device = next(itertools.chain(learner.parameters(), learner.buffers()), torch.empty(0)).device
     batched = hasattr(source, "episodes") and len({(t.way, t.support.shape[1], t.query.shape[1]) for t in tasks}) == 1
     step = chunk if batched else 1
-    accs = []
-    start = time.perf_counter()
+    accs = [torch.zeros(0, device=device)]
     try:
         with torch.no_grad(), tqdm(total=len(tasks), desc=f"eval {method}".strip(), disable=not progress,
                                    leave=False) as bar:
@@ -141,8 +154,7 @@ def evaluate(learner: "MetaLearner", source: EpisodeSource, tasks: Sequence[Task
                 bar.update(len(part))
     finally:
         learner.train(was_training)
-    return EvalResult(method, tasks[0].way, int(tasks[0].support.shape[1]), torch.cat(accs).double().cpu().numpy(),
-                      learner.test_cost(), fingerprint(tasks), adapt_kwargs, time.perf_counter() - start)
+    return torch.cat(accs)
 
 
 def paired_difference(a: EvalResult, b: EvalResult) -> tuple[float, float]:
@@ -193,18 +205,23 @@ class Selection:
 
 
 def select_test_time(learner: "MetaLearner", val_source: EpisodeSource, val_tasks: Sequence[TaskSpec],
-                     grid: TuningGrid | None = None, progress: bool = False) -> Selection:
+                     grid: TuningGrid | None = None, progress: bool = False,
+                     evaluate_fn: Callable[..., EvalResult] | None = None) -> Selection:
     """The test-time settings from ``grid`` with the best mean accuracy on meta-val tasks.
 
     Only the settings in ``learner.tunable`` are searched; a learner without any
     (e.g. ProtoNet) gets ``{}`` (scored once). Ties go to the earlier grid point.
+    ``evaluate_fn(learner, source, tasks, adapt_kwargs=...)`` scores a grid point (default
+    :func:`evaluate`; a multi-process run passes one that splits the tasks).
     """
     grid = grid or TuningGrid()
+    if evaluate_fn is None:
+        evaluate_fn = lambda *a, **k: evaluate(*a, progress=progress, **k)  # noqa: E731
     names = [n for n in ("lr", "steps") if n in learner.tunable]
     best, table = None, {}
     for values in itertools.product(*(getattr(grid, n) for n in names)):
         kwargs = dict(zip(names, values))
-        acc = evaluate(learner, val_source, val_tasks, adapt_kwargs=kwargs, progress=progress).accuracy
+        acc = evaluate_fn(learner, val_source, val_tasks, adapt_kwargs=kwargs).accuracy
         table[",".join(f"{k}={v}" for k, v in kwargs.items()) or "default"] = round(acc, 2)
         if best is None or acc > best.val_accuracy:
             best = Selection(kwargs, acc, table)

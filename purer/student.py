@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .distill import distillation_loss
 from .inversion import EpisodeInversion, PseudoBank
-from .meta.base import batch_stats_only
+from .batchnorm import batch_stats_only
 from .meta.init import random_model
 from .zoo.architectures import Classifier
 from .zoo.teacher import Teacher

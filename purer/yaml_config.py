@@ -63,6 +63,11 @@ def _coerce(value: Any, tp, where: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp in (int, float, str, bool) and not isinstance(value, tp) or tp is int and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value

@@ -12,6 +12,7 @@ config.json), pictures/*.png, logs/ (TensorBoard), checkpoints/.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from purer import PurerWarning  # noqa: E402
 from purer.yaml_config import ConfigError, load_config  # noqa: E402
-from purer.pipeline import RunConfig, RunError, run  # noqa: E402
+from purer.pipeline import RunConfig, RunError, Stopped, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunError) as e:
         print(f"purer: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:  # a signal: the work so far is saved
+        return 128 + getattr(signal, e.signame, signal.SIGINT)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from purer.calibrate import (ICFIL, ICFILConfig, SupervisedContrastiveLoss, adapted_model, calibration,
-                             select_config, support_statistics_teacher, supervised_contrastive_loss)
+from purer.calibrate import (ICFIL, CalibratedLearner, ICFILConfig, NoCalibration, SupervisedContrastiveLoss,
+                             SupportCE, SupportCEConfig, adapted_model, calibrator, frozen_teacher,
+                             select_calibration, supervised_contrastive_loss)
 from purer.data import EpisodeSampler, ImageSet
 from purer.evaluate import evaluate, task_list
 from purer.inversion.synthesizer import InversionConfig
@@ -139,11 +140,11 @@ def test_without_inversion_and_calibration_icfil_is_the_plain_learner(trained_mo
     assert torch.allclose(off.predict(learner, ep.support_x, ep.support_y, 5, ep.query_x), plain, atol=1e-4)
 
 
-def test_support_statistics_teacher_reproduces_the_adapted_model_on_the_support(trained_model, test_set):
+def test_the_frozen_teacher_reproduces_the_adapted_model_on_the_support(trained_model, test_set):
     learner = learners(trained_model)["maml"].eval()
     ep = episode(test_set, shot=2)
     model, _ = adapted_model(learner, learner.adapt(ep.support_x, ep.support_y, 5))
-    teacher = support_statistics_teacher(model, learner, ep.support_x)
+    teacher = frozen_teacher(model, learner, ep.support_x)
     assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
     with torch.no_grad():
         # eval mode with the support's statistics == batch statistics on the support itself
@@ -227,21 +228,28 @@ def test_unknown_learner_is_a_clear_error():
         adapted_model(Centroids(), torch.zeros(1))
 
 
-def test_select_config_searches_the_grid_on_validation_tasks(trained_model, test_set):
+def test_select_calibration_searches_the_grid_on_validation_tasks(trained_model, test_set):
     learner = learners(trained_model)["protonet"]
     tasks = task_list(test_set, 5, 1, query=4, tasks=2, seed=0)
-    best, acc, table = select_config(learner, test_set, tasks, {"calibration_steps": [0, 2], "inversion.lr": [0.1]},
-                                     base=FAST)
-    assert best.calibration_steps in (0, 2) and best.inversion.lr == 0.1 and best.pseudo_per_class == 3
+    best, acc, table = select_calibration(ICFIL(FAST), {"calibration_steps": [0, 2], "inversion.lr": [0.1]}, learner,
+                                          test_set, tasks)
+    c = best.config
+    assert c.calibration_steps in (0, 2) and c.inversion.lr == 0.1 and c.pseudo_per_class == 3
     assert len(table) == 2 and acc == max(r["accuracy"] for r in table)
-    with pytest.raises(ValueError, match="unknown ICFIL setting 'calibration_stepz'"):
-        select_config(learner, test_set, tasks, {"calibration_stepz": [1]})
+    with pytest.raises(ValueError, match="unknown ICFILConfig setting 'calibration_stepz'"):
+        select_calibration(ICFIL(FAST), {"calibration_stepz": [1]}, learner, test_set, tasks)
+    with pytest.raises(ValueError, match="unknown ICFILConfig setting 'inversion.lrr'"):
+        select_calibration(ICFIL(FAST), {"inversion.lrr": [1]}, learner, test_set, tasks)
+    best, _, table = select_calibration(SupportCE(), {"lr": [1e-4, 1e-3]}, learner, test_set, tasks)
+    assert isinstance(best, SupportCE) and best.config.lr in (1e-4, 1e-3) and len(table) == 2
 
 
 def test_the_support_ce_control_synthesises_nothing_and_fine_tunes_on_the_real_support(trained_model, test_set):
     learner = learners(trained_model)["maml"].eval()
     ep = episode(test_set)
-    control = ICFIL(calibration("support-ce", FAST))
+    control = calibrator("support-ce", FAST)
+    assert isinstance(control, SupportCE) and not isinstance(control, ICFIL)
+    assert control.config == SupportCEConfig(steps=FAST.calibration_steps, lr=FAST.calibration_lr)
     task = control.adapt(learner, ep.support_x, ep.support_y, 5)
     assert len(task.pseudo_x) == 0 and control.wrap(learner).test_cost()["calibration_steps"] == 3
     assert "pseudo_per_class" not in control.wrap(learner).test_cost()
@@ -255,4 +263,18 @@ def test_the_support_ce_control_synthesises_nothing_and_fine_tunes_on_the_real_s
         opt.step()
     with torch.no_grad():
         expected = model(learner.prepare(ep.query_x))
-        assert torch.allclose(task.logits(learner.prepare(ep.query_x)), expected, atol=1e-5)
+        assert torch.allclose(task(ep.query_x), expected, atol=1e-5)
+
+
+def test_the_calibrations_are_one_family(trained_model, test_set):
+    learner = learners(trained_model)["maml"].eval()
+    ep = episode(test_set)
+    assert isinstance(calibrator("none"), NoCalibration) and calibrator("none").wrap(learner) is learner
+    plain = learner.predict(learner.adapt(ep.support_x, ep.support_y, 5), ep.query_x)
+    assert torch.equal(calibrator("none").predict(learner, ep.support_x, ep.support_y, 5, ep.query_x), plain)
+    for name in ("icfil", "support-ce"):
+        cal = calibrator(name, FAST)
+        assert cal.name == name and isinstance(cal.wrap(learner), CalibratedLearner)
+        assert cal.predict(learner, ep.support_x, ep.support_y, 5, ep.query_x).shape == (20, 5)
+    with pytest.raises(ValueError, match="unknown calibration 'icfl'"):
+        calibrator("icfl")

@@ -17,7 +17,8 @@ from purer.data import EpisodeSampler
 from purer.inversion import (BNStatsHook, EpisodeInversion, GradientSwitch, InversionConfig, L2Prior, PseudoBank,
                              RandomAffineAugment, SwitchConfig, TotalVariation, bn_distance, build_augmentation,
                              l2_prior, save_bank_grid, save_episode_grid, total_variation)
-from purer.inversion.grid import class_labels, save_training_plot
+from purer.inversion.grid import class_labels
+from purer.pipeline.pictures import save_training_plot
 from purer.meta.base import MetaLearner
 from purer.zoo import ModelConfig, Teacher, prepare_input
 

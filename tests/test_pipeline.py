@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from purer.pipeline import checkpointed_state
-from recipe_runs import REPO, RECIPE, accuracies, overrides, recipe
+from purer.pipeline import CHECKPOINTED, checkpointed_state
+from recipe_runs import ITERATIONS, REPO, RECIPE, accuracies, overrides, recipe
 
 
 def test_run_writes_every_output(baseline_run):
@@ -32,24 +32,30 @@ def test_run_writes_every_output(baseline_run):
     assert len(selected) == 1 and selected[0]["val_accuracy"] == max(r["val_accuracy"] for r in mine)
     assert results["calibration"] == {"1": {"purer": "none"}.get(selected[0]["method"],
                                                                   selected[0]["method"].removeprefix("purer+"))}
+    icfil = next(r for r in mine if r["method"] == "purer+icfil")["calibration"]
     control = next(r for r in mine if r["method"] == "purer+support-ce")["calibration"]
-    assert control["inversion_steps"] == 0 and control["contrastive_weight"] == 0 == control["pseudo_ce_weight"]
+    assert control == {"steps": icfil["calibration_steps"], "lr": icfil["calibration_lr"]}  # ICFIL's budget
     assert {"nc-pixels", "nc-best-teacher", "maml-random"} <= set(methods)
     for r in results["rows"]:
         assert {"method", "way", "shot", "accuracy", "ci95", "test_cost"} <= set(r)
         assert 0 <= r["accuracy"] <= 100 and r["ci95"] >= 0
-    assert results["meta_train"]["switch_fired"] > 0  # patience 1 after warm-up 1: it must fire
-    assert results["meta_train"]["adversarial_steps"] > 0
+    summary = results["meta_train"]
+    assert summary["switch_fired"] == len(summary["fired_at"]) > 0  # patience 1 after warm-up 1: it fires
+    # every firing before the last iteration made the next bank update adversarial
+    assert summary["adversarial_steps"] == len([i for i in summary["fired_at"] if i < summary["iterations"]])
     table = (out / "results.md").read_text()
     assert "| purer+icfil |" in table and "± " in table
     assert (out / "config.yaml").is_file()
     assert list((out / "pictures").glob("pseudo_episode_*.png")) and (out / "pictures" / "bank_final.png").is_file()
     assert (out / "pictures" / "training.png").is_file()
     assert list((out / "logs").rglob("events.out.tfevents*"))
-    kept = sorted(p.parent.name for p in (out / "checkpoints").glob("checkpoint_*/COMPLETE"))
-    assert kept == ["checkpoint_4", "checkpoint_6"]  # the two newest, the last at the end of training
-    final = out / "checkpoints" / "checkpoint_6"
-    assert checkpointed_state(final, "state")["iteration"] == 6
+    kept = sorted((p.parent.name for p in (out / "checkpoints").glob("checkpoint_*/COMPLETE")),
+                  key=lambda name: int(name.split("_")[1]))
+    assert kept == [f"checkpoint_{ITERATIONS - 2}", f"checkpoint_{ITERATIONS}"]  # the two newest, the last at the end
+    final = out / "checkpoints" / f"checkpoint_{ITERATIONS}"
+    assert sorted(p.name for p in final.iterdir()) == sorted(["COMPLETE", "run.json", "rng_0.pt"]
+                                                             + [f"{name}.pt" for name in CHECKPOINTED])
+    assert checkpointed_state(final, "state")["iteration"] == ITERATIONS
     assert set(checkpointed_state(final, "switch")) == {"iteration", "best", "stale", "fired"}
     assert all(k.startswith("logits.") for k in checkpointed_state(final, "bank"))
 
@@ -173,14 +179,6 @@ def test_a_used_output_dir_is_refused_and_overwrite_replaces_its_run(tiny_root, 
     assert json.loads((out / "checkpoints" / "checkpoint_1" / "run.json").read_text())["run_id"] == results["run_id"]
 
 
-def test_lambda_adv_zero_is_plain_episode_inversion(tiny_root, baseline_run, tmp_path):
-    out = tmp_path / "ei"
-    res = recipe(overrides(tiny_root, out, 4, **{"switch.lambda_adv": 0, "eval.baselines": "[]", "eval.calibrations": "[]"}))
-    assert res.returncode == 0, res.stderr[-3000:]
-    summary = json.loads((out / "results.json").read_text())["meta_train"]
-    assert summary["switch_fired"] > 0 and summary["adversarial_steps"] == 0
-
-
 def test_val_every_zero_validates_the_final_state_only(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "no_val"
     res = recipe(overrides(tiny_root, out, 2, **{"meta.train.val_every": 0, "cache_dir": str(baseline_run / "cache")}))
@@ -206,7 +204,7 @@ def test_resume_after_sigkill_gives_the_same_results(tiny_root, baseline_run, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(RECIPE), "--no-progress", *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = out / "checkpoints" / "checkpoint_2" / "COMPLETE"
+    marker = out / "checkpoints" / "checkpoint_4" / "COMPLETE"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -303,10 +301,10 @@ def test_two_processes_match_one(tiny_root, baseline_run, tmp_path):
 
     one, two = (json.loads((o / "results.json").read_text()) for o in (baseline_run, out))
     assert (one["processes"], two["processes"]) == (1, 2)
-    assert one["meta_train"]["adversarial_steps"] > 0  # the case that used to differ
+    assert one["meta_train"]["adversarial_steps"] > 0  # the case that used to differ (see the fixture)
     assert without_times(two) == without_times(one)
     for part in ("bank", "learner", "best", "optimizer"):
-        a, b = (checkpointed_state(o / "checkpoints" / "checkpoint_6", part) for o in (baseline_run, out))
+        a, b = (checkpointed_state(o / "checkpoints" / f"checkpoint_{ITERATIONS}", part) for o in (baseline_run, out))
         assert identical(a, b), part
 
 
@@ -333,7 +331,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(tiny_root, baseline_run,
     proc.send_signal(signal.SIGINT)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130, log[-2000:]
-    assert "interrupted: checkpoint written" in log and "Traceback" not in log
+    assert "stopped (SIGINT): checkpoint written" in log and "Traceback" not in log
     assert list((out / "checkpoints").glob("checkpoint_*/COMPLETE"))
     res = recipe(args + ["--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -351,20 +349,27 @@ def test_default_zoo_directory_names_every_pretraining_field():
     assert len(others) == 3 and default not in others
 
 
-def test_deferred_interrupt_requests_once_then_interrupts_and_keeps_an_ignored_sigint():
-    from purer.pipeline import DeferredInterrupt
+def test_stop_signals_request_once_then_interrupt_and_keep_an_ignored_sigint():
+    from purer.pipeline import StopSignals, Stopped
 
-    before = signal.getsignal(signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     with pytest.raises(KeyboardInterrupt):
-        with DeferredInterrupt() as interrupt:
+        with StopSignals() as stop:
             os.kill(os.getpid(), signal.SIGINT)
-            assert interrupt.requested  # the first Ctrl-C only asks
+            assert stop.requested == "SIGINT"  # the first Ctrl-C only asks
             os.kill(os.getpid(), signal.SIGINT)  # the second one interrupts
-    assert signal.getsignal(signal.SIGINT) is before
+    for name in ("SIGTERM", "SIGUSR1"):  # a cluster's warning and its termination only ask, once or twice
+        with StopSignals() as stop:
+            os.kill(os.getpid(), getattr(signal, name))
+            os.kill(os.getpid(), getattr(signal, name))
+            assert stop.requested == name
+            with pytest.raises(Stopped, match=name):
+                stop.check()
+    assert {s: signal.getsignal(s) for s in before} == before
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with DeferredInterrupt() as interrupt:
+        with StopSignals() as stop:
             os.kill(os.getpid(), signal.SIGINT)
-        assert not interrupt.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert stop.requested is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, before[signal.SIGINT])

@@ -1,6 +1,29 @@
-"""ICFIL: inversion calibration following the inner loop (meta-test only)."""
-from .icfil import (CALIBRATIONS, ICFIL, CalibratedTask, ICFILConfig, ICFILLearner, SupervisedContrastiveLoss, adapted_model,
-                    calibration, select_config, supervised_contrastive_loss, support_statistics_teacher, with_settings)
+"""Test-time calibration after the inner loop: ``none``, ICFIL (meta-test only) and its control ``support-ce``.
 
-__all__ = ["CALIBRATIONS", "ICFIL", "calibration", "CalibratedTask", "ICFILConfig", "ICFILLearner", "SupervisedContrastiveLoss", "adapted_model",
-           "select_config", "supervised_contrastive_loss", "support_statistics_teacher", "with_settings"]
+See :mod:`purer.calibrate.base` for the interface every member offers.
+"""
+from .base import (CalibratedLearner, CalibratedTask, Calibrator, NoCalibration, adapted_model, select_calibration,
+                   with_settings)
+from .icfil import ICFIL, ICFILConfig, SupervisedContrastiveLoss, frozen_teacher, supervised_contrastive_loss
+from .support_ce import SupportCE, SupportCEConfig
+
+#: The calibrations a run can score, by row name (``purer+<name>``).
+CALIBRATIONS = tuple(name for name in Calibrator.members if name != "none")
+
+
+def calibrator(name: str, icfil: ICFILConfig | None = None) -> Calibrator:
+    """The calibrator ``name`` (``none``, ``icfil`` or ``support-ce``) of a run whose ICFIL settings are
+    ``icfil``: ICFIL with them, its control with their calibration steps and lr."""
+    icfil = icfil or ICFILConfig()
+    if name == "icfil":
+        return ICFIL(icfil)
+    if name == "support-ce":
+        return SupportCE.matching(icfil)
+    if name == "none":
+        return NoCalibration()
+    raise ValueError(f"unknown calibration {name!r}; choose from none, {', '.join(CALIBRATIONS)}")
+
+
+__all__ = ["CALIBRATIONS", "CalibratedLearner", "CalibratedTask", "Calibrator", "ICFIL", "ICFILConfig",
+           "NoCalibration", "SupervisedContrastiveLoss", "SupportCE", "SupportCEConfig", "adapted_model", "calibrator",
+           "frozen_teacher", "select_calibration", "supervised_contrastive_loss", "with_settings"]

@@ -4,12 +4,15 @@ Description:
     The meta-learner was meta-trained on pseudo images but is tested on real ones.
     ICFIL closes that gap per task: (1) adapt the meta-learner on the real support
     set S; (2) invert the adapted model into a pseudo support set S^ for the same
-    N labels, with the BatchNorm targets set to S's own feature statistics;
-    (3) calibrate a per-task copy of the adapted model for a few steps with a
-    supervised contrastive loss over the features of S and S^ together (same
-    label = positive, real or pseudo) plus cross-entropy on S and, with a smaller
-    weight, on S^; (4) predict the query set with the calibrated copy. The
-    meta-learner's own weights are never touched, so tasks do not leak.
+    N labels, with the BatchNorm targets set to S's own feature statistics (the
+    adapted network frozen at S, :func:`purer.batchnorm.freeze_at`, inverted by the
+    same episode inversion that meta-training uses); (3) calibrate a per-task copy of
+    the adapted model for a few steps with a supervised contrastive loss over the
+    features of S and S^ together (same label = positive, real or pseudo) plus
+    cross-entropy on S and, with a smaller weight, on S^; (4) predict the query set
+    with the calibrated copy.  The meta-learner's own weights are never touched, so
+    tasks do not leak.  Its control, the same calibration steps as cross-entropy on S
+    alone, is :class:`purer.calibrate.support_ce.SupportCE`.
 
 References:
     Hu et al., "Architecture, Dataset and Model-Scale Agnostic Data-free
@@ -18,26 +21,24 @@ References:
 """
 from __future__ import annotations
 
-import copy
-import itertools
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..data.episodes import ImageSet, TaskSpec, episode_labels
+from ..batchnorm import freeze_at
+from ..data.episodes import episode_labels
 from ..inversion.bank import PseudoBank
 from ..inversion.hooks import BNStatsHook
 from ..inversion.synthesizer import EpisodeInversion, InversionConfig
 from ..meta.base import InputSpec, MetaLearner
-from ..meta.maml import ANIL, MAML
-from ..meta.protonet import ProtoNet, neg_sq_distances, prototypes
-from ..zoo.architectures import Classifier
 from ..zoo.teacher import ModelConfig, Teacher
+from ..meta.protonet import prototypes
+from .base import CalibratedTask, Calibrator, adapted_model, check_support, fine_tune, finish, real_logits
 
 
 def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
@@ -156,138 +157,27 @@ class ICFILConfig:
         if min(self.contrastive_weight, self.real_ce_weight, self.pseudo_ce_weight) < 0:
             raise ValueError("contrastive_weight, real_ce_weight and pseudo_ce_weight must be >= 0")
 
-    @property
-    def uses_pseudo(self) -> bool:
-        """Whether any loss term reads the pseudo support (no: nothing is synthesised, as in ``support-ce``)."""
-        return self.contrastive_weight > 0 or self.pseudo_ce_weight > 0
 
-
-# Test-time calibrations after the inner loop, by name: ICFIL, and its control, which spends the same
-# calibration steps and lr on cross-entropy over the real support alone (no inversion, no contrastive term),
-# so that what ICFIL adds can be told apart from merely fine-tuning longer.
-CALIBRATIONS: dict[str, dict[str, Any]] = {
-    "icfil": {},
-    "support-ce": {"inversion_steps": 0, "contrastive_weight": 0.0, "pseudo_ce_weight": 0.0},
-}
-
-
-def calibration(name: str, base: ICFILConfig | None = None) -> ICFILConfig:
-    """The :class:`ICFILConfig` of the calibration ``name`` (one of :data:`CALIBRATIONS`) on top of ``base``."""
-    if name not in CALIBRATIONS:
-        raise ValueError(f"unknown calibration {name!r}; choose from {sorted(CALIBRATIONS)}")
-    return with_settings(base or ICFILConfig(), CALIBRATIONS[name])
-
-
-@dataclass
-class CalibratedTask:
-    """One task's calibrated model (a private copy; the meta-learner is untouched).
-
-    Attributes:
-        model: the adapted-then-calibrated network; its BatchNorm uses batch
-            statistics like the meta-learner's. For ProtoNet its head is unused.
-        prototypes: ``[N, D]`` for ProtoNet (recomputed from the real support with
-            the calibrated encoder), else ``None``.
-        pseudo_x: ``[N*M, C, H, W]`` the pseudo support in ``[0, 1]``, class-major.
-        pseudo_y: ``[N*M]`` its labels.
-        stats: numbers from the run: ``inversion_acc`` (the adapted model's accuracy on
-            the final pseudo support), ``inversion_ce``, ``r_bn``, ``calibration_loss``.
-    """
-
-    model: Classifier
-    prototypes: torch.Tensor | None
-    pseudo_x: torch.Tensor
-    pseudo_y: torch.Tensor
-    stats: dict[str, float]
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Network inputs ``[B, C', H', W']`` (already prepared) -> logits ``[B, N]``."""
-        if self.prototypes is None:
-            return self.model(x)
-        return neg_sq_distances(self.model.encoder(x), self.prototypes)
-
-
-def adapted_model(learner: MetaLearner, adapted: Any) -> tuple[Classifier, bool]:
-    """A private :class:`Classifier` copy of ``learner`` under its ``adapted`` state.
-
-    MAML: the network with the fast weights; ANIL: the network with the adapted
-    head; ProtoNet: the encoder with a linear head equivalent to the prototypes
-    (``-||f - c||^2 = 2 c.f - ||c||^2 - ||f||^2`` and the last term is the same for
-    every class, so ``W = 2 c``, ``b = -||c||^2`` give the same softmax).
-
-    Returns:
-        ``(model, is_prototypical)``; every parameter of ``model`` is a fresh leaf
-        with ``requires_grad=True``.
-
-    Raises:
-        TypeError: for a learner other than MAML, ANIL or ProtoNet.
-    """
-    if isinstance(learner, MAML):
-        model = copy.deepcopy(learner.model)
-        target = model.head if isinstance(learner, ANIL) else model
-        with torch.no_grad():
-            for name, p in target.named_parameters():
-                p.copy_(adapted[name])
-        is_proto = False
-    elif isinstance(learner, ProtoNet):
-        protos = adapted.detach()
-        model = Classifier(copy.deepcopy(learner.encoder), protos.shape[1], protos.shape[0])
-        with torch.no_grad():
-            model.head.weight.copy_(2 * protos)
-            model.head.bias.copy_(-protos.pow(2).sum(1))
-        is_proto = True
-    else:
-        raise TypeError(f"ICFIL calibrates MAML, ANIL and ProtoNet learners, got {type(learner).__name__}; "
-                        "add a case to purer.calibrate.icfil.adapted_model for it")
-    model.train(learner.training)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model, is_proto
-
-
-def support_statistics_teacher(model: Classifier, learner: MetaLearner, support_x: torch.Tensor) -> Teacher:
-    """A frozen copy of ``model`` whose BatchNorm running statistics are the real support's.
-
-    The meta-learner's BatchNorm keeps no running statistics, so the inversion's
-    BN targets (and the normalisation the copy applies in eval mode) are the
-    batch mean and (biased) variance of each BN layer's input on the real
-    support. The copy is wrapped as a :class:`Teacher` with the learner's input
-    contract, so episode inversion runs on it unchanged.
+def frozen_teacher(model: nn.Module, learner: MetaLearner, support_x: torch.Tensor) -> Teacher:
+    """The adapted ``model`` frozen at the real support's BatchNorm statistics, as a :class:`Teacher` with the
+    learner's input contract, so that episode inversion runs on it unchanged (its R_bn targets are then the
+    support's statistics).
 
     Args:
-        model: the adapted network (see :func:`adapted_model`).
+        model: the adapted network (see :func:`~purer.calibrate.base.adapted_model`).
         learner: gives the input contract (:attr:`MetaLearner.input_spec`).
         support_x: ``[N*K, C, H, W]`` real support in ``[0, 1]``.
     """
-    net = copy.deepcopy(model)
-    seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0]
-        seen[module] = torch.var_mean(x, dim=[0, *range(2, x.ndim)], unbiased=False)
-
-    handles = [m.register_forward_pre_hook(record) for m in net.modules() if isinstance(m, _BatchNorm)]
-    try:
-        with torch.no_grad():
-            net(learner.prepare(support_x))
-    finally:
-        for h in handles:
-            h.remove()
-    for m, (var, mean) in seen.items():
-        m.track_running_stats = True
-        m.running_mean, m.running_var = mean.clone(), var.clone()
-        m.num_batches_tracked = torch.tensor(1, dtype=torch.long, device=mean.device)
-    spec = learner.input_spec
-    if spec is None:
-        spec = InputSpec(support_x.shape[1], support_x.shape[-1])
+    spec = learner.input_spec or InputSpec(support_x.shape[1], support_x.shape[-1])
     way = model.head.out_features
     # The task model is never rebuilt from this config, so `arch` only names it.
     config = ModelConfig(arch="icfil:adapted", num_classes=way, class_ids=[str(i) for i in range(way)],
                          in_channels=spec.in_channels, image_size=spec.image_size, mean=list(spec.mean),
                          std=list(spec.std))
-    return Teacher(net, config, model_id="adapted")
+    return Teacher(freeze_at(model, learner.prepare(support_x)), config, model_id="adapted")
 
 
-class ICFIL:
+class ICFIL(Calibrator, name="icfil"):
     """Inversion calibration following the inner loop, per meta-test task.
 
     Args:
@@ -299,75 +189,33 @@ class ICFIL:
         >>> evaluate(icfil.wrap(learner), test_set, tasks, method="maml+icfil")     # doctest: +SKIP
     """
 
-    def __init__(self, config: ICFILConfig | None = None):
-        self.config = config or ICFILConfig()
+    config_type = ICFILConfig
 
     def invert(self, teacher: Teacher, support_x: torch.Tensor, way: int
-               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Pseudo support ``[N*M, C, H, W]`` in ``[0, 1]`` and labels ``[N*M]`` by inverting ``teacher``.
 
-        Images live at the real support's channels and size; the run is episode
-        inversion (:class:`~purer.inversion.EpisodeInversion`) over a one-teacher
-        :class:`~purer.inversion.PseudoBank`.
+        Images live at the real support's channels and size and on its device; the run is
+        episode inversion (:class:`~purer.inversion.EpisodeInversion`, its one teacher run
+        plainly, never stacked) over a one-teacher :class:`~purer.inversion.PseudoBank`.
         """
         c = self.config
         bank = PseudoBank([teacher], c.pseudo_per_class, image_size=support_x.shape[-1],
-                          channels=support_x.shape[1], seed=c.seed).to(support_x.device)
-        inversion = EpisodeInversion([teacher], bank, c.inversion)
+                          channels=support_x.shape[1], seed=c.seed, device=support_x.device)
+        inversion = EpisodeInversion([teacher], bank, dataclasses.replace(c.inversion, teacher_batching="loop"))
         for _ in range(c.inversion_steps):
             inversion.step(teachers=[0])
         pseudo_x = rearrange(bank.snapshot(), "n m c h w -> (n m) c h w")
         pseudo_y = episode_labels(way, c.pseudo_per_class, device=support_x.device)
         with torch.no_grad(), BNStatsHook(teacher.model) as bn:
             logits = teacher(pseudo_x)
-        stats = {"inversion_acc": (logits.argmax(-1) == pseudo_y).float().mean().item(),
-                 "inversion_ce": F.cross_entropy(logits, pseudo_y).item(), "r_bn": bn.loss().item()}
+        stats = {"inversion_acc": (logits.argmax(-1) == pseudo_y).float().mean(),
+                 "inversion_ce": F.cross_entropy(logits, pseudo_y), "r_bn": bn.loss()}
         return pseudo_x, pseudo_y, stats
-
-    def calibrate(self, learner: MetaLearner, model: Classifier, is_proto: bool, real_x: torch.Tensor,
-                  real_y: torch.Tensor, pseudo_x: torch.Tensor, pseudo_y: torch.Tensor, way: int) -> float:
-        """Calibrate ``model`` in place on real + pseudo support; returns the last step's loss.
-
-        Loss: ``contrastive_weight * SupCon(features of real and pseudo) +
-        real_ce_weight * CE(real) + pseudo_ce_weight * CE(pseudo)``. Real and
-        pseudo images go through the network as separate batches, so each is
-        normalised by its own BatchNorm statistics, as a support set is at
-        adaptation. ProtoNet: only the encoder is calibrated; the logits come
-        from prototypes of the real support, recomputed at every step.
-
-        Args:
-            learner: gives the input contract (``learner.prepare``).
-            model: the per-task copy (see :func:`adapted_model`), changed in place.
-            is_proto: ``model`` stands for a ProtoNet (its head is ignored).
-            real_x, real_y: ``[N*K, C, H, W]`` real support in ``[0, 1]`` and ``[N*K]`` labels.
-            pseudo_x, pseudo_y: ``[N*M, C, H, W]`` pseudo support in ``[0, 1]`` and ``[N*M]`` labels.
-            way: N.
-        """
-        c = self.config
-        xr, xp = learner.prepare(real_x), learner.prepare(pseudo_x)
-        labels = torch.cat([real_y, pseudo_y])
-        params = list((model.encoder if is_proto else model).parameters())
-        optimizer = torch.optim.Adam(params, lr=c.calibration_lr)
-        loss = torch.zeros(())
-        for _ in range(c.calibration_steps):
-            fr = model.encoder(xr)
-            protos = prototypes(fr, real_y, way) if is_proto else None
-            logits_r = neg_sq_distances(fr, protos) if is_proto else model.head(fr)
-            loss = c.real_ce_weight * F.cross_entropy(logits_r, real_y)
-            if c.uses_pseudo:
-                fp = model.encoder(xp)
-                logits_p = neg_sq_distances(fp, protos) if is_proto else model.head(fp)
-                loss = (c.contrastive_weight * supervised_contrastive_loss(torch.cat([fr, fp]), labels,
-                                                                           c.temperature)
-                        + loss + c.pseudo_ce_weight * F.cross_entropy(logits_p, pseudo_y))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return loss.item()
 
     def adapt(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
               **test_time: Any) -> CalibratedTask:
-        """Steps 1-3 on one task: adapt (``test_time`` goes to ``learner.adapt``), invert, calibrate.
+        """Adapt (``test_time`` goes to ``learner.adapt``), invert, calibrate; the calibrated predictor.
 
         Args:
             support_x: ``[N*K, C, H, W]`` real support in ``[0, 1]``.
@@ -375,121 +223,29 @@ class ICFIL:
 
         Works under ``torch.no_grad()`` too (it enables gradients where it needs them).
         """
-        if support_x.ndim != 4 or support_y.shape != support_x.shape[:1]:
-            raise ValueError(f"support_x must be [N*K, C, H, W] and support_y [N*K], got "
-                             f"{tuple(support_x.shape)} and {tuple(support_y.shape)}")
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(self.config.seed)
-            adapted = learner.adapt(support_x, support_y, way, **test_time)
-            model, is_proto = adapted_model(learner, adapted)
-            if self.config.uses_pseudo:
-                teacher = support_statistics_teacher(model, learner, support_x)
-                pseudo_x, pseudo_y, stats = self.invert(teacher, support_x, way)
-            else:  # nothing reads a pseudo support: synthesise none
-                pseudo_x, pseudo_y, stats = support_x[:0], support_y[:0], {}
-            stats["calibration_loss"] = self.calibrate(learner, model, is_proto, support_x, support_y, pseudo_x,
-                                                       pseudo_y, way)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        protos = None
-        if is_proto:
-            with torch.no_grad():
-                protos = prototypes(model.encoder(learner.prepare(support_x)), support_y, way)
-        return CalibratedTask(model, protos, pseudo_x, pseudo_y, stats)
+        check_support(support_x, support_y)
+        c = self.config
+        with torch.enable_grad():
+            model, is_proto = adapted_model(learner, learner.adapt(support_x, support_y, way, **test_time))
+            pseudo_x, pseudo_y, stats = self.invert(frozen_teacher(model, learner, support_x), support_x, way)
+            xr, xp = learner.prepare(support_x), learner.prepare(pseudo_x)
+            labels = torch.cat([support_y, pseudo_y])
 
-    def predict(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
-                query_x: torch.Tensor, **test_time: Any) -> torch.Tensor:
-        """Query logits ``[B, N]`` for ``query_x [B, C, H, W]`` after adapt + invert + calibrate."""
-        task = self.adapt(learner, support_x, support_y, way, **test_time)
-        with torch.no_grad():
-            return task.logits(learner.prepare(query_x))
+            def loss() -> torch.Tensor:
+                # Real and pseudo images go through the network as separate batches, so each is normalised by
+                # its own BatchNorm statistics, as a support set is at adaptation.  ProtoNet: the logits come
+                # from prototypes of the real support, recomputed at every step.
+                fr = model.encoder(xr)
+                protos = prototypes(fr, support_y, way) if is_proto else None
+                real_ce = c.real_ce_weight * F.cross_entropy(real_logits(model, fr, protos), support_y)
+                fp = model.encoder(xp)
+                return (c.contrastive_weight * supervised_contrastive_loss(torch.cat([fr, fp]), labels,
+                                                                           c.temperature)
+                        + real_ce + c.pseudo_ce_weight * F.cross_entropy(real_logits(model, fp, protos), pseudo_y))
 
-    def wrap(self, learner: MetaLearner) -> "ICFILLearner":
-        """``learner`` with ICFIL after its inner loop, as a :class:`MetaLearner` for :func:`purer.evaluate.evaluate`."""
-        return ICFILLearner(learner, self)
+            stats["calibration_loss"] = fine_tune(model, is_proto, loss, c.calibration_steps, c.calibration_lr)
+        return finish(learner, model, is_proto, support_x, support_y, way, pseudo_x, pseudo_y, stats)
 
-
-class ICFILLearner(MetaLearner):
-    """A meta-learner followed by ICFIL at test time; ``adapt`` returns a :class:`CalibratedTask`.
-
-    Test-time settings of the wrapped learner (its ``tunable``, e.g. inner lr and
-    steps) pass through ``adapt``. Meta-test only: it cannot be meta-trained.
-    """
-
-    def __init__(self, learner: MetaLearner, icfil: ICFIL):
-        super().__init__(None)
-        self.learner = learner
-        self.icfil = icfil
-        self.tunable = learner.tunable
-
-    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int, *, create_graph: bool = False,
-              **test_time: Any) -> CalibratedTask:
-        if create_graph:
-            raise ValueError("ICFIL is a meta-test stage and is not differentiable; meta-train the wrapped "
-                             "learner itself")
-        return self.icfil.adapt(self.learner, support_x, support_y, way, **test_time)
-
-    def predict(self, adapted: CalibratedTask, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return adapted.logits(self.learner.prepare(x))
-
-    def test_cost(self) -> dict:
-        c = self.icfil.config
-        if not c.uses_pseudo:
-            return {**self.learner.test_cost(), "calibration_steps": c.calibration_steps}
-        return {**self.learner.test_cost(), "icfil_steps": c.inversion_steps + c.calibration_steps,
-                "pseudo_per_class": c.pseudo_per_class}
-
-
-def with_settings(config: ICFILConfig, settings: dict[str, Any]) -> ICFILConfig:
-    """A copy of ``config`` with ``settings`` applied; keys are field names, ``inversion.<field>`` for the
-    nested inversion settings (e.g. ``{"calibration_lr": 1e-3, "inversion.lr": 0.1}``).
-
-    Raises:
-        ValueError: for a key that names no setting.
-    """
-    top: dict[str, Any] = {}
-    nested: dict[str, Any] = {}
-    for key, value in settings.items():
-        head, _, rest = key.partition(".")
-        valid = {f.name for f in fields(InversionConfig if rest else ICFILConfig)}
-        if (rest and head != "inversion") or (rest or head) not in valid:
-            raise ValueError(f"unknown ICFIL setting {key!r}; valid: "
-                             f"{', '.join(f.name for f in fields(ICFILConfig))} and inversion.<InversionConfig field>")
-        (nested if rest else top)[rest or head] = value
-    if nested:
-        top["inversion"] = replace(top.get("inversion", config.inversion), **nested)
-    return replace(config, **top)
-
-
-def select_config(learner: MetaLearner, val_source: ImageSet, val_tasks: Sequence[TaskSpec],
-                  grid: dict[str, Sequence[Any]], base: ICFILConfig | None = None, adapt_kwargs: dict | None = None,
-                  progress: bool = False) -> tuple[ICFILConfig, float, list[dict]]:
-    """Grid search of ICFIL settings on meta-val tasks (never on meta-test).
-
-    Args:
-        learner: the meta-learner ICFIL follows.
-        val_source, val_tasks: meta-val images and a fixed task list over them.
-        grid: ``{setting: candidate values}`` (keys as in :func:`with_settings`); every
-            combination is evaluated on the same tasks.
-        base: the settings not searched (default :class:`ICFILConfig`).
-        adapt_kwargs: the learner's own test-time settings (e.g. inner lr and steps).
-
-    Returns:
-        ``(best config, its meta-val accuracy in percent, one row per combination
-        {"settings", "accuracy", "ci95"})``; ties go to the earlier combination.
-    """
-    from ..evaluate import evaluate
-
-    base = base or ICFILConfig()
-    keys = list(grid)
-    best, best_acc, table = base, -1.0, []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        settings = dict(zip(keys, values))
-        config = with_settings(base, settings)
-        result = evaluate(ICFIL(config).wrap(learner), val_source, val_tasks, adapt_kwargs=adapt_kwargs,
-                          progress=progress)
-        table.append({"settings": settings, "accuracy": result.accuracy, "ci95": result.ci95})
-        if result.accuracy > best_acc:
-            best, best_acc = config, result.accuracy
-    return best, best_acc, table
+    def test_cost(self, learner: MetaLearner) -> dict:
+        c = self.config
+        return {"icfil_steps": c.inversion_steps + c.calibration_steps, "pseudo_per_class": c.pseudo_per_class}

@@ -8,12 +8,17 @@ many images each class has, so real and pseudo sources share one sampling rule.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from einops import rearrange
+
+from .. import host
+from ..host import to_device
 
 # The splits of every real dataset: meta-train classes (teachers, baselines), meta-val (selection), meta-test.
 SPLITS = ("train", "val", "test")
@@ -96,43 +101,45 @@ class TaskBatch:
         support_y: ``[N*K]`` int64 labels, the same for every task (class-major ``0..N-1``).
         query_x: ``[T, N*Q, ...]`` like ``support_x``.
         query_y: ``[N*Q]``.
+        way: N (given, so that nothing is read back from the device to learn it).
     """
 
     support_x: torch.Tensor
     support_y: torch.Tensor
     query_x: torch.Tensor
     query_y: torch.Tensor
+    way: int
 
     def __post_init__(self):
         if self.support_x.ndim < 3 or self.support_x.shape[0] != self.query_x.shape[0] \
                 or self.support_x.shape[2:] != self.query_x.shape[2:]:
             raise ValueError(f"a TaskBatch holds support [T, N*K, ...] and query [T, N*Q, ...] of one item shape, "
                              f"got {tuple(self.support_x.shape)} and {tuple(self.query_x.shape)}")
+        if self.support_y.numel() % self.way or self.query_y.numel() % self.way:
+            raise ValueError(f"{self.support_y.numel()} support and {self.query_y.numel()} query labels do not split "
+                             f"into {self.way} classes")
 
     def __len__(self) -> int:
         return self.support_x.shape[0]
 
     def to(self, device: torch.device | str) -> "TaskBatch":
         return TaskBatch(self.support_x.to(device), self.support_y.to(device), self.query_x.to(device),
-                         self.query_y.to(device))
-
-    @property
-    def way(self) -> int:
-        return int(self.support_y.max()) + 1
+                         self.query_y.to(device), self.way)
 
     @classmethod
     def stack(cls, episodes: Sequence["Episode"]) -> "TaskBatch":
-        """Stack episodes of one shape (their labels must agree, as a sampler's class-major labels do)."""
+        """Stack episodes of one shape (way, shot, query) whose labels agree, as a sampler's class-major labels
+        do (checked where that needs no read from a device: on the CPU)."""
         first = episodes[0]
         for ep in episodes[1:]:
-            if not (torch.equal(ep.support_y, first.support_y) and torch.equal(ep.query_y, first.query_y)):
-                raise ValueError("episodes of a TaskBatch must share way, shot, query and label order")
+            if ep.support_y.shape != first.support_y.shape or ep.query_y.shape != first.query_y.shape or \
+                    ep.way != first.way:
+                raise ValueError("episodes of a TaskBatch must share way, shot and query")
+            if first.support_y.device.type == "cpu" and not (torch.equal(ep.support_y, first.support_y)
+                                                             and torch.equal(ep.query_y, first.query_y)):
+                raise ValueError("episodes of a TaskBatch must share their label order")
         return cls(torch.stack([e.support_x for e in episodes]), first.support_y,
-                   torch.stack([e.query_x for e in episodes]), first.query_y)
-
-    def task(self, i: int) -> "Episode":
-        """Task ``i`` as an :class:`Episode` (no class names)."""
-        return Episode(self.support_x[i], self.support_y, self.query_x[i], self.query_y)
+                   torch.stack([e.query_x for e in episodes]), first.query_y, first.way)
 
 
 def episode_labels(way: int, per_class: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -176,6 +183,7 @@ class ImageSet:
         self.labels = labels.long()
         self.class_names = list(class_names)
         self.name = name
+        self._fingerprint: str | None = None
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
             raise ValueError(f"labels must lie in 0..{len(self.class_names) - 1}")
         order = torch.argsort(self.labels, stable=True)
@@ -197,9 +205,22 @@ class ImageSet:
         """This set with its images on ``device`` (moved once; episodes are then gathered there)."""
         if torch.device(device) == self.device:
             return self
+        if self.device.type == "cpu":
+            self.fingerprint()  # while the images are on the host
         moved = copy.copy(self)
         moved.images = self.images.to(device)
         return moved
+
+    def fingerprint(self) -> str:
+        """A hash of every image, label and class name (computed once; a set moved off the CPU keeps it): two
+        sets with one fingerprint hold the same data."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            h.update(json.dumps([list(self.images.shape), self.class_names]).encode())
+            h.update(host.read(self.images, "cache").contiguous().numpy().tobytes())
+            h.update(host.read(self.labels, "cache").numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -226,7 +247,7 @@ class ImageSet:
     def index(self, classes: np.ndarray, inst: np.ndarray) -> torch.Tensor:
         """Row indices ``[..., N*K]`` (on :attr:`device`) of instances ``inst [..., N, K]`` (into each class's
         own list) of ``classes [..., N]``, class-major."""
-        idx = torch.as_tensor(self._table[classes[..., None], inst]).to(self.device)
+        idx = to_device(torch.as_tensor(self._table[classes[..., None], inst]), self.device)
         return rearrange(idx, "... n k -> ... (n k)")
 
     def _gather(self, classes: np.ndarray, inst: np.ndarray) -> torch.Tensor:
@@ -246,7 +267,8 @@ class ImageSet:
         (way, shot, query), dev = shapes.pop(), self.device
         classes = np.stack([s.classes for s in specs])
         return TaskBatch(self._gather(classes, np.stack([s.support for s in specs])), episode_labels(way, shot, dev),
-                         self._gather(classes, np.stack([s.query for s in specs])), episode_labels(way, query, dev))
+                         self._gather(classes, np.stack([s.query for s in specs])), episode_labels(way, query, dev),
+                         way)
 
 
 class EpisodeSampler:

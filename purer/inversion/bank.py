@@ -44,6 +44,7 @@ from einops import rearrange
 from torch import nn
 
 from ..data.episodes import Episode, TaskSpec, episode_labels
+from ..host import to_device
 from ..zoo.teacher import Teacher, convert_input
 
 SPACES = ("pixel", "normalized")
@@ -74,6 +75,8 @@ class PseudoBank(nn.Module):
             converted as :func:`purer.zoo.prepare_input` converts (grey repeated to three
             channels, colour averaged to one, bilinear resizing).  With one contract in
             the zoo (and ``image_size``/``channels`` its own) nothing changes.
+        device: where the bank lives (default the CPU); its initial tensors are drawn on
+            the CPU from ``seed`` (the same on every device) and moved there in one copy each.
 
     Attributes:
         class_names: ``[M]`` names of the bank classes.
@@ -87,7 +90,7 @@ class PseudoBank(nn.Module):
 
     def __init__(self, teachers: Sequence[Teacher], images_per_class: int, image_size: int | None = None,
                  channels: int | None = None, merge_shared_classes: bool = False, seed: int = 0,
-                 space: str = "pixel", own_contract: bool = False):
+                 space: str = "pixel", own_contract: bool = False, device: torch.device | str | None = None):
         super().__init__()
         if not teachers:
             raise ValueError("PseudoBank needs at least one teacher")
@@ -135,14 +138,18 @@ class PseudoBank(nn.Module):
             raise ValueError("a normalized-space bank needs one image shape for all classes; use the pixel space "
                              "for a zoo of several input contracts")
         g = torch.Generator().manual_seed(seed)
-        self.logits = nn.ParameterList([nn.Parameter(torch.randn((self.images_per_class, c, s, s), generator=g))
+        device = torch.device(device or "cpu")
+        self.logits = nn.ParameterList([nn.Parameter(to_device(torch.randn((self.images_per_class, c, s, s),
+                                                                           generator=g), device))
                                         for c, s in self.class_shapes])
         self._touched: set[int] = set()
         self.space = space
         normalized = space == "normalized"
         # Not persistent: the teachers define them, and both spaces keep the same checkpoint keys.
-        self.register_buffer("mean", self._average(teachers, "mean") if normalized else None, persistent=False)
-        self.register_buffer("std", self._average(teachers, "std") if normalized else None, persistent=False)
+        self.register_buffer("mean", to_device(self._average(teachers, "mean"), device) if normalized else None,
+                             persistent=False)
+        self.register_buffer("std", to_device(self._average(teachers, "std"), device) if normalized else None,
+                             persistent=False)
 
     def _average(self, teachers: Sequence[Teacher], name: str) -> torch.Tensor:
         """The per-channel mean over teachers of their ``name`` (``mean`` or ``std``), ``[C, 1, 1]``."""
@@ -171,18 +178,21 @@ class PseudoBank(nn.Module):
     def class_sizes(self) -> list[int]:
         return [self.images_per_class] * self.num_classes
 
-    def class_images(self, c: int, index: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+    def class_images(self, c: int, index: np.ndarray | torch.Tensor | None = None, touch: bool = True
+                     ) -> torch.Tensor:
         """Images ``[P, C, S, S]`` of class ``c`` (or ``[len(index), C, S, S]``) in pixel units, differentiable.
 
-        Every read marks ``c`` as touched, so an inversion step knows which classes
-        its loss depends on without scanning the whole bank.
+        A read marks ``c`` as touched (unless ``touch=False``), so an inversion step knows
+        which classes its loss depends on without scanning the whole bank.  ``index``: a
+        tensor on the bank's device (host indices are copied there, one copy per call).
         """
         if not 0 <= c < self.num_classes:
             raise IndexError(f"bank class {c} out of range 0..{self.num_classes - 1}")
-        self._touched.add(int(c))
+        if touch:
+            self._touched.add(int(c))
         z = self.logits[c]
         if index is not None:
-            z = z[torch.as_tensor(index, dtype=torch.long, device=z.device)]
+            z = z[to_device(torch.as_tensor(index, dtype=torch.long), z.device)]
         return self.to_images(z)
 
     def _as(self, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -194,35 +204,39 @@ class PseudoBank(nn.Module):
         shapes = {self.class_shapes[k] for k in self.teacher_classes[i]}
         return shapes.pop() if len(shapes) == 1 else (self.channels, self.image_size)
 
-    def teacher_batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def teacher_batch(self, i: int, touch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """All images of teacher ``i``'s classes and its local labels.
 
         Returns:
             ``x [n_i * P, C, S, S]`` in pixel units (class-major, local label order; in
-            :meth:`teacher_shape`) and ``y [n_i * P]`` int64 local labels ``0..n_i-1``.
+            :meth:`teacher_shape`; differentiable in the bank, and marking its classes
+            touched, unless ``touch=False``) and ``y [n_i * P]`` int64 local labels ``0..n_i-1``.
         """
         classes, shape = self.teacher_classes[i], self.teacher_shape(i)
-        x = torch.cat([self._as(self.class_images(c), shape) for c in classes])
+        x = torch.cat([self._as(self.class_images(c, touch=touch), shape) for c in classes])
         return x, episode_labels(len(classes), self.images_per_class, device=x.device)
 
     @torch.no_grad()
     def teacher_images(self, i: int) -> torch.Tensor:
-        """Detached :meth:`teacher_batch` images ``[n_i * P, C, S, S]``; does not mark them touched."""
-        shape = self.teacher_shape(i)
-        return torch.cat([self._as(self.to_images(self.logits[k]), shape) for k in self.teacher_classes[i]])
+        """:meth:`teacher_batch`'s images, detached; does not mark them touched."""
+        return self.teacher_batch(i, touch=False)[0]
 
     def episode(self, spec: TaskSpec) -> Episode:
         """The pseudo episode of ``spec``; ``support_x [N*K, C, S, S]``, ``query_x [N*Q, C, S, S]`` in the
         bank's common shape, class-major, labels ``0..N-1``; images differentiable in the bank."""
         common = (self.channels, self.image_size)
+        dev = self.logits[0].device
+        shot = spec.support.shape[1]
+        # The task's instance indices reach the device in one copy, not one per class.
+        index = to_device(torch.as_tensor(np.concatenate([spec.support, spec.query], 1), dtype=torch.long), dev)
 
-        def gather(inst: np.ndarray) -> torch.Tensor:
-            x = torch.stack([self._as(self.class_images(int(c), i), common) for c, i in zip(spec.classes, inst)])
+        def gather(part: slice) -> torch.Tensor:
+            x = torch.stack([self._as(self.class_images(int(c), index[j, part]), common)
+                             for j, c in enumerate(spec.classes)])
             return rearrange(x, "n k c h w -> (n k) c h w")
 
-        dev = self.logits[0].device
-        return Episode(gather(spec.support), episode_labels(spec.way, spec.support.shape[1], device=dev),
-                       gather(spec.query), episode_labels(spec.way, spec.query.shape[1], device=dev),
+        return Episode(gather(slice(0, shot)), episode_labels(spec.way, shot, device=dev),
+                       gather(slice(shot, None)), episode_labels(spec.way, spec.query.shape[1], device=dev),
                        tuple(self.class_names[int(c)] for c in spec.classes))
 
     def pop_touched(self) -> list[int]:

@@ -1,7 +1,7 @@
 """PNG grids of what the inversion synthesised: the bank (a row per class) and pseudo episodes.
 
 Pictures carry labels (class names, the teachers that know each class, support / query headers);
-``labelled=False`` gives the bare pixel grid.  :func:`save_training_plot` draws meta-training's curves.
+``labelled=False`` gives the bare pixel grid.
 
 Example:
     >>> save_bank_grid(bank, "bank.png", classes=range(10))      # doctest: +SKIP
@@ -16,6 +16,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from .. import host
 from ..data.episodes import Episode
 from .bank import PseudoBank
 
@@ -28,7 +29,7 @@ def image_grid(images: torch.Tensor, pad: int = 1, scale: int = 1, pad_value: fl
     """
     if images.ndim != 5:
         raise ValueError(f"image_grid expects [rows, columns, C, H, W], got shape {tuple(images.shape)}")
-    x = images.detach().float().clamp(0, 1).cpu()
+    x = host.read(images.detach().float().clamp(0, 1), "picture")
     if scale > 1:
         x = x.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     rows, cols, c, h, w = x.shape
@@ -118,38 +119,4 @@ def _save_labelled(grid: torch.Tensor, path: str | Path, rows: Sequence[str], ce
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    return path
-
-
-def save_training_plot(path: str | Path, pseudo_query: Sequence[tuple[int, float]],
-                       val: Sequence[tuple[int, float]], fired: Sequence[int]) -> Path:
-    """PNG of ECI meta-training: pseudo-query accuracy per iteration, meta-val accuracy, and the iterations
-    at which the Gradient Switch fired (the next bank update was adversarial).
-
-    Args:
-        pseudo_query: ``(iteration, accuracy in [0, 1])`` per meta-iteration.
-        val: ``(iteration, accuracy in %)`` per meta-val evaluation.
-        fired: iterations at which the switch fired.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 3.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if pseudo_query:
-        ax.plot(*zip(*[(i, 100 * a) for i, a in pseudo_query]), lw=0.8, color="tab:blue",
-                label="pseudo-query accuracy")
-    if val:
-        ax.plot(*zip(*val), "o-", color="tab:green", label="meta-val accuracy")
-    for n, it in enumerate(fired):
-        ax.axvline(it, color="tab:red", lw=0.6, alpha=0.6, label="switch fired" if n == 0 else None)
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
     return path

@@ -48,7 +48,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -56,8 +55,10 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import PurerWarning
+from ..host import to_device
 from ..zoo.teacher import Teacher
 from .augment import RandomAffineAugment
+from .draws import TeacherSampler, augmentation_draws
 from .bank import SPACES, PseudoBank
 from .hooks import BNStatsHook, bn_distance, weighted_sum
 from .priors import l2_prior, total_variation
@@ -67,6 +68,27 @@ ExtraLoss = Callable[[PseudoBank], torch.Tensor]
 GradSync = Callable[[dict[int, dict[int, torch.Tensor]]], dict[int, dict[int, torch.Tensor]]]
 TEACHER_BATCHING = ("auto", "loop", "vmap")
 STATS = ("ce", "r_bn", "r_tv", "r_l2", "acc")
+
+
+@dataclass
+class TeacherGroup:
+    """One group of same-contract teachers' inputs in an inversion step (see :meth:`EpisodeInversion.teacher_inputs`).
+
+    Attributes:
+        key: the group's contract (:func:`contract`).
+        members: the group's teachers in this step, in zoo order.
+        images: ``[T, B, C, S, S]`` their bank images in pixel units (differentiable in the bank).
+        labels: ``[T, B]`` the images' local labels.
+        augmented_inputs: ``[T, B, C', H', W']`` the augmented images as each teacher takes them in.
+        inputs: ``[T, B, C', H', W']`` the images themselves as each teacher takes them in (the priors' space).
+    """
+
+    key: tuple
+    members: list[int]
+    images: torch.Tensor
+    labels: torch.Tensor
+    augmented_inputs: torch.Tensor
+    inputs: torch.Tensor
 
 
 @dataclass
@@ -204,10 +226,17 @@ class StackedTeachers:
 
     def __call__(self, members: Sequence[int], x: torch.Tensor, first_bn_weight: float = 1.0, bn_mean: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        sel = torch.as_tensor(list(members), device=x.device)
+        sel = to_device(torch.as_tensor(list(members)), x.device)
         params = {k: v.index_select(0, sel) for k, v in self.params.items()}
         buffers = {k: v.index_select(0, sel) for k, v in self.buffers.items()}
         return vmap(lambda p, b, z: self._one(p, b, z, first_bn_weight, bn_mean))(params, buffers, x)
+
+    def bare(self, members: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+        """The networks alone (no R_bn hooks): ``[T, B, C, H, W]`` -> logits ``[T, B, n]``."""
+        sel = to_device(torch.as_tensor(list(members)), x.device)
+        params = {k: v.index_select(0, sel) for k, v in self.params.items()}
+        buffers = {k: v.index_select(0, sel) for k, v in self.buffers.items()}
+        return vmap(lambda p, b, z: functional_call(self.template, (p, b), (z,)))(params, buffers, x)
 
     def _one(self, params: dict, buffers: dict, x: torch.Tensor, first_bn_weight: float, bn_mean: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,7 +296,7 @@ class EpisodeInversion:
         self.autocast = autocast
         self.augment = build_augmentation(self.config, bank.image_size)
         self.optimizer = torch.optim.Adam(bank.parameters(), lr=self.config.lr, betas=self.config.betas)
-        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.sampler = TeacherSampler(len(self.teachers), self.config.teachers_per_step, self.config.seed)
         self.steps = 0
         batching = self.config.teacher_batching
         self.batched = batching == "vmap" or (batching == "auto" and self.device.type == "cuda")
@@ -282,20 +311,27 @@ class EpisodeInversion:
 
     def sample_teachers(self) -> list[int]:
         """Indices of this step's teachers: ``min(teachers_per_step, zoo size)``, sorted."""
-        n = len(self.teachers)
-        k = min(self.config.teachers_per_step, n)
-        return sorted(torch.randperm(n, generator=self.generator)[:k].tolist())
+        return self.sampler.sample()
 
-    def _theta(self, i: int, n: int) -> torch.Tensor:
-        # Augmentation draws depend on (seed, step, teacher) only, so a step gives the same
-        # result whichever process (or device) computes which teacher, and a resumed run repeats it.
-        seed = int(np.random.SeedSequence([self.config.seed, self.steps, i]).generate_state(1)[0])
-        return self.augment.sample(n, torch.Generator().manual_seed(seed))
+    def augmentation(self, idx: Sequence[int]) -> torch.Tensor:
+        """This step's affine matrices for teachers ``idx`` ``[sum of their images, 2, 3]`` on the bank's device.
+
+        They depend on (seed, step, teacher) only (:func:`~purer.inversion.draws.augmentation_draws`), so a
+        step gives the same result whichever process (or device) computes which teacher, and a resumed run
+        repeats it."""
+        counts = [len(self.bank.teacher_classes[i]) * self.bank.images_per_class for i in idx]
+        return augmentation_draws(self.augment, (self.config.seed,), self.steps, idx, counts, self.device)
 
     def _precision(self):
         if self.autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def stacked(self, key: tuple) -> StackedTeachers:
+        """The batched network of the group ``key`` (all its teachers' weights stacked; built once)."""
+        if key not in self._stacked:
+            self._stacked[key] = StackedTeachers([self.teachers[i] for i in self.groups[key]])
+        return self._stacked[key]
 
     def _forward(self, key: tuple, members: list[int], z: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -304,10 +340,8 @@ class EpisodeInversion:
         first, mean = self.config.first_bn_weight, self.config.bn_layers == "mean"
         with self._precision():
             if self.batched:
-                if key not in self._stacked:
-                    self._stacked[key] = StackedTeachers([self.teachers[i] for i in self.groups[key]])
                 local = [self.groups[key].index(i) for i in members]
-                logits, r_bn, features = self._stacked[key](local, z, first, mean)
+                logits, r_bn, features = self.stacked(key)(local, z, first, mean)
             else:
                 outs, bns, feats = [], [], []
                 for i, x in zip(members, z):
@@ -321,42 +355,70 @@ class EpisodeInversion:
                 logits, r_bn, features = torch.stack(outs), torch.stack(bns), torch.stack(feats)
         return logits.float(), r_bn.float(), features.float()
 
-    def teacher_losses(self, idx: Sequence[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def bare_forward(self, key: tuple, members: list[int], z: torch.Tensor) -> torch.Tensor:
+        """The networks of teachers ``members`` (of group ``key``) alone on ``z [T, B, C, H, W]`` -> logits
+        ``[T, B, n]``, in the form a step runs them (batched, or one by one channels-last on a CPU) but
+        without R_bn's hooks, the priors or the loss: the floor a step's cost is compared with
+        (``benchmarks/speed.py``)."""
+        with self._precision():
+            if self.batched:
+                return self.stacked(key).bare([self.groups[key].index(i) for i in members], z)
+            return torch.stack([self.teachers[i].model(x.contiguous(memory_format=torch.channels_last)
+                                                       if self.channels_last else x) for i, x in zip(members, z)])
+
+    def teacher_inputs(self, idx: Sequence[int], thetas: torch.Tensor | None = None) -> list[TeacherGroup]:
+        """The inputs of teachers ``idx`` as a step feeds them, per group of same-contract teachers.
+
+        Args:
+            idx: the step's teachers.
+            thetas: their affine matrices (default :meth:`augmentation` of ``idx``), in ``idx`` order.
+
+        Per group: one augmentation call over the group's bank images (a group shares one
+        input shape) and one prepare (each teacher's channels, size and normalisation).
+        """
+        bank = self.bank
+        thetas = self.augmentation(idx) if thetas is None else thetas
+        blocks = dict(zip(idx, thetas.split([len(bank.teacher_classes[i]) * bank.images_per_class for i in idx])))
+        batches = {i: bank.teacher_batch(i) for i in idx}
+        groups = []
+        for key, group in self.groups.items():
+            members = [i for i in group if i in batches]
+            if not members:
+                continue
+            x = torch.stack([batches[i][0] for i in members])
+            theta = torch.cat([blocks[i] for i in members])
+            augmented = self.augment(rearrange(x, "t b c h w -> (t b) c h w"), theta).view_as(x)
+            groups.append(TeacherGroup(key, members, x, torch.stack([batches[i][1] for i in members]),
+                                       self._prepare(members, augmented), self._prepare(members, x)))
+        return groups
+
+    def teacher_losses(self, idx: Sequence[int], thetas: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_EI of each teacher in ``idx`` on its classes' bank images: ``[len(idx)]``, and the parts ``[len(idx)]``.
 
-        Per group of same-contract teachers: one augmentation call, one prepare and one
-        (batched or looped) forward pass.
+        Per group of same-contract teachers (:meth:`teacher_inputs`): one augmentation call, one
+        prepare and one (batched or looped) forward pass.  ``thetas``: see :meth:`teacher_inputs`.
         """
         c, bank = self.config, self.bank
         if not idx:
             empty = torch.zeros(0, device=self.device)
             return empty, {k: empty for k in STATS}
-        batches = [bank.teacher_batch(i) for i in idx]
         position = {i: p for p, i in enumerate(idx)}
         loss, parts = [None] * len(idx), {k: [None] * len(idx) for k in STATS}
-        for key, group in self.groups.items():
-            members = [i for i in group if i in position]
-            if not members:
-                continue
-            at = [position[i] for i in members]
-            # One augmentation call for the group's images (a group shares one input shape).
-            x = torch.stack([batches[p][0] for p in at])
-            theta = torch.cat([self._theta(i, x.shape[1]) for i in members])
-            augmented = self.augment(rearrange(x, "t b c h w -> (t b) c h w"), theta).view_as(x)
-            y = torch.stack([batches[p][1] for p in at])  # [T, B] local labels
-            seen_aug = self._prepare(members, augmented)
-            seen = self._prepare(members, x)
-            logits, r_bn, features = self._forward(key, members, seen_aug)
+        for g in self.teacher_inputs(idx, thetas):
+            logits, r_bn, features = self._forward(g.key, g.members, g.augmented_inputs)
+            y = g.labels
             ce = F.cross_entropy(rearrange(logits, "t b n -> (t b) n"), y.flatten(), reduction="none")
-            ce = ce.view(len(members), -1).mean(1)
+            ce = ce.view(len(g.members), -1).mean(1)
             # Priors act on what the teacher takes in (its size and normalisation), the
             # space the release's coefficients were set in.
-            r_tv, r_l2 = total_variation(seen), l2_prior(seen)
+            r_tv, r_l2 = total_variation(g.inputs), l2_prior(g.inputs)
             acc = (logits.argmax(-1) == y).float().mean(1)
             total = ce + c.a_bn * r_bn + c.a_tv * r_tv + c.a_l2 * r_l2
             if c.a_div > 0:
                 total = total + c.a_div * within_class_similarity(features, bank.images_per_class)
-            for j, p in enumerate(at):
+            for j, i in enumerate(g.members):
+                p = position[i]
                 loss[p] = total[j]
                 for k, v in zip(STATS, (ce, r_bn, r_tv, r_l2, acc)):
                     parts[k][p] = v[j].detach()
@@ -370,6 +432,15 @@ class EpisodeInversion:
         mean = torch.stack([self.teachers[i].mean.expand(z.shape[2]) for i in members])
         std = torch.stack([self.teachers[i].std.expand(z.shape[2]) for i in members])
         return (z - mean[:, None, :, None, None]) / std[:, None, :, None, None]
+
+    def term_classes(self, idx: Sequence[int]) -> dict[int, list[int]]:
+        """The gradient terms a :meth:`step` over teachers ``idx`` makes (see there), each with the bank classes
+        its gradient covers: what a multi-process step exchanges."""
+        if not idx:
+            return {}
+        if self.batched:
+            return {idx[0]: sorted({k for i in idx for k in self.bank.teacher_classes[i]})}
+        return {i: sorted(set(self.bank.teacher_classes[i])) for i in idx}
 
     def teacher_loss(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_EI of teacher ``i`` on its classes' bank images, and its parts (0-dim tensors)."""
@@ -413,14 +484,16 @@ class EpisodeInversion:
             raise ValueError(f"an inversion step needs at least one teacher (total={total}, here {len(idx)})")
         self.bank.pop_touched()  # reads since the last step (e.g. meta-training episodes) are not this loss's
         terms: dict[int, dict[int, torch.Tensor]] = {}
+        thetas = self.augmentation(idx)  # drawn on the CPU, one copy to the device
         if self.batched:
-            losses, parts = self.teacher_losses(idx)
+            losses, parts = self.teacher_losses(idx, thetas)
             if idx:
                 terms[idx[0]] = self._class_grads(losses.sum() / total)
         else:
             per_teacher = []
-            for i in idx:  # separate graphs: each teacher's gradient is its own term
-                loss_i, parts_i = self.teacher_losses([i])
+            blocks = thetas.split([len(self.bank.teacher_classes[i]) * self.bank.images_per_class for i in idx])
+            for i, theta in zip(idx, blocks):  # separate graphs: each teacher's gradient is its own term
+                loss_i, parts_i = self.teacher_losses([i], theta)
                 terms[i] = self._class_grads(loss_i[0] / total)
                 per_teacher.append((loss_i.detach(), parts_i))
             losses = torch.cat([lo for lo, _ in per_teacher]) if idx else torch.zeros(0, device=self.device)
@@ -463,10 +536,9 @@ class EpisodeInversion:
 
     def state_dict(self) -> dict:
         """Optimizer moments, teacher-sampling RNG and step count (the bank saves its own images)."""
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "steps": self.steps}
+        return {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.sampler.load_state_dict(state["sampler"])
         self.steps = int(state["steps"])

@@ -1,5 +1,6 @@
 """Meta-learners behind one interface (MAML, ANIL, ProtoNet), their initialisations and the meta-training loop."""
-from .base import InputSpec, MetaLearner, batch_stats_only
+from ..batchnorm import batch_stats_only
+from .base import InputSpec, MetaLearner
 from .init import average_teachers, from_model, random_model, with_new_head
 from .maml import ANIL, MAML, MAMLConfig
 from .protonet import ProtoNet, neg_sq_distances, prototypes

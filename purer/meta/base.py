@@ -13,14 +13,12 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -150,7 +148,9 @@ class MetaLearner(nn.Module, ABC):
         Learners that can adapt to the tasks together (MAML, ANIL, ProtoNet: ``vmap``
         over tasks, each task's BatchNorm on its own batch) do so when
         :attr:`task_batching` says so; otherwise the tasks are adapted one after
-        another.  Either way the result is the per-task one (tests/test_meta.py).
+        another.  Either way the result is the per-task one (tests/test_meta.py); a
+        random layer (Dropout) draws for each task apart either way, but not the same
+        numbers.
         """
         if self.tasks_together(batch.support_x.device):
             return self._query_logits_together(batch, **test_time)
@@ -272,47 +272,3 @@ class MetaLearner(nn.Module, ABC):
         if not isinstance(learner, cls):
             raise ValueError(f"{path} holds a {type(learner).__name__}, not a {cls.__name__}")
         return learner.eval()
-
-
-def _explicit_batch_norm(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    dims = [0, *range(2, x.ndim)]
-    shape = [1, -1] + [1] * (x.ndim - 2)
-    mean = x.mean(dims, keepdim=True)
-    var = (x - mean).square().mean(dims, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + module.eps)
-    return y * module.weight.view(shape) + module.bias.view(shape) if module.affine else y
-
-
-@contextlib.contextmanager
-def explicit_batch_norm(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s batch-statistics BatchNorm layers compute with plain tensor ops.
-
-    Needed for second-order MAML under ``vmap``: there, torch's fused batch_norm gives
-    wrong second derivatives (torch 2.14; the per-task loop and this form agree to
-    1e-14 in float64, see tests/test_meta.py), while the plain ops' batching rules
-    are exact.  The layers are the same computation (biased batch variance, ``eps``).
-    """
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if any(m.track_running_stats for m in layers):
-        raise ValueError("explicit_batch_norm is for batch-statistics BatchNorm (see batch_stats_only)")
-    for m in layers:
-        m.forward = types.MethodType(_explicit_batch_norm, m)
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m.forward
-
-
-def batch_stats_only(model: nn.Module) -> nn.Module:
-    """Make every BatchNorm layer of ``model`` (in place) normalise with batch statistics.
-
-    Standard MAML practice: the running statistics are dropped, so they are never
-    used (train or eval mode) nor updated, and a functional call has no buffer
-    side effects.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.track_running_stats = False
-            m.running_mean = m.running_var = m.num_batches_tracked = None
-    return model

@@ -34,7 +34,8 @@ from torch.func import functional_call, grad, vmap
 
 from ..data.episodes import TaskBatch
 from ..zoo.architectures import Classifier
-from .base import InputSpec, MetaLearner, batch_stats_only, explicit_batch_norm
+from ..batchnorm import batch_stats_only, explicit_batch_norm
+from .base import InputSpec, MetaLearner
 
 
 @dataclass
@@ -163,7 +164,8 @@ class MAML(MetaLearner, kind="maml"):
             return functional_call(self.model, functional_sgd_steps(params, loss, lr, steps, first_order), (qx,))
 
         with explicit_batch_norm(self.model) if second_order else contextlib.nullcontext():
-            return vmap(task)(self.prepare_tasks(batch.support_x), self.prepare_tasks(batch.query_x))
+            return vmap(task, randomness="different")(self.prepare_tasks(batch.support_x),
+                                                       self.prepare_tasks(batch.query_x))
 
     def _network(self) -> tuple[dict | None, int]:
         return self.model.build_args, self.model.head.out_features
@@ -210,4 +212,5 @@ class ANIL(MAML, kind="anil"):
             fast = functional_sgd_steps(head, loss, lr, steps, self.config.first_order)
             return F.linear(self.model.encoder(qx), fast["weight"], fast["bias"])
 
-        return vmap(task)(self.prepare_tasks(batch.support_x), self.prepare_tasks(batch.query_x))
+        return vmap(task, randomness="different")(self.prepare_tasks(batch.support_x),
+                                                   self.prepare_tasks(batch.query_x))

@@ -28,21 +28,30 @@ from torch.func import vmap
 
 from ..data.episodes import TaskBatch
 from ..zoo.architectures import Classifier
-from .base import InputSpec, MetaLearner, batch_stats_only
+from ..batchnorm import batch_stats_only
+from .base import InputSpec, MetaLearner
 
 
 def prototypes(features: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
     """Class means: features ``[M, D]``, labels ``[M]`` in ``0..way-1`` -> ``[way, D]``.
 
+    A one-hot matrix product, so nothing is read back from the device (and it runs
+    under ``vmap``); labels are checked on the CPU at once, elsewhere by an assertion
+    the device raises when it gets there.
+
     Raises:
-        ValueError: if some label in ``0..way-1`` has no support example.
+        ValueError: (CPU) if some label in ``0..way-1`` has no support example, or a label lies outside.
     """
-    counts = torch.bincount(labels, minlength=way)
-    if counts.numel() > way or bool((counts == 0).any()):
-        raise ValueError(f"every label 0..{way - 1} needs at least one support example, got counts {counts.tolist()}")
-    sums = torch.zeros(way, features.shape[1], dtype=features.dtype, device=features.device)
-    sums = sums.index_add(0, labels, features)
-    return sums / counts.unsqueeze(1).to(features.dtype)
+    onehot = (labels[:, None] == torch.arange(way, device=labels.device)).to(features.dtype)  # [M, way]
+    counts = onehot.sum(0)
+    valid = (counts > 0).all() & (labels >= 0).all() & (labels < way).all()
+    if labels.device.type == "cpu" and not torch._C._functorch.is_batchedtensor(labels):
+        if not valid:
+            raise ValueError(f"every label 0..{way - 1} needs at least one support example (and no other label "
+                             f"may occur), got counts {counts.long().tolist()} of {labels.numel()} labels")
+    else:
+        torch._assert_async(valid, f"every label 0..{way - 1} needs at least one support example")
+    return onehot.T @ features / counts.unsqueeze(1)
 
 
 def neg_sq_distances(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
@@ -96,8 +105,9 @@ class ProtoNet(PrototypeClassifier, kind="protonet"):
 
     def _query_logits_together(self, batch: TaskBatch) -> torch.Tensor:
         """All tasks at once: the encoder vmapped over tasks (each task's BatchNorm on its own batch)."""
-        support = vmap(self.encoder)(self.prepare_tasks(batch.support_x))  # [T, N*K, D]
-        query = vmap(self.encoder)(self.prepare_tasks(batch.query_x))
+        encoder = vmap(self.encoder, randomness="different")  # a random layer (Dropout) draws per task
+        support = encoder(self.prepare_tasks(batch.support_x))  # [T, N*K, D]
+        query = encoder(self.prepare_tasks(batch.query_x))
         protos = vmap(prototypes, in_dims=(0, None, None))(support, batch.support_y, batch.way)
         return -(query.unsqueeze(2) - protos.unsqueeze(1)).pow(2).sum(-1)
 

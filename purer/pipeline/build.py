@@ -130,14 +130,15 @@ def wrap_learner(kind: str, model: Classifier, way: int, spec: InputSpec, maml: 
     return (ANIL if kind == "anil" else MAML)(model, way, spec, maml)
 
 
-def build_bank(cfg: RunConfig, teachers: Sequence[Teacher], channels: int) -> PseudoBank:
-    """The run's pseudo-image bank at its initialisation: each class in its teacher's input contract, pseudo
-    episodes in the data's shape (``channels`` and ``data.image_size``)."""
+def build_bank(cfg: RunConfig, teachers: Sequence[Teacher], channels: int,
+               device: torch.device | str | None = None) -> PseudoBank:
+    """The run's pseudo-image bank at its initialisation, on ``device``: each class in its teacher's input
+    contract, pseudo episodes in the data's shape (``channels`` and ``data.image_size``)."""
     m = cfg.meta
     return PseudoBank(teachers, m.images_per_class or (m.shot + m.query), image_size=cfg.data.image_size,
                       channels=channels, merge_shared_classes=cfg.zoo.merge_shared_classes, seed=cfg.seed,
                       space=cfg.inversion.space, own_contract=len({(t.config.in_channels, t.config.image_size)
-                                                                    for t in teachers}) > 1)
+                                                                    for t in teachers}) > 1, device=device)
 
 
 def load_meta_learner(path: str | os.PathLike) -> MetaLearner:

@@ -1,101 +1,145 @@
 """The few collective operations a run needs, over an ``accelerate.Accelerator`` (no-ops in one process).
 
-A meta-batch's tasks and an inversion step's teachers are split round robin over
-processes; evaluation tasks are split and gathered in task order.  Every random
-draw depends on ``(seed, iteration, task or teacher)`` only, so the split changes
-which process computes what, never what is computed.  Gradients are not summed by
-an all-reduce: each task's (or teacher's) gradient is gathered as it is and every
-process adds them up in the one-process order (:meth:`Dist.collect`), because float
-addition is not associative and a run must not depend on how it is split.
+Work is split round robin over processes by *work item*: a meta-batch's tasks and the
+zoo-distillation teachers of a meta-update are one list of items, an inversion step's
+teachers and its adversarial term another, evaluation tasks a third; so with more
+processes than tasks, the distillation and inversion teachers still find a process.
+Every random draw depends on ``(seed, iteration, task or teacher)`` only, so the split
+changes which process computes what, never what is computed.
+
+Results are exchanged as tensors in one flat buffer per process (no pickling per step):
+every process knows from the split which items every other process computed and their
+sizes, so one ``all_gather`` of the buffers (each padded to the largest) brings every
+item's tensor, bit for bit, to every process, which adds them up in the one-process
+order.  Float addition is not associative, and Adam turns the rounding noise of
+gradients that are zero in exact arithmetic into full-size steps, so a run must not
+depend on how it is split.
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
+
+from .. import host
 
 
 class Dist:
-    """The few collective operations the pipeline needs, over an ``accelerate.Accelerator``."""
+    """The collective operations the pipeline needs, over an ``accelerate.Accelerator`` (or one process).
 
-    def __init__(self, accelerator):
+    Args:
+        accelerator: the run's Accelerator; ``None`` for one process on ``device``.
+        device: the device of a process without an Accelerator (e.g. the dry run's ``meta``).
+    """
+
+    def __init__(self, accelerator=None, device: torch.device | str | None = None):
         self.acc = accelerator
-        self.rank = accelerator.process_index
-        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.device = accelerator.device if accelerator is not None else torch.device(device or "cpu")
 
     @property
     def main(self) -> bool:
-        return self.acc.is_main_process
+        return self.rank == 0
+
+    def owner(self, item: int) -> int:
+        """The process that computes work item ``item`` (round robin)."""
+        return item % self.world
 
     def share(self, items: Sequence) -> list:
         """This process's share of ``items`` (round robin)."""
         return list(items[self.rank::self.world])
 
-    def collect(self, local: dict) -> dict:
-        """Every process's ``{key: tensor}`` merged, sorted by key; each key is computed by one process.
+    def gather_items(self, local: Sequence[torch.Tensor], owners: Sequence[int], sizes: Sequence[int]
+                     ) -> list[torch.Tensor]:
+        """Every work item's flat tensor, in item order, on every process.
 
-        One all-reduce of a buffer in which every element has a single non-zero contribution,
-        so each tensor arrives bit-for-bit (``x + 0 == x``; a ``-0.0`` may arrive as ``0.0``).
+        Args:
+            local: this process's items' tensors, in item order.
+            owners: the process of every item (every process knows them).
+            sizes: every item's number of elements (every process knows them too).
+
+        One ``all_gather`` of one buffer per process (padded to the largest); each tensor
+        arrives bit for bit.
         """
         if self.world == 1:
-            return dict(sorted(local.items()))
-        from accelerate.utils import gather_object
-
-        shapes: dict = {}
-        for part in gather_object([[(k, tuple(v.shape)) for k, v in local.items()]]):
-            for k, shape in part:
-                if k in shapes:
-                    raise RuntimeError(f"two processes computed {k!r}")
-                shapes[k] = shape
-        keys = sorted(shapes)
-        sizes = [math.prod(shapes[k]) for k in keys]
-        dtype = next(iter(local.values())).dtype if local else torch.get_default_dtype()
-        flat = torch.zeros(sum(sizes), dtype=dtype, device=self.acc.device)
-        for k, part in zip(keys, flat.split(sizes)):
-            if k in local:
-                part.copy_(local[k].reshape(-1))
-        flat = self.acc.reduce(flat, reduction="sum")
-        return {k: part.view(shapes[k]) for k, part in zip(keys, flat.split(sizes))}
-
-    def gather_tasks(self, local: np.ndarray, n: int) -> np.ndarray:
-        """Per-task values computed round robin -> the full array in task order."""
-        if self.world == 1:
-            return local
-        from accelerate.utils import gather_object
-
-        out = np.empty(n)
-        for rank, part in enumerate(gather_object([local.tolist()])):
-            out[rank::self.world] = part
+            return [t.reshape(-1) for t in local]
+        mine = [k for k, r in enumerate(owners) if r == self.rank]
+        if [t.numel() for t in local] != [sizes[k] for k in mine]:
+            raise RuntimeError(f"process {self.rank} computed items of sizes {[t.numel() for t in local]}, "
+                               f"expected {[sizes[k] for k in mine]}")
+        totals = [sum(n for n, r in zip(sizes, owners) if r == rank) for rank in range(self.world)]
+        width = max(max(totals), 1)
+        dtype = local[0].dtype if local else torch.float32
+        buffer = torch.zeros(width, dtype=dtype, device=self.device)
+        if local:
+            flat = torch.cat([t.reshape(-1) for t in local])
+            buffer[:flat.numel()] = flat
+        gathered = self.acc.gather(buffer).view(self.world, width)
+        out, offsets = [], [0] * self.world
+        for n, r in zip(sizes, owners):
+            out.append(gathered[r, offsets[r]:offsets[r] + n])
+            offsets[r] += n
         return out
 
+    def gather_tasks(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-task values ``[len(share)]`` computed round robin -> ``[n]`` in task order (on the device)."""
+        if self.world == 1:
+            return local
+        return torch.cat(self.gather_items(list(local.reshape(-1, 1)), [self.owner(k) for k in range(n)], [1] * n))
+
     def barrier(self) -> None:
-        self.acc.wait_for_everyone()
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
 
     def any(self, flag: bool) -> bool:
-        """``True`` if ``flag`` is set in any process."""
+        """``True`` if ``flag`` is set in any process (one collective and one host read with several)."""
         if self.world == 1:
             return flag
-        return bool(self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), reduction="sum").item() > 0)
+        total = self.acc.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum")
+        return host.value(total, "switch") > 0
 
 
-def task_sync(dist: Dist, tasks: Sequence[int]) -> Callable[[list[torch.Tensor]], list[torch.Tensor]] | None:
-    """:func:`purer.meta.train.meta_step`'s ``sync`` for this process's ``tasks`` of the meta-batch."""
+def task_sync(dist: Dist, owners: Sequence[int], row_size: int
+              ) -> Callable[[list[torch.Tensor]], list[torch.Tensor]] | None:
+    """:func:`purer.meta.train.meta_step`'s ``sync``: this process's rows (one per meta-batch row it owns, of
+    ``row_size`` elements each) -> every row in row order.  ``owners[k]``: the process of row ``k``."""
     if dist.world == 1:
         return None
-    return lambda rows: list(dist.collect(dict(zip(tasks, rows))).values())
+    return lambda rows: dist.gather_items(rows, owners, [row_size] * len(owners))
 
 
-def bank_grad_sync(dist: Dist) -> Callable[[dict], dict] | None:
-    """:meth:`purer.inversion.EpisodeInversion.step`'s ``sync``: every process's gradient terms."""
+def bank_grad_sync(dist: Dist, layout: dict[int, tuple[int, list[int]]], shapes: Sequence[torch.Size]
+                   ) -> Callable[[dict], dict] | None:
+    """:meth:`purer.inversion.EpisodeInversion.step`'s ``sync`` for one step.
+
+    Args:
+        layout: every gradient term of the step, ``{term: (its process, the bank classes it covers)}``.
+        shapes: the shape of every bank class's tensor.
+
+    Returns:
+        ``sync(terms) -> terms``: this process's ``{term: {class: grad}}`` -> every process's,
+        each term's gradients bit for bit (a class a term did not reach arrives as zeros).
+    """
     if dist.world == 1:
         return None
+    keys = sorted(layout)
+    owners = [layout[t][0] for t in keys]
+    sizes = [sum(math.prod(shapes[k]) for k in layout[t][1]) for t in keys]
 
     def sync(terms: dict[int, dict[int, torch.Tensor]]) -> dict[int, dict[int, torch.Tensor]]:
+        local = []
+        for t in keys:
+            if layout[t][0] == dist.rank:
+                grads = terms.get(t, {})
+                local.append(torch.cat([grads[k].reshape(-1) if k in grads else
+                                        torch.zeros(math.prod(shapes[k]), device=dist.device)
+                                        for k in layout[t][1]]))
         full: dict[int, dict[int, torch.Tensor]] = {}
-        for (term, k), g in dist.collect({(t, k): g for t, grads in terms.items() for k, g in grads.items()}).items():
-            full.setdefault(term, {})[k] = g
+        for t, row in zip(keys, dist.gather_items(local, owners, sizes)):
+            parts = row.split([math.prod(shapes[k]) for k in layout[t][1]])
+            full[t] = {k: g.view(shapes[k]) for k, g in zip(layout[t][1], parts)}
         return full
 
     return sync
@@ -103,4 +147,6 @@ def bank_grad_sync(dist: Dist) -> Callable[[dict], dict] | None:
 
 def autocast_dtype(accelerator) -> torch.dtype | None:
     """The lower precision of the accelerator's mixed precision (``--mixed_precision``), ``None`` for ``no``."""
+    if accelerator is None:
+        return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))

@@ -1,85 +1,51 @@
-"""ECI meta-training (PURER's loop) with its checkpointed state.
+"""ECI meta-training (PURER's loop): the algorithm in :class:`ECI`, the run around it in :func:`meta_train_eci`.
 
-One meta-iteration:
+One meta-iteration (:meth:`ECI.iteration`):
 
-1. **Episode inversion**: one bank update from a few sampled teachers; adversarial
-   (``- lambda_adv * L_outer`` on a fresh pseudo task) when the GradientSwitch fired
-   at the previous iteration.
-2. **Meta-update** on a meta-batch of pseudo episodes (detached from the bank).
-3. **Feedback**: the meta-batch's pseudo-query accuracy goes to the GradientSwitch.
+1. **invert**: one bank update by episode inversion from a few sampled teachers;
+   adversarial (``- lambda_adv * L_outer`` on a fresh pseudo task) when the Gradient
+   Switch fired at the previous iteration;
+2. **meta-update** on a meta-batch of pseudo episodes (detached from the bank), with
+   the zoo's outputs distilled into the learner beside them when ``distill`` is on;
+3. **feedback**: the meta-batch's pseudo-query accuracy goes to the Gradient Switch
+   (the one number read on the host every iteration: the switch decides on it).
 
-The meta-learner never sees a real meta-train image; the iteration kept is the
-best on meta-val.  Everything a resumed run needs (:data:`CHECKPOINTED`) is saved
-with ``accelerator.save_state``, so a resumed run equals an uninterrupted one.
+The meta-learner never sees a real meta-train image; the iteration kept is the best
+on meta-val.  Around the loop, as collaborators it calls: :class:`~purer.pipeline.checkpoints.Checkpoints`
+(a resumed run equals an uninterrupted one), :class:`~purer.pipeline.signals.StopSignals`
+(Ctrl-C, SIGTERM, SIGUSR1 stop at the next iteration with a checkpoint),
+:class:`~purer.pipeline.tracker.Tracker` (numbers, read every ``log_every``) and
+:class:`~purer.pipeline.pictures.Pictures`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import host
 from ..data import EpisodeSampler, ImageSet
 from ..distill import ZooDistillation
-from ..student import zoo_student
 from ..evaluate import task_list
 from ..inversion import EpisodeInversion, GradientSwitch
-from ..inversion.grid import class_labels, save_bank_grid, save_episode_grid, save_training_plot
 from ..meta import MetaLearner
 from ..meta.train import meta_step
+from ..student import zoo_student
 from ..zoo.teacher import Teacher
 from .build import build_bank, build_learner
-from .run_config import RunConfig, RunError
+from .checkpoints import Checkpoints, latest_checkpoint
 from .distributed import Dist, autocast_dtype, bank_grad_sync, task_sync
 from .metatest import evaluate_split
-
-
-class DeferredInterrupt:
-    """Within the block, the first Ctrl-C only sets :attr:`requested`; a second one interrupts at once.
-
-    A KeyboardInterrupt in the middle of a meta-iteration would leave the bank one
-    inversion step ahead of the iteration counter, so a checkpoint written then would
-    resume into a different run; the loop honours the request between iterations.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
-
-    def __enter__(self) -> "DeferredInterrupt":
-        # Signal handlers live in the main thread; an ignored SIGINT (a background job) stays ignored.
-        previous = signal.getsignal(signal.SIGINT)
-        if threading.current_thread() is threading.main_thread() and previous is not signal.SIG_IGN:
-            self._previous = signal.default_int_handler if previous is None else previous
-            signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-# What a checkpoint of ECI meta-training holds, in the order Accelerate numbers the files.
-CHECKPOINTED = ("bank", "inversion", "switch", "learner", "optimizer", "best", "state", "distill")
-
-
-def checkpointed_state(checkpoint: str | os.PathLike, name: str) -> dict:
-    """The state dict of one of :data:`CHECKPOINTED` in a checkpoint directory of a run."""
-    return torch.load(Path(checkpoint) / f"custom_checkpoint_{CHECKPOINTED.index(name)}.pkl", weights_only=True)
+from .pictures import Pictures
+from .run_config import RunConfig, RunError
+from .signals import StopSignals
+from .tracker import Tracker
 
 
 @dataclass
@@ -120,181 +86,232 @@ class BestLearner:
         self.state = {k: v.clone() for k, v in state.items()}
 
 
-def _checkpoints(root: Path) -> list[Path]:
-    done = [p.parent for p in root.glob("checkpoint_*/COMPLETE")]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+class ECI:
+    """The objects of ECI meta-training and its meta-iteration, as PURER's three steps.
 
+    Args:
+        cfg: the run's configuration.
+        teachers: the zoo, on ``dist.device``.
+        val_sets: the meta-val split of each dataset (the learner takes the most channels any has).
+        dist: the run's processes (work is split over them; see :mod:`purer.pipeline.distributed`).
+        autocast: the teachers' lower precision (mixed precision), or ``None``.
+        pre_phase: run the ``meta.init: zoo-student`` pre-phase now (not on resume: the checkpoint holds its result).
+        progress: show the pre-phase's bar.
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint of the run in ``out``, if any."""
-    found = _checkpoints(out / "checkpoints")
-    return found[-1] if found else None
-
-
-def save_checkpoint(acc, dist: Dist, out: Path, iteration: int, identity: dict) -> None:
-    """``accelerator.save_state`` into ``checkpoints/checkpoint_<iteration>``; a COMPLETE marker makes it valid.
-
-    A run killed while saving leaves an unmarked directory that resume ignores; only
-    the two newest complete checkpoints are kept.  ``run.json`` records ``identity``
-    (run id and training settings; see :func:`purer.pipeline.rundir.run_identity`).
+    Everything is built on ``dist.device``; :meth:`objects` is what a checkpoint holds.
     """
-    root = out / "checkpoints"
-    target = root / f"checkpoint_{iteration}"
-    acc.save_state(str(target))
-    dist.barrier()
-    if dist.main:
-        (target / "run.json").write_text(json.dumps(identity, indent=1))
-        (target / "COMPLETE").write_text(str(iteration))
-        for old in _checkpoints(root)[:-2]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    def __init__(self, cfg: RunConfig, teachers: Sequence[Teacher], val_sets: dict[str, ImageSet], dist: Dist,
+                 autocast: torch.dtype | None = None, pre_phase: bool = True, progress: bool = False):
+        m, device = cfg.meta, dist.device
+        self.cfg, self.dist, self.teachers, self.val_sets = cfg, dist, list(teachers), val_sets
+        channels = max(v.image_shape[0] for v in val_sets.values())
+        size = cfg.data.image_size
+        self.bank = build_bank(cfg, teachers, channels, device)
+        self.inversion = EpisodeInversion(teachers, self.bank, dataclasses.replace(cfg.inversion, seed=cfg.seed),
+                                          autocast=autocast)
+        self.switch = GradientSwitch(cfg.switch)
+        student, self.seconds_zoo_student = None, 0.0
+        if m.init == "zoo-student" and pre_phase:
+            # A pre-phase on the run's bank (resume finds it done: the checkpoint holds bank and learner).
+            # Every process runs all of it, deterministic from the seed, so their banks and learners agree.
+            start = time.perf_counter()
+            try:
+                student = zoo_student(teachers, self.bank, self.inversion, m.arch, m.zoo_student_steps, cfg.seed,
+                                      arch_args=m.arch_args, progress=progress and dist.main)
+            except ValueError as e:  # an unknown meta.arch or bad arch_args
+                raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
+            self.seconds_zoo_student = time.perf_counter() - start
+        self.learner = build_learner(cfg, teachers, channels, size, student).to(device)
+        self.learner.task_batching = m.task_batching
+        with torch.no_grad():  # the learner's embedding size, for the distillation's heads and maps
+            feature_dim = self.learner.embed(torch.zeros(2, channels, size, size, device=device)).shape[-1]
+        self.distillation = ZooDistillation(teachers, feature_dim, cfg.distill, self.inversion.augment,
+                                            seed=cfg.seed, autocast=autocast).to(device)
+        # The heads and maps train with the learner (one Adam step on episodic + distillation loss).
+        self.optimizer = torch.optim.Adam([*self.learner.parameters(), *self.distillation.parameters()],
+                                          lr=m.train.outer_lr)
+        self.best, self.state = BestLearner(self.learner), TrainState()
+        self.train_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
+        self.fresh_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
+        self.val_tasks = {name: task_list(v, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
+                          for name, v in val_sets.items()}
+        self.seconds = {"inversion": 0.0, "distill": 0.0, "meta": 0.0}
+
+    def objects(self) -> dict:
+        """What a checkpoint holds, by name (:data:`purer.pipeline.checkpoints.CHECKPOINTED`)."""
+        return {"bank": self.bank, "inversion": self.inversion, "switch": self.switch, "learner": self.learner,
+                "optimizer": self.optimizer, "best": self.best, "state": self.state, "distill": self.distillation}
+
+    # ---- the algorithm ------------------------------------------------------------------------------------
+    def iteration(self) -> dict[str, torch.Tensor]:
+        """One meta-iteration (invert, meta-update, feedback); its numbers, as device tensors."""
+        it = self.state.iteration
+        t0 = time.perf_counter()
+        inverted = self.invert(it)
+        t1 = time.perf_counter()
+        loss, query_acc, distilled, t2 = self.meta_update(it)
+        self.feedback(query_acc)
+        self.seconds["inversion"] += t1 - t0
+        self.seconds["distill"] += t2 - t1
+        self.seconds["meta"] += time.perf_counter() - t2
+        return {"meta/loss": loss, "meta/pseudo_query_acc": query_acc,
+                **{f"inversion/{k}": v for k, v in inverted.items() if k != "extra"},
+                **{f"distill/{k}": v for k, v in distilled.items()}}
+
+    def invert(self, it: int) -> dict[str, torch.Tensor]:
+        """Step 1: ``inversion.steps_per_iteration`` bank updates, the last adversarial if the switch fired.
+
+        One process adds the adversarial term (the one after the teachers in the work split), so the summed
+        bank gradient has it once; ``lambda_adv`` 0 is plain EI: the switch still counts, the bank never turns
+        adversarial."""
+        for _ in range(self.cfg.inversion.steps_per_iteration - 1):  # more plain bank updates first, if asked
+            self._bank_step(self.inversion.sample_teachers(), None)
+        chosen = self.inversion.sample_teachers()
+        adversarial = None
+        if self.state.adversarial_next and self.cfg.switch.lambda_adv > 0:
+            adversarial = self.fresh_tasks.task(it)
+            self.state.adversarial_steps += 1
+        return self._bank_step(chosen, adversarial)
+
+    def _bank_step(self, chosen: list[int], adversarial) -> dict[str, torch.Tensor]:
+        d, inv = self.dist, self.inversion
+        owner = {i: d.owner(k) for k, i in enumerate(chosen)}
+        extra_owner = d.owner(len(chosen))
+        mine = [i for i in chosen if owner[i] == d.rank]
+        extra = None
+        if adversarial is not None and extra_owner == d.rank:
+            extra = self.switch.adversarial_loss(self.learner, adversarial)
+        layout = {}
+        for rank in range(d.world):
+            for term, classes in inv.term_classes([i for i in chosen if owner[i] == rank]).items():
+                layout[term] = (rank, classes)
+        if adversarial is not None:
+            layout[len(self.teachers)] = (extra_owner, sorted({int(c) for c in adversarial.classes}))
+        sync = bank_grad_sync(d, layout, [p.shape for p in self.bank.logits])
+        return inv.step(extra_loss=extra, teachers=mine, total=len(chosen), sync=sync)
+
+    def meta_update(self, it: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float]:
+        """Step 2: one outer step on the meta-batch's pseudo episodes, with zoo distillation beside it.
+
+        The meta-batch's tasks and the distilled teachers are one list of work items split over processes,
+        each a row of the outer gradient after the tasks' (so the sum is the one-process sum).  Returns the
+        mean query loss and accuracy, the distillation's numbers and when distillation's passes ended."""
+        d, mb = self.dist, self.cfg.meta.train.meta_batch
+        mine = [j for j in range(mb) if d.owner(j) == d.rank]
+        with torch.no_grad():
+            episodes = [self.bank.episode(self.train_tasks.task(it * mb + j)).detach() for j in mine]
+        distilled = self.distillation.sample_teachers() if self.cfg.distill.active else []
+        mine_distilled = [i for k, i in enumerate(distilled) if d.owner(mb + k) == d.rank]
+        terms, dstats = self.distillation.losses(self.learner, self.bank, mine_distilled, it) \
+            if mine_distilled else ([], {})
+        t_distilled = time.perf_counter()
+        row = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"]) + 2
+        sync = task_sync(d, self._row_owners(mb, len(distilled)), row)
+        loss, query_acc = meta_step(self.learner, self.optimizer, episodes, total=mb, sync=sync, extra=terms)
+        return loss, query_acc, dstats, t_distilled
+
+    def _row_owners(self, tasks: int, distilled: int) -> list[int]:
+        """The process of every row of the outer gradient: the tasks' (one per task, or one per process whose
+        tasks go through the learner together), then one per distilled teacher."""
+        d = self.dist
+        if self.learner.tasks_together(d.device):
+            task_rows = sorted({d.owner(j) for j in range(tasks)})
+        else:
+            task_rows = [d.owner(j) for j in range(tasks)]
+        return task_rows + [d.owner(tasks + k) for k in range(distilled)]
+
+    def feedback(self, query_acc: torch.Tensor) -> None:
+        """Step 3: the pseudo-query accuracy to the Gradient Switch, which decides whether the next bank update
+        is adversarial (the one host read per iteration)."""
+        s = self.state
+        acc = host.value(query_acc, "switch")
+        s.adversarial_next = self.switch.update(acc)
+        s.iteration += 1
+        s.pseudo_query.append([s.iteration, acc])
+        if s.adversarial_next:
+            s.fired_at.append(s.iteration)
+
+    # ---- selection on meta-val ----------------------------------------------------------------------------
+    def validation_due(self) -> bool:
+        """Meta-val after this iteration? Every ``val_every`` (0: the final state only) and at the end."""
+        n, t = self.state.iteration, self.cfg.meta.train
+        return bool(t.val_every and n % t.val_every == 0) or n == t.iterations
+
+    def validate(self) -> dict[str, float]:
+        """Score the learner on meta-val (the mean over datasets) and keep it if it is the best so far."""
+        scores = {name: evaluate_split(self.learner, v, self.val_tasks[name], self.dist).accuracy
+                  for name, v in self.val_sets.items()}
+        score = sum(scores.values()) / len(scores)
+        s = self.state
+        s.val.append([s.iteration, score])
+        if score > s.best_val:
+            s.best_val, s.best_iteration = score, s.iteration
+            self.best.keep(self.learner)
+        logs = {"val/accuracy": score}
+        if len(scores) > 1:
+            logs.update({f"val/accuracy/{name}": v for name, v in scores.items()})
+        return logs
+
+    def summary(self) -> dict:
+        s, m = self.state, self.cfg.meta
+        return {"iterations": m.train.iterations, "bank_classes": self.bank.num_classes,
+                "best_iteration": s.best_iteration, "val_accuracy": round(s.best_val, 2) if s.val else None,
+                "switch_fired": self.switch.fired, "fired_at": s.fired_at, "adversarial_steps": s.adversarial_steps,
+                "val_curve": s.val,
+                "seconds_zoo_student": round(self.seconds_zoo_student, 1),
+                "seconds_inversion": round(self.seconds["inversion"], 1),
+                "seconds_distill": round(self.seconds["distill"], 1), "seconds_meta": round(self.seconds["meta"], 1)}
 
 
 def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher], val_sets: dict[str, ImageSet],
-                   out: Path, resume: bool, progress: bool, identity: dict) -> tuple[MetaLearner, dict]:
+                   out: Path, resume: bool, progress: bool, identity: dict, stop: StopSignals,
+                   on_checkpoint: Callable[[], None] | None = None) -> tuple[MetaLearner, dict]:
     """ECI meta-training on pseudo episodes; returns the meta-val-best learner and a summary.
 
     ``val_sets``: the meta-val split of each dataset; the iteration kept is the best on the mean of their
-    accuracies, and the learner takes the most channels any of them has.  ``identity`` is written into
-    every checkpoint (see :func:`save_checkpoint`).
+    accuracies.  ``identity`` is written into every checkpoint (see :class:`Checkpoints`), and
+    ``on_checkpoint()`` called after each.  A stop signal (``stop``) ends the loop at the next iteration
+    with a checkpoint and :class:`~purer.pipeline.signals.Stopped`.
     """
-    m = cfg.meta
-    channels = max(v.image_shape[0] for v in val_sets.values())
-    size, device = cfg.data.image_size, acc.device
-    bank = build_bank(cfg, teachers, channels).to(device)
-    inversion = EpisodeInversion(teachers, bank, dataclasses.replace(cfg.inversion, seed=cfg.seed),
-                                 autocast=autocast_dtype(acc))
-    switch = GradientSwitch(cfg.switch)
-    student, seconds_zoo_student = None, 0.0
-    if m.init == "zoo-student" and not resume:
-        # A pre-phase on the run's bank (resume finds it done: the checkpoint holds bank and learner).
-        # Every process runs all of it, deterministic from the seed, so their banks and learners agree.
-        start = time.perf_counter()
-        try:
-            student = zoo_student(teachers, bank, inversion, m.arch, m.zoo_student_steps, cfg.seed,
-                                  arch_args=m.arch_args, progress=progress and dist.main)
-        except ValueError as e:  # an unknown meta.arch or bad arch_args
-            raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
-        seconds_zoo_student = time.perf_counter() - start
-    learner = build_learner(cfg, teachers, channels, size, student).to(device)
-    learner.task_batching = m.task_batching
-    with torch.no_grad():  # the learner's embedding size, for the distillation's heads and maps
-        feature_dim = learner.embed(torch.zeros(2, channels, size, size, device=device)).shape[-1]
-    distillation = ZooDistillation(teachers, feature_dim, cfg.distill, inversion.augment, seed=cfg.seed).to(device)
-    # The heads and maps train with the learner (one Adam step on episodic + distillation loss).
-    optimizer = torch.optim.Adam([*learner.parameters(), *distillation.parameters()], lr=m.train.outer_lr)
-    best, state = BestLearner(learner), TrainState()
-    objects = {"bank": bank, "inversion": inversion, "switch": switch, "learner": learner, "optimizer": optimizer,
-               "distill": distillation,
-               "best": best, "state": state}
-    for name in CHECKPOINTED:
-        acc.register_for_checkpointing(objects[name])
+    eci = ECI(cfg, teachers, val_sets, dist, autocast_dtype(acc), pre_phase=not resume, progress=progress)
+    checkpoints = Checkpoints(out, eci.objects(), dist, identity)
     if resume:
-        found = _checkpoints(out / "checkpoints")
-        if not found:
+        found = latest_checkpoint(out)
+        if found is None:
             raise RunError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-        try:
-            acc.load_state(str(found[-1]))
-        except (RuntimeError, ValueError, KeyError) as e:  # shapes or keys of another config
-            raise RunError(f"--resume: {found[-1]} does not fit this config (resume with the settings the run "
-                           f"started with, or use a new output_dir): {' '.join(str(e).split())[:400]}") from None
-        acc.print(f"resumed from {found[-1]} (iteration {state.iteration})")
-
-    train_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
-    fresh_tasks = EpisodeSampler(bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
-    val_tasks = {name: task_list(v, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
-                 for name, v in val_sets.items()}
-    labels = class_labels(bank, [t.model_id for t in teachers])  # picture rows: class (teachers)
-    sync = bank_grad_sync(dist)
-    mb = m.train.meta_batch
-    times = {"inversion": 0.0, "meta": 0.0}
-    # Per-step numbers stay on the device and are summed; they are read (one synchronisation) every
-    # log_every iterations.
-    logged: dict[str, torch.Tensor] = {}
-    bar = tqdm(range(state.iteration, m.train.iterations), initial=state.iteration, total=m.train.iterations,
+        checkpoints.restore(found)
+        acc.print(f"resumed from {found} (iteration {eci.state.iteration})")
+    m, every = cfg.meta.train, cfg.checkpoint_every
+    pictures = Pictures(out / "pictures", eci.bank, [t.model_id for t in teachers], cfg.picture_every, dist.main)
+    bar = tqdm(range(eci.state.iteration, m.iterations), initial=eci.state.iteration, total=m.iterations,
                desc="ECI meta-train", disable=not (progress and dist.main))
-    with DeferredInterrupt() as interrupt:
-        for it in bar:
-            t0 = time.perf_counter()
-            for _ in range(cfg.inversion.steps_per_iteration - 1):  # more plain bank updates first, if asked
-                chosen = inversion.sample_teachers()
-                inversion.step(teachers=dist.share(chosen), total=len(chosen), sync=sync)
-            chosen = inversion.sample_teachers()
-            extra = None
-            if state.adversarial_next and dist.main and cfg.switch.lambda_adv > 0:
-                # One process adds the adversarial term, so the summed bank gradient has it once
-                # (lambda_adv 0 is plain EI: the switch still counts, the bank never turns adversarial).
-                extra = switch.adversarial_loss(learner, fresh_tasks.task(it))
-                state.adversarial_steps += 1
-            inv = inversion.step(extra_loss=extra, teachers=dist.share(chosen), total=len(chosen), sync=sync)
-            t1 = time.perf_counter()
-            with torch.no_grad():
-                episodes = [bank.episode(train_tasks.task(it * mb + j)) for j in dist.share(range(mb))]
-            # Zoo distillation beside the episodic loss: its teachers split over processes like the tasks, each
-            # teacher's term a row after the tasks' (so the sum is the one-process sum).
-            distilled = dist.share(distillation.sample_teachers()) if cfg.distill.active else []
-            terms, dstats = distillation.losses(learner, bank, distilled, it) if distilled else ([], {})
-            meta_sync = task_sync(dist, [*dist.share(range(mb)), *(mb + i for i in distilled)])
-            loss, qacc = meta_step(learner, optimizer, [e.detach() for e in episodes], total=mb,
-                                   sync=meta_sync, extra=terms)
-            query_acc = float(qacc)  # the one number read every step: the switch decides on it
-            state.adversarial_next = switch.update(query_acc)
-            state.iteration = it + 1
-            state.pseudo_query.append([state.iteration, query_acc])
-            if state.adversarial_next:
-                state.fired_at.append(state.iteration)
-            t2 = time.perf_counter()
-            times["inversion"] += t1 - t0
-            times["meta"] += t2 - t1
-            for k, v in {"meta/loss": loss, "meta/pseudo_query_acc": qacc,
-                         **{f"inversion/{k}": v for k, v in inv.items() if k != "extra"},
-                         **{f"distill/{k}": v for k, v in dstats.items()}}.items():
-                logged[k] = logged.get(k, 0) + v
-            logs: dict[str, float] = {}
-            if state.iteration % cfg.log_every == 0 or state.iteration == m.train.iterations:
-                n = (state.iteration - 1) % cfg.log_every + 1
-                logs = {k: float(v) / n for k, v in logged.items()}
-                logs["switch/fired"] = switch.fired
-                logged = {}
-                bar.set_postfix(acc=f"{logs['meta/pseudo_query_acc']:.2f}", ce=f"{logs['inversion/ce']:.2f}",
-                                fired=switch.fired)
-            # val_every = 0: validate (and keep) the final state only, as MetaTrainConfig documents.
-            if m.train.val_every and state.iteration % m.train.val_every == 0 or state.iteration == m.train.iterations:
-                scores = {name: evaluate_split(learner, v, val_tasks[name], dist, progress=False).accuracy
-                          for name, v in val_sets.items()}
-                score = sum(scores.values()) / len(scores)
-                if len(scores) > 1:
-                    logs.update({f"val/accuracy/{name}": v for name, v in scores.items()})
-                state.val.append([state.iteration, score])
-                logs["val/accuracy"] = score
-                if score > state.best_val:
-                    state.best_val, state.best_iteration = score, state.iteration
-                    best.keep(learner)
-            if logs:
-                acc.log(logs, step=state.iteration)
-            if dist.main and (state.iteration % cfg.picture_every == 0 or state.iteration == 1):
-                spec = train_tasks.task(it * mb)
-                with torch.no_grad():
-                    save_episode_grid(bank.episode(spec), out / "pictures" / f"pseudo_episode_{state.iteration:06d}.png",
-                                      row_labels=[labels[int(c)] for c in spec.classes])
-            # The last checkpoint lets a run interrupted during meta-test resume without retraining.
-            saved = state.iteration % cfg.checkpoint_every == 0 or state.iteration == m.train.iterations
-            if saved:
-                save_checkpoint(acc, dist, out, state.iteration, identity)
-            if dist.any(interrupt.requested):
+    tracker = Tracker(acc, cfg.log_every, bar)
+
+    def save(n: int) -> None:
+        checkpoints.save(n)
+        if on_checkpoint is not None:
+            on_checkpoint()
+
+    for it in bar:
+        tracker.add(eci.iteration())
+        n = eci.state.iteration
+        if eci.validation_due():
+            tracker.note(eci.validate())
+        tracker.flush(n, n == m.iterations, eci.switch.fired)
+        pictures.episode(n, eci.train_tasks, it * cfg.meta.train.meta_batch)
+        # The last checkpoint lets a run stopped during meta-test resume without retraining.
+        saved = n % every == 0 or n == m.iterations
+        if saved:
+            save(n)
+        # With several processes, they agree on stopping every log_every iterations (a collective).
+        if dist.world == 1 or n % cfg.log_every == 0 or n == m.iterations:
+            if dist.any(stop.requested is not None):
                 if not saved:
-                    save_checkpoint(acc, dist, out, state.iteration, identity)
-                acc.print(f"interrupted: checkpoint written at iteration {state.iteration}; continue with --resume")
-                raise KeyboardInterrupt
-    if dist.main:
-        save_bank_grid(bank, out / "pictures" / "bank_final.png", classes=list(range(min(20, bank.num_classes))),
-                       teacher_ids=[t.model_id for t in teachers])
-        save_training_plot(out / "pictures" / "training.png", state.pseudo_query, state.val, state.fired_at)
-    learner.load_state_dict(best.state)
-    summary = {"iterations": m.train.iterations, "bank_classes": bank.num_classes,
-               "best_iteration": state.best_iteration,
-               "val_accuracy": round(state.best_val, 2) if state.val else None, "switch_fired": switch.fired,
-               "adversarial_steps": state.adversarial_steps, "val_curve": state.val,
-               "seconds_zoo_student": round(seconds_zoo_student, 1), "seconds_inversion": round(times["inversion"], 1),
-               "seconds_meta": round(times["meta"], 1)}
-    return learner, summary
+                    save(n)
+                acc.print(f"stopped ({stop.requested or 'another process'}): checkpoint written at iteration "
+                          f"{n}; continue with --resume")
+                stop.check(True)
+    pictures.final(eci.state.pseudo_query, eci.state.val, eci.state.fired_at)
+    eci.learner.load_state_dict(eci.best.state)
+    return eci.learner, eci.summary()

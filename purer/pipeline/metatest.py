@@ -1,225 +1,154 @@
-"""Meta-test: the meta-learner's rows (with and without ICFIL) and the baselines beside them.
+"""Meta-test: the meta-learner's rows, plain and after each calibration, every setting chosen on meta-val.
 
-Test-time settings (inner lr and steps) are chosen on meta-val from one shared
-grid; meta-test runs once, on a fixed seeded task list per shot shared by every
-row, so rows are paired.  The baseline rows are cached under ``cache_dir`` by
-everything they depend on, and computed in a background process beside
-meta-training when that can use an idle core.
+Test-time settings (inner lr and steps) are chosen on meta-val from one shared grid,
+and a calibrator's own settings on meta-val too (``eval.calibration_grid``); meta-test
+runs once, on a fixed seeded task list per shot shared by every row, so rows are
+paired.  Every evaluation splits its tasks over the run's processes.  A finished row
+is kept in ``<output_dir>/metatest_rows.json`` at once, so a run stopped during
+meta-test (a signal, a crash) resumes without computing it again.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
-import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
+import numpy as np
 
-from ..baselines import BaselineConfig, run_baselines
-from ..calibrate import ICFIL, calibration, select_config
+from .. import host
+from ..calibrate import Calibrator, calibrator, select_calibration
+from ..data import ImageSet, TaskSpec
+from ..evaluate import EvalResult, fingerprint, paired_difference, select_test_time, task_accuracies, task_list
+from ..meta import MetaLearner
 from ..yaml_config import to_dict
-from ..data import SPLITS, ImageSet, TaskSpec, load_split
-from ..evaluate import EvalResult, evaluate, fingerprint, paired_difference, select_test_time, task_list
-from ..meta import MetaLearner, MetaTrainConfig
-from ..zoo.store import Zoo
-from ..zoo.teacher import Teacher
-from .build import zoo_path
-from .run_config import RunConfig
-from .distributed import Dist, autocast_dtype
+from .distributed import Dist
 from .report import write_json
+from .run_config import RunConfig
+from .signals import StopSignals
+
+ROWS_FILE = "metatest_rows.json"
 
 
 def evaluate_split(learner: MetaLearner, source: ImageSet, tasks: Sequence[TaskSpec], dist: Dist, *,
                    method: str = "", adapt_kwargs: dict | None = None, progress: bool = False) -> EvalResult:
-    """:func:`purer.evaluate.evaluate` with the tasks split over processes and gathered in order."""
-    if dist.world == 1:
-        return evaluate(learner, source, tasks, method=method, adapt_kwargs=adapt_kwargs, progress=progress)
+    """:func:`purer.evaluate.evaluate` with the tasks split over processes and gathered in order (one host read)."""
+    if not tasks:
+        raise ValueError("evaluate needs a non-empty task list")
     start = time.perf_counter()
-    local = evaluate(learner, source, dist.share(tasks), method=method, adapt_kwargs=adapt_kwargs,
-                     progress=progress and dist.main)
-    accs = dist.gather_tasks(local.task_acc, len(tasks))
-    return dataclasses.replace(local, task_acc=accs, tasks_id=fingerprint(tasks), seconds=time.perf_counter() - start)
+    local = task_accuracies(learner, source, dist.share(tasks), adapt_kwargs=adapt_kwargs,
+                            progress=progress and dist.main, method=method)
+    accs = host.values(dist.gather_tasks(local, len(tasks)).double(), "result")
+    return EvalResult(method, tasks[0].way, int(tasks[0].support.shape[1]), accs, learner.test_cost(),
+                      fingerprint(tasks), dict(adapt_kwargs or {}), time.perf_counter() - start)
 
 
-def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, ImageSet], dist: Dist,
-                   progress: bool) -> tuple[list[dict], dict]:
+class FinishedRows:
+    """The meta-test rows a run has finished, kept in ``<output_dir>/metatest_rows.json`` as they finish.
+
+    A row is found again only for the same learner (its weights' hash), dataset and meta-test settings
+    (``eval`` and ``icfil``), so a changed setting recomputes it.
+    """
+
+    def __init__(self, path: Path | None, cfg: RunConfig, learner: MetaLearner, dataset: str, write: bool):
+        self.path, self.write = path, write
+        weights = hashlib.sha256()
+        for k, v in sorted(learner.state_dict().items()):
+            weights.update(k.encode())
+            weights.update(host.read(v, "checkpoint").numpy().tobytes())
+        self.key = hashlib.sha256(json.dumps({"eval": to_dict(cfg.eval), "icfil": to_dict(cfg.icfil),
+                                              "dataset": dataset, "learner": weights.hexdigest()},
+                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
+        stored = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+        self.rows: dict = stored.get(self.key, {})
+        self._all = stored
+
+    def get(self, shot: int, name: str) -> tuple[dict, np.ndarray] | None:
+        found = self.rows.get(f"{shot}/{name}")
+        return None if found is None else (found["row"], np.asarray(found["task_acc"]))
+
+    def put(self, shot: int, name: str, row: dict, task_acc: np.ndarray) -> None:
+        self.rows[f"{shot}/{name}"] = {"row": row, "task_acc": task_acc.tolist()}
+        if self.path is not None and self.write:
+            self._all[self.key] = self.rows
+            write_json(self.path, self._all)
+
+
+def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, ImageSet], dist: Dist, progress: bool,
+                   out: Path | None = None, stop: StopSignals | None = None, dataset: str = "") -> tuple[list[dict], dict]:
     """The meta-learner's rows (``purer``, ``purer+<calibration>``), every setting chosen on meta-val, and per
     shot the calibration chosen on meta-val (``{"name", "settings", "val_accuracy"}``; name ``none`` when no
-    calibration beats the plain learner there)."""
+    calibration beats the plain learner there).
+
+    Rows already finished (``out``'s :data:`ROWS_FILE`) are reused; a stop signal (``stop``) ends it between
+    rows with :class:`~purer.pipeline.signals.Stopped`, the finished rows kept.
+    """
     e, rows, chosen_calibration = cfg.eval, [], {}
+    finished = FinishedRows(out / ROWS_FILE if out is not None else None, cfg, learner, dataset or cfg.data.dataset,
+                            write=dist.main)
+
+    def split_eval(candidate, source, tasks, adapt_kwargs=None):
+        return evaluate_split(candidate, source, tasks, dist, adapt_kwargs=adapt_kwargs)
+
     for shot in e.shots:
         test_tasks = task_list(splits["test"], e.way, shot, e.query, e.tasks, e.seed)
         val_tasks = task_list(splits["val"], e.way, shot, e.query, e.val_tasks, e.seed)
-        chosen = select_test_time(learner, splits["val"], val_tasks, e.grid)
-        plain = evaluate_split(learner, splits["test"], test_tasks, dist, method="purer",
-                               adapt_kwargs=chosen.settings, progress=progress)
-        rows.append(plain.row(val_accuracy=round(chosen.val_accuracy, 2), seconds=round(plain.seconds, 1)))
-        best = {"name": "none", "settings": {}, "val_accuracy": round(chosen.val_accuracy, 2), "row": rows[-1]}
-        for name in e.calibrations:
-            config = calibration(name, cfg.icfil)
-            if name == "icfil" and e.calibration_grid:
-                config, val_accuracy, _ = select_config(learner, splits["val"], val_tasks, e.calibration_grid,
-                                                        base=config, adapt_kwargs=chosen.settings)
+        chosen = None
+        plain: EvalResult | None = None
+        best: dict = {}
+        for name in ["none", *e.calibrations]:
+            method = "purer" if name == "none" else f"purer+{name}"
+            found = finished.get(shot, name)
+            if found is None:
+                if chosen is None:
+                    chosen = select_test_time(learner, splits["val"], val_tasks, e.grid, evaluate_fn=split_eval)
+                row, result = _calibration_row(name, cfg, learner, splits, val_tasks, test_tasks, chosen, dist,
+                                               progress, split_eval, method, plain)
+                finished.put(shot, name, row, result.task_acc)
             else:
-                val_accuracy = evaluate_split(ICFIL(config).wrap(learner), splits["val"], val_tasks, dist,
-                                              adapt_kwargs=chosen.settings).accuracy
-            result = evaluate_split(ICFIL(config).wrap(learner), splits["test"], test_tasks, dist,
-                                    method=f"purer+{name}", adapt_kwargs=chosen.settings, progress=progress)
-            diff, ci = paired_difference(result, plain)
-            settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "inversion"}
-            rows.append(result.row(val_accuracy=round(val_accuracy, 2), paired_vs_purer=[round(diff, 2), round(ci, 2)],
-                                   calibration=settings, seconds=round(result.seconds, 1)))
-            if val_accuracy > best["val_accuracy"]:
-                best = {"name": name, "settings": settings, "val_accuracy": round(val_accuracy, 2), "row": rows[-1]}
+                row, task_acc = found
+                result = EvalResult(method, e.way, shot, task_acc, row["test_cost"], row["tasks_id"])
+            plain = plain or result
+            rows.append(row)
+            if not best or row["val_accuracy"] > best["val_accuracy"]:
+                best = {"name": name, "settings": row.get("calibration", {}), "val_accuracy": row["val_accuracy"],
+                        "row": row}
+            if stop is not None and dist.any(stop.requested is not None):
+                stop.check(True)
         best.pop("row")["selected"] = True
         chosen_calibration[shot] = best
     return rows, chosen_calibration
 
 
-def _baseline_plan(cfg: RunConfig, splits: dict[str, ImageSet], teachers: Sequence[Teacher]
-                   ) -> tuple[BaselineConfig, Path, str]:
-    """The baselines' settings, their cache file and the key naming everything they depend on."""
-    e, m = cfg.eval, cfg.meta
-    bcfg = BaselineConfig(way=e.way, shots=tuple(e.shots), query=e.query, test_tasks=e.tasks, val_tasks=e.val_tasks,
-                          task_seed=e.seed, train_seeds=(cfg.seed,), arch=m.arch, arch_args=m.arch_args,
-                          maml=m.maml, train=MetaTrainConfig(iterations=e.baseline_train_iterations,
-                                                             meta_batch=m.train.meta_batch,
-                                                             outer_lr=m.train.outer_lr,
-                                                             val_every=max(1, e.baseline_train_iterations // 6)),
-                          grid=e.grid)
-    key = json.dumps({"data": to_dict(cfg.data), "baselines": dataclasses.asdict(bcfg), "methods": e.baselines,
-                      "zoo": [t.config.sha256 for t in teachers], "mixed_precision": cfg.mixed_precision,
-                      "splits": {k: [len(v), v.class_names[:3]] for k, v in splits.items()}}, sort_keys=True,
-                     default=str)
-    path = Path(cfg.cache_dir) / f"baselines-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    return bcfg, path, key
+def _calibration_row(name: str, cfg: RunConfig, learner: MetaLearner, splits: dict[str, ImageSet],
+                     val_tasks: list[TaskSpec], test_tasks: list[TaskSpec], chosen, dist: Dist, progress: bool,
+                     split_eval, method: str, plain: EvalResult | None) -> tuple[dict, EvalResult]:
+    """One row: the calibrator ``name`` (its settings chosen on meta-val if ``eval.calibration_grid`` searches
+    any) after the learner's test-time settings ``chosen``, scored on meta-val and tested once, and compared
+    task by task with the plain learner's row ``plain``."""
+    cal: Calibrator = calibrator(name, cfg.icfil)
+    grid = cfg.eval.calibration_grid.get(name)
+    if grid:
+        cal, val_accuracy, _ = select_calibration(cal, grid, learner, splits["val"], val_tasks, chosen.settings,
+                                                  split_eval)
+    elif name == "none":
+        val_accuracy = chosen.val_accuracy
+    else:
+        val_accuracy = split_eval(cal.wrap(learner), splits["val"], val_tasks, chosen.settings).accuracy
+    result = evaluate_split(cal.wrap(learner), splits["test"], test_tasks, dist, method=method,
+                            adapt_kwargs=chosen.settings, progress=progress)
+    extra = {}
+    if plain is not None:
+        diff, ci = paired_difference(result, plain)
+        extra["paired_vs_purer"] = [round(diff, 2), round(ci, 2)]
+    if name != "none":
+        extra["calibration"] = cal.settings()
+    return result.row(val_accuracy=round(val_accuracy, 2), **extra, seconds=round(result.seconds, 1)), result
 
 
-def own_teachers(teachers: Sequence[Teacher], dataset: str) -> list[Teacher]:
+def own_teachers(teachers, dataset: str) -> list:
     """The teachers trained on ``dataset`` (all of them when none says so): a dataset's baselines are those
     a user of that dataset's own zoo has."""
     return [t for t in teachers if t.config.dataset == dataset] or list(teachers)
 
-
-def baseline_rows(cfg: RunConfig, splits: dict[str, dict[str, ImageSet]], teachers: Sequence[Teacher],
-                  progress: bool, autocast: torch.dtype | None = None, log=None) -> list[dict]:
-    """The baseline rows of every dataset (each row names its ``dataset``; on the splits' device), reused from
-    ``cache_dir`` when nothing they depend on changed (``log(row)``: see :func:`purer.baselines.run_baselines`)."""
-    if not cfg.eval.baselines:
-        return []
-    rows = []
-    for d in cfg.data.each():
-        c, mine = dataclasses.replace(cfg, data=d), own_teachers(teachers, d.dataset)
-        bcfg, path, key = _baseline_plan(c, splits[d.dataset], mine)
-        if path.is_file():
-            print(f"baselines: reusing {path} (same data, zoo and settings)")
-            found = json.loads(path.read_text())["rows"]
-        else:
-            found = run_baselines(splits[d.dataset], mine, bcfg, methods=cfg.eval.baselines, progress=progress,
-                                  log=log, autocast=autocast)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(path, {"key": json.loads(key), "rows": found})
-        rows += [{**r, "dataset": d.dataset} for r in found]
-    return rows
-
-
-def _cached(cfg: RunConfig, splits: dict[str, dict[str, ImageSet]], teachers: Sequence[Teacher]) -> bool:
-    """Whether every dataset's baseline rows are in the cache already."""
-    return all(_baseline_plan(dataclasses.replace(cfg, data=d), splits[d.dataset],
-                              own_teachers(teachers, d.dataset))[1].is_file() for d in cfg.data.each())
-
-
-_finished_rows = None  # the worker's queue of finished rows (set by _start_worker)
-
-
-def _start_worker(parent: int, finished_rows) -> None:
-    """Pool initializer: report finished rows to the run, and end with the run's process.
-
-    A SIGKILLed run cannot stop its worker, which used to compute on, orphaned, for minutes;
-    a watcher thread ends it within a second of the run's end, on any system.
-    """
-    global _finished_rows
-    _finished_rows = finished_rows
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _baselines_worker(cfg: RunConfig, device: str, autocast: torch.dtype | None) -> list[dict]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    splits = {d.dataset: {s: load_split(d.dataset, s, d.root, d.image_size).to(device) for s in SPLITS}
-              for d in cfg.data.each()}
-    teachers = [t.to(device) for t in Zoo(zoo_path(cfg)).load_teachers()]
-    return baseline_rows(cfg, splits, teachers, progress=False, autocast=autocast, log=_finished_rows.put)
-
-
-class Baselines:
-    """The baseline rows, computed beside meta-training when that can use an idle core.
-
-    In a single-process run whose baselines are not cached, a spawned worker
-    process computes them while this process meta-trains (each on ``threads``
-    threads), which roughly halves a first run's wall time on a 2-core machine.
-    Otherwise they are computed (or read from the cache) when :meth:`rows` is called.
-    """
-
-    def __init__(self, cfg: RunConfig, splits: dict[str, dict[str, ImageSet]], teachers: Sequence[Teacher],
-                 dist: Dist, progress: bool):
-        self.cfg, self.splits, self.teachers, self.progress = cfg, splits, teachers, progress
-        self.autocast = autocast_dtype(dist.acc)
-        self.pool = self.pending = None
-        if dist.world == 1 and cfg.eval.baselines and not _cached(cfg, splits, teachers):
-            import multiprocessing
-
-            print("baselines: computing them in a background process while meta-training runs")
-            context = multiprocessing.get_context("spawn")
-            self.finished = context.SimpleQueue()
-            self.pool = context.Pool(1, initializer=_start_worker, initargs=(os.getpid(), self.finished))
-            self.pending = self.pool.apply_async(_baselines_worker, (cfg, str(dist.acc.device), self.autocast))
-
-    def rows(self) -> list[dict]:
-        if self.pending is None:
-            return baseline_rows(self.cfg, self.splits, self.teachers, self.progress, self.autocast)
-        try:
-            self._wait()
-            rows = self.pending.get()
-        except BaseException:
-            self.close()
-            raise
-        self.close(finished=True)
-        return rows
-
-    def _wait(self) -> None:
-        """Wait for the worker, showing its rows as they finish (it may still be busy after meta-test)."""
-        total = len(self.cfg.eval.baselines) * len(self.cfg.eval.shots) * len(self.cfg.data.each())
-        done, start = 0, time.perf_counter()
-        if not self.pending.ready():
-            print("baselines: waiting for the background process")
-        while True:
-            while not self.finished.empty():
-                row, done = self.finished.get(), done + 1
-                if self.progress:
-                    print(f"baselines: {done}/{total} rows, {row['method']} {row['shot']}-shot "
-                          f"{row['accuracy']:.2f} ({time.perf_counter() - start:.0f} s waited)")
-            if self.pending.ready():
-                return
-            self.pending.wait(1.0)
-
-    def close(self, finished: bool = False) -> None:
-        """End the worker: let a finished one exit on its own (so it leaves nothing behind), else stop it
-        at once (an error or an interrupt in the main process)."""
-        if self.pool is not None:
-            if finished:
-                self.pool.close()
-            else:
-                self.pool.terminate()
-            self.pool.join()
-            self.pool = None

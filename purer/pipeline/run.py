@@ -13,11 +13,14 @@ from ..data import SPLITS, EpisodeSampler, ImageSet, load_split
 from ..evaluate import task_list
 from .build import load_zoo
 from .run_config import RunConfig, RunError
+from .baselines import Baselines
+from .checkpoints import latest_checkpoint
 from .distributed import Dist
-from .eci import latest_checkpoint, meta_train_eci
-from .metatest import Baselines, evaluate_purer
+from .eci import meta_train_eci
+from .metatest import evaluate_purer
 from .report import flat_hparams, results_table, write_json
-from .rundir import RunLock, check_writable, claim, run_identity
+from .rundir import Replacement, RunLock, check_writable, claim, run_identity
+from .signals import StopSignals
 
 
 def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool = True,
@@ -25,8 +28,10 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
     """Run the whole pipeline; write and return ``results.json``'s content.
 
     ``output_dir`` is locked for the run; a fresh run refuses a folder holding another run's
-    outputs unless ``overwrite`` (which deletes them), and ``resume`` continues the run whose
-    checkpoints are there, with the settings that trained it (see :mod:`purer.pipeline.rundir`).
+    outputs unless ``overwrite`` (which replaces them once the new run is under way), and ``resume``
+    continues the run whose checkpoints are there, with the settings that trained it (see
+    :mod:`purer.pipeline.rundir`).  Ctrl-C, SIGTERM and SIGUSR1 stop it at the next safe point
+    with its work saved (:class:`~purer.pipeline.signals.Stopped`; continue with ``resume``).
 
     Raises:
         RunError: unwritable folders, a folder in use or holding another run, missing dataset
@@ -56,9 +61,16 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)
     lock = _on_main(dist, lambda: RunLock(out))
+    replacement = None
     try:
-        _on_main(dist, lambda: claim(out, resume, overwrite))
-        return _run(cfg, acc, dist, out, resume, progress)
+        replacement = Replacement(out, _on_main(dist, lambda: claim(out, resume, overwrite)) or [])
+        with StopSignals() as stop:
+            results = _run(cfg, acc, dist, out, resume, progress, replacement, stop)
+        return results
+    except BaseException:
+        if replacement is not None and dist.main:
+            replacement.restore()  # failed before its first checkpoint: the replaced run's outputs come back
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -78,7 +90,8 @@ def _on_main(dist: Dist, fn):
     return result
 
 
-def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: bool) -> dict:
+def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: bool, replacement: Replacement,
+         stop: StopSignals) -> dict:
     start = time.perf_counter()
     e = cfg.eval
 
@@ -102,7 +115,8 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
     if resume and checkpoint is None:
         raise RunError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
     identity = run_identity(cfg, checkpoint)
-    if dist.main:
+    if dist.main:  # every input is checked: another run's outputs may go aside now
+        replacement.move_aside()
         save_config(cfg, out / "config.yaml")
     acc.init_trackers("purer", config=flat_hparams(cfg))
     # Everything lives on the accelerator's device from here on: each split is moved once.
@@ -113,12 +127,13 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
     try:
         stage(2, f"ECI meta-training, {cfg.meta.train.iterations} iterations")
         learner, summary = meta_train_eci(cfg, acc, dist, teachers, {n: p["val"] for n, p in splits.items()}, out,
-                                          resume, progress, identity)
+                                          resume, progress, identity, stop,
+                                          on_checkpoint=replacement.discard if dist.main else None)
         stage(3, f"meta-test: {e.tasks} tasks per shot ({', '.join(map(str, e.shots))}-shot), "
                  f"plain{''.join(f' and + {c}' for c in e.calibrations)}")
         rows, calibrations = [], {}
         for name, c in datasets.items():  # each dataset on its own tasks, settings chosen on its own meta-val
-            mine, chosen = evaluate_purer(c, learner, splits[name], dist, progress)
+            mine, chosen = evaluate_purer(c, learner, splits[name], dist, progress, out, stop, name)
             rows += [{**r, "dataset": name} for r in mine]
             calibrations.update({str(k) if len(datasets) == 1 else f"{name}/{k}": v for k, v in chosen.items()})
         stage(4, f"baselines: {', '.join(e.baselines) or 'none'}")

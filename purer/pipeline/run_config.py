@@ -156,9 +156,10 @@ class EvalConfig:
             cross-entropy on the real support; :data:`purer.calibrate.CALIBRATIONS`).  The
             one best on meta-val (or none) is marked ``"selected": true`` and saved with
             the meta-learner; ``[]``: none.
-        calibration_grid: ICFIL settings searched on meta-val (keys as in
-            :func:`purer.calibrate.with_settings`, e.g. ``{calibration_lr: [1e-4, 1e-3]}``);
-            ``{}``: the ``icfil`` section as it is.
+        calibration_grid: per calibration, its settings searched on meta-val (keys as in
+            :func:`purer.calibrate.with_settings`, e.g. ``{icfil: {calibration_lr: [1e-4, 1e-3]}}``);
+            a calibration it does not name runs as configured (ICFIL: the ``icfil`` section;
+            support CE: ICFIL's calibration steps and lr).
         baselines: rows of :data:`purer.baselines.METHODS` to run (cached by config).
         baseline_train_iterations: real-data meta-training of the upper-bound rows.
     """
@@ -229,6 +230,9 @@ class RunConfig:
         if set(self.eval.calibrations) - set(CALIBRATIONS):
             raise ValueError(f"unknown eval.calibrations {sorted(set(self.eval.calibrations) - set(CALIBRATIONS))}; "
                              f"choose from {sorted(CALIBRATIONS)}")
+        if set(self.eval.calibration_grid) - set(self.eval.calibrations):
+            raise ValueError(f"eval.calibration_grid names {sorted(set(self.eval.calibration_grid) - set(self.eval.calibrations))}"
+                             f", which eval.calibrations does not run; key it by a calibration of {self.eval.calibrations}")
         unknown = set(self.eval.baselines) - set(BASELINE_METHODS)
         if unknown:
             raise ValueError(f"unknown eval.baselines {sorted(unknown)}; choose from {list(BASELINE_METHODS)}")

@@ -4,9 +4,11 @@
   trained (a cache that cannot be written used to fail after meta-test, losing the results);
 - one run at a time writes an ``output_dir``: an ``flock`` on ``<output_dir>/.lock``, which the
   kernel releases when the run ends in any way (even SIGKILL), so a lock is never stale;
-- a fresh run refuses a folder that holds another run's outputs unless told ``overwrite``
-  (then those outputs are deleted first), so checkpoints, results and config.yaml always
-  describe one run;
+- a fresh run refuses a folder that holds another run's outputs unless told ``overwrite``;
+  then those outputs are moved aside only once every input (data, zoo, config) is checked,
+  and deleted only when the new run has written its first checkpoint (they come back if
+  it fails before), so checkpoints, results and config.yaml always describe one run and
+  a mistyped ``--overwrite`` run loses nothing;
 - every checkpoint records its run (:func:`run_identity`): ``--resume`` continues it only
   with the settings that trained it.
 """
@@ -23,7 +25,9 @@ from .run_config import RunConfig, RunError
 from .report import flat_hparams
 
 # What a run writes into its output_dir (anything else there, e.g. a cache_dir inside it, is left alone).
-RUN_OUTPUTS = ("results.json", "results.md", "config.yaml", "meta_learner", "pictures", "logs", "checkpoints")
+RUN_OUTPUTS = ("results.json", "results.md", "config.yaml", "meta_learner", "pictures", "logs", "checkpoints",
+               "metatest_rows.json")
+REPLACED = ".replaced"
 LOCK = ".lock"
 # Settings that never change what meta-training computes: a resumed run may change them.
 _NOT_TRAINING = ("output_dir", "cache_dir", "threads", "checkpoint_every", "picture_every", "icfil.",
@@ -64,18 +68,58 @@ class RunLock:
             self._fd = None
 
 
-def claim(out: Path, resume: bool, overwrite: bool) -> None:
-    """Make ``out`` this run's: refuse another run's outputs unless ``overwrite`` (then delete them)."""
+def claim(out: Path, resume: bool, overwrite: bool) -> list[str]:
+    """Check that ``out`` may become this run's: another run's outputs there are refused unless ``overwrite``.
+
+    Returns the outputs a run with ``overwrite`` will replace (nothing is touched here; see :class:`Replacement`).
+    """
+    if (out / REPLACED).exists():
+        Replacement(out, []).restore()  # a run killed while replacing another: bring the older outputs back
     found = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if resume or not found:
-        return
+        return []
     if not overwrite:
         state = "a finished run" if "results.json" in found else "another run's outputs"
         raise RunError(f"output_dir {out} already holds {state} ({', '.join(found[:3])}); continue an interrupted "
                        "run with --resume, replace it with --overwrite, or use another output_dir")
-    for name in found:
-        target = out / name
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return found
+
+
+class Replacement:
+    """Another run's outputs in ``out``, replaced by this one without losing them on the way.
+
+    :meth:`move_aside` (once every input is checked) moves them into ``out/.replaced``;
+    :meth:`discard` (once the new run has written its first checkpoint) deletes them;
+    :meth:`restore` (the new run failed before that) deletes what the new run wrote
+    and moves them back.
+    """
+
+    def __init__(self, out: Path, names: list[str]):
+        self.out, self.names, self.aside = out, list(names), out / REPLACED
+
+    def move_aside(self) -> None:
+        if not self.names:
+            return
+        self.aside.mkdir(exist_ok=True)
+        for name in self.names:
+            os.replace(self.out / name, self.aside / name)
+
+    def discard(self) -> None:
+        if self.aside.exists():
+            shutil.rmtree(self.aside, ignore_errors=True)
+        self.names = []
+
+    def restore(self) -> None:
+        if not self.aside.exists():
+            return
+        for name in RUN_OUTPUTS:  # what the failed new run wrote
+            new = self.out / name
+            if new.exists():
+                shutil.rmtree(new) if new.is_dir() else new.unlink()
+        for old in sorted(self.aside.iterdir()):
+            os.replace(old, self.out / old.name)
+        self.aside.rmdir()
+        self.names = []
 
 
 def training_settings(cfg: RunConfig) -> dict:

@@ -120,8 +120,11 @@ class Teacher(nn.Module):
         self.model = model.eval()
         self.config = config
         self.model_id = model_id
-        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32), persistent=False)
-        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32), persistent=False)
+        # On the network's device: a teacher wrapped around a model already on a GPU (ICFIL's per-task network)
+        # must not normalise with CPU tensors.
+        device = next(model.parameters(), torch.empty(0)).device
+        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32, device=device), persistent=False)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.train(False)

@@ -1,0 +1,318 @@
+"""Test-time calibration after the inner loop: one small family behind one interface.
+
+A *calibrator* takes a meta-learner and one task's real support set and returns a
+predictor for that task's queries: ``calibrator.adapt(learner, support_x, support_y,
+way) -> predictor``, ``predictor(query_x) -> logits``.  It never changes the
+meta-learner's own weights, so tasks do not leak into each other.  Each member has a
+``name`` (its row in the results, ``purer+<name>``), a config dataclass whose fields
+are the settings a grid may search on meta-val (:func:`select_calibration`), and a
+test-time cost.  The members:
+
+* ``none`` (:class:`NoCalibration`): the learner's own adaptation, nothing after it;
+* ``icfil`` (:class:`~purer.calibrate.icfil.ICFIL`): invert the adapted learner into a
+  pseudo support set and calibrate on real + pseudo support (METHOD.md part 4);
+* ``support-ce`` (:class:`~purer.calibrate.support_ce.SupportCE`): ICFIL's control, the
+  same calibration steps as plain cross-entropy on the real support.
+
+:meth:`Calibrator.wrap` turns a (learner, calibrator) pair into a
+:class:`~purer.meta.MetaLearner` for :func:`purer.evaluate.evaluate`; the run and the
+benchmarks see only this interface.
+
+Example:
+    >>> cal = calibrator("support-ce", icfil=ICFILConfig())                      # doctest: +SKIP
+    >>> predict = cal.adapt(learner, support_x, support_y, way=5)                 # doctest: +SKIP
+    >>> logits = predict(query_x)                                                 # doctest: +SKIP
+    >>> evaluate(cal.wrap(learner), test_set, tasks, method="purer+support-ce")   # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+
+from ..data.episodes import ImageSet, TaskSpec
+from ..meta.base import MetaLearner
+from ..meta.maml import ANIL, MAML
+from ..meta.protonet import ProtoNet, neg_sq_distances, prototypes
+from ..zoo.architectures import Classifier
+
+
+@dataclass
+class CalibratedTask:
+    """One task's calibrated predictor: a private network (the meta-learner is untouched).
+
+    Attributes:
+        learner: gives the input contract (``learner.prepare``).
+        model: the adapted (and calibrated) network; its BatchNorm uses batch statistics
+            like the meta-learner's.  For ProtoNet its head is unused.
+        prototypes: ``[N, D]`` for ProtoNet (from the real support with the calibrated
+            encoder), else ``None``.
+        pseudo_x: ``[N*M, C, H, W]`` the pseudo support in ``[0, 1]``, class-major (empty
+            without one).
+        pseudo_y: ``[N*M]`` its labels.
+        stats: 0-dim tensors from the calibration (e.g. ``inversion_acc``, ``r_bn``,
+            ``calibration_loss``), left on the device.
+    """
+
+    learner: MetaLearner
+    model: Classifier
+    prototypes: torch.Tensor | None
+    pseudo_x: torch.Tensor
+    pseudo_y: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Network inputs ``[B, C', H', W']`` (already prepared) -> logits ``[B, N]``."""
+        if self.prototypes is None:
+            return self.model(x)
+        return neg_sq_distances(self.model.encoder(x), self.prototypes)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` in ``[0, 1]`` -> logits ``[B, N]``."""
+        return self.logits(self.learner.prepare(x))
+
+
+class Calibrator(ABC):
+    """A test-time calibration: ``adapt(learner, support_x, support_y, way) -> predictor``.
+
+    Subclasses declare ``class X(Calibrator, name="...")`` and set :attr:`config_type`
+    (a dataclass; its fields, ``section.field`` for nested dataclasses, are the settings
+    :func:`select_calibration` may search).
+
+    Args:
+        config: the settings (default: ``config_type()``).
+    """
+
+    name: ClassVar[str] = ""
+    config_type: ClassVar[type] = type(None)
+    members: ClassVar[dict[str, type["Calibrator"]]] = {}
+
+    def __init_subclass__(cls, name: str = "", **kwargs):
+        super().__init_subclass__(**kwargs)
+        if name:
+            cls.name = name
+            Calibrator.members[name] = cls
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.config_type()
+
+    @abstractmethod
+    def adapt(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
+              **test_time: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Support ``[N*K, C, H, W]`` in ``[0, 1]``, labels ``[N*K]`` -> a predictor ``query [B, C, H, W] -> [B, N]``.
+
+        ``test_time`` goes to ``learner.adapt`` (its inner lr and steps)."""
+
+    def predict(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
+                query_x: torch.Tensor, **test_time: Any) -> torch.Tensor:
+        """Query logits ``[B, N]`` for ``query_x [B, C, H, W]`` after :meth:`adapt`."""
+        return self.adapt(learner, support_x, support_y, way, **test_time)(query_x)
+
+    def test_cost(self, learner: MetaLearner) -> dict:
+        """What a test task needs beyond ``learner.test_cost()``."""
+        return {}
+
+    def settings(self) -> dict:
+        """The settings a results row records (the config's top-level scalar fields)."""
+        return {k: v for k, v in dataclasses.asdict(self.config).items() if not isinstance(v, dict)}
+
+    def with_settings(self, settings: dict[str, Any]) -> "Calibrator":
+        """A calibrator of this kind with ``settings`` applied (see :func:`with_settings`)."""
+        return type(self)(with_settings(self.config, settings))
+
+    def wrap(self, learner: MetaLearner) -> MetaLearner:
+        """``learner`` followed by this calibration, as a :class:`MetaLearner` for :func:`purer.evaluate.evaluate`."""
+        return CalibratedLearner(learner, self)
+
+
+class NoCalibration(Calibrator, name="none"):
+    """The learner's own adaptation and nothing after it (the plain ``purer`` row)."""
+
+    config_type = dict
+
+    def adapt(self, learner, support_x, support_y, way, **test_time):
+        state = learner.adapt(support_x, support_y, way, **test_time)
+        return lambda x: learner.predict(state, x)
+
+    def settings(self) -> dict:
+        return {}
+
+    def with_settings(self, settings: dict[str, Any]) -> "Calibrator":
+        if settings:
+            raise ValueError(f"the plain learner has no calibration settings, got {sorted(settings)}")
+        return self
+
+    def wrap(self, learner: MetaLearner) -> MetaLearner:
+        return learner  # nothing to add: it keeps the learner's own (batched) evaluation
+
+
+class CalibratedLearner(MetaLearner):
+    """A meta-learner followed by a calibrator at test time; ``adapt`` returns the calibrator's predictor.
+
+    Test-time settings of the wrapped learner (its ``tunable``, e.g. inner lr and
+    steps) pass through ``adapt``.  Meta-test only: it cannot be meta-trained.
+    """
+
+    def __init__(self, learner: MetaLearner, calibrator: Calibrator):
+        super().__init__(None)
+        self.learner = learner
+        self.calibrator = calibrator
+        self.tunable = learner.tunable
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int, *, create_graph: bool = False,
+              **test_time: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        if create_graph:
+            raise ValueError(f"{self.calibrator.name} is a meta-test stage and is not differentiable; meta-train "
+                             "the wrapped learner itself")
+        return self.calibrator.adapt(self.learner, support_x, support_y, way, **test_time)
+
+    def predict(self, adapted: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return adapted(x)
+
+    def test_cost(self) -> dict:
+        return {**self.learner.test_cost(), **self.calibrator.test_cost(self.learner)}
+
+
+def adapted_model(learner: MetaLearner, adapted: Any) -> tuple[Classifier, bool]:
+    """A private :class:`Classifier` copy of ``learner`` under its ``adapted`` state (what a calibrator trains).
+
+    MAML: the network with the fast weights; ANIL: the network with the adapted
+    head; ProtoNet: the encoder with a linear head equivalent to the prototypes
+    (``-||f - c||^2 = 2 c.f - ||c||^2 - ||f||^2`` and the last term is the same for
+    every class, so ``W = 2 c``, ``b = -||c||^2`` give the same softmax).
+
+    Returns:
+        ``(model, is_prototypical)``; every parameter of ``model`` is a fresh leaf
+        with ``requires_grad=True``.
+
+    Raises:
+        TypeError: for a learner other than MAML, ANIL or ProtoNet.
+    """
+    if isinstance(learner, MAML):
+        model = copy.deepcopy(learner.model)
+        target = model.head if isinstance(learner, ANIL) else model
+        with torch.no_grad():
+            for name, p in target.named_parameters():
+                p.copy_(adapted[name])
+        is_proto = False
+    elif isinstance(learner, ProtoNet):
+        protos = adapted.detach()
+        model = Classifier(copy.deepcopy(learner.encoder), protos.shape[1], protos.shape[0]).to(protos.device)
+        with torch.no_grad():
+            model.head.weight.copy_(2 * protos)
+            model.head.bias.copy_(-protos.pow(2).sum(1))
+        is_proto = True
+    else:
+        raise TypeError(f"calibration covers MAML, ANIL and ProtoNet learners, got {type(learner).__name__}; "
+                        "add a case to purer.calibrate.base.adapted_model for it")
+    model.train(learner.training)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model, is_proto
+
+
+def fine_tune(model: Classifier, is_proto: bool, loss_fn: Callable[[], torch.Tensor], steps: int, lr: float
+              ) -> torch.Tensor:
+    """``steps`` Adam steps at ``lr`` on ``model`` (the encoder alone for a ProtoNet, whose head stands for its
+    prototypes) minimising ``loss_fn()``; returns the last loss (detached; zero without steps)."""
+    params = list((model.encoder if is_proto else model).parameters())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    loss = torch.zeros((), device=params[0].device)
+    for _ in range(steps):
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
+def real_logits(model: Classifier, features: torch.Tensor, protos: torch.Tensor | None) -> torch.Tensor:
+    """Logits of ``features`` under the per-task model: its head, or the prototypes for a ProtoNet."""
+    return model.head(features) if protos is None else neg_sq_distances(features, protos)
+
+
+def finish(learner: MetaLearner, model: Classifier, is_proto: bool, support_x: torch.Tensor, support_y: torch.Tensor,
+           way: int, pseudo_x: torch.Tensor, pseudo_y: torch.Tensor, stats: dict) -> CalibratedTask:
+    """The calibrated predictor of ``model``: frozen, with ProtoNet prototypes from the real support."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    protos = None
+    if is_proto:
+        with torch.no_grad():
+            protos = prototypes(model.encoder(learner.prepare(support_x)), support_y, way)
+    return CalibratedTask(learner, model, protos, pseudo_x, pseudo_y, stats)
+
+
+def check_support(support_x: torch.Tensor, support_y: torch.Tensor) -> None:
+    if support_x.ndim != 4 or support_y.shape != support_x.shape[:1]:
+        raise ValueError(f"support_x must be [N*K, C, H, W] and support_y [N*K], got "
+                         f"{tuple(support_x.shape)} and {tuple(support_y.shape)}")
+
+
+def with_settings(config: Any, settings: dict[str, Any]) -> Any:
+    """A copy of the dataclass ``config`` with ``settings`` applied; keys are field names, ``<section>.<field>``
+    for a nested dataclass field (e.g. ``{"calibration_lr": 1e-3, "inversion.lr": 0.1}``).
+
+    Raises:
+        ValueError: for a key that names no setting.
+    """
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    names = {f.name for f in fields(config)}
+    for key, value in settings.items():
+        head, _, rest = key.partition(".")
+        section = getattr(config, head, None) if head in names else None
+        if head not in names or (rest and not (is_dataclass(section) and rest in {f.name for f in fields(section)})):
+            sections = [n for n in sorted(names) if is_dataclass(getattr(config, n))]
+            raise ValueError(f"unknown {type(config).__name__} setting {key!r}; valid: "
+                             f"{', '.join(n for n in sorted(names) if n not in sections)}"
+                             + "".join(f" and {n}.<{type(getattr(config, n)).__name__} field>" for n in sections))
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            top[head] = value
+    for head, values in nested.items():
+        top[head] = dataclasses.replace(top.get(head, getattr(config, head)), **values)
+    return dataclasses.replace(config, **top)
+
+
+def select_calibration(calibrator: Calibrator, grid: dict[str, Sequence[Any]], learner: MetaLearner,
+                       val_source: ImageSet, val_tasks: Sequence[TaskSpec], adapt_kwargs: dict | None = None,
+                       evaluate_fn: Callable | None = None) -> tuple[Calibrator, float, list[dict]]:
+    """Grid search of a calibrator's settings on meta-val tasks (never on meta-test).
+
+    Args:
+        calibrator: the settings not searched.
+        grid: ``{setting: candidate values}`` (keys as in :func:`with_settings`); every
+            combination is evaluated on the same tasks.
+        learner: the meta-learner the calibration follows.
+        val_source, val_tasks: meta-val images and a fixed task list over them.
+        adapt_kwargs: the learner's own test-time settings (e.g. inner lr and steps).
+        evaluate_fn: ``evaluate_fn(learner, source, tasks, adapt_kwargs=...) -> EvalResult``
+            (default :func:`purer.evaluate.evaluate`; a run passes one that splits the tasks over processes).
+
+    Returns:
+        ``(best calibrator, its meta-val accuracy in percent, one row per combination
+        {"settings", "accuracy", "ci95"})``; ties go to the earlier combination.
+    """
+    if evaluate_fn is None:
+        from ..evaluate import evaluate
+
+        evaluate_fn = lambda *a, **k: evaluate(*a, progress=False, **k)  # noqa: E731
+    keys = list(grid)
+    best, best_acc, table = calibrator, -1.0, []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        settings = dict(zip(keys, values))
+        candidate = calibrator.with_settings(settings)
+        result = evaluate_fn(candidate.wrap(learner), val_source, val_tasks, adapt_kwargs=adapt_kwargs)
+        table.append({"settings": settings, "accuracy": result.accuracy, "ci95": result.ci95})
+        if result.accuracy > best_acc:
+            best, best_acc = candidate, result.accuracy
+    return best, best_acc, table
