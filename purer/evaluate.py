@@ -138,23 +138,24 @@ def task_accuracies(learner: "MetaLearner", source: EpisodeSource, tasks: Sequen
     adapt_kwargs = dict(adapt_kwargs or {})
     was_training = learner.training
     learner.eval()
-    device = next(itertools.chain(learner.parameters(), learner.buffers()), torch.empty(0)).device
+    # The learner's device; a learner without weights (nearest centroid on raw pixels) works where the data is.
+    weight = next(itertools.chain(learner.parameters(), learner.buffers()), None)
     batched = hasattr(source, "episodes") and len({(t.way, t.support.shape[1], t.query.shape[1]) for t in tasks}) == 1
     step = chunk if batched else 1
-    accs = [torch.zeros(0, device=device)]
+    accs = []
     try:
         with torch.no_grad(), tqdm(total=len(tasks), desc=f"eval {method}".strip(), disable=not progress,
                                    leave=False) as bar:
             for i in range(0, len(tasks), step):
                 part = tasks[i:i + step]
                 batch = source.episodes(part) if batched else TaskBatch.stack([source.episode(part[0])])
-                batch = batch.to(device)
+                batch = batch.to(weight.device) if weight is not None else batch
                 logits = learner.batch_query_logits(batch, **adapt_kwargs)
                 accs.append((logits.argmax(-1) == batch.query_y).float().mean(1))
                 bar.update(len(part))
     finally:
         learner.train(was_training)
-    return torch.cat(accs)
+    return torch.cat(accs) if accs else torch.zeros(0, device=weight.device if weight is not None else "cpu")
 
 
 def paired_difference(a: EvalResult, b: EvalResult) -> tuple[float, float]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import traceback
 from collections import Counter
 from typing import Iterator
 
@@ -74,9 +75,10 @@ class HostTraffic(TorchDispatchMode):
 
     Attributes:
         named: reads made through :func:`read`, by reason.
-        stray: reads made anywhere else (``.item()``, ``bool()``, ``.cpu()``, ...), by the operation.
-        blocking_copies: host-to-device copies not made through :func:`to_device`
-            (pageable, blocking), e.g. ``torch.as_tensor(array, device=...)`` per call.
+        stray: reads made anywhere else (``.item()``, ``bool()``, ``.cpu()``, ...), by the operation and the
+            line that made it.
+        blocking_copies: host-to-device copies not made through :func:`to_device` (pageable, blocking),
+            e.g. ``torch.as_tensor(array, device=...)``, by the line that made them.
 
     Reads of ``meta`` tensors return zeros (or ``fill``), so code that reads a value
     (the switch, logging, selection) goes on.  Only a *device* is watched: reads and
@@ -88,12 +90,12 @@ class HostTraffic(TorchDispatchMode):
         self.fill = fill
         self.named: Counter = Counter()
         self.stray: Counter = Counter()
-        self.blocking_copies = 0
+        self.blocking_copies: Counter = Counter()
 
     def reset(self) -> None:
         self.named.clear()
         self.stray.clear()
-        self.blocking_copies = 0
+        self.blocking_copies.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -113,15 +115,23 @@ class HostTraffic(TorchDispatchMode):
                     out = torch.full(src.shape, self.fill, dtype=kwargs.get("dtype") or src.dtype)
                     return args[0].copy_(out) if func is torch.ops.aten.copy_.default else out
             elif src_type == "cpu" and dst_type != "cpu" and not kwargs.get("non_blocking", False):
-                self.blocking_copies += 1
+                self.blocking_copies[_caller()] += 1
         return func(*args, **kwargs)
 
     def _count(self, func) -> None:
         why = getattr(_reading, "why", None)
-        if why is None:
-            self.stray[str(func)] += 1
-        else:
+        if why is not None:
             self.named[why] += 1
+            return
+        self.stray[f"{func} at {_caller()}"] += 1
+
+
+def _caller() -> str:
+    """The innermost line of purer (or else of the caller) on the stack: where a read or copy was made."""
+    frames = [f for f in traceback.extract_stack()[:-2] if "torch" not in f.filename.split("site-packages")[-1]
+              and not f.filename.endswith("host.py")]
+    where = next((f for f in reversed(frames) if "purer" in f.filename), frames[-1] if frames else None)
+    return f"{where.filename}:{where.lineno}" if where else "?"
 
 
 @contextlib.contextmanager

@@ -204,7 +204,8 @@ def adapted_model(learner: MetaLearner, adapted: Any) -> tuple[Classifier, bool]
         is_proto = False
     elif isinstance(learner, ProtoNet):
         protos = adapted.detach()
-        model = Classifier(copy.deepcopy(learner.encoder), protos.shape[1], protos.shape[0]).to(protos.device)
+        with protos.device:  # the head is made on the device, not copied there
+            model = Classifier(copy.deepcopy(learner.encoder), protos.shape[1], protos.shape[0])
         with torch.no_grad():
             model.head.weight.copy_(2 * protos)
             model.head.bias.copy_(-protos.pow(2).sum(1))

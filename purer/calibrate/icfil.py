@@ -80,12 +80,17 @@ def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positive = (labels[:, None] == labels[None, :]) & ~self_pair
     n_pos = positive.sum(1)
-    has_pos = n_pos > 0
-    if not has_pos.any():
-        raise ValueError("no two samples share a label, so there is no positive pair; "
-                         "give at least two images of some label (e.g. add pseudo images)")
-    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(1)[has_pos] / n_pos[has_pos]
-    return per_anchor.mean()
+    has_pos = (n_pos > 0).to(z.dtype)
+    anchors = has_pos.sum()
+    # Checked where that costs no read from a device (the CPU); elsewhere the device asserts it.
+    if labels.device.type == "cpu":
+        if not anchors:
+            raise ValueError("no two samples share a label, so there is no positive pair; "
+                             "give at least two images of some label (e.g. add pseudo images)")
+    else:
+        torch._assert_async(anchors > 0, "supervised contrastive loss: no two samples share a label")
+    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(1) / n_pos.clamp(min=1)
+    return (per_anchor * has_pos).sum() / anchors
 
 
 class SupervisedContrastiveLoss(nn.Module):

@@ -251,8 +251,9 @@ class MetaLearner(nn.Module, ABC):
         os.replace(tmp, path / CONFIG)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "MetaLearner":
-        """The learner saved at ``path`` by :meth:`save_pretrained`, in eval mode, on the CPU.
+    def from_pretrained(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> "MetaLearner":
+        """The learner saved at ``path`` by :meth:`save_pretrained`, in eval mode, on ``device`` (the weights are
+        read on the CPU and moved once, so a folder written on a GPU machine reads anywhere).
 
         Raises:
             ValueError: a missing, foreign or corrupt folder (one line naming it).
@@ -271,4 +272,4 @@ class MetaLearner(nn.Module, ABC):
             raise ValueError(f"cannot load a meta-learner from {path}: {' '.join(str(e).split())[:300]}") from None
         if not isinstance(learner, cls):
             raise ValueError(f"{path} holds a {type(learner).__name__}, not a {cls.__name__}")
-        return learner.eval()
+        return learner.to(device).eval()

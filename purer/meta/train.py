@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
+from .. import host
 from ..data.episodes import Episode, EpisodeSampler, ImageSet, TaskBatch, TaskSpec
 from ..evaluate import evaluate
 from .base import MetaLearner
@@ -175,18 +176,19 @@ def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainCon
         history.loss.append(loss)
         history.acc.append(acc)
         if callback is not None:
-            callback(step, float(loss), float(acc))
+            callback(step, host.value(loss, "log"), host.value(acc, "log"))
         if config.val_every and (step % config.val_every == 0 or step == config.iterations):
             score = evaluate(learner, val[0], val[1], adapt_kwargs=val_kwargs, progress=False).accuracy
             history.val.append((step, score))
             if score > history.best_val:
                 history.best_val, history.best_step = score, step
                 best_state = copy.deepcopy(learner.state_dict())
-        if step % 25 == 0 or step == config.iterations:  # one synchronisation per 25 steps on a GPU
-            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{float(acc):.3f}")
+        if progress and (step % 25 == 0 or step == config.iterations):  # one synchronisation per 25 steps
+            bar.set_postfix(loss=f"{host.value(loss, 'log'):.3f}", acc=f"{host.value(acc, 'log'):.3f}")
     if best_state is not None:
         learner.load_state_dict(best_state)
     learner.train()
     if history.loss:
-        history.loss, history.acc = torch.stack(history.loss).tolist(), torch.stack(history.acc).tolist()
+        curves = host.values(torch.stack([torch.stack(history.loss), torch.stack(history.acc)]), "log")
+        history.loss, history.acc = curves[0].tolist(), curves[1].tolist()
     return history
