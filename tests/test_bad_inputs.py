@@ -152,6 +152,9 @@ CASES = {
                              "purer: error: --resume continues the run in output_dir and --overwrite replaces it; "
                              "give one of them"),
     "locked-output-dir": (locked_output_dir, 2, "purer: error: output_dir {tmp}/run is in use by another run (pid "),
+    "fp16": (lambda c: c.run(**{"mixed_precision": "fp16"}), 2,
+             "purer: error: config: mixed_precision fp16 is not supported: the bank's gradients pass back through "
+             "the teachers' float16 activations with no loss scaling; use bf16"),
 }
 
 

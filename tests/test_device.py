@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from meta_synthetic import ARCH_ARGS, SIZE, template_images, tiny_teacher
 from purer.baselines import METHODS
@@ -170,3 +171,36 @@ def test_a_cpu_tensor_mixed_into_a_device_stage_is_caught(zoo, splits, tmp_path)
               Dist(device=META))
     with pytest.raises((RuntimeError, NotImplementedError), match="device"), host_traffic():
         eci.iteration()
+
+
+# Operations torch runs nondeterministically on CUDA (and refuses under torch.use_deterministic_algorithms):
+# the backward passes of grid_sample, bilinear interpolation and adaptive pooling (but for an output of one
+# pixel, which torch computes as a mean), and friends.
+NONDETERMINISTIC_ON_CUDA = ("grid_sampler_2d_backward", "upsample_bilinear2d_backward", "_adaptive_avg_pool2d_backward",
+                            "adaptive_max_pool2d_backward", "reflection_pad2d_backward", "upsample_bicubic2d_backward",
+                            "nll_loss2d_forward", "put_", "histc", "median")
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every aten operation run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_default_path_has_no_operation_that_is_nondeterministic_on_cuda(zoo, splits, tmp_path):
+    """deterministic=true must be able to hold on a GPU: an ECI iteration (augmentation, teachers of two sizes,
+    ResNet and Conv4, distillation, the adversarial term) and the meta-test rows use none of torch's list."""
+    cfg = config(tmp_path)
+    eci = ECI(cfg, zoo, {"val": splits["val"]}, Dist(device="cpu"))
+    eci.state.adversarial_next = True
+    with OpRecorder() as recorder:
+        eci.iteration()
+        evaluate_purer(cfg, eci.learner, splits, Dist(device="cpu"), progress=False)
+    assert {"convolution_backward", "mm"} <= recorder.ops  # the recorder sees the backward passes
+    assert not recorder.ops & set(NONDETERMINISTIC_ON_CUDA), recorder.ops & set(NONDETERMINISTIC_ON_CUDA)

@@ -4,7 +4,9 @@ A teacher classifies its bank images after a random shift (the release rolls by
 +-2 px), a random square crop resized back to the bank size, and optionally a
 horizontal flip.  All three are affine, so each image's augmentation is one
 ``2 x 3`` matrix and a whole inversion step (every sampled teacher's images) is
-warped by a single ``grid_sample`` call, forward and backward.  The matrices are
+warped by one call, forward and backward.  The warp is axis-aligned, so it runs as
+two small matrix products per image (:func:`purer.resample.affine_resample`), which
+are deterministic on a GPU where ``grid_sample``'s backward is not.  The matrices are
 drawn on the CPU from a generator the caller seeds (per step and teacher), so the
 same draws happen on every device and in every process.
 
@@ -17,8 +19,9 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ..resample import affine_resample
 
 
 class RandomAffineAugment(nn.Module):
@@ -63,10 +66,11 @@ class RandomAffineAugment(nn.Module):
         return theta
 
     def forward(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """Warp ``x [B, C, S, S]`` by ``theta [B, 2, 3]`` (moved to ``x``'s device and dtype)."""
+        """Warp ``x [B, C, S, S]`` by ``theta [B, 2, 3]`` (on ``x``'s device), as ``grid_sample`` would with
+        bilinear sampling, border padding and ``align_corners=False``."""
         if self.identity:
             return x
         if theta.shape != (x.shape[0], 2, 3):
             raise ValueError(f"theta must be [{x.shape[0]}, 2, 3] for {tuple(x.shape)} images, got {tuple(theta.shape)}")
-        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        theta = theta.to(x.dtype)
+        return affine_resample(x, torch.stack([theta[:, 0, 0], theta[:, 1, 1]], 1), theta[:, :, 2])

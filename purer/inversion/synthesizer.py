@@ -261,7 +261,7 @@ class EpisodeInversion:
             was built from.
         bank: the pseudo-image bank built from the same teachers (on its device).
         config: see :class:`InversionConfig`.
-        autocast: a lower precision (``torch.bfloat16``, ``torch.float16``) for the
+        autocast: a lower precision (``torch.bfloat16``) for the
             teachers' forward passes (mixed precision); R_bn's statistics, the bank and
             its optimizer stay in float32.
 

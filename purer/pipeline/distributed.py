@@ -149,4 +149,4 @@ def autocast_dtype(accelerator) -> torch.dtype | None:
     """The lower precision of the accelerator's mixed precision (``--mixed_precision``), ``None`` for ``no``."""
     if accelerator is None:
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    return {"bf16": torch.bfloat16}.get(str(accelerator.mixed_precision))  # fp16 is refused (see RunConfig)

@@ -12,7 +12,7 @@ from ..yaml_config import save_config
 from ..data import SPLITS, EpisodeSampler, ImageSet, load_split
 from ..evaluate import task_list
 from .build import load_zoo
-from .run_config import RunConfig, RunError
+from .run_config import FP16_REFUSED, RunConfig, RunError
 from .baselines import Baselines
 from .checkpoints import latest_checkpoint
 from .distributed import Dist
@@ -53,11 +53,14 @@ def run(cfg: RunConfig, accelerator=None, resume: bool = False, progress: bool =
                                      project_config=ProjectConfiguration(project_dir=str(out),
                                                                          logging_dir=str(out / "logs")))
     dist = Dist(acc)
+    if str(acc.mixed_precision) == "fp16":  # accelerate launch --mixed_precision fp16
+        raise RunError(FP16_REFUSED)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
-        torch.use_deterministic_algorithms(True)
+        # purer's own path has no nondeterministic operation; one in a user's network warns (and names itself).
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed)
     lock = _on_main(dist, lambda: RunLock(out))

@@ -23,7 +23,9 @@ LEARNERS = ("maml", "anil", "protonet")
 DEFAULT_BASELINES = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "maml-random", "maml-avg-teachers",
                      "maml-real")
 INITS = ("random", "avg-teachers", "zoo-student")
-PRECISIONS = ("no", "bf16", "fp16")
+FP16_REFUSED = ("mixed_precision fp16 is not supported: the bank's gradients pass back through the teachers' "
+                "float16 activations with no loss scaling; use bf16 (float32's range, as fast on recent GPUs) or no")
+PRECISIONS = ("no", "bf16")
 
 
 @dataclass
@@ -191,13 +193,17 @@ class RunConfig:
             these small networks; use processes (``accelerate launch --num_processes``) for more cores.
         cpu: run on the CPU even where a GPU is present (as ``accelerate launch --cpu``);
             otherwise the Accelerator's device (CUDA when present).
-        mixed_precision: ``no``, ``bf16`` or ``fp16`` for the teachers' forward passes
-            (inversion and the feature baselines); ``None``: what ``accelerate launch
+        mixed_precision: ``no`` or ``bf16`` for the teachers' forward passes (inversion,
+            zoo distillation and the feature baselines); ``None``: what ``accelerate launch
             --mixed_precision`` says.  The bank, its optimizer and the meta-learner stay
-            in float32.
+            in float32.  ``fp16`` is refused: the bank's gradients pass back through the
+            teachers' activations, and float16's range (no loss scaling here) would underflow them.
         deterministic: deterministic GPU kernels (``torch.use_deterministic_algorithms``),
-            so a GPU run repeats itself exactly, at some cost in speed.  Runs on
-            different devices draw the same tasks, teachers and augmentations either way.
+            so a GPU run repeats itself exactly, at some cost in speed.  purer's own path
+            avoids every operation torch cannot run deterministically; a network of your own
+            that uses one (e.g. ``F.grid_sample``) gets torch's warning naming it, and
+            the run is then not bit-repeatable.  Runs on different devices draw the same
+            tasks, teachers and augmentations either way.
         log_every: meta-iterations between TensorBoard points and progress-bar updates;
             the numbers in between stay on the device (no synchronisation per step).
     """
@@ -246,6 +252,8 @@ class RunConfig:
             raise ValueError("eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1, and eval.shots non-empty")
         if self.checkpoint_every < 1 or self.picture_every < 1 or self.log_every < 1:
             raise ValueError("checkpoint_every, picture_every and log_every must be >= 1")
+        if self.mixed_precision == "fp16":
+            raise ValueError(FP16_REFUSED)
         if self.mixed_precision not in (None, *PRECISIONS):
             raise ValueError(f"mixed_precision must be one of {PRECISIONS} (or unset), got {self.mixed_precision!r}")
         if self.inversion.seed != InversionConfig.seed:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..resample import resize
 from .architectures import Classifier, build_model
 
 
@@ -99,7 +99,7 @@ def convert_input(x: torch.Tensor, in_channels: int, image_size: int) -> torch.T
         else:
             raise ValueError(f"cannot feed {c}-channel images to a {in_channels}-channel model")
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        x = resize(x, image_size)  # bilinear, deterministic on a GPU (unlike F.interpolate's backward)
     return x
 
 
