@@ -138,21 +138,24 @@ def random_zoo(s: Setting) -> list[Teacher]:
 class Bench:
     """The objects of one meta-training run, built as :func:`purer.pipeline.meta_train_eci` builds them."""
 
-    def __init__(self, s: Setting, seed: int = 0, device: str = "cpu", autocast: torch.dtype | None = None):
+    def __init__(self, s: Setting, seed: int = 0, device: str = "cpu", autocast: torch.dtype | None = None,
+                 batching: str = "auto"):
         torch.manual_seed(seed)
         self.setting, self.device = s, torch.device(device)
         cfg = RunConfig(seed=seed, meta=MetaConfig(way=s.way, shot=s.shot, query=s.query,
                                                    images_per_class=s.images_per_class,
                                                    maml=MAMLConfig(inner_lr=s.inner_lr, inner_steps=s.inner_steps),
                                                    train=MetaTrainConfig(meta_batch=s.meta_batch)))
-        cfg.inversion = dataclasses.replace(cfg.inversion, teachers_per_step=s.teachers_per_step)
+        cfg.inversion = dataclasses.replace(cfg.inversion, teachers_per_step=s.teachers_per_step,
+                                            teacher_batching=batching)
         m = cfg.meta
         teachers = [t.to(self.device) for t in random_zoo(s)]
         self.bank = PseudoBank(teachers, m.images_per_class, image_size=s.image_size, channels=s.channels,
-                               merge_shared_classes=cfg.zoo.merge_shared_classes, seed=seed).to(self.device)
+                               merge_shared_classes=cfg.zoo.merge_shared_classes, seed=seed, device=self.device)
         self.inversion = EpisodeInversion(teachers, self.bank, cfg.inversion, autocast=autocast)
         self.switch = GradientSwitch(cfg.switch)
         self.learner = build_learner(cfg, teachers, s.channels, s.image_size).to(self.device)
+        self.learner.task_batching = batching
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=m.train.outer_lr)
         self.train_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=seed)
         self.fresh_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=seed + 10_000)
