@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.episodes import ImageSet
-from .architectures import available
+from .architectures import available, is_known
+from .external import arch_slug, canonical_arch
 from .store import Zoo
 from .teacher import ModelConfig, prepare_input
 
@@ -48,8 +49,10 @@ class PretrainConfig:
             2x2x32 = 128 features, at 28 px in only 32.
         num_models: teachers in the zoo.
         classes_per_model: classes each teacher learns (5 in the paper).
-        arch: ``conv4`` | ``resnet10`` | ``resnet18`` | any registered name, or
-            ``mix`` to cycle through conv4, resnet10, resnet18 (the SH scenario).
+        arch: ``conv4`` | ``resnet10`` | ``resnet12`` | ``resnet18`` | ``tv:<name>`` |
+            ``timm:<name>`` | a user's ``package.module:Name`` or ``path/to/file.py:Name`` (see
+            :mod:`purer.zoo.architectures`), or ``mix`` to cycle through conv4, resnet10,
+            resnet18 (the SH scenario).
         arch_args: architecture keyword arguments, for every model (e.g. ``{"width": 32}``).
         subsets: ``disjoint`` (blocks of a seeded class permutation) or ``random``
             (seeded subsets, overlaps allowed).
@@ -90,8 +93,9 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.subsets not in SUBSET_MODES:
             raise ValueError(f"subsets must be one of {SUBSET_MODES}, got {self.subsets!r}")
-        if not (self.arch == "mix" or self.arch.startswith("tv:") or self.arch in available()):
+        if not (self.arch == "mix" or is_known(self.arch)):
             raise ValueError(f"unknown arch {self.arch!r}; use mix or one of {', '.join(available())}")
+        self.arch = canonical_arch(self.arch)  # a file path as every process (and config.json) finds it
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -119,7 +123,7 @@ class PretrainConfig:
         return MIX[i % len(MIX)] if self.arch == "mix" else self.arch
 
     def model_id(self, i: int) -> str:
-        return f"{self.arch_of(i).replace(':', '_')}-{i:03d}"
+        return f"{arch_slug(self.arch_of(i))}-{i:03d}"
 
 
 def _rng(*key: int) -> np.random.Generator:
