@@ -307,10 +307,14 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
     Raises:
         ValueError: the data has too few classes or images, the zoo's recorded spec
             (``zoo.json``'s ``pretrain``, written here) differs from ``cfg`` in anything but
-            ``num_models``, or the zoo holds a model with the same id but other classes or
-            architecture (a zoo older than the record, of another spec or seed).
+            ``num_models``, the zoo holds models but no record (registered ones: such a zoo
+            never gets one), or a model with the same id but other classes or architecture.
     """
     spec, recorded = zoo_spec(cfg), zoo.pretrain_spec()
+    if recorded is None and zoo.ids():
+        raise ValueError(f"zoo {zoo.path} holds models it has no pre-training record of (registered ones, or "
+                         "pre-trained before zoo.json recorded its settings); it is used as it is, never trained "
+                         "into: pre-train into another directory")
     if recorded is not None:
         differ = [k for k in spec if k != "num_models" and recorded.get(k) != spec[k]]
         if differ:
