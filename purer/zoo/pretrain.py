@@ -54,8 +54,8 @@ class PretrainConfig:
             :mod:`purer.zoo.architectures`), or ``mix`` to cycle through conv4, resnet10,
             resnet18 (the SH scenario).
         arch_args: architecture keyword arguments, for every model (e.g. ``{"width": 32}``).
-        subsets: ``disjoint`` (blocks of a seeded class permutation) or ``random``
-            (seeded subsets, overlaps allowed).
+        subsets: ``disjoint`` (blocks of a seeded class permutation, the last one smaller
+            when the classes run out) or ``random`` (seeded subsets, overlaps allowed).
         epochs: training epochs; the epoch best on the held-out images is kept.
         batch_size, lr, weight_decay: Adam on the cross-entropy.
         heldout_fraction: share of each class's images held out to pick the epoch.
@@ -133,16 +133,22 @@ def _rng(*key: int) -> np.random.Generator:
 def class_subsets(num_classes: int, num_models: int, classes_per_model: int, mode: str, seed: int) -> list[list[int]]:
     """Class indices of each model, ``[num_models][classes_per_model]``, each sorted.
 
+    ``disjoint``: consecutive blocks of one seeded permutation; the last block may be smaller
+    when the classes run out (13 models of 5 on 64 classes: the last has 4, as in the release).
+
     Raises:
-        ValueError: fewer classes than one subset needs, or (``disjoint``) than all models need.
+        ValueError: fewer classes than one subset needs, or (``disjoint``) too few for the last model to get one.
     """
     if classes_per_model > num_classes:
         raise ValueError(f"{classes_per_model} classes per model but the data has only {num_classes} classes")
     if mode == "disjoint":
-        if num_models * classes_per_model > num_classes:
+        if (num_models - 1) * classes_per_model >= num_classes:
             raise ValueError(f"{num_models} disjoint models x {classes_per_model} classes need "
-                             f"{num_models * classes_per_model} classes, the data has {num_classes}; "
-                             "use fewer models or --subsets random")
+                             f"{num_models * classes_per_model} classes (more than "
+                             f"{(num_models - 1) * classes_per_model} with a smaller last model), the data has "
+                             f"{num_classes}; use fewer models or --subsets random")
+        # The last block keeps the classes left when fewer than classes_per_model remain: the release's 13th
+        # CIFAR-FS / MiniImageNet teacher knows 4 of the 64 meta-train classes.
         perm = _rng(seed, 0).permutation(num_classes)
         return [sorted(perm[i * classes_per_model:(i + 1) * classes_per_model].tolist()) for i in range(num_models)]
     if mode == "random":
