@@ -4,12 +4,15 @@ key by key; the +kd configs are the recipe's default method on the same data and
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from purer.pipeline import RunConfig
 from purer.yaml_config import load_config, to_dict
+from recipe_runs import overrides, recipe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
@@ -105,3 +108,17 @@ def test_the_kd_configs_are_the_default_method_on_the_papers_data_and_zoo(name, 
         assert ours == expected, section
     assert dataclasses.asdict(kd.zoo) == dataclasses.asdict(release.zoo)  # the same zoo folder
     assert kd.data == release.data and kd.switch.warmup == release.switch.warmup
+
+
+def test_the_cifar_fs_config_runs(tiny_root, tmp_path):
+    """The release's combination (normalised-space bank, averaged-teacher start, every teacher per step) runs,
+    here for 3 iterations on the tiny dataset and a 2-teacher zoo."""
+    out = tmp_path / "run"
+    res = recipe(["--config", str(CONFIGS / "cifar-fs.yaml"), *overrides(tiny_root, out, 3, **{
+        "zoo.path": str(tmp_path / "zoo"), "zoo.epochs": 1, "meta.train.val_every": 3, "switch.warmup": 1,
+        "eval.baselines": "[]", "eval.calibrations": "[]"})])
+    assert res.returncode == 0, res.stderr[-3000:]
+    used = yaml.safe_load((out / "config.yaml").read_text())
+    assert (used["inversion"]["space"], used["meta"]["init"], used["distill"]["logit"]) == ("normalized",
+                                                                                          "avg-teachers", 0.0)
+    assert json.loads((out / "results.json").read_text())["rows"][0]["method"] == "purer"
