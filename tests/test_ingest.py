@@ -263,7 +263,7 @@ def test_a_malformed_pth_is_one_line_without_torch_warnings(tmp_path, capsys):
     for name in ("text.pth", "protocol4.pth"):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert main(["register", str(tmp_path / name), "--arch", "conv4", "--class-ids", "a", "--image-size", "8",
+            assert main(["register", str(tmp_path / name), "--arch", "conv4", "--class-ids", "a", "--image-size", "16",
                          *NONE, "--zoo", str(tmp_path / "zoo")]) == 2
         assert caught == []  # torch's two-line pickle-protocol warning is not shown beside purer's line
         one_line_error(capsys, f"{name}: torch.load(weights_only=True) refused it")
