@@ -51,7 +51,7 @@ from torch import nn
 from .architectures import Classifier, build_model, is_known
 from .external import canonical_arch, timm_defaults
 from .store import (CONFIG, MANIFEST, NO_BN_WARNING, WEIGHTS, Zoo, check_finite, check_state_dict, has_batch_norm,
-                    read_safetensors, validate_model_id)
+                    read_json, read_safetensors, validate_model_id)
 from .teacher import ModelConfig
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -179,12 +179,7 @@ def _folder_config(folder: Path) -> tuple[dict, Path, str]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is a folder without {CONFIG}; give a weights file or a model folder "
                                 f"({CONFIG} + {WEIGHTS})")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    data = read_json(path)
     if "arch" in data:
         try:
             cfg = ModelConfig.from_dict(data)
@@ -265,15 +260,15 @@ def plan(source: ModelSource) -> Plan:
     if not values.get("class_ids"):
         raise ValueError(f"{file}: no class ids; state --class-ids (the manifest's class_ids column): the global "
                          "name of each output, in output order")
-    if arch.startswith("timm:") and ("mean" not in values or "image_size" not in values):
-        timm = timm_defaults(arch[5:])
-        for key, what in (("mean", "mean/std from timm's data config"),
-                          ("image_size", "image size from timm's pretrained config")):
-            if key not in values:
-                values[key] = timm[key]
-                if key == "mean":
-                    values["std"] = values.get("std", timm["std"])
-                notes.append(f"{what} ({values[key] if key == 'image_size' else values['mean']})")
+    normalisation_given = bool({"mean", "std"} & set(values))  # one of them given alone is an error below
+    if arch.startswith("timm:") and not (normalisation_given and "image_size" in values):
+        defaults = timm_defaults(arch[5:])
+        if not normalisation_given:
+            values["mean"], values["std"] = defaults["mean"], defaults["std"]
+            notes.append(f"mean/std from timm's data config ({values['mean']}, {values['std']})")
+        if "image_size" not in values:
+            values["image_size"] = defaults["image_size"]
+            notes.append(f"image size from timm's pretrained config ({values['image_size']})")
     if "mean" not in values or "std" not in values:
         missing = "mean and std" if "mean" not in values and "std" not in values else \
             ("mean" if "mean" not in values else "std")

@@ -134,7 +134,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e}); re-create or remove this model") from None
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     try:
@@ -214,7 +214,7 @@ class Zoo:
     # -- manifest -------------------------------------------------------------------
     def entries(self) -> list[dict]:
         """The manifest entries, one dict per model, in insertion order."""
-        data = _read_json(self.manifest_path)
+        data = read_json(self.manifest_path)
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{self.manifest_path}: format_version {data.get('format_version')!r} is not "
                              f"{FORMAT_VERSION}; this purer version cannot read it")
@@ -235,7 +235,7 @@ class Zoo:
     def pretrain_spec(self) -> dict | None:
         """The settings ``purer-zoo pretrain`` (or the recipe) trained this zoo's models with, as recorded
         in ``zoo.json`` (``None``: a zoo of registered models, or one older than the record)."""
-        spec = _read_json(self.manifest_path).get("pretrain")
+        spec = read_json(self.manifest_path).get("pretrain")
         if spec is not None and not isinstance(spec, dict):
             raise ValueError(f"{self.manifest_path}: 'pretrain' must be an object")
         return spec
@@ -263,7 +263,7 @@ class Zoo:
     def config(self, model_id: str) -> ModelConfig:
         """The :class:`ModelConfig` of ``model_id`` (its ``config.json``)."""
         path = self._require(model_id) / CONFIG
-        data = _read_json(path)
+        data = read_json(path)
         try:
             return ModelConfig.from_dict(data)
         except (TypeError, ValueError) as e:
