@@ -371,6 +371,15 @@ def test_a_bad_manifest_row_registers_nothing_and_is_named(case, change, fragmen
     assert (zoo / "zoo.json").read_bytes() == before and sorted(p.name for p in zoo.iterdir()) == ["zoo.json"]
 
 
+def test_a_failed_register_into_a_folder_of_yours_leaves_it_as_it_was(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    pth = resnet18_pth(tmp_path)
+    assert main(["register", str(pth), "--arch", "tv:resnet34", "--class-ids", "a,b", "--image-size", "32", *NONE,
+                 "--zoo", str(tmp_path / "mine")]) == 2
+    one_line_error(capsys, "do not fit the architecture 'tv:resnet34'")
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
 def test_manifest_mistakes(tmp_path, capsys):
     manifest = tmp_path / "models.csv"
     manifest.write_text("file,arch,colour\nm.pt,conv4,red\n")

@@ -353,7 +353,7 @@ def register_models(zoo_path: Path, sources: list[ModelSource], log: Callable[[s
                              "its own id (the manifest's id column)")
         seen[p.model_id] = p
     ids = list(seen)
-    existed = (zoo_path / MANIFEST).exists()
+    existed, folder_existed = (zoo_path / MANIFEST).exists(), zoo_path.exists()
     if existed:
         present = set(Zoo(zoo_path).ids())
         for p in plans:
@@ -379,7 +379,7 @@ def register_models(zoo_path: Path, sources: list[ModelSource], log: Callable[[s
     except BaseException:
         if not existed:  # the zoo was made for these models: leave nothing behind
             (zoo_path / MANIFEST).unlink(missing_ok=True)
-            if not any(zoo_path.iterdir()):
+            if not folder_existed:
                 shutil.rmtree(zoo_path, ignore_errors=True)
         raise
     for p, config in done:
