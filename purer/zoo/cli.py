@@ -141,7 +141,10 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-_PER_MODEL = ("arch", "arch_args", "class_ids", "model_id", "in_channels", "image_size", "mean", "std", "dataset")
+# The flags that describe one model (a manifest sets them per row), by their argparse name.
+_PER_MODEL = {"arch": "--arch", "arch_args": "--arch-args", "class_ids": "--class-ids", "model_id": "--id",
+              "in_channels": "--in-channels", "image_size": "--image-size", "mean": "--mean", "std": "--std",
+              "dataset": "--dataset"}
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -149,8 +152,7 @@ def _register(args: argparse.Namespace) -> int:
     if args.manifest is not None:
         if args.weights is not None:
             raise ValueError("give WEIGHTS or --manifest, not both")
-        flags = [f"--{k.replace('_', '-')}".replace("model-id", "id") for k in _PER_MODEL
-                 if getattr(args, k) is not None]
+        flags = [flag for name, flag in _PER_MODEL.items() if getattr(args, name) is not None]
         if flags:
             raise ValueError(f"{', '.join(flags)} describe one model; with --manifest, set them per row")
         sources = read_manifest(args.manifest)
