@@ -192,7 +192,9 @@ def resnet12(in_channels: int, image_size: int, widths: tuple[int, ...] | list[i
     global average pooling: ``[B, C, H, W]`` -> ``[B, widths[-1]]`` (640 features by default).
 
     ``drop_rate`` > 0 applies DropBlock of ``dropblock_size`` in the last two blocks during training, as
-    MetaOptNet and FEAT pre-train it (0.1, 5); it is off by default and always off in eval mode.
+    MetaOptNet and FEAT pre-train it (0.1, 5); it is off by default and always off in eval mode.  It is a
+    pre-training regulariser: leave it at 0 for a meta-learner (random masks inside MAML's inner loop, and
+    under ``vmap``, are not what the method assumes).
     """
     if len(widths) != 4 or min(widths) < 1:
         raise TypeError(f"widths must be 4 positive channel counts, got {widths}")
