@@ -1,4 +1,8 @@
-"""Shared test settings: tiny tensors run fastest on one thread, and the CI machine has two cores."""
+"""Shared test settings: tiny tensors run fastest on one thread, and the CI machine has two cores; the decoded
+images of the tests' throw-away datasets are cached in a throw-away folder, not in the user's cache."""
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +11,20 @@ import torch
 from recipe_runs import overrides, recipe, write_tiny_dataset
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decoded_cache():
+    """``$PURER_DECODED_CACHE`` for the session (the recipe's subprocesses inherit it)."""
+    folder = tempfile.mkdtemp(prefix="purer-test-decoded-")
+    before = os.environ.get("PURER_DECODED_CACHE")
+    os.environ["PURER_DECODED_CACHE"] = folder
+    yield Path(folder)
+    if before is None:
+        del os.environ["PURER_DECODED_CACHE"]
+    else:
+        os.environ["PURER_DECODED_CACHE"] = before
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,7 @@ class Case:
 def nan_register(c: Case) -> list[str]:
     save_file(c.nan_weights(), str(c.tmp / "diverged.safetensors"))
     return ["zoo", "register", str(c.tmp / "diverged.safetensors"), "--arch", "conv4", "--class-ids", "a,b,c,d,e",
-            "--in-channels", "3", "--image-size", "16", "--zoo", str(c.tmp / "new_zoo")]
+            "--in-channels", "3", "--image-size", "16", "--mean", "0", "--std", "1", "--zoo", str(c.tmp / "new_zoo")]
 
 
 def half_built(c: Case) -> list[str]:

@@ -82,8 +82,10 @@ def test_progress_bar_for_many_files(tmp_path, monkeypatch, capsys):
     load_class_folders(root)
     assert "reading" not in capsys.readouterr().err
     monkeypatch.setattr(folders, "_PROGRESS_MIN_FILES", 3)
-    load_class_folders(root)
+    load_class_folders(root, image_size=4)  # another size: decoded, not read from the cache
     assert "reading set" in capsys.readouterr().err
+    load_class_folders(root, image_size=4)
+    assert "reading" not in capsys.readouterr().err  # read back from the cache: nothing to show
 
 
 def test_mixed_sizes_need_image_size(tmp_path):

@@ -24,6 +24,8 @@ def test_disjoint_subsets_are_seeded_blocks():
     assert class_subsets(20, 4, 5, "disjoint", seed=2) != subsets
     with pytest.raises(ValueError, match="need 25 classes"):
         class_subsets(20, 5, 5, "disjoint", seed=0)
+    release = class_subsets(64, 13, 5, "disjoint", seed=0)  # the release's 13 teachers on CIFAR-FS's 64 classes
+    assert [len(s) for s in release] == [5] * 12 + [4] and len(set(sum(release, []))) == 64
 
 
 def test_random_subsets_may_overlap():
@@ -109,10 +111,12 @@ def test_interrupted_pretrain_resumes(tmp_path, monkeypatch):
         pretrain_zoo(tiny_cfg(epochs=1, seed=5), zoo, data=data, progress=False)
     assert zoo.pretrain_spec()["num_models"] == 2 and zoo.pretrain_spec()["epochs"] == 1
     manifest = json.loads(zoo.manifest_path.read_text())
-    del manifest["pretrain"]  # a zoo written before the record: each model's classes are still checked
+    del manifest["pretrain"]  # models without a record (registered ones, or a zoo older than the record)
     zoo.manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="already holds 'conv4-000'"):
-        pretrain_zoo(tiny_cfg(epochs=1, seed=5), zoo, data=data, progress=False)
+    before = zoo.manifest_path.read_bytes()
+    with pytest.raises(ValueError, match="holds models it has no pre-training record of"):
+        pretrain_zoo(tiny_cfg(epochs=1), zoo, data=data, progress=False)
+    assert zoo.manifest_path.read_bytes() == before  # no record written into it
 
 
 def test_image_size_must_match_the_data(tmp_path):

@@ -15,7 +15,8 @@ from purer.zoo.cli import main
 from zoo_synthetic import SIZE, interrupt_second_teacher, separable_images, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--arch", "conv4", "--arch-args", '{"width": 8}', "--in-channels", "1", "--image-size", str(SIZE)]
+TINY = ["--arch", "conv4", "--arch-args", '{"width": 8}', "--in-channels", "1", "--image-size", str(SIZE), "--mean", "0",
+        "--std", "1"]
 
 
 def one_line_error(capsys, *fragments):

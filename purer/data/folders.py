@@ -1,7 +1,8 @@
 """Readers for users' image datasets on disk: class-per-folder trees and the standard
 few-shot layouts (CIFAR-FS, MiniImageNet, CUB-200-2011).
 
-Every reader decodes the images once with Pillow and returns an in-memory
+Every reader decodes the images with Pillow once (later loads read the decoded
+set back from :mod:`purer.data.decoded`'s cache) and returns an in-memory
 :class:`~purer.data.ImageSet` (``[M, C, H, W]`` uint8).  Nothing is downloaded: a
 missing or malformed dataset raises ``FileNotFoundError`` / ``ValueError`` naming
 the path and the layout that was expected there.
@@ -35,6 +36,7 @@ from einops import rearrange
 from PIL import Image
 from tqdm import tqdm
 
+from . import decoded
 from .episodes import SPLITS, ImageSet
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
@@ -100,7 +102,8 @@ def _decode(path: Path, mode: str, image_size: int | None) -> np.ndarray:
 
 def load_image_files(files: Sequence[Path], labels: Sequence[int], class_names: Sequence[str],
                      image_size: int | None = None, channels: int = 3, name: str = "") -> ImageSet:
-    """Decode ``files`` into an :class:`ImageSet` with ``labels[i]`` for ``files[i]``.
+    """Decode ``files`` into an :class:`ImageSet` with ``labels[i]`` for ``files[i]`` (read back from the
+    decoded-image cache when the same files were decoded at the same size before, see :mod:`purer.data.decoded`).
 
     Args:
         files: image paths, any format Pillow reads.
@@ -126,6 +129,16 @@ def load_image_files(files: Sequence[Path], labels: Sequence[int], class_names: 
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     mode = _pil_mode(channels)
+    key = decoded.cache_key(files, mode, image_size)
+    images = decoded.read(key, len(files), channels)
+    if images is None:
+        images = _decode_files(files, mode, image_size, channels, name)
+        decoded.write(key, images)
+    return ImageSet(images, torch.as_tensor(list(labels), dtype=torch.long), class_names, name)
+
+
+def _decode_files(files: Sequence[Path], mode: str, image_size: int | None, channels: int, name: str) -> torch.Tensor:
+    """``[M, channels, H, W]`` uint8: every file decoded (see :func:`load_image_files`)."""
     images: torch.Tensor | None = None
     first = files[0]
     progress = tqdm(files, desc=f"reading {name}" if name else "reading images", unit="img",
@@ -140,7 +153,7 @@ def load_image_files(files: Sequence[Path], labels: Sequence[int], class_names: 
                 f"images differ in size: {path} is {arr.shape[1]}x{arr.shape[0]} but {first} is "
                 f"{images.shape[3]}x{images.shape[2]} (width x height); pass image_size=... to resize them all")
         images[i] = torch.from_numpy(rearrange(arr, "h w c -> c h w"))
-    return ImageSet(images, torch.as_tensor(list(labels), dtype=torch.long), class_names, name)
+    return images
 
 
 def _load_class_dirs(class_dirs: Sequence[Path], class_names: Sequence[str], image_size: int | None,

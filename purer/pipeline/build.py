@@ -37,14 +37,18 @@ def zoo_path(cfg: RunConfig) -> Path:
     return default_zoo_dir(name)
 
 
-def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> tuple[list[Teacher], ZooConfig]:
-    """The zoo's teachers, kept in memory (pre-trained on first use when allowed), and ``cfg.zoo`` as used.
+def check_zoo(cfg: RunConfig) -> PretrainConfig | None:
+    """Decide from ``zoo.json`` alone (no data is read) what the run does with its zoo: the spec to pre-train it
+    (or finish it) with, or ``None`` to use it as it is.
 
-    The second value records what the run used rather than what it was told: the zoo's
-    path, its number of models and, for a zoo the recipe (or ``purer-zoo pretrain``)
-    built, the pretraining settings recorded in its ``zoo.json``; for a zoo of
-    registered models, their common class count and architecture, and
-    ``build_if_missing: false`` (the recipe never writes into such a zoo).
+    A zoo of registered models (its ``zoo.json`` holds no pre-training record) is used as it
+    is, whatever its size and class ids, and never written to; so is a pre-trained zoo holding
+    models its spec would not train.  Otherwise the zoo this recipe's spec pre-trains is
+    built when missing or finished when short, if ``zoo.build_if_missing`` allows.
+
+    Raises:
+        RunError: no zoo (or an empty one) and ``build_if_missing`` false; a pre-trained zoo holding
+            fewer of its spec's models than asked for and ``build_if_missing`` false; an unreadable zoo.
     """
     path = zoo_path(cfg)
     z = cfg.zoo
@@ -53,39 +57,57 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> tuple[list[Teacher],
             dataset=cfg.data.dataset, data_root=cfg.data.root, image_size=cfg.data.image_size,
             num_models=z.num_models, classes_per_model=z.classes_per_model, arch=z.arch, subsets=z.subsets,
             epochs=z.epochs, seed=z.seed)
-        present = Zoo(path).ids() if (path / "zoo.json").exists() else None
+        zoo = Zoo(path) if (path / "zoo.json").exists() else None
+        present, recorded = (zoo.ids(), zoo.pretrain_spec()) if zoo is not None else ([], None)
     except (FileNotFoundError, ValueError) as e:
         raise RunError(f"zoo at {path}: {e}") from None
     expected = [prefix + part.model_id(i) for prefix, part in spec.expanded() for i in range(part.num_models)]
-    # Build a missing zoo, or finish one this recipe started (an interrupted pre-training); a zoo
-    # holding other models (e.g. registered ones) is used as it is and never written to.
-    ours = present is not None and set(present) <= set(expected)
-    if ours and len(present) < len(expected) and not z.build_if_missing:
-        raise RunError(f"the zoo at {path} holds {len(present)} of the {len(expected)} models zoo.num_models asks "
-                       f"for (an interrupted pre-training?); finish it with zoo.build_if_missing=true, or use it as "
-                       f"it is with zoo.num_models={len(present)}")
-    if present is None or (ours and len(present) < len(expected)):
-        if not z.build_if_missing:
-            raise RunError(f"no model zoo at {path}; build one with `purer-zoo pretrain --zoo {path}` or "
-                           "`purer-zoo register`, or set zoo.build_if_missing=true")
+    if present and (recorded is None or not set(present) <= set(expected)):
+        return None  # registered models, or other models than this spec trains: the zoo as it is
+    if len(present) >= len(expected):
+        return None
+    if not z.build_if_missing:
+        if present:
+            raise RunError(f"the zoo at {path} holds {len(present)} of the {len(expected)} models zoo.num_models "
+                           f"asks for (an interrupted pre-training?); finish it with zoo.build_if_missing=true, or "
+                           f"use it as it is with zoo.num_models={len(present)}")
+        raise RunError(f"no model zoo at {path}" + (" (its zoo.json lists no models)" if zoo is not None else "")
+                       + f"; build one with `purer-zoo pretrain --zoo {path}` or `purer-zoo register`, or set "
+                         "zoo.build_if_missing=true")
+    return spec
+
+
+def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> tuple[list[Teacher], ZooConfig]:
+    """The zoo's teachers, kept in memory (pre-trained on first use when allowed, see :func:`check_zoo`), and
+    ``cfg.zoo`` as used.
+
+    The second value records what the run used rather than what it was told: the zoo's
+    path, its number of models and, for a zoo the recipe (or ``purer-zoo pretrain``)
+    built, the pretraining settings recorded in its ``zoo.json``; for a zoo of
+    registered models, their common class count and architecture, and
+    ``build_if_missing: false`` (the recipe never writes into such a zoo).
+    """
+    path = zoo_path(cfg)
+    spec = check_zoo(cfg)
+    if spec is not None:
         if dist.main:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # small teachers train fastest on one thread each
             try:
-                print(f"pre-training a {len(expected)}-model zoo at {path} (once; later runs reuse it)")
+                print(f"pre-training a {sum(p.num_models for _, p in spec.expanded())}-model zoo at {path} "
+                      "(once; later runs reuse it)")
                 pretrain_zoo(spec, Zoo(path, create=True), progress=progress, device=dist.acc.device)
             except (FileNotFoundError, ValueError) as e:  # a zoo recipe the data cannot satisfy, or another spec
                 raise RunError(f"cannot pre-train the zoo at {path}: {e}") from None
             finally:
                 torch.set_num_threads(threads)
         dist.barrier()
+    z = cfg.zoo
     try:
         zoo = Zoo(path)
         teachers, recorded = zoo.load_teachers(), zoo.pretrain_spec()
     except (FileNotFoundError, ValueError) as e:  # a corrupt or foreign zoo directory
         raise RunError(str(e)) from None
-    if not teachers:
-        raise RunError(f"the model zoo at {path} is empty")
     used = dataclasses.replace(z, path=str(path), num_models=len(teachers))
     if recorded is not None:
         used = dataclasses.replace(used, **{k: recorded[k] for k in ("classes_per_model", "arch", "subsets", "epochs",

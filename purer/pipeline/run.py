@@ -11,10 +11,10 @@ import torch
 from ..yaml_config import save_config
 from ..data import SPLITS, EpisodeSampler, ImageSet, load_split
 from ..evaluate import task_list
-from .build import load_zoo
-from .run_config import FP16_REFUSED, RunConfig, RunError
 from .baselines import Baselines
+from .build import check_zoo, load_zoo
 from .checkpoints import latest_checkpoint
+from .run_config import FP16_REFUSED, RunConfig, RunError
 from .distributed import Dist
 from .eci import meta_train_eci
 from .metatest import evaluate_purer
@@ -104,6 +104,7 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
             print(f"[{n}/4, {time.perf_counter() - start:.0f} s] {text}", flush=True)
 
     stage(1, "data and model zoo")
+    check_zoo(cfg)  # a zoo the run cannot use stops it before the data is read
     datasets = {d.dataset: dataclasses.replace(cfg, data=d) for d in cfg.data.each()}  # one run config each
     try:
         splits = {name: {s: load_split(c.data.dataset, s, c.data.root, c.data.image_size) for s in SPLITS}

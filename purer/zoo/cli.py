@@ -3,7 +3,8 @@
 Every user mistake ends in one line ``purer-zoo: error: ...`` on stderr and exit
 code 2; ``verify`` exits 1 when the zoo has problems. Writes are atomic (see
 :mod:`purer.zoo.store`), so an interrupted ``pretrain`` keeps the models that
-finished and resumes when rerun with the same ``--zoo``.
+finished and resumes when rerun with the same ``--zoo``, and ``register
+--manifest`` registers every row or none (see :mod:`purer.zoo.ingest`).
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import os
-import pickle
 import statistics
 import sys
 from pathlib import Path
@@ -20,18 +20,18 @@ from typing import Sequence
 import torch
 
 from ..yaml_config import load_config
+from .ingest import ModelSource, parse_floats, parse_names, read_manifest, register_models
 from .pretrain import MIX, SUBSET_MODES, PretrainConfig, pretrain_zoo
-from .store import Zoo, check_finite, check_state_dict, default_zoo_dir, read_safetensors, validate_model_id
-from .teacher import ModelConfig
+from .store import Zoo, default_zoo_dir
 
 PROG = "purer-zoo"
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        return parse_floats(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _json_object(text: str) -> dict:
@@ -75,19 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to train: cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("register", parents=[zoo_opt], help="add an existing weights file to a zoo",
-                       description="Add weights (safetensors, or a torch state dict read with "
-                                   "weights_only=True) whose tensor names and shapes fit --arch exactly.")
-    p.add_argument("weights", type=Path)
-    p.add_argument("--arch", required=True)
-    p.add_argument("--arch-args", type=_json_object, default={})
-    p.add_argument("--class-ids", required=True, help="comma-separated class names, in output order")
-    p.add_argument("--id", dest="model_id", help="model id (default: the weights file's stem)")
-    p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--mean", type=_floats, default=[0.0], help="per-channel mean of [0, 1] inputs, e.g. 0.5,0.5,0.5")
-    p.add_argument("--std", type=_floats, default=[1.0], help="per-channel std, e.g. 0.25,0.25,0.25")
-    p.add_argument("--dataset", default="")
+    p = sub.add_parser("register", parents=[zoo_opt], help="add existing checkpoints to a zoo",
+                       description="Add one checkpoint (WEIGHTS: .safetensors, a torch state dict read with "
+                                   "weights_only=True, or a model folder with its config.json), or every row of "
+                                   "--manifest (all or none). Tensor names may be purer's or the library's own "
+                                   "(tv:, timm:, a user's class). Without --mean/--std the checkpoint's own config "
+                                   "must hold them (timm, model folders); --mean 0 --std 1 states 'none'.")
+    p.add_argument("weights", type=Path, nargs="?", help="weights file or model folder")
+    p.add_argument("--manifest", type=Path, help="a .csv or .yaml file, one model per row: file, id, arch, "
+                                                 "arch_args, class_ids, in_channels, image_size, mean, std, dataset")
+    p.add_argument("--arch", help="conv4, resnet10, resnet12, resnet18, tv:<name>, timm:<name>, "
+                                  "package.module:Class or path/to/file.py:Class")
+    p.add_argument("--arch-args", type=_json_object)
+    p.add_argument("--class-ids", help="comma-separated class names, in output order")
+    p.add_argument("--id", dest="model_id", help="model id (default: the file's or folder's name)")
+    p.add_argument("--in-channels", type=int, help="input channels (default: read from the weights)")
+    p.add_argument("--image-size", type=int, help="side of the square training images")
+    p.add_argument("--mean", type=_floats, help="per-channel mean of [0, 1] inputs, e.g. 0.5,0.5,0.5")
+    p.add_argument("--std", type=_floats, help="per-channel std, e.g. 0.25,0.25,0.25")
+    p.add_argument("--dataset")
 
     p = sub.add_parser("list", parents=[zoo_opt], help="list the models of a zoo")
     p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
@@ -135,45 +141,32 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError):
-        raise ValueError(f"{path}: torch.load(weights_only=True) refused it: not a torch file, or it holds "
-                         "objects other than tensors; save model.state_dict() (or use safetensors)") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        keys = list(state)[:5] if isinstance(state, dict) else []
-        raise ValueError(f"{path}: expected a state dict (tensor name -> tensor), found {type(state).__name__}"
-                         + (f" with keys {keys}; save model.state_dict() itself" if keys else ""))
-    return state
+# The flags that describe one model (a manifest sets them per row), by their argparse name.
+_PER_MODEL = {"arch": "--arch", "arch_args": "--arch-args", "class_ids": "--class-ids", "model_id": "--id",
+              "in_channels": "--in-channels", "image_size": "--image-size", "mean": "--mean", "std": "--std",
+              "dataset": "--dataset"}
 
 
 def _register(args: argparse.Namespace) -> int:
-    class_ids = [c.strip() for c in args.class_ids.split(",")]
-    if not all(class_ids):
-        raise ValueError(f"--class-ids has an empty name: {args.class_ids!r}")
-    model_id = args.model_id or args.weights.name.split(".")[0]
-    try:
-        validate_model_id(model_id)
-    except ValueError as e:
-        raise ValueError(f"{e}; pass --id" if args.model_id is None else str(e)) from None
-    config = ModelConfig(arch=args.arch, num_classes=len(class_ids), class_ids=class_ids,
-                         in_channels=args.in_channels, image_size=args.image_size, mean=args.mean, std=args.std,
-                         dataset=args.dataset, arch_args=args.arch_args)
-    model = config.build()
-    state = _load_state_dict(args.weights)
-    check_state_dict(model, state, str(args.weights))
-    check_finite(state, str(args.weights))
-    model.load_state_dict(state, strict=True)
-    zoo = Zoo(_zoo_path(args), create=True)
-    if model_id in zoo:
-        raise ValueError(f"model {model_id!r} is already in zoo {zoo.path}; pass another --id")
-    zoo.add(model_id, model, config)
-    print(f"registered {model_id} in {zoo.path}")
+    zoo = _zoo_path(args)
+    if args.manifest is not None:
+        if args.weights is not None:
+            raise ValueError("give WEIGHTS or --manifest, not both")
+        flags = [flag for name, flag in _PER_MODEL.items() if getattr(args, name) is not None]
+        if flags:
+            raise ValueError(f"{', '.join(flags)} describe one model; with --manifest, set them per row")
+        sources = read_manifest(args.manifest)
+    elif args.weights is None:
+        raise ValueError("give a weights file or model folder, or --manifest models.csv")
+    else:
+        for name in ("in_channels", "image_size"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        sources = [ModelSource(args.weights, id=args.model_id, arch=args.arch, arch_args=args.arch_args,
+                               class_ids=parse_names(args.class_ids) if args.class_ids is not None else None,
+                               in_channels=args.in_channels, image_size=args.image_size, mean=args.mean,
+                               std=args.std, dataset=args.dataset)]
+    register_models(zoo, sources, log=print, warn=lambda line: print(f"{PROG}: warning: {line}", file=sys.stderr))
     return 0
 
 
@@ -182,11 +175,14 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(entries, indent=2, ensure_ascii=False))
         return 0
-    print(f"{'id':<16} {'arch':<10} {'classes':>7} {'size':>4} {'heldout':>7}  dataset")
+    wid = max([16] + [len(e["id"]) for e in entries])
+    warch = max([10] + [len(str(e.get("arch", "?"))) for e in entries])
+    print(f"{'id':<{wid}} {'arch':<{warch}} {'classes':>7} {'input':>9} {'heldout':>7}  dataset")
     for e in entries:
         acc = e.get("heldout_acc")
-        print(f"{e['id']:<16} {e.get('arch', '?'):<10} {len(e.get('class_ids', [])):>7} "
-              f"{e.get('image_size', '?'):>4} {'-' if acc is None else f'{acc:.3f}':>7}  {e.get('dataset', '')}")
+        shape = f"{e.get('in_channels', '?')}x{e.get('image_size', '?')}"
+        print(f"{e['id']:<{wid}} {e.get('arch', '?'):<{warch}} {len(e.get('class_ids', [])):>7} {shape:>9} "
+              f"{'-' if acc is None else f'{acc:.3f}':>7}  {e.get('dataset', '')}")
     return 0
 
 
@@ -197,7 +193,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     zoo = Zoo(_zoo_path(args))
-    problems = zoo.verify()
+    problems = zoo.verify(warn=lambda line: print(f"{PROG}: warning: {line}", file=sys.stderr))
     for p in problems:
         print(f"{PROG}: verify: {p}", file=sys.stderr)
     if problems:

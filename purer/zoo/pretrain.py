@@ -29,7 +29,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.episodes import ImageSet
-from .architectures import available
+from .architectures import available, is_known
+from .external import arch_slug, canonical_arch
 from .store import Zoo
 from .teacher import ModelConfig, prepare_input
 
@@ -48,11 +49,13 @@ class PretrainConfig:
             2x2x32 = 128 features, at 28 px in only 32.
         num_models: teachers in the zoo.
         classes_per_model: classes each teacher learns (5 in the paper).
-        arch: ``conv4`` | ``resnet10`` | ``resnet18`` | any registered name, or
-            ``mix`` to cycle through conv4, resnet10, resnet18 (the SH scenario).
+        arch: ``conv4`` | ``resnet10`` | ``resnet12`` | ``resnet18`` | ``tv:<name>`` |
+            ``timm:<name>`` | a user's ``package.module:Name`` or ``path/to/file.py:Name`` (see
+            :mod:`purer.zoo.architectures`), or ``mix`` to cycle through conv4, resnet10,
+            resnet18 (the SH scenario).
         arch_args: architecture keyword arguments, for every model (e.g. ``{"width": 32}``).
-        subsets: ``disjoint`` (blocks of a seeded class permutation) or ``random``
-            (seeded subsets, overlaps allowed).
+        subsets: ``disjoint`` (blocks of a seeded class permutation, the last one smaller
+            when the classes run out) or ``random`` (seeded subsets, overlaps allowed).
         epochs: training epochs; the epoch best on the held-out images is kept.
         batch_size, lr, weight_decay: Adam on the cross-entropy.
         heldout_fraction: share of each class's images held out to pick the epoch.
@@ -90,8 +93,9 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.subsets not in SUBSET_MODES:
             raise ValueError(f"subsets must be one of {SUBSET_MODES}, got {self.subsets!r}")
-        if not (self.arch == "mix" or self.arch.startswith("tv:") or self.arch in available()):
+        if not (self.arch == "mix" or is_known(self.arch)):
             raise ValueError(f"unknown arch {self.arch!r}; use mix or one of {', '.join(available())}")
+        self.arch = canonical_arch(self.arch)  # a file path as every process (and config.json) finds it
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -119,7 +123,7 @@ class PretrainConfig:
         return MIX[i % len(MIX)] if self.arch == "mix" else self.arch
 
     def model_id(self, i: int) -> str:
-        return f"{self.arch_of(i).replace(':', '_')}-{i:03d}"
+        return f"{arch_slug(self.arch_of(i))}-{i:03d}"
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -129,16 +133,22 @@ def _rng(*key: int) -> np.random.Generator:
 def class_subsets(num_classes: int, num_models: int, classes_per_model: int, mode: str, seed: int) -> list[list[int]]:
     """Class indices of each model, ``[num_models][classes_per_model]``, each sorted.
 
+    ``disjoint``: consecutive blocks of one seeded permutation; the last block may be smaller
+    when the classes run out (13 models of 5 on 64 classes: the last has 4, as in the release).
+
     Raises:
-        ValueError: fewer classes than one subset needs, or (``disjoint``) than all models need.
+        ValueError: fewer classes than one subset needs, or (``disjoint``) too few for the last model to get one.
     """
     if classes_per_model > num_classes:
         raise ValueError(f"{classes_per_model} classes per model but the data has only {num_classes} classes")
     if mode == "disjoint":
-        if num_models * classes_per_model > num_classes:
+        if (num_models - 1) * classes_per_model >= num_classes:
             raise ValueError(f"{num_models} disjoint models x {classes_per_model} classes need "
-                             f"{num_models * classes_per_model} classes, the data has {num_classes}; "
-                             "use fewer models or --subsets random")
+                             f"{num_models * classes_per_model} classes (more than "
+                             f"{(num_models - 1) * classes_per_model} with a smaller last model), the data has "
+                             f"{num_classes}; use fewer models or --subsets random")
+        # The last block keeps the classes left when fewer than classes_per_model remain: the release's 13th
+        # CIFAR-FS / MiniImageNet teacher knows 4 of the 64 meta-train classes.
         perm = _rng(seed, 0).permutation(num_classes)
         return [sorted(perm[i * classes_per_model:(i + 1) * classes_per_model].tolist()) for i in range(num_models)]
     if mode == "random":
@@ -303,10 +313,14 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
     Raises:
         ValueError: the data has too few classes or images, the zoo's recorded spec
             (``zoo.json``'s ``pretrain``, written here) differs from ``cfg`` in anything but
-            ``num_models``, or the zoo holds a model with the same id but other classes or
-            architecture (a zoo older than the record, of another spec or seed).
+            ``num_models``, the zoo holds models but no record (registered ones: such a zoo
+            never gets one), or a model with the same id but other classes or architecture.
     """
     spec, recorded = zoo_spec(cfg), zoo.pretrain_spec()
+    if recorded is None and zoo.ids():
+        raise ValueError(f"zoo {zoo.path} holds models it has no pre-training record of (registered ones, or "
+                         "pre-trained before zoo.json recorded its settings); it is used as it is, never trained "
+                         "into: pre-train into another directory")
     if recorded is not None:
         differ = [k for k in spec if k != "num_models" and recorded.get(k) != spec[k]]
         if differ:

@@ -8,11 +8,13 @@ Layout (Hugging Face style)::
     <zoo>/<model_id>/config.json       :meth:`ModelConfig.to_dict` with ``sha256`` of the weights
 
 The manifest is the source of truth for which models a zoo holds. Every write
-is atomic: a model directory is written under a hidden temporary name and
+is atomic: model directories are written under hidden temporary names and
 renamed into place, then ``zoo.json`` is replaced (temp file + ``os.replace``).
 A killed writer therefore leaves the zoo as it was, plus every model whose
-write finished. Weights are only ever read with safetensors; nothing is
-unpickled. One writer per zoo at a time.
+write finished (:meth:`Zoo.add_many` adds all its models or none). Files and
+folders get the permissions the user's umask gives any new file (the temporary
+names alone would make them private). Weights are only ever read with
+safetensors; nothing is unpickled. One writer per zoo at a time.
 
 The default location of a named zoo is ``model_zoo/zoos/<name>`` in the
 repository (``$PURER_ZOO_ROOT/<name>`` when that variable is set); any path works.
@@ -32,7 +34,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -71,13 +73,23 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                     names: Mapping[str, str] | None = None) -> None:
     """Raise ValueError unless ``state`` has exactly ``model``'s tensor names and shapes.
 
-    The message names the first offending tensor with its expected and found shape,
-    so a user registering foreign weights sees what does not fit.
+    Args:
+        names: ``{model's name: name in state}`` when ``state`` uses other names (a network's
+            own library's, see :meth:`purer.zoo.Classifier.native_names`); default: the same names.
+
+    The message names the architecture tried and the first missing and unexpected tensor
+    (or the first with another shape, expected and found), so a user registering foreign
+    weights sees what does not fit.
     """
-    expected = model.state_dict()
+    expected = {(names or {}).get(k, k): v for k, v in model.state_dict().items()}
+    build = getattr(model, "build_args", None)
+    arch = f"the architecture {build['arch']!r}" if build else "the architecture"
+    if names:
+        arch += " (its library's own tensor names)"
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -87,11 +99,20 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
                          f"(expected shape {list(expected[missing[0]].shape)})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
-        raise ValueError(f"{source}: weights do not fit the architecture: {'; '.join(parts)}")
+        raise ValueError(f"{source}: weights do not fit {arch}: {'; '.join(parts)}")
     for k, v in expected.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise ValueError(f"{source}: tensor {k!r} has shape {list(state[k].shape)}, "
-                             f"the architecture expects {list(v.shape)}")
+                             f"{arch} expects {list(v.shape)}")
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer, whose running statistics R_bn inverts."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+NO_BN_WARNING = ("has no BatchNorm layer, so R_bn cannot shape its pseudo images: only the cross-entropy and the "
+                 "image priors will")
 
 
 def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -113,7 +134,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({e}); re-create or remove this model") from None
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     try:
@@ -125,9 +146,21 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, directory: bool = False) -> None:
+    """Give a ``tempfile`` file (0600) or folder (0700) the mode a plain new one gets under the user's umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".json", dir=path.parent)
     try:
+        _as_if_created(Path(tmp))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
@@ -181,7 +214,7 @@ class Zoo:
     # -- manifest -------------------------------------------------------------------
     def entries(self) -> list[dict]:
         """The manifest entries, one dict per model, in insertion order."""
-        data = _read_json(self.manifest_path)
+        data = read_json(self.manifest_path)
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{self.manifest_path}: format_version {data.get('format_version')!r} is not "
                              f"{FORMAT_VERSION}; this purer version cannot read it")
@@ -202,7 +235,7 @@ class Zoo:
     def pretrain_spec(self) -> dict | None:
         """The settings ``purer-zoo pretrain`` (or the recipe) trained this zoo's models with, as recorded
         in ``zoo.json`` (``None``: a zoo of registered models, or one older than the record)."""
-        spec = _read_json(self.manifest_path).get("pretrain")
+        spec = read_json(self.manifest_path).get("pretrain")
         if spec is not None and not isinstance(spec, dict):
             raise ValueError(f"{self.manifest_path}: 'pretrain' must be an object")
         return spec
@@ -230,7 +263,7 @@ class Zoo:
     def config(self, model_id: str) -> ModelConfig:
         """The :class:`ModelConfig` of ``model_id`` (its ``config.json``)."""
         path = self._require(model_id) / CONFIG
-        data = _read_json(path)
+        data = read_json(path)
         try:
             return ModelConfig.from_dict(data)
         except (TypeError, ValueError) as e:
@@ -250,7 +283,10 @@ class Zoo:
         if check_sha256 and cfg.sha256 and sha256_file(weights) != cfg.sha256:
             raise ValueError(f"{weights}: sha256 does not match config.json; the file is corrupt or was replaced")
         state = read_safetensors(weights)
-        model = cfg.build()
+        try:
+            model = cfg.build()
+        except ValueError as e:  # an unknown or unimportable architecture, or arguments it does not take
+            raise ValueError(f"model {model_id!r} of zoo {self.path}: {e}") from None
         check_state_dict(model, state, str(weights))
         check_finite(state, str(weights))
         model.load_state_dict(state, strict=True)
@@ -275,31 +311,69 @@ class Zoo:
         Raises:
             ValueError: invalid or duplicate id, or weights that do not fit the config.
         """
-        validate_model_id(model_id)
+        return self.add_many([(model_id, model, config)])[0]
+
+    def add_many(self, models: Iterable[tuple[str, nn.Module, ModelConfig]]) -> list[ModelConfig]:
+        """Store several models at once: all of them appear in the manifest, or none.
+
+        Args:
+            models: ``(model_id, model, config)`` triples; may be a generator that loads each
+                model only when asked, so one model at a time is in memory.  An exception it
+                raises (a bad checkpoint) leaves the zoo as it was.
+
+        Returns:
+            the configs as written (with ``sha256``), in order.
+
+        Raises:
+            ValueError: an invalid id, one already in the zoo or given twice, or weights that do
+                not fit their config; nothing is added then.
+        """
         entries = self.entries()
-        if any(m["id"] == model_id for m in entries):
-            raise ValueError(f"model {model_id!r} is already in zoo {self.path}; remove it first or pick another id")
+        taken = {m["id"] for m in entries}
+        staged: list[tuple[Path, str, ModelConfig]] = []  # (temporary folder, id, config as written)
+        placed: list[Path] = []
+        try:
+            for model_id, model, config in models:
+                validate_model_id(model_id)
+                if model_id in taken:
+                    raise ValueError(f"model {model_id!r} is already in zoo {self.path}; remove it first or pick "
+                                     "another id")
+                taken.add(model_id)
+                staged.append(self._stage(model_id, model, config))
+            for tmp, model_id, _ in staged:
+                final = self.path / model_id
+                if final.exists():
+                    # Not in the manifest, so it is the leftover of an add killed between the
+                    # rename and the manifest write; the caller's model supersedes it.
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                placed.append(final)
+        except BaseException:
+            for folder in [tmp for tmp, _, _ in staged] + placed:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        # Killed before this replace, the zoo is as it was but for unlisted folders, which verify reports and
+        # a later add of the same id replaces.
+        self._write_manifest(entries + [_manifest_entry(model_id, config) for _, model_id, config in staged])
+        return [config for _, _, config in staged]
+
+    def _stage(self, model_id: str, model: nn.Module, config: ModelConfig) -> tuple[Path, str, ModelConfig]:
+        """Write ``model``'s folder under a hidden temporary name; return it, the id and the config with ``sha256``."""
         # Cloning drops shared storage (safetensors refuses aliased tensors) and detaches.
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
         check_state_dict(config.build(), state, f"model {model_id!r}")
         check_finite(state, f"model {model_id!r}")
-
         tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{model_id}-", dir=self.path))
         try:
+            _as_if_created(tmp, directory=True)
             save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            _as_if_created(tmp / WEIGHTS)  # safetensors writes its files 0600 whatever the umask
             config = dataclasses.replace(config, sha256=sha256_file(tmp / WEIGHTS))
             _write_json_atomic(tmp / CONFIG, config.to_dict())
-            final = self.path / model_id
-            if final.exists():
-                # Not in the manifest, so it is the leftover of an add killed between the
-                # rename and the manifest write; the caller's model supersedes it.
-                shutil.rmtree(final)
-            os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self._write_manifest(entries + [_manifest_entry(model_id, config)])
-        return config
+        return tmp, model_id, config
 
     def remove(self, model_id: str) -> None:
         """Drop ``model_id`` from the manifest, then delete its directory."""
@@ -308,12 +382,13 @@ class Zoo:
         shutil.rmtree(path, ignore_errors=True)
 
     # -- integrity ------------------------------------------------------------------
-    def verify(self) -> list[str]:
+    def verify(self, warn: Callable[[str], None] | None = None) -> list[str]:
         """Check every model; return one message per problem (empty: all good).
 
         Checks that files exist, JSON parses, configs agree with the manifest, the
         sha256 of each weights file matches, and the weights fit the architecture.
-        Directories that the manifest does not list are reported too.
+        Directories that the manifest does not list are reported too.  ``warn`` receives
+        one line per model that loads but has no BatchNorm layer (R_bn cannot invert it).
         """
         try:
             entries = self.entries()
@@ -339,7 +414,9 @@ class Zoo:
                 if digest != cfg.sha256:
                     raise ValueError(f"{weights}: sha256 {digest[:12]}... does not match "
                                      f"config.json ({cfg.sha256[:12] or 'none'}...)")
-                self.load_model(model_id, check_sha256=False)
+                model, _ = self.load_model(model_id, check_sha256=False)
+                if warn is not None and not has_batch_norm(model):
+                    warn(f"{model_id} {NO_BN_WARNING}")
             except (OSError, ValueError) as e:
                 problems.append(f"{model_id}: {e}")
         for child in sorted(self.path.iterdir()):
