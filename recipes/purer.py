@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"purer: error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:  # a signal: the work so far is saved
+        print(f"purer: stopped ({e.signame}); the work so far is saved: continue with --resume", file=sys.stderr)
         return 128 + getattr(signal, e.signame, signal.SIGINT)
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,7 @@ blocking copy.
 """
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -71,7 +72,8 @@ def config(tmp_path, **overrides) -> RunConfig:
 
 
 def on_meta(zoo, splits):
-    return [t.to(META) for t in zoo], {k: v.to(META) for k, v in splits.items()}
+    """Copies of the zoo and the splits on the meta device (``Module.to`` moves in place)."""
+    return [copy.deepcopy(t).to(META) for t in zoo], {k: v.to(META) for k, v in splits.items()}
 
 
 def no_stray(traffic) -> None:

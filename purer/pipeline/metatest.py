@@ -87,6 +87,8 @@ def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, Image
     e, rows, chosen_calibration = cfg.eval, [], {}
     finished = FinishedRows(out / ROWS_FILE if out is not None else None, cfg, learner, dataset or cfg.data.dataset,
                             write=dist.main)
+    if finished.rows and dist.main:
+        print(f"meta-test: reusing {len(finished.rows)} finished row(s) of this learner from {out / ROWS_FILE}")
 
     def split_eval(candidate, source, tasks, adapt_kwargs=None):
         return evaluate_split(candidate, source, tasks, dist, adapt_kwargs=adapt_kwargs)

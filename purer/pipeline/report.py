@@ -9,8 +9,9 @@ from typing import Any, Sequence
 from ..yaml_config import to_dict
 
 
-def results_table(rows: Sequence[dict], title: str = "") -> str:
-    """A Markdown table of ``results.json`` rows: one line per method, one column per (way, shot)."""
+def results_table(rows: Sequence[dict], title: str = "", note: str = "") -> str:
+    """A Markdown table of ``results.json`` rows: one line per method, one column per (way, shot); ``note``
+    follows it."""
     cols = sorted({(r["way"], r["shot"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["way"], r["shot"]): r for r in rows}
@@ -24,6 +25,8 @@ def results_table(rows: Sequence[dict], title: str = "") -> str:
             vals.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" if r else "")
             cost = cost or (", ".join(f"{k}={v}" for k, v in r["test_cost"].items()) if r else "")
         lines.append("| " + " | ".join([meth] + vals + [cost]) + " |")
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from .. import PurerWarning
 from ..yaml_config import save_config
 from ..data import SPLITS, EpisodeSampler, ImageSet, load_split
 from ..evaluate import task_list
@@ -157,7 +159,10 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
     finally:
         baselines.close()
     results = {"dataset": cfg.data.dataset, "way": cfg.eval.way, "query": cfg.eval.query,
-               "queries_per_class": queries[cfg.data.dataset] if len(datasets) == 1 else queries,
+               "queries_per_class": queries[cfg.data.dataset]["queries"] if len(datasets) == 1 else
+               {name: q["queries"] for name, q in queries.items()},
+               "task_classes": queries[cfg.data.dataset]["task_classes"] if len(datasets) == 1 else
+               {name: q["task_classes"] for name, q in queries.items()},
                "tasks": cfg.eval.tasks, "seed": cfg.eval.seed, "train_seed": cfg.seed,
                "selected_on": "val", "rows": rows, "calibration": {k: v["name"] for k, v in calibrations.items()},
                "run_id": identity["run_id"],
@@ -170,11 +175,25 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
         write_json(out / "results.json", results)
         table = "\n".join(results_table([r for r in rows if r["dataset"] == name],
                                         f"{name}: {cfg.eval.way}-way, {cfg.eval.tasks} meta-test tasks, "
-                                        "mean ± 95% CI (%)") for name in datasets)
+                                        "mean ± 95% CI (%)", _class_note(queries[name]["task_classes"]))
+                          for name in datasets)
         (out / "results.md").write_text(table)
         print("\n" + table)
     acc.end_training()
     return results
+
+
+def _class_note(task_classes: dict) -> str:
+    """What the table must say about the classes the meta-test tasks were drawn from, if anything."""
+    notes = []
+    for shot, entry in task_classes.get("test", {}).items():
+        if entry["every_task_same_classes"]:
+            notes.append(f"{shot}-shot: the meta-test split has exactly {entry['classes']} classes that can fill a "
+                         "task, so every task holds the same classes (with different images)")
+        if entry["dropped"]:
+            notes.append(f"{shot}-shot: {len(entry['dropped'])} meta-test class(es) too small for a task were left "
+                         f"out ({', '.join(entry['dropped'])}); tasks are drawn from {entry['classes']}")
+    return "\n".join(f"Note: {n}." for n in notes)
 
 
 # The fewest queries per class a meta-val or meta-test task may silently be capped to.  Capping keeps data
@@ -185,15 +204,40 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
 QUERY_FLOOR = 5
 
 
-def _check_sizes(cfg: RunConfig, splits: dict[str, ImageSet]) -> dict[str, list[int]]:
-    """Check that the data can supply every task list; return the meta-test queries per class of each shot,
-    ``{shot: [fewest, most]}`` over its tasks (classes smaller than shot + eval.query cap them)."""
+def _check_sizes(cfg: RunConfig, splits: dict[str, ImageSet]) -> dict:
+    """Check that the data can supply every task list; return, for results.json, the meta-test queries per class
+    of each shot (``{shot: [fewest, most]}`` over its tasks; classes smaller than shot + eval.query cap them) and
+    the classes the tasks of each split and shot are drawn from.
+
+    A class too small for a task (fewer than shot + 1 images) is left out of that shot's tasks, and said so
+    (a warning naming it; results.json's ``task_classes``); fewer than ``way`` classes left is an error naming
+    the way out, and exactly ``way`` (every task then holds the same classes) is said in the table."""
     e, m = cfg.eval, cfg.meta
+    task_classes: dict = {}
     for split, way, shots, query in (("val", e.way, e.shots, e.query), ("test", e.way, e.shots, e.query),
                                      ("val", m.way, [m.shot], m.query)):
+        source = splits[split]
         for shot in shots:
+            sizes = source.class_sizes()
+            dropped = {name: n for name, n in zip(source.class_names, sizes) if n < shot + 1}
+            drawn = len(sizes) - len(dropped)
+            if drawn < way:
+                small = ", ".join(f"{name} ({n})" for name, n in list(dropped.items())[:5])
+                raise RunError(f"{cfg.data.dataset}/{split}: cannot sample {way}-way {shot}-shot tasks: they need {way} "
+                               f"classes of at least {shot + 1} images, but only {drawn} of {len(sizes)} have that"
+                               f"{f' (too small: {small})' if small else ''}; lower eval.way / eval.shots (meta.way / "
+                               f"meta.shot for meta-val during training), or add images to those classes")
+            if split == "test" or (split == "val" and shot in e.shots and way == e.way):
+                entry = {"classes": drawn, "dropped": dropped, "every_task_same_classes": drawn == way}
+                if task_classes.setdefault(split, {}).get(str(shot)) is None:
+                    task_classes[split][str(shot)] = entry
+                    if dropped:
+                        names = ", ".join(f"{name} ({n} image{'s' * (n != 1)})" for name, n in dropped.items())
+                        warnings.warn(f"{cfg.data.dataset}/{split}: {len(dropped)} class(es) too small for a {shot}-shot "
+                                      f"task with a query are left out of its tasks: {names}; they are drawn from the "
+                                      f"other {drawn} (results.json: task_classes)", PurerWarning, stacklevel=2)
             try:
-                EpisodeSampler(splits[split].class_sizes(), way, shot, query)
+                EpisodeSampler(sizes, way, shot, query)
             except ValueError as err:
                 raise RunError(f"{cfg.data.dataset}/{split}: {err}") from None
     floor = min(e.query, QUERY_FLOOR)
@@ -211,4 +255,4 @@ def _check_sizes(cfg: RunConfig, splits: dict[str, ImageSet]) -> dict[str, list[
         if min(q) < e.query:
             print(f"eval: {shot}-shot meta-test tasks keep {min(q)}-{max(q)} queries per class (eval.query="
                   f"{e.query}, capped by class sizes; results.json's queries_per_class says so)")
-    return queries
+    return {"queries": queries, "task_classes": task_classes}
