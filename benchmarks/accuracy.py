@@ -126,10 +126,24 @@ ABLATIONS = {
 VARIANTS.update({f"ablate-{k}": ["--config", "recipes/configs/purer-paper.yaml", *v, "eval.calibrations=[]"]
                  for k, v in ABLATIONS.items()})
 DEFAULT = "default"  # the recipe's own defaults (recipes/configs/default.yaml), marked "default": true
+# Scenarios of carried rows that no longer exist here, and what they were.
+SCENARIO_NOTES = {"sh-width64": "that commit's SH zoo, its ResNets at their default width 64"}
+
+
+# One method, one name: ECI MAML with nothing added is PURER as published, "paper" (earlier results files
+# called it "eci-maml"; collect renames their rows).
+ALIASES = {"eci-maml": "paper"}
+
+
+def canonical(variant: str) -> str:
+    """``variant`` under its one name (``eci-maml+kd-logit`` -> ``paper+kd-logit``)."""
+    base, sep, parts = variant.partition("+")
+    return ALIASES.get(base, base) + sep + parts
 
 
 def variant_args(variant: str) -> list[str]:
     """The recipe arguments of ``variant`` (see the comment above :data:`CURRICULA`)."""
+    variant = canonical(variant)
     if variant in VARIANTS:
         return list(VARIANTS[variant])
     if variant == DEFAULT:
@@ -137,16 +151,18 @@ def variant_args(variant: str) -> list[str]:
     base, *parts = variant.split("+")
     curriculum, _, learner = base.partition("-")
     unknown = [p for p in parts if p not in PARTS]
-    if curriculum not in CURRICULA or learner not in LEARNERS or unknown:
-        raise ValueError(f"unknown variant {variant!r}: use baselines, paper, {DEFAULT}, ablate-<name>, or "
-                         f"<{'|'.join(CURRICULA)}>-<{'|'.join(LEARNERS)}>[+part...] with parts {', '.join(PARTS)}")
+    if (base != "paper" and (curriculum not in CURRICULA or learner not in LEARNERS)) or unknown:
+        raise ValueError(f"unknown variant {variant!r}: use baselines, {DEFAULT}, ablate-<name>, or paper or "
+                         f"<{'|'.join(CURRICULA)}>-<{'|'.join(LEARNERS)}>, then [+part...] with parts {', '.join(PARTS)}")
     # A named variant starts from PURER as published and adds only what its name says.
-    args = ["--config", "recipes/configs/purer-paper.yaml", *CURRICULA[curriculum], *LEARNERS[learner]]
+    args = list(VARIANTS["paper"])
+    if base != "paper":
+        args += [*CURRICULA[curriculum], *LEARNERS[learner]]
     return args + [a for p in parts for a in PARTS[p]]
 
 
 def run_dir(dataset: str, scenario: str, variant: str, seed: int) -> Path:
-    return RUNS / dataset / scenario / variant / f"seed{seed}"
+    return RUNS / dataset / scenario / canonical(variant) / f"seed{seed}"
 
 
 def command(dataset: str, scenario: str, variant: str, seed: int, extra: tuple[str, ...] = ()) -> list[str]:
@@ -204,7 +220,7 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None) -> di
     variant_of: dict[tuple, str] = {}
     runs = []
     for results in sorted((root / dataset).glob("*/*/seed*/results.json")):
-        scenario, variant, seed = results.parts[-4], results.parts[-3], int(results.parts[-2][4:])
+        scenario, variant, seed = results.parts[-4], canonical(results.parts[-3]), int(results.parts[-2][4:])
         data = json.loads(results.read_text())
         runs.append({"scenario": scenario, "variant": variant, "seed": seed, "seconds": data["seconds"],
                      "meta_train": data["meta_train"], "zoo_models": data["zoo"]["models"],
@@ -254,13 +270,13 @@ def carried(path: Path | None, present: set[tuple[str, str]]) -> tuple[list, lis
                             capture_output=True, text=True).stdout.strip() or "unknown"
 
     def variant(row):  # rows written before rows named their variant had no "+part" variants
-        return row.get("variant") or ("baselines" if not row["method"].startswith(
-            (DEFAULT, "paper", "eci", "ei", "ablate")) else row["method"].split("+")[0])
+        return canonical(row.get("variant") or ("baselines" if not row["method"].startswith(
+            (DEFAULT, "paper", "eci", "ei", "ablate")) else row["method"].split("+")[0]))
 
-    runs = [{**r, "carried_from": r.get("carried_from", commit)} for r in old.get("runs", [])
-            if (r["scenario"], r["variant"]) not in present]
-    rows = [{**r, "variant": variant(r), "carried_from": r.get("carried_from", commit)} for r in old["rows"]
-            if (r["scenario"], variant(r)) not in present]
+    runs = [{**r, "variant": canonical(r["variant"]), "carried_from": r.get("carried_from", commit)}
+            for r in old.get("runs", []) if (r["scenario"], canonical(r["variant"])) not in present]
+    rows = [{**r, "method": canonical(r["method"]), "variant": variant(r), "carried_from": r.get("carried_from", commit)}
+            for r in old["rows"] if (r["scenario"], variant(r)) not in present]
     return runs, rows
 
 
@@ -298,11 +314,10 @@ def markdown(report: dict) -> str:
         lines.append("")
     commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})
     if commits:
-        sh64 = "; sh-width64 is that commit's SH zoo, its ResNets at their default width 64" \
-            if "sh-width64" in by_scenario else ""
+        notes = "".join(f"; {name}: {note}" for name, note in SCENARIO_NOTES.items() if name in by_scenario)
         lines += [f"† carried from the results file of commit {', '.join(commits)}: its runs were not on the "
                   f"machine that collected this file (the scenario settings of that commit, the same task "
-                  f"lists{sh64}).", ""]
+                  f"lists{notes}).", ""]
     lines += ["## Runs", "", "| scenario | variant | seed | minutes | best iteration | meta-val | switch fired |",
               "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:

@@ -147,7 +147,7 @@ def freeze_at(model: nn.Module, x: torch.Tensor) -> nn.Module:
     seen: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        seen[module] = _support_statistics(inputs[0])
+        seen[module] = batch_statistics(inputs[0])
 
     net.train(model.training)
     layers = [m for m in net.modules() if isinstance(m, _BatchNorm)]
@@ -164,8 +164,3 @@ def freeze_at(model: nn.Module, x: torch.Tensor) -> nn.Module:
     for p in net.parameters():
         p.requires_grad_(False)
     return net.eval()
-
-
-def _support_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    var, mean = torch.var_mean(x, dim=[0, *range(2, x.ndim)], unbiased=False)
-    return mean, var

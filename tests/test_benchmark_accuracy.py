@@ -33,14 +33,15 @@ def test_collect_averages_seeds_and_names_rows_after_the_variant(bench, tmp_path
     fake_run(tmp_path, "ei-maml", 0, [("purer", 77.0, 0.9)])
     report = bench.collect("glyphs", tmp_path)
     rows = {r["method"]: r for r in report["rows"]}
-    assert set(rows) == {"eci-maml", "eci-maml+icfil", "nc-pixels", "ei-maml"}
-    eci = rows["eci-maml"]
+    # "eci-maml" is PURER as published: its one name is "paper"
+    assert set(rows) == {"paper", "paper+icfil", "nc-pixels", "ei-maml"}
+    eci = rows["paper"]
     assert eci["accuracy"] == 82.0 and eci["ci95"] == 0.8 and eci["seeds"] == [0, 1]
     assert eci["seed_sd"] == pytest.approx(2.83, abs=0.01)
     assert eci["per_seed"] == [[0, 80.0, 1.0], [1, 84.0, 0.6]]
     assert rows["nc-pixels"]["seeds"] == [0] and "seed_sd" not in rows["nc-pixels"]
     table = bench.markdown(report)
-    assert "| eci-maml | 82.00 ± 0.80 (sd 2.83) | 0,1 | models=1 |" in table
+    assert "| paper | 82.00 ± 0.80 (sd 2.83) | 0,1 | models=1 |" in table
     assert len(report["runs"]) == 4
 
 
@@ -56,10 +57,10 @@ def test_collect_carries_the_rows_no_run_here_replaces(bench, tmp_path):
     fake_run(tmp_path / "runs", "eci-maml", 0, [("purer", 81.0, 1.0)])
     report = bench.collect("glyphs", tmp_path / "runs", previous)
     rows = {r["method"]: r for r in report["rows"]}
-    assert set(rows) == {"eci-maml", "nc-pixels"}  # the old eci-maml+icfil row went with its variant
+    assert set(rows) == {"paper", "nc-pixels"}  # the old eci-maml+icfil row went with its variant (paper)
     assert "carried_from" in rows["nc-pixels"] and rows["nc-pixels"]["variant"] == "baselines"
-    assert "carried_from" not in rows["eci-maml"]
-    assert [r["variant"] for r in report["runs"]] == ["eci-maml", "baselines"]
+    assert "carried_from" not in rows["paper"]
+    assert [r["variant"] for r in report["runs"]] == ["paper", "baselines"]
     assert "| nc-pixels † | 70.00 ± 1.00 | 0 | models=1 |" in bench.markdown(report)
 
 
