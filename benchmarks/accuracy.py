@@ -52,6 +52,7 @@ COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.val_ta
 DATASETS = {"glyphs": [], "icons": ["data.dataset=icons"], "mh": ["data.dataset=glyphs+icons"]}
 ALL_BASELINES = "[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, maml-random, " \
                 "maml-avg-teachers, protonet-random, protonet-avg-teachers, maml-real, protonet-real]"
+ZOO_BUDGET = ["meta.train.iterations=1000", "eval.calibrations=[]", "eval.baseline_train_iterations=1000"]
 SCENARIOS = {
     "disjoint": [f"eval.baselines={ALL_BASELINES}"],
     # The other zoos re-run only the baselines that depend on the zoo (random init, raw pixels and real data
@@ -87,6 +88,18 @@ SCENARIOS = {
                   "eval.calibrations=[]", "eval.baselines=[]"],
     "resnet10-select": ["zoo.spec=model_zoo/specs/glyphs-resnet10.yaml", "meta.train.iterations=1000",
                         "eval.shots=[1]", "eval.calibrations=[]", "eval.baselines=[]"],
+    # Every zoo at one budget (1,000 iterations, both shots), the default chosen across them on meta-val
+    # (benchmarks/selection.py cross): the disjoint Conv4 zoo (glyphs or icons), 100 Conv4 teachers on random
+    # overlapping 5-class subsets, the SH mix, and 20-way 1-shot tasks on the disjoint zoo (a ProtoNet).  The
+    # baselines run here with the real-data upper bounds trained as long as the method.
+    "zoo-disjoint": [*ZOO_BUDGET, f"eval.baselines={ALL_BASELINES}"],
+    "zoo-random100": [*ZOO_BUDGET, "zoo.spec=model_zoo/specs/glyphs-random100.yaml",
+                      "eval.baselines=[nc-best-teacher, nc-all-teachers, finetune-best-teacher, maml-avg-teachers]"],
+    "zoo-sh": [*ZOO_BUDGET, "zoo.spec=model_zoo/specs/glyphs-mix.yaml",
+               "eval.baselines=[nc-best-teacher, nc-all-teachers, finetune-best-teacher]"],
+    "zoo-20way": [*ZOO_BUDGET, "meta.learner=protonet", "eval.way=20", "eval.shots=[1]",
+                  "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, protonet-random, "
+                  "protonet-avg-teachers, protonet-real]"],
 }
 # The rows a variant adds: the pipeline's "purer" / "purer+<calibration>" rows are renamed after the variant.
 # "baselines" runs the scenario's baseline rows alone (no meta-training; its untrained "purer" row is dropped);
@@ -103,6 +116,9 @@ PARTS = {
     "kd-logit3": ["distill.logit=3.0"],
     "kd-feature0.3": ["distill.feature=0.3"],
     "kd-all-teachers": ["distill.teachers_per_step=12"],
+    "kd-union": ["distill.logit=1.0", "distill.heads=union"],
+    "kd-union-std": ["distill.logit=1.0", "distill.heads=union", "distill.standardize=true"],
+    "kd-std": ["distill.logit=1.0", "distill.standardize=true"],
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],
@@ -213,9 +229,12 @@ def method_name(variant: str, pipeline_method: str) -> str:
     return pipeline_method
 
 
-def collect(dataset: str, root: Path = RUNS, previous: Path | None = None) -> dict:
+def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow_mixed_code: bool = False) -> dict:
     """Every finished run of ``dataset`` under ``root`` -> rows averaged over training seeds; with
-    ``previous`` (a results file), the rows of it that no run here replaces (:func:`carried`)."""
+    ``previous`` (a results file), the rows of it that no run here replaces (:func:`carried`).
+
+    Rows computed by different code (``results.json``'s ``code.source``, a hash of purer's sources) are not
+    mixed in one file: that is an error, unless ``allow_mixed_code``, which marks each row with its code."""
     groups: dict[tuple, list] = {}
     variant_of: dict[tuple, str] = {}
     runs = []
@@ -224,13 +243,22 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None) -> di
         data = json.loads(results.read_text())
         runs.append({"scenario": scenario, "variant": variant, "seed": seed, "seconds": data["seconds"],
                      "meta_train": data["meta_train"], "zoo_models": data["zoo"]["models"],
-                     "calibration": data.get("calibration", {})})
+                     "calibration": data.get("calibration", {}), "code": data.get("code")})
         for r in data["rows"]:
             if (variant == "baselines") == r["method"].startswith("purer"):
                 continue  # a baselines run's untrained learner, or baseline rows elsewhere
             key = (scenario, r.get("dataset", dataset), method_name(variant, r["method"]), r["way"], r["shot"])
             variant_of[scenario, key[2]] = variant
             groups.setdefault(key, []).append((seed, r))
+    codes = {(r["code"] or {}).get("source") for r in runs}
+    if len(codes) > 1 and not allow_mixed_code:
+        by_code = {}
+        for r in runs:
+            by_code.setdefault((r["code"] or {}).get("source"), []).append(f"{r['scenario']}/{r['variant']}/seed{r['seed']}")
+        raise SystemExit("runs of different code would be mixed in one table: " + "; ".join(
+            f"{code}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for code, names in by_code.items())
+            + "; re-run them on one commit, or pass --allow-mixed-code to mark each row with its code")
+    code_of = {(r["scenario"], r["variant"]): (r["code"] or {}).get("source") for r in runs}
     rows = []
     for (scenario, data, method, way, shot), found in sorted(groups.items()):
         found.sort(key=lambda sr: sr[0])
@@ -250,9 +278,12 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None) -> di
         if method.split("+")[0] == DEFAULT:
             row["default"] = True
         row["variant"] = variant_of[scenario, method]
+        if len(codes) > 1:
+            row["code"] = code_of[scenario, row["variant"]]
         rows.append(row)
     carried_runs, carried_rows = carried(previous, {(r["scenario"], r["variant"]) for r in runs})
     return {"dataset": dataset, "selected_on": "val", "runs": runs + carried_runs, "rows": rows + carried_rows,
+            "code": sorted(c for c in codes if c) if len(codes) > 1 else next(iter(codes), None),
             "settings": {"common": COMMON, "datasets": DATASETS[dataset], "scenarios": SCENARIOS,
                          "variants": {v: variant_args(v) for v in sorted({r["variant"] for r in runs})}}}
 
@@ -310,6 +341,8 @@ def markdown(report: dict) -> str:
                 seeds = seeds or ",".join(map(str, r["seeds"]))
                 cost = cost or ", ".join(f"{k}={v}" for k, v in r["test_cost"].items())
             mark = " †" if any("carried_from" in cell.get((m, w, s), {}) for w, s in cols) else ""
+            code = next((cell[m, w, s]["code"] for w, s in cols if "code" in cell.get((m, w, s), {})), None)
+            mark += f" (code {code})" if code else ""
             lines.append("| " + " | ".join([m + mark] + cells + [seeds, cost]) + " |")
         lines.append("")
     commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})
@@ -329,7 +362,8 @@ def markdown(report: dict) -> str:
 
 
 def cmd_collect(args) -> int:
-    report = collect(args.dataset, previous=RESULTS / f"accuracy_{args.dataset}.json")
+    report = collect(args.dataset, previous=RESULTS / f"accuracy_{args.dataset}.json",
+                     allow_mixed_code=args.allow_mixed_code)
     if not report["rows"]:
         print(f"no finished runs under {RUNS / args.dataset}", file=sys.stderr)
         return 1
@@ -357,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                         "variant whose calibration rows one seed already gives (recorded in each run's config.yaml)")
     c = sub.add_parser("collect", help="write benchmarks/results/accuracy_<dataset>.{json,md}")
     c.add_argument("dataset", choices=sorted(DATASETS))
+    c.add_argument("--allow-mixed-code", action="store_true",
+                   help="collect runs of different code into one file, each row marked with its code's hash")
     args = parser.parse_args(argv)
     return cmd_run(args) if args.cmd == "run" else cmd_collect(args)
 

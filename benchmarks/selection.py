@@ -1,6 +1,8 @@
 """Choosing among PURER's variants on meta-val, never on meta-test.
 
     python benchmarks/selection.py glyphs select     # -> benchmarks/results/selection_glyphs_select.{json,md}
+    python benchmarks/selection.py cross glyphs:zoo-disjoint glyphs:zoo-random100 glyphs:zoo-sh icons:zoo-disjoint
+                                                     # -> benchmarks/results/selection_cross_zoo.{json,md}
 
 For every finished run of ``benchmarks/accuracy.py`` under ``runs/benchmarks/<dataset>/<scenario>/``,
 the run's selected meta-learner (``meta_learner/``, with the test-time settings its run chose on meta-val)
@@ -44,6 +46,8 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
     rows, results = [], {}
     for folder in runs:
         variant, seed = folder.parts[-4], int(folder.parts[-3][4:])
+        if variant == "baselines":  # its learner is untrained: not a candidate
+            continue
         learner = MetaLearner.from_pretrained(folder.parent)
         for shot in shots:
             r = evaluate(learner, val, tasks[shot], method=variant, adapt_kwargs=learner.test_time_settings(shot),
@@ -85,15 +89,81 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: How far below PURER as published a default may fall on any zoo's meta-val (points, mean over shots).
+MARGIN = 1.0
+
+
+def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
+    """The default chosen across zoos, from each zoo's :func:`score` report (``selection_<dataset>_<scenario>.json``).
+
+    Per zoo, each variant's meta-val is the mean over shots; the variants are ranked per zoo.  Eligible are the
+    variants run on every zoo whose meta-val is nowhere more than :data:`MARGIN` points below ``reference``'s;
+    the chosen one has the best mean rank among them (ties: the better mean meta-val).  Meta-test is not read.
+    """
+    table: dict[str, dict[str, float]] = {}
+    for dataset, scenario in zoos:
+        report = json.loads((RESULTS / f"selection_{dataset}_{scenario}.json").read_text())
+        per = {}
+        for r in report["rows"]:
+            per.setdefault(r["variant"], []).append(r["val_accuracy"])
+        for variant, accs in per.items():
+            table.setdefault(variant, {})[f"{dataset}/{scenario}"] = statistics.fmean(accs)
+    names = [f"{d}/{s}" for d, s in zoos]
+    everywhere = {v: z for v, z in table.items() if set(z) == set(names)}
+    if reference not in everywhere:
+        raise SystemExit(f"{reference} was not scored on every zoo ({', '.join(names)})")
+    ranks = {v: {} for v in everywhere}
+    for zoo in names:
+        order = sorted(everywhere, key=lambda v: -everywhere[v][zoo])
+        for rank, v in enumerate(order, 1):
+            ranks[v][zoo] = rank
+    rows = []
+    for v, z in everywhere.items():
+        worst = min(z[zoo] - everywhere[reference][zoo] for zoo in names)
+        rows.append({"variant": v, "val_accuracy": {k: round(x, 2) for k, x in z.items()},
+                     "mean_val": round(statistics.fmean(z.values()), 2),
+                     "mean_rank": round(statistics.fmean(ranks[v].values()), 2), "ranks": ranks[v],
+                     "worst_vs_reference": round(worst, 2), "eligible": worst >= -MARGIN})
+    eligible = [r for r in rows if r["eligible"]]
+    chosen = min(eligible, key=lambda r: (r["mean_rank"], -r["mean_val"]))["variant"]
+    rows.sort(key=lambda r: (r["mean_rank"], -r["mean_val"]))
+    return {"zoos": names, "reference": reference, "margin": MARGIN, "chosen": chosen, "rows": rows,
+            "split": "val", "tasks": TASKS, "task_seed": SEED}
+
+
+def cross_markdown(report: dict) -> str:
+    zoos = report["zoos"]
+    lines = ["# Choosing the default across zoos, on meta-val", "",
+             f"Meta-val accuracy (%, {report['tasks']} tasks per shot, task seed {report['task_seed']}, mean over "
+             "1- and 5-shot; 1-shot only where a zoo's tasks are 1-shot) of each variant on each zoo, its rank there "
+             f"(1 = best), and how far below {report['reference']} it falls on its worst zoo. Eligible: nowhere more "
+             f"than {report['margin']:g} point below {report['reference']}; chosen: the best mean rank among them: "
+             f"**{report['chosen']}**. Meta-test was not read.", "",
+             "| variant | " + " | ".join(zoos) + " | mean | mean rank | worst vs " + report["reference"] + " |",
+             "|---|" + "---|" * (len(zoos) + 3)]
+    for r in report["rows"]:
+        cells = [f"{r['val_accuracy'][z]:.2f} ({r['ranks'][z]})" for z in zoos]
+        name = f"**{r['variant']}**" if r["variant"] == report["chosen"] else r["variant"]
+        lines.append(f"| {name}{'' if r['eligible'] else ' (not eligible)'} | " + " | ".join(cells)
+                     + f" | {r['mean_val']:.2f} | {r['mean_rank']:.2f} | {r['worst_vs_reference']:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("dataset")
-    p.add_argument("scenario")
+    p.add_argument("dataset", help="a dataset, or 'cross' to choose across the zoos named after it")
+    p.add_argument("scenario", nargs="+", help="the scenario, or (with cross) <dataset>:<scenario> per zoo")
     a = p.parse_args(argv)
-    torch.set_num_threads(1)
-    report = score(a.dataset, a.scenario)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"selection_{a.dataset}_{a.scenario}"
+    if a.dataset == "cross":
+        report = cross([tuple(z.split(":", 1)) for z in a.scenario])
+        (RESULTS / "selection_cross_zoo.json").write_text(json.dumps(report, indent=1) + "\n")
+        (RESULTS / "selection_cross_zoo.md").write_text(cross_markdown(report))
+        print(cross_markdown(report))
+        return
+    torch.set_num_threads(1)
+    report = score(a.dataset, a.scenario[0])
+    name = f"selection_{a.dataset}_{a.scenario[0]}"
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(report))
     print(markdown(report))

@@ -39,15 +39,25 @@ from .zoo.teacher import Teacher
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      temperature: float = 4.0) -> torch.Tensor:
+                      temperature: float = 4.0, standardize: bool = False) -> torch.Tensor:
     """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, mean over the batch.
 
     Both logits are ``[B, n]`` over the same ``n`` classes (a teacher's); the ``T^2``
-    keeps the gradient's size independent of ``T`` (Hinton et al., 2015).
+    keeps the gradient's size independent of ``T`` (Hinton et al., 2015).  With
+    ``standardize``, each row of both is first z-scored over its classes (logit
+    standardisation, Sun et al., CVPR 2024), so a teacher's logit scale (a deep
+    network's are larger and sharper than a Conv4's) does not set how peaked the
+    student must be: only the ranking and relative gaps are distilled.
     """
+    if standardize:
+        student_logits, teacher_logits = _zscore(student_logits), _zscore(teacher_logits)
     t = temperature
     return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                     log_target=True, reduction="batchmean") * t * t
+
+
+def _zscore(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    return (logits - logits.mean(-1, keepdim=True)) / (logits.std(-1, keepdim=True) + eps)
 
 
 def feature_distance(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -55,16 +65,28 @@ def feature_distance(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (1 - F.cosine_similarity(mapped, target, dim=-1)).mean()
 
 
+HEADS = ("union", "teacher")
+
+
 @dataclass
 class DistillConfig:
     """Zoo distillation during ECI meta-training (:class:`ZooDistillation`); all weights 0 is PURER as published.
 
     Attributes:
-        logit: weight of logit distillation (per-teacher heads on the learner's
-            embedding fit each teacher's softened outputs); 0: off. The default 1 won on
-            meta-val among PURER as published, logit, feature and both, with and without
-            the curriculum, MAML and ProtoNet and the bank levers
-            (``benchmarks/results/selection_glyphs_select.md``).
+        logit: weight of logit distillation (a head on the learner's embedding fits each
+            teacher's softened outputs); 0: off. The default 1 won on meta-val among PURER as
+            published, logit, feature and both, with and without the curriculum, MAML and
+            ProtoNet and the bank levers (``benchmarks/results/selection_glyphs_select.md``).
+        heads: where the distilled logits live: ``union``, one head over the union of the
+            zoo's classes (the bank's classes: teachers that name a class alike share its
+            row), each teacher supervising the logits of its own classes (knowledge
+            amalgamation from teachers with overlapping label sets), so a class's row learns
+            whenever any teacher that knows it is sampled; or ``teacher``, a head per
+            teacher.  On a zoo whose teachers share no class the two are the same model
+            (the union head's rows split into the teachers' heads).
+        standardize: z-score the teacher's and the learner's logits of each image before the
+            temperature (logit standardisation), so teachers of different architectures (logit
+            scales) ask the learner for the same sharpness; see :func:`distillation_loss`.
         feature: weight of feature distillation (per-teacher linear maps from the
             learner's embedding onto each teacher's penultimate features, cosine); 0: off.
         temperature: T of the logit distillation (the loss is scaled by T^2).
@@ -76,6 +98,8 @@ class DistillConfig:
     """
 
     logit: float = 1.0
+    heads: str = "teacher"
+    standardize: bool = False
     feature: float = 0.0
     temperature: float = 4.0
     teachers_per_step: int = 4
@@ -84,6 +108,8 @@ class DistillConfig:
     def __post_init__(self):
         if min(self.logit, self.feature) < 0:
             raise ValueError(f"distillation weights must be >= 0, got logit={self.logit} feature={self.feature}")
+        if self.heads not in HEADS:
+            raise ValueError(f"distill.heads must be one of {HEADS}, got {self.heads!r}")
         if self.temperature <= 0 or self.teachers_per_step < 1:
             raise ValueError(f"need temperature > 0 and teachers_per_step >= 1, got {self.temperature} and "
                              f"{self.teachers_per_step}")
@@ -99,6 +125,8 @@ class ZooDistillation(nn.Module):
     Args:
         teachers: the zoo, in the bank's order (teacher ``i`` is ``teachers[i]``).
         feature_dim: D, the learner's embedding size (:meth:`MetaLearner.embed`).
+        classes: for ``heads: union``, each teacher's class of the union for each of its local labels
+            (:attr:`PseudoBank.teacher_classes`); default: every teacher's classes its own.
         config: weights, temperature and teachers per step.
         augment: the augmentation of the distilled views (the inversion's, so the views
             are those the teachers are inverted on); ``None``: the images themselves.
@@ -106,19 +134,37 @@ class ZooDistillation(nn.Module):
         autocast: a lower precision (``torch.bfloat16``) for the teachers' forward passes, as in the inversion.
 
     Attributes:
-        heads: per teacher ``nn.Linear(D, n_i)`` (logit distillation), or empty.
+        heads: ``[nn.Linear(D, union size)]`` (``union``), per teacher ``nn.Linear(D, n_i)`` (``teacher``), or
+            empty without logit distillation.
         maps: per teacher ``nn.Linear(D, D_i)`` onto its penultimate features, or empty.
     """
 
     def __init__(self, teachers: Sequence[Teacher], feature_dim: int, config: DistillConfig,
-                 augment: RandomAffineAugment | None = None, seed: int = 0, autocast: torch.dtype | None = None):
+                 augment: RandomAffineAugment | None = None, seed: int = 0, autocast: torch.dtype | None = None,
+                 classes: Sequence[Sequence[int]] | None = None):
         super().__init__()
         self.teachers, self.config, self.seed = list(teachers), config, seed
         self.augment = augment if config.augment else None
+        if classes is None:
+            offsets = torch.tensor([0] + [t.config.num_classes for t in self.teachers]).cumsum(0).tolist()
+            classes = [list(range(offsets[i], offsets[i + 1])) for i in range(len(self.teachers))]
+        self.classes = [list(c) for c in classes]
+        if [len(c) for c in self.classes] != [t.config.num_classes for t in self.teachers]:
+            raise ValueError("classes must give every teacher a union class for each of its outputs")
+        # Each teacher's union classes as a row of one index (padded), so selecting them copies nothing to the
+        # device per step.
+        width = max(len(c) for c in self.classes)
+        self.register_buffer("class_index", torch.tensor([c + [0] * (width - len(c)) for c in self.classes]),
+                             persistent=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.heads = nn.ModuleList([nn.Linear(feature_dim, t.config.num_classes) for t in self.teachers]
-                                       if config.logit > 0 else [])
+            if config.logit <= 0:
+                heads = []
+            elif config.heads == "union":
+                heads = [nn.Linear(feature_dim, 1 + max(k for c in self.classes for k in c))]
+            else:
+                heads = [nn.Linear(feature_dim, t.config.num_classes) for t in self.teachers]
+            self.heads = nn.ModuleList(heads)
             self.maps = nn.ModuleList([nn.Linear(feature_dim, t.model.feature_dim) for t in self.teachers]
                                       if config.feature > 0 else [])
         self.sampler = TeacherSampler(len(self.teachers), config.teachers_per_step, seed + 20_000)
@@ -148,7 +194,8 @@ class ZooDistillation(nn.Module):
             embedding = learner.embed(x)
             loss = embedding.new_zeros(())
             if c.logit > 0:
-                kd.append(distillation_loss(self.heads[i](embedding), target_logits, c.temperature))
+                kd.append(distillation_loss(self.student_logits(i, embedding), target_logits, c.temperature,
+                                            c.standardize))
                 loss = loss + c.logit * kd[-1]
             if c.feature > 0:
                 cos.append(feature_distance(self.maps[i](embedding), target_features))
@@ -158,6 +205,13 @@ class ZooDistillation(nn.Module):
         stats = {"logit_kd": torch.stack(kd).detach().mean() if kd else nan,
                  "feature_cos": torch.stack(cos).detach().mean() if cos else nan}
         return out, stats
+
+    def student_logits(self, i: int, embedding: torch.Tensor) -> torch.Tensor:
+        """The learner's logits ``[B, n_i]`` for teacher ``i``'s classes, in its label order, from its embedding
+        ``[B, D]``: its own head's, or the union head's rows of its classes."""
+        if self.config.heads == "union":
+            return self.heads[0](embedding).index_select(1, self.class_index[i, :len(self.classes[i])])
+        return self.heads[i](embedding)
 
     def state_dict(self, *args, **kwargs) -> dict:
         state = super().state_dict(*args, **kwargs)

@@ -75,3 +75,15 @@ def test_a_run_over_several_datasets_gets_a_table_per_dataset(bench, tmp_path):
     table = bench.markdown(bench.collect("mh", tmp_path))
     glyphs, icons = table.split("## mh, meta-test on glyphs")[1].split("## mh, meta-test on icons")
     assert "| default | 81.00 ± 1.00 | 0 |" in glyphs and "| default | 36.00 ± 1.00 | 0 |" in icons
+
+
+def test_collect_refuses_to_mix_runs_of_different_code(bench, tmp_path):
+    for variant, source in (("paper", "aaaa"), ("default", "bbbb")):
+        fake_run(tmp_path, variant, 0, [("purer", 80.0, 1.0)])
+        path = tmp_path / "glyphs" / "disjoint" / variant / "seed0" / "results.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "code": {"source": source}}))
+    with pytest.raises(SystemExit, match="runs of different code"):
+        bench.collect("glyphs", tmp_path)
+    report = bench.collect("glyphs", tmp_path, allow_mixed_code=True)
+    assert {r["method"]: r["code"] for r in report["rows"]} == {"paper": "aaaa", "default": "bbbb"}
+    assert "| paper (code aaaa) |" in bench.markdown(report)

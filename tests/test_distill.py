@@ -194,3 +194,61 @@ def test_distillation_heads_and_maps_follow_the_zoo_and_checkpoint(zoo):
     assert not list(ZooDistillation(zoo, 32, DistillConfig(logit=0.0)).parameters())  # PURER as published: none
     with pytest.raises(ValueError, match="weights must be >= 0"):
         DistillConfig(logit=-1.0)
+
+
+# ---------------------------------------------------------------- union-label distillation
+
+def test_union_heads_on_a_disjoint_zoo_are_the_per_teacher_heads(zoo):
+    """On a zoo whose teachers share no class, one head over the union with each teacher supervising its own rows
+    is the per-teacher heads: with the same weights, the same losses."""
+    bank = PseudoBank(zoo, images_per_class=2)
+    learner = ProtoNet(random_model("conv4", 3, 1, 8, ARCH_ARGS, seed=0))
+    feature_dim = learner.embed(torch.zeros(2, 1, 8, 8)).shape[-1]
+    per_teacher = ZooDistillation(zoo, feature_dim, DistillConfig(heads="teacher"), classes=bank.teacher_classes)
+    union = ZooDistillation(zoo, feature_dim, DistillConfig(heads="union"), classes=bank.teacher_classes)
+    assert len(union.heads) == 1 and union.heads[0].out_features == bank.num_classes == 12
+    with torch.no_grad():
+        for i, head in enumerate(per_teacher.heads):
+            union.heads[0].weight[bank.teacher_classes[i]] = head.weight
+            union.heads[0].bias[bank.teacher_classes[i]] = head.bias
+    a, _ = per_teacher.losses(learner, bank, [0, 2, 3], step=5)
+    b, _ = union.losses(learner, bank, [0, 2, 3], step=5)
+    assert torch.allclose(torch.stack(a), torch.stack(b), atol=1e-6)
+
+
+def test_teachers_sharing_a_class_push_the_same_logit():
+    data = template_images(num_classes=5)
+    shared = [tiny_teacher(data, [0, 1, 2], seed=0), tiny_teacher(data, [2, 3, 4], seed=1)]  # class 2 in both
+    bank = PseudoBank(shared, images_per_class=2, merge_shared_classes=True)
+    assert bank.num_classes == 5 and bank.teacher_classes[0][2] == bank.teacher_classes[1][0]
+    learner = ProtoNet(random_model("conv4", 3, 1, 8, ARCH_ARGS, seed=0))
+    distill = ZooDistillation(shared, 32, DistillConfig(heads="union"), classes=bank.teacher_classes)
+    row = bank.teacher_classes[0][2]
+    for teacher in (0, 1):  # each teacher's loss moves the shared class's row of the one head
+        distill.zero_grad()
+        distill.losses(learner, bank, [teacher], step=0)[0][0].backward()
+        assert distill.heads[0].weight.grad[row].abs().sum() > 0
+        others = [k for k in range(5) if k not in bank.teacher_classes[teacher]]
+        assert distill.heads[0].weight.grad[others].abs().sum() == 0
+
+
+def test_without_shared_class_ids_each_teacher_keeps_its_own_classes():
+    data = template_images(num_classes=5)
+    shared = [tiny_teacher(data, [0, 1, 2], seed=0), tiny_teacher(data, [2, 3, 4], seed=1)]
+    bank = PseudoBank(shared, images_per_class=2, merge_shared_classes=False)  # the bank keeps them apart
+    distill = ZooDistillation(shared, 32, DistillConfig(heads="union"), classes=bank.teacher_classes)
+    assert distill.heads[0].out_features == 6
+    assert not set(bank.teacher_classes[0]) & set(bank.teacher_classes[1])
+    with pytest.raises(ValueError, match="heads"):
+        DistillConfig(heads="shared")
+
+
+def test_standardized_distillation_ignores_the_teachers_logit_scale():
+    torch.manual_seed(0)
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    plain = distillation_loss(s, t, 4.0)
+    assert not torch.isclose(distillation_loss(s, 5 * t, 4.0), plain)  # a sharper teacher asks for more
+    standardized = distillation_loss(s, t, 4.0, standardize=True)
+    for scale, shift in ((5.0, 0.0), (0.2, 3.0)):
+        assert torch.isclose(distillation_loss(s, scale * t + shift, 4.0, standardize=True), standardized, atol=1e-5)
+    assert distillation_loss(3 * t + 1, t, 4.0, standardize=True) < 1e-8  # the same ranking and gaps: nothing left

@@ -127,7 +127,8 @@ class ECI:
         with torch.no_grad():  # the learner's embedding size, for the distillation's heads and maps
             feature_dim = self.learner.embed(torch.zeros(2, channels, size, size, device=device)).shape[-1]
         self.distillation = ZooDistillation(teachers, feature_dim, cfg.distill, self.inversion.augment,
-                                            seed=cfg.seed, autocast=autocast).to(device)
+                                            seed=cfg.seed, autocast=autocast,
+                                            classes=self.bank.teacher_classes).to(device)
         # The heads and maps train with the learner (one Adam step on episodic + distillation loss).
         self.optimizer = torch.optim.Adam([*self.learner.parameters(), *self.distillation.parameters()],
                                           lr=m.train.outer_lr)

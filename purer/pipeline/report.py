@@ -1,6 +1,7 @@
 """The run's report: results.json, the Markdown results table and the hyper-parameters for TensorBoard."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,6 +46,30 @@ def flat_hparams(cfg) -> dict[str, Any]:
 
     walk(to_dict(cfg), "")
     return flat
+
+
+def code_identity() -> dict:
+    """What code computed a run: purer's version, a hash of every source file of the package (any change to
+    the code changes it), and, in a git checkout, the commit and whether the tree differed from it."""
+    import subprocess
+
+    import purer
+
+    root = Path(purer.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    identity = {"version": purer.__version__, "source": h.hexdigest()[:16], "commit": None, "dirty": None}
+    try:
+        git = ["git", "-C", str(root.parent)]
+        identity["commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                                            timeout=10, check=True).stdout.strip() or None
+        identity["dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "--", "purer"], capture_output=True,
+                                                text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):  # not a git checkout (an installed package), or no git
+        pass
+    return identity
 
 
 def write_json(path: Path, data: dict) -> None:

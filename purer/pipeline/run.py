@@ -20,7 +20,7 @@ from .run_config import FP16_REFUSED, RunConfig, RunError
 from .distributed import Dist
 from .eci import meta_train_eci
 from .metatest import evaluate_purer
-from .report import flat_hparams, results_table, write_json
+from .report import code_identity, flat_hparams, results_table, write_json
 from .rundir import Replacement, RunLock, check_writable, claim, run_identity
 from .signals import StopSignals
 
@@ -170,7 +170,8 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
                        "classes": sorted({t.config.num_classes for t in teachers}),
                        "archs": sorted({t.config.arch for t in teachers}),
                        "datasets": sorted({t.config.dataset for t in teachers})},
-               "meta_train": summary, "processes": dist.world, "seconds": round(time.perf_counter() - start, 1)}
+               "meta_train": summary, "processes": dist.world, "seconds": round(time.perf_counter() - start, 1),
+               "code": code_identity()}
     if dist.main:
         write_json(out / "results.json", results)
         table = "\n".join(results_table([r for r in rows if r["dataset"] == name],

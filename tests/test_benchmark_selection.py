@@ -1,0 +1,28 @@
+"""benchmarks/selection.py cross: the default chosen across zoos on meta-val, never far below PURER as published."""
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "selection.py"
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("selection_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cross_zoo_choice_takes_the_best_mean_rank_that_never_falls_far_below_paper(tmp_path, monkeypatch):
+    sel = load()
+    monkeypatch.setattr(sel, "RESULTS", tmp_path)
+    val = {"a": {"paper": 80, "x": 85, "y": 82}, "b": {"paper": 70, "x": 68.5, "y": 71}}  # x wins a, loses b by 1.5
+    for zoo, scores in val.items():
+        rows = [{"variant": v, "seed": 0, "shot": shot, "val_accuracy": acc} for v, acc in scores.items()
+                for shot in (1, 5)]
+        (tmp_path / f"selection_glyphs_{zoo}.json").write_text(json.dumps({"rows": rows}))
+    report = sel.cross([("glyphs", "a"), ("glyphs", "b")])
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert not rows["x"]["eligible"] and rows["x"]["worst_vs_reference"] == -1.5
+    assert report["chosen"] == "y" and rows["y"]["mean_rank"] == 1.5
+    assert "**y**" in sel.cross_markdown(report) and "x (not eligible)" in sel.cross_markdown(report)
