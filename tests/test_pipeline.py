@@ -177,6 +177,7 @@ def test_a_used_output_dir_is_refused_and_overwrite_replaces_its_run(tiny_root, 
     kept = sorted(p.parent.name for p in (out / "checkpoints").glob("checkpoint_*/COMPLETE"))
     assert kept == ["checkpoint_1"] and results["meta_train"]["iterations"] == 1
     assert json.loads((out / "checkpoints" / "checkpoint_1" / "run.json").read_text())["run_id"] == results["run_id"]
+    assert not (out / ".replaced").exists()  # the replaced run's outputs went once the new run had a checkpoint
 
 
 def test_val_every_zero_validates_the_final_state_only(tiny_root, baseline_run, tmp_path):
