@@ -1,6 +1,6 @@
 """The GPU check: does purer compute on CUDA what it computes on the CPU, without stalling, and how fast?
 
-    python benchmarks/gpu_check.py                   # on a GPU: every check (about 8 minutes on one GPU);
+    python benchmarks/gpu_check.py                   # on a GPU: every check (sized for about 8 minutes; not yet run on one);
                                                      # writes benchmarks/results/gpu.json
     python benchmarks/gpu_check.py --device cpu      # every step on the CPU, small, in under a minute: the test
                                                      # suite runs it (tests/test_gpu_check.py), so it cannot rot

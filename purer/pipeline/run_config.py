@@ -186,7 +186,7 @@ class RunConfig:
     Attributes:
         output_dir: where results, pictures, logs and checkpoints go.
         seed: training seed (bank, meta-learner initialisation, pseudo tasks, teacher sampling).
-        checkpoint_every: meta-iterations between checkpoints (``accelerator.save_state``).
+        checkpoint_every: meta-iterations between checkpoints (:mod:`purer.pipeline.checkpoints`).
         picture_every: meta-iterations between PNG grids of a pseudo episode.
         cache_dir: cached baseline rows (keyed by everything they depend on).
         threads: torch threads per process (``None``: torch's default). One is fastest for
