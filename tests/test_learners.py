@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meta_synthetic import ARCH_ARGS, SIZE, template_images
+from meta_synthetic import ARCH_ARGS, SIZE, assert_together_equals_one_by_one, template_images
 from purer.data import Episode, EpisodeSampler, TaskBatch
 from purer.meta import (E3BM, MAML, MTL, E3BMConfig, HardTasks, InputSpec, MAMLConfig, MatchingConfig,
                         MatchingNetwork, MetaLearner, MTLConfig, RelationNetwork, TaskAdaptiveConfig,
@@ -248,22 +248,8 @@ def test_tasks_adapted_together_equal_tasks_adapted_one_by_one(kind):
     """vmap over tasks (each its own BatchNorm batch) gives the per-task logits and the same meta-gradient."""
     torch.manual_seed(0)
     learner = MAKERS[kind](tiny_model(seed=1)).double()
-    batch = TaskBatch.stack(episodes(3, dtype=torch.float64))
-    params = list(learner.parameters())
-    learner.task_batching = "vmap"
-    assert learner.tasks_together(torch.device("cpu"))
-    together = learner.batch_query_logits(batch)
-    learner.task_batching = "loop"
-    one_by_one = learner.batch_query_logits(batch)
-    assert together.shape == (3, 15, 5)
-    assert torch.allclose(together, one_by_one, rtol=1e-10, atol=1e-10)
-    loss = lambda logits: learner.query_loss(logits.flatten(0, 1), batch.query_y.repeat(3))
-    g1 = torch.autograd.grad(loss(together), params)
-    g2 = torch.autograd.grad(loss(one_by_one), params)
-    assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-10) for a, b in zip(g1, g2))
-    learner.task_batching = "vmap"
-    with torch.no_grad():  # test time: no graph, the same logits
-        assert torch.allclose(learner.batch_query_logits(batch), together, atol=1e-10)
+    assert learner.tasks_together(torch.device("cpu")) is False  # auto: loop on a CPU
+    assert_together_equals_one_by_one(learner, TaskBatch.stack(episodes(3, dtype=torch.float64)))
 
 
 @pytest.mark.parametrize("kind", sorted(MAKERS))

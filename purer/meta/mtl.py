@@ -46,27 +46,17 @@ from ..batchnorm import batch_stats_only
 from ..data.episodes import TaskBatch
 from ..zoo.architectures import Classifier
 from .base import InputSpec, MetaLearner
-from .maml import functional_sgd_steps, sgd_steps
+from .maml import MAMLConfig, functional_sgd_steps, sgd_steps
 
 
 @dataclass
-class MTLConfig:
-    """The base-learner's inner loop (the release's: SGD at lr 0.01 for 50 steps).
-
-    Attributes:
-        inner_lr: β, the head's SGD learning rate.
-        inner_steps: SGD steps on the support features.
-        first_order: treat the inner gradients as constants (the release does; the paper's eq. 4-5 do not).
-    """
+class MTLConfig(MAMLConfig):
+    """The base-learner's inner loop: :class:`~purer.meta.MAMLConfig`'s fields at the release's values (SGD at
+    lr 0.01 for 50 steps); ``first_order`` treats the inner gradients as constants (the release does; the
+    paper's eq. 4-5 do not)."""
 
     inner_lr: float = 0.01
     inner_steps: int = 50
-    first_order: bool = False
-
-    def __post_init__(self):
-        if self.inner_lr <= 0 or self.inner_steps < 1:
-            raise ValueError(f"MTL's inner loop needs inner_lr > 0 and inner_steps >= 1, got {self.inner_lr} and "
-                             f"{self.inner_steps}")
 
 
 def freeze_as_buffers(module: nn.Module) -> nn.Module:
