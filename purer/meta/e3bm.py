@@ -113,9 +113,6 @@ class E3BM(MetaLearner, kind="e3bm"):
         self.combination = Hyperprior(self.epochs, 2 * dim, 1 / self.epochs, self.config.softweight)
         self.basestep = Hyperprior(self.epochs, 2 * dim, base.config.inner_lr, self.config.softweight)
 
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base.prepare(x)
-
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.base.embed(x)
 
