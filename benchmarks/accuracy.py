@@ -108,7 +108,19 @@ SCENARIOS = {
 # curriculum), MAML or ProtoNet, and the parts below.  "paper" is PURER as published
 # (recipes/configs/purer-paper.yaml); DEFAULT is what the recipe runs with no arguments.
 CURRICULA = {"eci": [], "ei": ["switch.lambda_adv=0"]}
-LEARNERS = {"maml": [], "protonet": ["meta.learner=protonet"]}
+LEARNERS = {"maml": [], "protonet": ["meta.learner=protonet"],
+            # the few-shot canon (benchmarks/learners.py): the MAML family keeps the recipe's inner loop (1 step at
+            # lr 0.1); E3BM ensembles 3 epochs of it; MTL freezes the zoo student's encoder; calibrations only
+            # where they can follow
+            "matching": ["meta.learner=matching", "eval.calibrations=[]"],
+            "matching-fce": ["meta.learner=matching", "meta.matching.fce=true", "eval.calibrations=[]"],
+            "relation": ["meta.learner=relation", "eval.calibrations=[]"],
+            "mtl": ["meta.learner=mtl", "meta.init=zoo-student"],
+            "l2f": ["meta.learner=l2f"], "alfa": ["meta.learner=alfa"],
+            "metal": ["meta.learner=metal", "eval.calibrations=[]"],
+            "tao": ["meta.learner=tao", "eval.calibrations=[]"],
+            "e3bm": ["meta.learner=e3bm", "meta.maml.inner_steps=3", "eval.calibrations=[]"],
+            "e3bm-mtl": ["meta.learner=e3bm", "meta.e3bm.base=mtl", "meta.init=zoo-student", "eval.calibrations=[]"]}
 PARTS = {
     "kd-logit": ["distill.logit=1.0"],
     "kd-feature": ["distill.feature=1.0"],
@@ -123,6 +135,7 @@ PARTS = {
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],
     "bnmean": ["inversion.bn_layers=mean"],
+    "ht": ["meta.hard_tasks=1"],  # MTL's hard-task meta-batch, one hard task per meta-batch when ready
 }
 VARIANTS = {"baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
             "paper": ["--config", "recipes/configs/purer-paper.yaml"]}

@@ -113,6 +113,8 @@ class HostTraffic(TorchDispatchMode):
             return bool(self.fill) if dtype == torch.bool else self.fill if dtype.is_floating_point else int(self.fill)
         if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
             src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            if not isinstance(src, torch.Tensor):  # a Python number (vmap wraps the scalar of ``batched_0dim * 1e-4``)
+                return func(*args, **kwargs)
             dst = args[0].device if func is torch.ops.aten.copy_.default else kwargs.get("device")
             src_type, dst_type = src.device.type, torch.device(dst).type if dst is not None else src.device.type
             if src_type != "cpu" and dst_type == "cpu":

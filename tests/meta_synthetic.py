@@ -37,3 +37,25 @@ def tiny_teacher(data: ImageSet, classes: list[int], seed: int = 0, steps: int =
     config = ModelConfig(arch="conv4", num_classes=len(classes), class_ids=[data.class_names[c] for c in classes],
                          in_channels=1, image_size=SIZE, mean=[0.5], std=[0.25], arch_args=dict(ARCH_ARGS))
     return Teacher(model, config, model_id=f"t{seed}")
+
+
+def assert_together_equals_one_by_one(learner, batch) -> None:
+    """vmap over ``batch``'s tasks (each its own BatchNorm batch) gives the per-task logits and the same
+    meta-gradient as adapting the tasks one by one (a float64 ``learner`` and ``batch`` of 3 5-way tasks)."""
+    import torch
+
+    params = [p for p in learner.parameters()]
+    learner.task_batching = "vmap"
+    assert learner.tasks_together(batch.support_x.device)  # the learner offers tasks together
+    together = learner.batch_query_logits(batch)
+    learner.task_batching = "loop"
+    one_by_one = learner.batch_query_logits(batch)
+    assert together.shape == (len(batch), batch.query_y.numel(), batch.way)
+    assert torch.allclose(together, one_by_one, rtol=1e-10, atol=1e-10)
+    loss = lambda logits: learner.query_loss(logits.flatten(0, 1), batch.query_y.repeat(len(batch)))
+    g1 = torch.autograd.grad(loss(together), params)
+    g2 = torch.autograd.grad(loss(one_by_one), params)
+    assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-10) for a, b in zip(g1, g2))
+    learner.task_batching = "vmap"
+    with torch.no_grad():  # test time: no graph, the same logits
+        assert torch.allclose(learner.batch_query_logits(batch), together, atol=1e-10)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meta_synthetic import ARCH_ARGS, SIZE, template_images, tiny_teacher
+from meta_synthetic import ARCH_ARGS, SIZE, assert_together_equals_one_by_one, template_images, tiny_teacher
 from purer.data import Episode, EpisodeSampler
 from purer.evaluate import evaluate, task_list
 from purer.meta import (ANIL, MAML, InputSpec, MAMLConfig, MetaTrainConfig, ProtoNet, average_teachers, from_model,
@@ -324,17 +324,4 @@ def test_tasks_adapted_together_equal_tasks_adapted_one_by_one(kind, first_order
                                                                        first_order=first_order))
     batch = a_task_batch()
     batch.support_x, batch.query_x = batch.support_x.double(), batch.query_x.double()
-    params = [p for p in learner.parameters()]
-    learner.task_batching = "vmap"
-    together = learner.batch_query_logits(batch)
-    learner.task_batching = "loop"
-    one_by_one = learner.batch_query_logits(batch)
-    assert together.shape == (3, 15, 5)
-    assert torch.allclose(together, one_by_one, rtol=1e-10, atol=1e-10)
-    loss = lambda logits: F.cross_entropy(logits.flatten(0, 1), batch.query_y.repeat(3))
-    g1 = torch.autograd.grad(loss(together), params)
-    g2 = torch.autograd.grad(loss(one_by_one), params)
-    assert all(torch.allclose(a, b, rtol=1e-8, atol=1e-10) for a, b in zip(g1, g2))
-    learner.task_batching = "vmap"
-    with torch.no_grad():  # test time: no graph, the same logits
-        assert torch.allclose(learner.batch_query_logits(batch), together, atol=1e-10)
+    assert_together_equals_one_by_one(learner, batch)

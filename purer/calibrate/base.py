@@ -38,6 +38,7 @@ import torch
 from ..data.episodes import ImageSet, TaskSpec
 from ..meta.base import MetaLearner
 from ..meta.maml import ANIL, MAML
+from ..meta.mtl import MTL
 from ..meta.protonet import ProtoNet, neg_sq_distances, prototypes
 from ..zoo.architectures import Classifier
 
@@ -183,8 +184,11 @@ class CalibratedLearner(MetaLearner):
 def adapted_model(learner: MetaLearner, adapted: Any) -> tuple[Classifier, bool]:
     """A private :class:`Classifier` copy of ``learner`` under its ``adapted`` state (what a calibrator trains).
 
-    MAML: the network with the fast weights; ANIL: the network with the adapted
-    head; ProtoNet: the encoder with a linear head equivalent to the prototypes
+    MAML (and its task-adaptive members L2F and ALFA): the network with the fast
+    weights; ANIL: the network with the adapted head; MTL: its frozen encoder with
+    the scaled and shifted weights written in, and the adapted head (the calibration
+    then trains all of it, as after MAML); ProtoNet: the encoder with a linear head
+    equivalent to the prototypes
     (``-||f - c||^2 = 2 c.f - ||c||^2 - ||f||^2`` and the last term is the same for
     every class, so ``W = 2 c``, ``b = -||c||^2`` give the same softmax).
 
@@ -193,9 +197,11 @@ def adapted_model(learner: MetaLearner, adapted: Any) -> tuple[Classifier, bool]
         with ``requires_grad=True``.
 
     Raises:
-        TypeError: for a learner other than MAML, ANIL or ProtoNet.
+        TypeError: for a learner other than MAML (and family), ANIL, MTL or ProtoNet.
     """
-    if isinstance(learner, MAML):
+    if isinstance(learner, MTL):
+        model, is_proto = learner.adapted_classifier(adapted), False
+    elif isinstance(learner, MAML):
         model = copy.deepcopy(learner.model)
         target = model.head if isinstance(learner, ANIL) else model
         with torch.no_grad():
@@ -211,8 +217,8 @@ def adapted_model(learner: MetaLearner, adapted: Any) -> tuple[Classifier, bool]
             model.head.bias.copy_(-protos.pow(2).sum(1))
         is_proto = True
     else:
-        raise TypeError(f"calibration covers MAML, ANIL and ProtoNet learners, got {type(learner).__name__}; "
-                        "add a case to purer.calibrate.base.adapted_model for it")
+        raise TypeError(f"calibration covers MAML, ANIL and ProtoNet learners (and MAML's L2F and ALFA members, MTL), "
+                        f"got {type(learner).__name__}; add a case to purer.calibrate.base.adapted_model for it")
     model.train(learner.training)
     for p in model.parameters():
         p.requires_grad_(True)

@@ -116,7 +116,7 @@ class GradientSwitch:
         def loss(bank: PseudoBank) -> torch.Tensor:
             episode = bank.episode(spec)
             logits = learner.query_logits(episode)
-            per_query = torch.nn.functional.cross_entropy(logits, episode.query_y, reduction="none")
+            per_query = learner.query_loss(logits, episode.query_y, reduction="none")  # CE, or the learner's own
             if correct_only:
                 per_query = per_query * (logits.argmax(-1) == episode.query_y)
             return -weight * per_query.mean()

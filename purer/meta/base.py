@@ -1,4 +1,5 @@
-"""The one interface every meta-learner (MAML, ANIL, ProtoNet) offers, and its model folder.
+"""The one interface every meta-learner (MAML and its task-adaptive family, ANIL, ProtoNet, Matching and Relation
+Networks, MTL, E3BM) offers, and its model folder.
 
 The curriculum (GradientSwitch), ICFIL, the evaluation and the baselines only rely
 on this interface.  A meta-learner saves itself as a Hugging Face style folder
@@ -69,6 +70,9 @@ class MetaLearner(nn.Module, ABC):
     Class attributes:
         tunable: names of ``adapt`` keyword arguments that test-time model
             selection may set (e.g. ``("lr", "steps")`` for an inner loop).
+        transductive: ``adapt`` also reads the task's unlabelled query images
+            (``query_x=``; MeTAL's inner loss does), never their labels;
+            :meth:`query_logits` and :meth:`batch_query_logits` pass them.
         kind: the learner's name in a saved folder's ``config.json`` (``maml``,
             ``anil``, ``protonet``); a subclass declares it as
             ``class MyLearner(MetaLearner, kind="mine")`` to be loadable by
@@ -84,6 +88,7 @@ class MetaLearner(nn.Module, ABC):
     """
 
     tunable: tuple[str, ...] = ()
+    transductive: bool = False
     kind: ClassVar[str] = ""
     _kinds: ClassVar[dict[str, type["MetaLearner"]]] = {}
 
@@ -134,12 +139,26 @@ class MetaLearner(nn.Module, ABC):
     def predict(self, adapted: Any, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> logits ``[B, N]`` under the adapted state."""
 
+    def adapt_task(self, support_x: torch.Tensor, support_y: torch.Tensor, way: int, query_x: torch.Tensor, *,
+                   create_graph: bool = False, **test_time: Any) -> Any:
+        """:meth:`adapt` for a task whose queries ``[B, C, H, W]`` are at hand: a :attr:`transductive` learner
+        gets them (their images only), the others not."""
+        extra = {"query_x": query_x} if self.transductive else {}
+        return self.adapt(support_x, support_y, way, create_graph=create_graph, **extra, **test_time)
+
     def query_logits(self, episode: Episode) -> torch.Tensor:
         """Logits ``[N*Q, N]`` of the episode's queries after adapting on its support (the graph through
         the inner loop is kept whenever grad mode is on)."""
-        adapted = self.adapt(episode.support_x, episode.support_y, episode.way,
-                             create_graph=torch.is_grad_enabled())
+        adapted = self.adapt_task(episode.support_x, episode.support_y, episode.way, episode.query_x,
+                                  create_graph=torch.is_grad_enabled())
         return self.predict(adapted, episode.query_x)
+
+    def query_loss(self, logits: torch.Tensor, query_y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The outer loss of query logits ``[B, N]`` with labels ``[B]``: per query ``[B]`` (``reduction="none"``)
+        or their mean.  Cross-entropy; a learner whose paper trains another loss (Relation Networks: squared
+        error to the one-hot label) overrides this, and the outer step, the curriculum's adversarial term and
+        :meth:`outer_loss` follow."""
+        return nn.functional.cross_entropy(logits, query_y, reduction=reduction)
 
     def batch_query_logits(self, batch: TaskBatch, **test_time: Any) -> torch.Tensor:
         """Query logits ``[T, N*Q, N]`` of every task of ``batch`` after adapting on its own support (the
@@ -155,8 +174,9 @@ class MetaLearner(nn.Module, ABC):
         if self.tasks_together(batch.support_x.device):
             return self._query_logits_together(batch, **test_time)
         create_graph = torch.is_grad_enabled()
-        return torch.stack([self.predict(self.adapt(batch.support_x[t], batch.support_y, batch.way,
-                                                    create_graph=create_graph, **test_time), batch.query_x[t])
+        return torch.stack([self.predict(self.adapt_task(batch.support_x[t], batch.support_y, batch.way,
+                                                         batch.query_x[t], create_graph=create_graph, **test_time),
+                                         batch.query_x[t])
                             for t in range(len(batch))])
 
     def tasks_together(self, device: torch.device) -> bool:
@@ -180,14 +200,14 @@ class MetaLearner(nn.Module, ABC):
         self._task_batching = mode
 
     def outer_loss(self, episode: Episode) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query cross-entropy after adaptation, and query accuracy (a 0-dim tensor).
+        """Query loss (:meth:`query_loss`) after adaptation, and query accuracy (a 0-dim tensor).
 
         Differentiable in the meta-parameters and in the episode's images (support
         through the inner loop) whenever grad mode is on, which the adversarial
         curriculum needs even while the learner is in eval mode.
         """
         logits = self.query_logits(episode)
-        loss = nn.functional.cross_entropy(logits, episode.query_y)
+        loss = self.query_loss(logits, episode.query_y)
         acc = (logits.argmax(-1) == episode.query_y).float().mean()
         return loss, acc.detach()
 

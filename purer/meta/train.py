@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from tqdm.auto import tqdm
 
@@ -74,7 +73,8 @@ def real_episodes(source: ImageSet, way: int, shot: int, query: int | None = 15,
 
 def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: Sequence[Episode], *,
               total: int | None = None, sync: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
-              extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+              extra: Sequence[torch.Tensor] = (), observe: Callable[[torch.Tensor], None] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """One outer step on a meta-batch; returns its mean query loss and accuracy (0-dim tensors, detached).
 
     The outer loss is the *mean* over the meta-batch (the release sums; under Adam
@@ -91,6 +91,9 @@ def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: 
             distillation each, :class:`purer.distill.ZooDistillation`), added after the
             tasks in order, each its own row for ``sync``; their parameters (heads, maps)
             must be in ``optimizer``.
+        observe: called with the detached query logits of the tasks as they are computed, ``[T', N*Q, N]``
+            for the next ``T'`` tasks of ``episodes`` in order (e.g. the hard-task sampler's failure classes,
+            :class:`purer.meta.hard_tasks.HardTasks`); nothing is read back to the host for it.
         sync: gathers one flat row per task of this process's share (its gradient,
             then its loss and accuracy) into the rows of the whole meta-batch, in task
             order; ``None`` in one process.  The rows are summed in task order, as one
@@ -122,13 +125,20 @@ def meta_step(learner: MetaLearner, optimizer: torch.optim.Optimizer, episodes: 
         # multi-process sum is exact only up to float rounding (one process per GPU, or one GPU: no sum).
         batch = TaskBatch.stack(episodes)
         logits = learner.batch_query_logits(batch)
-        ce = F.cross_entropy(rearrange(logits, "t q n -> (t q) n"), batch.query_y.repeat(len(batch)),
-                             reduction="none").view(len(batch), -1).mean(1)
+        ce = learner.query_loss(rearrange(logits, "t q n -> (t q) n"), batch.query_y.repeat(len(batch)),
+                                reduction="none").view(len(batch), -1).mean(1)
         correct = (logits.argmax(-1) == batch.query_y).float().mean(1)
+        if observe is not None:
+            observe(logits.detach())
         contribute(ce.sum() / total, ce.detach().sum(), correct.sum())
     else:
         for ep in episodes:
-            loss, acc = learner.outer_loss(ep)
+            # learner.outer_loss(ep), with the logits at hand for ``observe``
+            logits = learner.query_logits(ep)
+            loss = learner.query_loss(logits, ep.query_y)
+            acc = (logits.argmax(-1) == ep.query_y).float().mean().detach()
+            if observe is not None:
+                observe(logits.detach().unsqueeze(0))
             contribute(loss / total, loss.detach(), acc)
     for term in extra:
         contribute(term, sums.new_zeros(()), sums.new_zeros(()))

@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 
 from ..yaml_config import load_config
-from ..meta import ANIL, MAML, MAMLConfig, MetaLearner, ProtoNet
+from ..meta import (ANIL, E3BM, MAML, MTL, MatchingNetwork, MetaLearner, ProtoNet, RelationNetwork,
+                    TaskAdaptiveConfig, TaskAdaptiveMAML)
 from ..meta.base import InputSpec
 from ..meta.init import average_teachers, random_model, with_new_head
 from ..inversion import PseudoBank
@@ -17,7 +18,7 @@ from ..zoo.architectures import Classifier
 from ..zoo.pretrain import PretrainConfig, pretrain_zoo
 from ..zoo.store import Zoo, default_zoo_dir
 from ..zoo.teacher import Teacher
-from .run_config import RunConfig, RunError, ZooConfig
+from .run_config import TASK_ADAPTIVE, MetaConfig, RunConfig, RunError, ZooConfig
 from .distributed import Dist
 
 
@@ -126,8 +127,9 @@ def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, si
 
     ``student`` is the zoo's student (:func:`purer.student.zoo_student`) for
     ``init: zoo-student``: the learner takes its encoder and a fresh ``way``-output head
-    (ProtoNet uses the encoder only).  On ``--resume`` there is none: a random model
-    of the same shape stands in until the checkpoint's weights are loaded.
+    (ProtoNet, Matching and Relation Networks use the encoder only; MTL freezes it).  On
+    ``--resume`` there is none: a random model of the same shape stands in until the
+    checkpoint's weights are loaded.
     """
     m = cfg.meta
     try:
@@ -140,16 +142,29 @@ def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, si
         else:
             model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)
             spec = InputSpec(channels, size)
-    except ValueError as e:  # an unknown meta.arch or bad arch_args, or a zoo that cannot be averaged
-        raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
-    return wrap_learner(m.learner, model, m.way, spec, m.maml)
+        return wrap_learner(m, model, spec)
+    except ValueError as e:  # an unknown meta.arch or bad arch_args, a zoo that cannot be averaged, or a network
+        # the learner cannot take (e.g. a Relation Network over an encoder without feature maps)
+        raise RunError(f"meta (learner={m.learner}, init={m.init}, arch={m.arch}): {e}") from None
 
 
-def wrap_learner(kind: str, model: Classifier, way: int, spec: InputSpec, maml: MAMLConfig) -> MetaLearner:
-    """``model`` as the meta-learner ``kind`` (one of :data:`purer.pipeline.config.LEARNERS`)."""
+def wrap_learner(m: MetaConfig, model: Classifier, spec: InputSpec) -> MetaLearner:
+    """``model`` as the meta-learner ``m.learner`` (one of :data:`purer.pipeline.run_config.LEARNERS`) with the
+    settings of its section of ``m``."""
+    kind = m.learner
     if kind == "protonet":
         return ProtoNet(model, spec)
-    return (ANIL if kind == "anil" else MAML)(model, way, spec, maml)
+    if kind == "matching":
+        return MatchingNetwork(model, spec, m.matching)
+    if kind == "relation":
+        return RelationNetwork(model, spec, m.relation)
+    if kind == "mtl":
+        return MTL(model, m.way, spec, m.mtl)
+    if kind == "e3bm":
+        return E3BM.over(model, m.way, spec, m.e3bm, maml=m.maml, mtl=m.mtl)
+    if kind in TASK_ADAPTIVE:
+        return TaskAdaptiveMAML(model, m.way, spec, m.maml, TaskAdaptiveConfig.member(kind))
+    return (ANIL if kind == "anil" else MAML)(model, m.way, spec, m.maml)
 
 
 def build_bank(cfg: RunConfig, teachers: Sequence[Teacher], channels: int,

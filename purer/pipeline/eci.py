@@ -6,9 +6,12 @@ One meta-iteration (:meth:`ECI.iteration`):
    adversarial (``- lambda_adv * L_outer`` on a fresh pseudo task) when the Gradient
    Switch fired at the previous iteration;
 2. **meta-update** on a meta-batch of pseudo episodes (detached from the bank), with
-   the zoo's outputs distilled into the learner beside them when ``distill`` is on;
+   the zoo's outputs distilled into the learner beside them when ``distill`` is on; with
+   ``meta.hard_tasks``, some of the meta-batch's tasks are re-sampled from the classes
+   earlier tasks failed on (MTL's hard-task meta-batch, :mod:`purer.meta.hard_tasks`);
 3. **feedback**: the meta-batch's pseudo-query accuracy goes to the Gradient Switch
-   (the one number read on the host every iteration: the switch decides on it).
+   (the one read on the host every iteration: the switch decides on it; the hard-task
+   sampler's failure classes come in the same read).
 
 The meta-learner never sees a real meta-train image; the iteration kept is the best
 on meta-val.  Around the loop, as collaborators it calls: :class:`~purer.pipeline.checkpoints.Checkpoints`
@@ -34,7 +37,7 @@ from ..data import EpisodeSampler, ImageSet
 from ..distill import ZooDistillation
 from ..evaluate import task_list
 from ..inversion import EpisodeInversion, GradientSwitch
-from ..meta import MetaLearner
+from ..meta import HardTasks, MetaLearner, failure_labels
 from ..meta.train import meta_step
 from ..student import zoo_student
 from ..zoo.teacher import Teacher
@@ -60,6 +63,8 @@ class TrainState:
     adversarial_steps: int = 0
     pseudo_query: list = field(default_factory=list)  # [iteration, pseudo-query accuracy] (pictures/training.png)
     fired_at: list = field(default_factory=list)  # iterations at which the switch fired
+    hard_pool: list = field(default_factory=list)  # bank classes pooled for the next hard tasks (meta.hard_tasks)
+    hard_batches: int = 0  # meta-batches that held hard tasks
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,6 +140,10 @@ class ECI:
         self.best, self.state = BestLearner(self.learner), TrainState()
         self.train_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
         self.fresh_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
+        # MTL's hard-task meta-batch: the meta-batch's failure classes come back with the switch's one read.
+        self.hard_tasks = HardTasks(self.bank.class_sizes(), m.way, m.shot, m.query, m.hard_tasks,
+                                    seed=cfg.seed + 30_000) if m.hard_tasks else None
+        self._batch, self._failures = [], None  # this iteration's task specs and failure labels (hard tasks)
         self.val_tasks = {name: task_list(v, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
                           for name, v in val_sets.items()}
         self.seconds = {"inversion": 0.0, "distill": 0.0, "meta": 0.0}
@@ -200,8 +209,15 @@ class ECI:
         mean query loss and accuracy, the distillation's numbers and when distillation's passes ended."""
         d, mb = self.dist, self.cfg.meta.train.meta_batch
         mine = [j for j in range(mb) if d.owner(j) == d.rank]
+        specs = [self.train_tasks.task(it * mb + j) for j in range(mb)]
+        seen: list[torch.Tensor] = []
+        if self.hard_tasks is not None:
+            pooled = len(self.state.hard_pool)
+            specs, self.state.hard_pool = self.hard_tasks.batch(self.state.hard_pool, it, specs)
+            self.state.hard_batches += pooled > len(self.state.hard_pool)
+        self._batch = specs
         with torch.no_grad():
-            episodes = [self.bank.episode(self.train_tasks.task(it * mb + j)).detach() for j in mine]
+            episodes = [self.bank.episode(specs[j]).detach() for j in mine]
         distilled = self.distillation.sample_teachers() if self.cfg.distill.active else []
         mine_distilled = [i for k, i in enumerate(distilled) if d.owner(mb + k) == d.rank]
         terms, dstats = self.distillation.losses(self.learner, self.bank, mine_distilled, it) \
@@ -209,7 +225,11 @@ class ECI:
         t_distilled = time.perf_counter()
         row = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"]) + 2
         sync = task_sync(d, self._row_owners(mb, len(distilled)), row)
-        loss, query_acc = meta_step(self.learner, self.optimizer, episodes, total=mb, sync=sync, extra=terms)
+        loss, query_acc = meta_step(self.learner, self.optimizer, episodes, total=mb, sync=sync, extra=terms,
+                                    observe=None if self.hard_tasks is None else
+                                    lambda logits: seen.append(failure_labels(logits)))
+        if self.hard_tasks is not None:  # every process gets every task's failure label, in task order
+            self._failures = d.gather_tasks(torch.cat(seen).float() if seen else query_acc.new_zeros(0), mb)
         return loss, query_acc, dstats, t_distilled
 
     def _row_owners(self, tasks: int, distilled: int) -> list[int]:
@@ -226,7 +246,13 @@ class ECI:
         """Step 3: the pseudo-query accuracy to the Gradient Switch, which decides whether the next bank update
         is adversarial (the one host read per iteration)."""
         s = self.state
-        acc = host.value(query_acc, "switch")
+        if self._failures is None:
+            acc = host.value(query_acc, "switch")
+        else:  # the hard-task sampler's failure classes in the same read
+            values = host.read(torch.cat([query_acc.reshape(1).float(), self._failures]), "switch").tolist()
+            acc, failures = values[0], [int(v) for v in values[1:]]
+            s.hard_pool = self.hard_tasks.record(s.hard_pool, self._batch, failures)
+            self._failures = None
         s.adversarial_next = self.switch.update(acc)
         s.iteration += 1
         s.pseudo_query.append([s.iteration, acc])
@@ -259,6 +285,7 @@ class ECI:
         return {"iterations": m.train.iterations, "bank_classes": self.bank.num_classes,
                 "best_iteration": s.best_iteration, "val_accuracy": round(s.best_val, 2) if s.val else None,
                 "switch_fired": self.switch.fired, "fired_at": s.fired_at, "adversarial_steps": s.adversarial_steps,
+                **({"hard_batches": s.hard_batches} if self.hard_tasks is not None else {}),
                 "val_curve": s.val,
                 "seconds_zoo_student": round(self.seconds_zoo_student, 1),
                 "seconds_inversion": round(self.seconds["inversion"], 1),

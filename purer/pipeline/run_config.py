@@ -13,11 +13,27 @@ from ..distill import DistillConfig
 from ..data.sources import RECIPE_IMAGE_SIZE
 from ..evaluate import TuningGrid
 from ..inversion import InversionConfig, SwitchConfig
-from ..meta import MAMLConfig, MetaTrainConfig
+from ..meta import E3BMConfig, MAMLConfig, MatchingConfig, MetaTrainConfig, MTLConfig, RelationConfig
 from ..meta.base import TASK_BATCHING
+from ..meta.task_adaptive import MEMBERS as TASK_ADAPTIVE
 from ..zoo.pretrain import PretrainConfig
 
-LEARNERS = ("maml", "anil", "protonet")
+#: ``meta.learner`` names: MAML, its task-adaptive family (purer.meta.task_adaptive), ANIL, ProtoNet, Matching
+#: and Relation Networks, MTL and E3BM (on the base ``meta.e3bm.base``).
+LEARNERS = ("maml", *TASK_ADAPTIVE, "anil", "protonet", "matching", "relation", "mtl", "e3bm")
+#: Learners without a way-sized head: their tasks may have any way at test time.
+ANY_WAY = ("protonet", "matching", "relation")
+#: Learners the test-time calibrations (ICFIL, support CE) cannot follow, and why.
+NOT_CALIBRATABLE = {
+    "matching": "its prediction is attention over the support set, not a linear head on one network",
+    "relation": "its prediction is a relation module's score, not a linear head on one network",
+    "e3bm": "its prediction is an ensemble of the inner loop's epochs, not one network",
+    "metal": "its inner loop reads the task's query images, which a calibration's adaptation does not get",
+    "tao": "its inner loop (MeTAL's loss) reads the task's query images, which a calibration's adaptation does "
+           "not get",
+}
+#: Learners that freeze a pre-trained encoder (MTL, E3BM on MTL), and the initialisations that give one.
+PRETRAINED_INITS = ("zoo-student", "avg-teachers")
 # The rows a default run compares its MAML meta-learner with (fine-tuning and ProtoNet rows: see
 # purer.baselines.METHODS, e.g. eval.baselines=[...] in a config).
 DEFAULT_BASELINES = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "maml-random", "maml-avg-teachers",
@@ -104,7 +120,14 @@ class MetaConfig:
     """The meta-learner and its training on pseudo episodes.
 
     Attributes:
-        learner: ``maml`` | ``anil`` | ``protonet``.
+        learner: one of :data:`LEARNERS`: ``maml``; its task-adaptive members ``l2f`` (initialisation),
+            ``alfa`` (update rule), ``metal`` (inner loss) and ``tao`` (all three; see
+            :mod:`purer.meta.task_adaptive`), which take the inner loop of ``maml``; ``anil``;
+            ``protonet``; ``matching`` (Matching Networks, section ``matching``); ``relation``
+            (Relation Networks, section ``relation``); ``mtl`` (meta-transfer learning, section
+            ``mtl``; its frozen encoder is the initialisation's, so ``init`` must be ``zoo-student``
+            or ``avg-teachers``); ``e3bm`` (an ensemble over the inner loop's epochs, on the base
+            ``e3bm.base``: ``maml`` or ``mtl``).
         arch, arch_args: its network (any registered architecture).
         init: ``random``, ``avg-teachers`` (the release's initialisation; needs a
             same-architecture zoo) or ``zoo-student`` (the zoo distilled into a fresh ``arch``
@@ -114,7 +137,12 @@ class MetaConfig:
         way, shot, query: the pseudo tasks it trains on (the release uses 15 queries;
             the default 5 makes an iteration about 2.5 times cheaper on a CPU).
         images_per_class: P, bank images per class (default ``shot + query``, as the release).
-        maml: inner loop (MAML/ANIL).
+        maml: inner loop (MAML, ANIL, the task-adaptive members, E3BM on MAML).
+        matching, relation, mtl, e3bm: the settings of those learners (the papers' defaults); ``mtl`` is also
+            the base of ``e3bm`` with ``e3bm.base: mtl``.
+        hard_tasks: MTL's hard-task meta-batch, for any learner: this many tasks of a meta-batch are
+            re-sampled from the classes earlier tasks failed on, whenever ``way`` of them are pooled
+            (:mod:`purer.meta.hard_tasks`); 0: off.
         train: iterations, meta-batch, outer lr, and ``val_every`` (meta-val selection).
         val_tasks: size of the fixed meta-val task list used for selection.
         task_batching: how a meta-batch's (and an evaluation chunk's) tasks go through
@@ -134,6 +162,11 @@ class MetaConfig:
     # Inner lr 0.1, not the release's 0.01: on glyph meta-val (5-way 1-shot, 600 ECI iterations) 0.1 reached
     # 82% at 500 iterations where 0.01 reached 67% at 400; METHOD.md's prototype also adapts best at 0.1.
     maml: MAMLConfig = field(default_factory=lambda: MAMLConfig(inner_lr=0.1))
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    relation: RelationConfig = field(default_factory=RelationConfig)
+    mtl: MTLConfig = field(default_factory=MTLConfig)
+    e3bm: E3BMConfig = field(default_factory=E3BMConfig)
+    hard_tasks: int = 0
     train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=600, val_every=200))
     val_tasks: int = 50
     task_batching: str = "auto"
@@ -141,6 +174,9 @@ class MetaConfig:
     def __post_init__(self):
         if self.zoo_student_steps < 1:
             raise ValueError(f"zoo_student_steps must be >= 1, got {self.zoo_student_steps}")
+        if not 0 <= self.hard_tasks <= self.train.meta_batch:
+            raise ValueError(f"hard_tasks must lie in 0..meta.train.meta_batch={self.train.meta_batch}, got "
+                             f"{self.hard_tasks}")
         if self.task_batching not in TASK_BATCHING:
             raise ValueError(f"task_batching must be one of {TASK_BATCHING}, got {self.task_batching!r}")
 
@@ -242,9 +278,17 @@ class RunConfig:
         unknown = set(self.eval.baselines) - set(BASELINE_METHODS)
         if unknown:
             raise ValueError(f"unknown eval.baselines {sorted(unknown)}; choose from {list(BASELINE_METHODS)}")
-        if self.meta.learner != "protonet" and self.meta.way != self.eval.way:
+        if self.meta.learner not in ANY_WAY and self.meta.way != self.eval.way:
             raise ValueError(f"a {self.meta.learner} meta-learner's head has meta.way={self.meta.way} outputs, so "
-                             f"eval.way must match (got {self.eval.way}); ProtoNet alone can change the way")
+                             f"eval.way must match (got {self.eval.way}); only {', '.join(ANY_WAY)} can change the "
+                             "way")
+        if self.eval.calibrations and self.meta.learner in NOT_CALIBRATABLE:
+            raise ValueError(f"eval.calibrations {self.eval.calibrations} cannot follow a {self.meta.learner} "
+                             f"learner ({NOT_CALIBRATABLE[self.meta.learner]}); set eval.calibrations=[]")
+        pretrained = self.meta.learner == "mtl" or (self.meta.learner == "e3bm" and self.meta.e3bm.base == "mtl")
+        if pretrained and self.meta.init not in PRETRAINED_INITS:
+            raise ValueError(f"MTL freezes a pre-trained encoder, and meta.init={self.meta.init} gives none; set "
+                             f"meta.init=zoo-student (the zoo distilled into one network) or avg-teachers")
         if min(self.eval.query, self.meta.query) < 1:
             raise ValueError(f"eval.query and meta.query must be >= 1 query per class, got {self.eval.query} and "
                              f"{self.meta.query}")
