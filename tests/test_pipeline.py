@@ -101,7 +101,7 @@ def test_baselines_are_reused_when_nothing_changed(tiny_root, baseline_run, tmp_
     (["eval.grid.lr=[]"], "at least one lr"),
     (["eval.tasks=0"], "eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1"),
     (["meta.train.meta_batch=0"], "meta_batch >= 1"),
-    (["eval.way=20"], "ProtoNet alone can change the way"),
+    (["eval.way=20"], "only protonet, matching, relation can change the way"),
     (["data.dataset=folder", "data.root=/nonexistent/data"], "/nonexistent/data"),
     (["data.root=/dev/null/purer"], "cannot write the glyph cache"),
 ])
