@@ -1,19 +1,13 @@
 """benchmarks/accuracy.py's ``collect``: seeds averaged, rows renamed after their variant."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py"
-
+from benchmark_scripts import load_benchmark
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("accuracy")
 
 
 def fake_run(root: Path, variant: str, seed: int, rows: list[tuple[str, float, float]]) -> None:

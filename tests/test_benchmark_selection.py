@@ -1,16 +1,9 @@
 """benchmarks/selection.py cross: the default chosen across zoos on meta-val, never far below PURER as published."""
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "selection.py"
-
+from benchmark_scripts import load_benchmark
 
 def load():
-    spec = importlib.util.spec_from_file_location("selection_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("selection")
 
 
 def test_cross_zoo_choice_takes_the_best_mean_rank_that_never_falls_far_below_paper(tmp_path, monkeypatch):

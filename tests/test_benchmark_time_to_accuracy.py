@@ -1,21 +1,12 @@
 """benchmarks/time_to_accuracy.py: a curve of meta-val against CPU-seconds from the pipeline's own ECI, and the
 report that compares variants to PURER as published."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 from recipe_runs import write_tiny_dataset
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "time_to_accuracy.py"
-
+from benchmark_scripts import load_benchmark
 
 def load():
-    sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("time_to_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("time_to_accuracy")
 
 
 def test_a_curve_scores_meta_val_and_counts_only_the_iterations(tmp_path, monkeypatch):

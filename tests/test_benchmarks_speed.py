@@ -1,17 +1,11 @@
 """benchmarks/speed.py: one tiny meta-iteration gives positive, finite part times within its wall time."""
-import importlib.util
 import math
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
-_spec = importlib.util.spec_from_file_location("speed_benchmark",
-                                               Path(__file__).resolve().parents[1] / "benchmarks" / "speed.py")
-speed = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = speed  # dataclasses look their module up there
-_spec.loader.exec_module(speed)
+speed = load_benchmark("speed")
 
 
 def test_iteration_parts_are_positive_and_fit_in_the_iteration():
