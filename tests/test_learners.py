@@ -272,3 +272,24 @@ def test_freeze_as_buffers_keeps_the_weights_and_their_names():
     frozen = freeze_as_buffers(net)
     assert not list(frozen.parameters())
     assert all(torch.equal(frozen.state_dict()[n], v) for n, v in names.items())
+
+
+@pytest.mark.parametrize("learner", ["l2f", "alfa", "metal", "tao", "matching", "relation", "mtl", "e3bm"])
+def test_a_run_draws_a_learners_own_modules_from_its_seed_and_leaves_the_global_generator_alone(learner):
+    """Two runs of one config are one run: the modules a learner adds to its network (L2F's MLP, the relation
+    module, E3BM's hyperpriors, ...) come from the run's seed, whatever the global generator's state."""
+    from purer.pipeline.build import wrap_learner
+    from purer.pipeline.run_config import MetaConfig
+
+    meta = MetaConfig(learner=learner, way=5, maml=INNER, matching=MatchingConfig(fce=True, processing_steps=2))
+    states = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        states.append(wrap_learner(meta, tiny_model(), SPEC, seed=7).state_dict())
+        assert torch.equal(torch.random.get_rng_state(), before)
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    other = wrap_learner(meta, tiny_model(), SPEC, seed=8).state_dict()
+    if learner != "mtl":  # MTL's own parameters (scaling 1, shifting 0) start the same for every seed
+        assert any(not torch.equal(states[0][k], other[k]) for k in states[0])

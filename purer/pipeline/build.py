@@ -142,15 +142,23 @@ def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, si
         else:
             model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)
             spec = InputSpec(channels, size)
-        return wrap_learner(m, model, spec)
+        return wrap_learner(m, model, spec, seed=cfg.seed)
     except ValueError as e:  # an unknown meta.arch or bad arch_args, a zoo that cannot be averaged, or a network
         # the learner cannot take (e.g. a Relation Network over an encoder without feature maps)
         raise RunError(f"meta (learner={m.learner}, init={m.init}, arch={m.arch}): {e}") from None
 
 
-def wrap_learner(m: MetaConfig, model: Classifier, spec: InputSpec) -> MetaLearner:
+def wrap_learner(m: MetaConfig, model: Classifier, spec: InputSpec, seed: int) -> MetaLearner:
     """``model`` as the meta-learner ``m.learner`` (one of :data:`purer.pipeline.run_config.LEARNERS`) with the
-    settings of its section of ``m``."""
+    settings of its section of ``m``; the learner's own modules (L2F's, ALFA's and MeTAL's networks, the
+    relation module, full context embeddings, E3BM's hyperpriors, MTL's head) drawn from ``seed``, so that a
+    run is the same run in every process and every time (the global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _wrap(m, model, spec)
+
+
+def _wrap(m: MetaConfig, model: Classifier, spec: InputSpec) -> MetaLearner:
     kind = m.learner
     if kind == "protonet":
         return ProtoNet(model, spec)
