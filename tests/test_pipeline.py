@@ -67,7 +67,8 @@ def test_the_meta_learner_is_saved_and_reloads_to_the_same_accuracy(tiny_root, b
 
     folder = baseline_run / "meta_learner"
     config = json.loads((folder / "config.json").read_text())
-    assert config["learner"] == "maml" and config["selected"]["iteration"] >= 0
+    assert config["learner"] == "ta-maml" and config["task_adaptive"]["init"] == "l2f"  # the default, L2F
+    assert config["selected"]["iteration"] >= 0
     learner = load_meta_learner(folder)
     test = load_split("folder", "test", str(tiny_root), 16)
     result = evaluate(learner, test, task_list(test, 5, 1, 3, 6, 0), adapt_kwargs=config["test_time"]["1"],

@@ -34,7 +34,7 @@ NOT_CALIBRATABLE = {
 }
 #: Learners that freeze a pre-trained encoder (MTL, E3BM on MTL), and the initialisations that give one.
 PRETRAINED_INITS = ("zoo-student", "avg-teachers")
-# The rows a default run compares its MAML meta-learner with (fine-tuning and ProtoNet rows: see
+# The rows a default run compares its meta-learner with (fine-tuning and ProtoNet rows: see
 # purer.baselines.METHODS, e.g. eval.baselines=[...] in a config).
 DEFAULT_BASELINES = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "maml-random", "maml-avg-teachers",
                      "maml-real")
@@ -120,7 +120,8 @@ class MetaConfig:
     """The meta-learner and its training on pseudo episodes.
 
     Attributes:
-        learner: one of :data:`LEARNERS`: ``maml``; its task-adaptive members ``l2f`` (initialisation),
+        learner: one of :data:`LEARNERS` (default ``l2f``, chosen on meta-val over the canon:
+            ``benchmarks/results/learners_glyphs.md``): ``maml``; its task-adaptive members ``l2f`` (initialisation),
             ``alfa`` (update rule), ``metal`` (inner loss) and ``tao`` (all three; see
             :mod:`purer.meta.task_adaptive`), which take the inner loop of ``maml``; ``anil``;
             ``protonet``; ``matching`` (Matching Networks, section ``matching``); ``relation``
@@ -150,7 +151,7 @@ class MetaConfig:
             GPU, ``loop`` on a CPU); see :attr:`purer.meta.MetaLearner.task_batching`.
     """
 
-    learner: str = "maml"
+    learner: str = "l2f"
     arch: str = "conv4"
     arch_args: dict = field(default_factory=dict)
     init: str = "random"
