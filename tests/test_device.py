@@ -81,16 +81,20 @@ def no_stray(traffic) -> None:
     assert not traffic.blocking_copies, f"blocking host-to-device copies: {dict(traffic.blocking_copies)}"
 
 
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
-def test_an_eci_iteration_runs_on_the_device_and_reads_one_number(zoo, splits, tmp_path, batching):
+@pytest.mark.parametrize("batching,synthesizer", [("loop", "pixels"), ("vmap", "pixels"), ("loop", "generator")],
+                         ids=["loop", "vmap", "generator"])
+def test_an_eci_iteration_runs_on_the_device_and_reads_one_number(zoo, splits, tmp_path, batching, synthesizer):
     """The sync budget: one host read per meta-iteration (the switch's), none stray, no blocking copy; the
-    iteration covers an adversarial inversion step, zoo distillation (logits and features) and the meta-step
-    with tasks looped or vmapped, over a zoo of two input contracts."""
+    iteration covers an adversarial inversion step (by the pixel bank or the generator), zoo distillation
+    (logits and features) and the meta-step with tasks looped or vmapped, over a zoo of two input contracts."""
     teachers, data = on_meta(zoo, splits)
-    cfg = config(tmp_path, **{"meta.task_batching": batching, "inversion.teacher_batching": batching})
+    cfg = config(tmp_path, **{"meta.task_batching": batching, "inversion.teacher_batching": batching,
+                              "inversion.synthesizer": synthesizer, "inversion.generator.steps": 2})
     eci = ECI(cfg, teachers, {"val": data["val"]}, Dist(device=META))
     assert eci.learner.tasks_together(META) == (batching == "vmap")
     assert all(p.device == META for p in [*eci.learner.parameters(), *eci.bank.parameters()])
+    if synthesizer == "generator":
+        assert all(p.device == META for p in eci.inversion.generator.parameters())
     for adversarial in (False, True):
         eci.state.adversarial_next = adversarial
         with host_traffic() as traffic:

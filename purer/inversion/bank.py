@@ -239,6 +239,15 @@ class PseudoBank(nn.Module):
                        gather(slice(shot, None)), episode_labels(spec.way, spec.query.shape[1], device=dev),
                        tuple(self.class_names[int(c)] for c in spec.classes))
 
+    @torch.no_grad()
+    def write(self, c: int, images: torch.Tensor) -> None:
+        """Set class ``c``'s images to ``images [P, C', S', S']`` in pixel units (any shape: converted to the
+        class's, as :meth:`episode` converts); the raw tensor becomes what this space maps to them (in ``pixel``
+        space the logit of the images clamped to ``[1e-6, 1 - 1e-6]``)."""
+        x = self._as(images, self.class_shapes[c])
+        raw = torch.logit(x, eps=1e-6) if self.space == "pixel" else (x - self.mean) / self.std
+        self.logits[c].copy_(raw)
+
     def pop_touched(self) -> list[int]:
         """The classes read since the last call (sorted), and forget them."""
         touched, self._touched = sorted(self._touched), set()

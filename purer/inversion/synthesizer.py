@@ -45,7 +45,7 @@ import contextlib
 import copy
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -67,6 +67,7 @@ ExtraLoss = Callable[[PseudoBank], torch.Tensor]
 # {term: {class: grad}} of this process -> those of every process (see EpisodeInversion.step).
 GradSync = Callable[[dict[int, dict[int, torch.Tensor]]], dict[int, dict[int, torch.Tensor]]]
 TEACHER_BATCHING = ("auto", "loop", "vmap")
+SYNTHESIZERS = ("pixels", "generator")
 STATS = ("ce", "r_bn", "r_tv", "r_l2", "acc")
 
 
@@ -89,6 +90,31 @@ class TeacherGroup:
     labels: torch.Tensor
     augmented_inputs: torch.Tensor
     inputs: torch.Tensor
+
+
+@dataclass
+class GeneratorConfig:
+    """Settings of the generator synthesizer (``inversion.synthesizer: generator``).
+
+    Attributes:
+        steps: adaptation steps of the generator to a teacher per inversion step (FREE: 5).
+        lr: Adam learning rate of the adaptation and of the meta-update (FREE: 1e-3).
+        width: channels of the generator's last hidden layer (the first has twice as many).
+        noise_dim: size of the noise vector ``z``.
+        embed_dim: size of a bank class's learnt embedding (the generator's condition).
+    """
+
+    steps: int = 5
+    lr: float = 1e-3
+    width: int = 32
+    noise_dim: int = 64
+    embed_dim: int = 64
+
+    def __post_init__(self):
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError(f"generator needs steps >= 1 and lr > 0, got {self.steps} and {self.lr}")
+        if min(self.width, self.noise_dim, self.embed_dim) < 1:
+            raise ValueError("generator width, noise_dim and embed_dim must be >= 1")
 
 
 @dataclass
@@ -133,6 +159,10 @@ class InversionConfig:
             (:func:`within_class_similarity`); 0 in the release.
         steps_per_iteration: bank updates per meta-iteration (the ECI loop runs them;
             an adversarial term joins the last); 1 in the release.
+        synthesizer: what makes the bank's images: ``pixels`` (each image optimised on its own, the
+            release's; :class:`EpisodeInversion`) or ``generator`` (a meta-learnt conditional generator
+            adapted to each teacher in a few steps, FREE's idea; :class:`~purer.inversion.generator.GeneratorInversion`).
+        generator: the generator's settings (:class:`GeneratorConfig`; used by ``synthesizer: generator``).
     """
 
     teachers_per_step: int = 4
@@ -152,6 +182,8 @@ class InversionConfig:
     bn_layers: str = "sum"
     a_div: float = 0.0
     steps_per_iteration: int = 1
+    synthesizer: str = "pixels"
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def __post_init__(self):
         if self.teachers_per_step < 1:
@@ -172,6 +204,8 @@ class InversionConfig:
                              f"{self.first_bn_weight}, {self.a_div} and {self.steps_per_iteration}")
         if self.bn_layers not in ("sum", "mean"):
             raise ValueError(f"bn_layers must be 'sum' or 'mean', got {self.bn_layers!r}")
+        if self.synthesizer not in SYNTHESIZERS:
+            raise ValueError(f"synthesizer must be one of {SYNTHESIZERS}, got {self.synthesizer!r}")
         if self.teacher_batching not in TEACHER_BATCHING:
             raise ValueError(f"teacher_batching must be one of {TEACHER_BATCHING}, got {self.teacher_batching!r}")
 
@@ -366,12 +400,15 @@ class EpisodeInversion:
             return torch.stack([self.teachers[i].model(x.contiguous(memory_format=torch.channels_last)
                                                        if self.channels_last else x) for i, x in zip(members, z)])
 
-    def teacher_inputs(self, idx: Sequence[int], thetas: torch.Tensor | None = None) -> list[TeacherGroup]:
+    def teacher_inputs(self, idx: Sequence[int], thetas: torch.Tensor | None = None,
+                       batches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[TeacherGroup]:
         """The inputs of teachers ``idx`` as a step feeds them, per group of same-contract teachers.
 
         Args:
             idx: the step's teachers.
             thetas: their affine matrices (default :meth:`augmentation` of ``idx``), in ``idx`` order.
+            batches: each teacher's images and local labels, as :meth:`PseudoBank.teacher_batch` gives them
+                (default: the bank's; a generator passes what it renders).
 
         Per group: one augmentation call over the group's bank images (a group shares one
         input shape) and one prepare (each teacher's channels, size and normalisation).
@@ -379,7 +416,7 @@ class EpisodeInversion:
         bank = self.bank
         thetas = self.augmentation(idx) if thetas is None else thetas
         blocks = dict(zip(idx, thetas.split([len(bank.teacher_classes[i]) * bank.images_per_class for i in idx])))
-        batches = {i: bank.teacher_batch(i) for i in idx}
+        batches = {i: bank.teacher_batch(i) for i in idx} if batches is None else batches
         groups = []
         for key, group in self.groups.items():
             members = [i for i in group if i in batches]
@@ -392,12 +429,13 @@ class EpisodeInversion:
                                        self._prepare(members, augmented), self._prepare(members, x)))
         return groups
 
-    def teacher_losses(self, idx: Sequence[int], thetas: torch.Tensor | None = None
+    def teacher_losses(self, idx: Sequence[int], thetas: torch.Tensor | None = None,
+                       batches: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """L_EI of each teacher in ``idx`` on its classes' bank images: ``[len(idx)]``, and the parts ``[len(idx)]``.
 
         Per group of same-contract teachers (:meth:`teacher_inputs`): one augmentation call, one
-        prepare and one (batched or looped) forward pass.  ``thetas``: see :meth:`teacher_inputs`.
+        prepare and one (batched or looped) forward pass.  ``thetas``, ``batches``: see :meth:`teacher_inputs`.
         """
         c, bank = self.config, self.bank
         if not idx:
@@ -405,7 +443,7 @@ class EpisodeInversion:
             return empty, {k: empty for k in STATS}
         position = {i: p for p, i in enumerate(idx)}
         loss, parts = [None] * len(idx), {k: [None] * len(idx) for k in STATS}
-        for g in self.teacher_inputs(idx, thetas):
+        for g in self.teacher_inputs(idx, thetas, batches):
             logits, r_bn, features = self._forward(g.key, g.members, g.augmented_inputs)
             y = g.labels
             ce = F.cross_entropy(rearrange(logits, "t b n -> (t b) n"), y.flatten(), reduction="none")

@@ -145,6 +145,22 @@ def bank_grad_sync(dist: Dist, layout: dict[int, tuple[int, list[int]]], shapes:
     return sync
 
 
+def term_sync(dist: Dist, layout: dict[int, tuple[int, int]]
+              ) -> Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]] | None:
+    """:meth:`purer.inversion.GeneratorInversion.step`'s ``sync``: ``layout`` is every term of the step,
+    ``{term: (its process, its number of elements)}``; ``sync(terms) -> terms`` brings every process's flat
+    terms to every process, bit for bit."""
+    if dist.world == 1:
+        return None
+    keys = sorted(layout)
+
+    def sync(terms: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        local = [terms[t] for t in keys if layout[t][0] == dist.rank]
+        return dict(zip(keys, dist.gather_items(local, [layout[t][0] for t in keys], [layout[t][1] for t in keys])))
+
+    return sync
+
+
 def autocast_dtype(accelerator) -> torch.dtype | None:
     """The lower precision of the accelerator's mixed precision (``--mixed_precision``), ``None`` for ``no``."""
     if accelerator is None:

@@ -2,7 +2,8 @@
 
 One meta-iteration (:meth:`ECI.iteration`):
 
-1. **invert**: one bank update by episode inversion from a few sampled teachers;
+1. **invert**: one bank update by episode inversion from a few sampled teachers (pixels, or a
+   meta-learnt generator's images: ``inversion.synthesizer``);
    adversarial (``- lambda_adv * L_outer`` on a fresh pseudo task) when the Gradient
    Switch fired at the previous iteration;
 2. **meta-update** on a meta-batch of pseudo episodes (detached from the bank), with
@@ -36,14 +37,14 @@ from .. import host
 from ..data import EpisodeSampler, ImageSet
 from ..distill import ZooDistillation
 from ..evaluate import task_list
-from ..inversion import EpisodeInversion, GradientSwitch
+from ..inversion import GeneratorInversion, GradientSwitch, build_synthesizer
 from ..meta import HardTasks, MetaLearner, failure_labels
 from ..meta.train import meta_step
 from ..student import zoo_student
 from ..zoo.teacher import Teacher
 from .build import build_bank, build_learner
 from .checkpoints import Checkpoints, latest_checkpoint
-from .distributed import Dist, autocast_dtype, bank_grad_sync, task_sync
+from .distributed import Dist, autocast_dtype, bank_grad_sync, task_sync, term_sync
 from .metatest import evaluate_split
 from .pictures import Pictures
 from .run_config import RunConfig, RunError
@@ -113,8 +114,8 @@ class ECI:
         channels = max(v.image_shape[0] for v in val_sets.values())
         size = cfg.data.image_size
         self.bank = build_bank(cfg, teachers, channels, device)
-        self.inversion = EpisodeInversion(teachers, self.bank, dataclasses.replace(cfg.inversion, seed=cfg.seed),
-                                          autocast=autocast)
+        self.inversion = build_synthesizer(teachers, self.bank, dataclasses.replace(cfg.inversion, seed=cfg.seed),
+                                           autocast=autocast)
         self.switch = GradientSwitch(cfg.switch)
         student, self.seconds_zoo_student = None, 0.0
         if m.init == "zoo-student" and pre_phase:
@@ -192,6 +193,11 @@ class ECI:
         extra = None
         if adversarial is not None and extra_owner == d.rank:
             extra = self.switch.adversarial_loss(self.learner, adversarial)
+        if isinstance(inv, GeneratorInversion):  # flat terms: (gradient, images, numbers) per teacher
+            layout = {i: (owner[i], inv.term_size(i)) for i in chosen}
+            if adversarial is not None:
+                layout[len(self.teachers)] = (extra_owner, inv.term_size(len(self.teachers)))
+            return inv.step(extra_loss=extra, teachers=mine, total=len(chosen), sync=term_sync(d, layout))
         layout = {}
         for rank in range(d.world):
             for term, classes in inv.term_classes([i for i in chosen if owner[i] == rank]).items():
