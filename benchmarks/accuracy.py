@@ -136,6 +136,10 @@ PARTS = {
     "steps2": ["inversion.steps_per_iteration=2"],
     "bnmean": ["inversion.bn_layers=mean"],
     "ht": ["meta.hard_tasks=1"],  # MTL's hard-task meta-batch, one hard task per meta-batch when ready
+    # The meta-learnt generator instead of the pixel bank: FREE's 5 adaptation steps at the default width 32, and
+    # one step of a generator of width 8 (what costs about a pixel-bank iteration on one CPU thread).
+    "gen": ["inversion.synthesizer=generator"],
+    "gen1-w8": ["inversion.synthesizer=generator", "inversion.generator.steps=1", "inversion.generator.width=8"],
 }
 VARIANTS = {"baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
             "paper": ["--config", "recipes/configs/purer-paper.yaml"]}

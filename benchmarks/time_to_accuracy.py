@@ -95,7 +95,7 @@ def cmd_run(a) -> int:
                 continue
             # one process per run: its own thread, nothing left over from the previous run
             res = subprocess.run([sys.executable, __file__, "one", a.dataset, variant, str(seed), str(a.iterations),
-                                  str(a.every), "--tasks", str(a.tasks), *a.set], cwd=REPO)
+                                  str(a.every), "--tasks", str(a.tasks), *(["--set", *a.set] if a.set else [])], cwd=REPO)
             failed += res.returncode != 0
     return 1 if failed else 0
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seed", "iterations", "every"):
         one.add_argument(name, type=int)
     one.add_argument("--tasks", type=int, default=TASKS)
-    one.add_argument("set", nargs="*")
+    one.add_argument("--set", nargs="+", default=[])
     g = sub.add_parser("report", help="write benchmarks/results/time_to_accuracy_<dataset>.{json,md,png}")
     g.add_argument("dataset")
     a = p.parse_args(argv)
