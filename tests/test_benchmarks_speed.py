@@ -20,3 +20,17 @@ def test_iteration_parts_are_positive_and_fit_in_the_iteration():
     summary = speed.summarise([parts, bench.iteration()])
     assert summary["meta_iteration"] == pytest.approx(sum(summary[k] for k in speed.PARTS))
     assert summary["floor"] == pytest.approx(summary["teacher_passes"] + summary["learner_passes"])
+
+
+def test_zoo_size_times_replicas_side_by_side_and_reads_the_difference_against_their_spread():
+    """benchmarks/zoo_size.py: the small and the large zoo in one process, and the reading of the numbers."""
+    zs = load_benchmark("zoo_size")
+    one = zs.measure([2, 3], rounds=1, per_round=1, quick=True)
+    assert set(one) == {"2#0", "3#1"} and all(v["meta_iteration"] > v["inversion"] > 0 for v in one.values())
+    one = {"10#0": {"meta_iteration": 0.50}, "100#1": {"meta_iteration": 0.52},
+           "10#2": {"meta_iteration": 0.47}, "100#3": {"meta_iteration": 0.49}}
+    sep = [{"teachers": 10, "meta_iteration": 0.6}, {"teachers": 100, "meta_iteration": 0.5},
+           {"teachers": 10, "meta_iteration": 0.4}, {"teachers": 100, "meta_iteration": 0.5}]
+    text = zs.reading(one, sep)
+    assert "100 teachers minus 10: +0.020 s" in text and "differ by up to 0.030 s" in text
+    assert "Separate processes: +0.000 s" in text and "differ by up to 0.200 s" in text

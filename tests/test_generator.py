@@ -14,7 +14,7 @@ from purer.inversion.draws import augmentation_draws
 from purer.inversion.synthesizer import EpisodeInversion
 from purer.yaml_config import ConfigError, load_config
 from purer.pipeline import RunConfig
-from test_inversion import WAYS, TinyProtoNet, train_teacher
+from test_inversion import WAYS, TinyProtoNet, resumes_from_its_state, train_teacher
 
 
 @pytest.fixture(scope="module")
@@ -153,21 +153,7 @@ def test_a_generator_step_split_over_processes_is_bit_for_bit_the_whole_step(zoo
 
 
 def test_the_generator_resumes_from_its_state(zoo, tmp_path):
-    bank, inv = generator(zoo)
-    for _ in range(4):
-        inv.step()
-    straight = bank.snapshot()
-    bank, inv = generator(zoo)
-    for _ in range(2):
-        inv.step()
-    torch.save({"bank": bank.state_dict(), "inversion": inv.state_dict()}, tmp_path / "ckpt.pt")
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    bank, inv = generator(zoo)
-    bank.load_state_dict(state["bank"])
-    inv.load_state_dict(state["inversion"])
-    for _ in range(2):
-        inv.step()
-    assert inv.steps == 4 and torch.equal(bank.snapshot(), straight)
+    resumes_from_its_state(lambda: generator(zoo), tmp_path / "ckpt.pt")
 
 
 def test_a_zoo_of_two_input_contracts_gets_each_class_in_its_teachers_contract(zoo):

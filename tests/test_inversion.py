@@ -473,11 +473,9 @@ def test_augmented_steps_do_not_depend_on_the_global_rng(zoo):
     assert torch.equal(*banks)
 
 
-def test_inversion_resumes_from_its_state(zoo, tmp_path):
-    def fresh():
-        bank = PseudoBank(zoo, images_per_class=3)
-        return bank, EpisodeInversion(zoo, bank, no_aug(teachers_per_step=1))
-
+def resumes_from_its_state(fresh, path) -> None:
+    """A synthesizer stopped after two of four steps and restored from a saved state (bank and synthesizer)
+    ends where four straight steps end; ``fresh()`` builds ``(bank, synthesizer)``."""
     bank, inversion = fresh()
     for _ in range(4):
         inversion.step()
@@ -485,14 +483,22 @@ def test_inversion_resumes_from_its_state(zoo, tmp_path):
     bank, inversion = fresh()
     for _ in range(2):
         inversion.step()
-    torch.save({"bank": bank.state_dict(), "inversion": inversion.state_dict()}, tmp_path / "ckpt.pt")
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    torch.save({"bank": bank.state_dict(), "inversion": inversion.state_dict()}, path)
+    state = torch.load(path, weights_only=True)
     bank, inversion = fresh()
     bank.load_state_dict(state["bank"])
     inversion.load_state_dict(state["inversion"])
     for _ in range(2):
         inversion.step()
     assert inversion.steps == 4 and torch.equal(bank.snapshot(), straight)
+
+
+def test_inversion_resumes_from_its_state(zoo, tmp_path):
+    def fresh():
+        bank = PseudoBank(zoo, images_per_class=3)
+        return bank, EpisodeInversion(zoo, bank, no_aug(teachers_per_step=1))
+
+    resumes_from_its_state(fresh, tmp_path / "ckpt.pt")
 
 
 def test_inversion_config_and_zoo_mismatch_raise(zoo):
