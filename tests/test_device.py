@@ -81,8 +81,9 @@ def no_stray(traffic) -> None:
     assert not traffic.blocking_copies, f"blocking host-to-device copies: {dict(traffic.blocking_copies)}"
 
 
-@pytest.mark.parametrize("batching,synthesizer", [("loop", "pixels"), ("vmap", "pixels"), ("loop", "generator")],
-                         ids=["loop", "vmap", "generator"])
+@pytest.mark.parametrize("batching,synthesizer", [("loop", "pixels"), ("vmap", "pixels"), ("loop", "generator"),
+                                                  ("vmap", "generator")],
+                         ids=["loop", "vmap", "generator-loop", "generator-vmap"])
 def test_an_eci_iteration_runs_on_the_device_and_reads_one_number(zoo, splits, tmp_path, batching, synthesizer):
     """The sync budget: one host read per meta-iteration (the switch's), none stray, no blocking copy; the
     iteration covers an adversarial inversion step (by the pixel bank or the generator), zoo distillation
