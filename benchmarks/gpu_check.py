@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,27 +178,21 @@ def vmap_fallbacks(device: torch.device, problems: list[str]) -> dict:
     """Step 3: the shipped learners' vmapped meta-steps use no functorch fallback (a slow per-sample loop)."""
     from purer.data import TaskBatch
     from purer.data.episodes import episode_labels
-    from purer.meta import ANIL, MAML, ProtoNet, random_model
+    from purer.meta import ANIL, MAML, ProtoNet, random_model, slow_vmap_operators
 
-    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
     report = {}
-    try:
-        for arch, args in (("conv4", {"width": 8}), ("resnet10", {"width": 8}), ("resnet18", {"width": 8})):
-            for cls in (MAML, ANIL, ProtoNet):
-                model = random_model(arch, 5, 1, 16, args, seed=0)
-                learner = (cls(model, 5) if cls is not ProtoNet else cls(model)).to(device)
-                learner.task_batching = "vmap"
-                batch = TaskBatch(torch.rand(2, 5, 1, 16, 16), episode_labels(5, 1), torch.rand(2, 10, 1, 16, 16),
-                                  episode_labels(5, 2), 5).to(device)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    learner.batch_query_logits(batch).sum().backward()
-                slow = sorted({str(w.message).split(".")[0] for w in caught if "fallback" in str(w.message)})
-                report[f"{arch}/{cls.__name__}"] = slow
-                if slow:
-                    problems.append(f"vmap: {cls.__name__} on {arch} falls back to a slow path: {slow[0]}")
-    finally:
-        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    for arch, args in (("conv4", {"width": 8}), ("resnet10", {"width": 8}), ("resnet18", {"width": 8})):
+        for cls in (MAML, ANIL, ProtoNet):
+            model = random_model(arch, 5, 1, 16, args, seed=0)
+            learner = (cls(model, 5) if cls is not ProtoNet else cls(model)).to(device)
+            learner.task_batching = "vmap"
+            batch = TaskBatch(torch.rand(2, 5, 1, 16, 16), episode_labels(5, 1), torch.rand(2, 10, 1, 16, 16),
+                              episode_labels(5, 2), 5).to(device)
+            with slow_vmap_operators() as slow:
+                learner.batch_query_logits(batch).sum().backward()
+            report[f"{arch}/{cls.__name__}"] = slow
+            if slow:
+                problems.append(f"vmap: {cls.__name__} on {arch} falls back to a slow path for {', '.join(slow)}")
     return report
 
 

@@ -325,3 +325,32 @@ def test_tasks_adapted_together_equal_tasks_adapted_one_by_one(kind, first_order
     batch = a_task_batch()
     batch.support_x, batch.query_x = batch.support_x.double(), batch.query_x.double()
     assert_together_equals_one_by_one(learner, batch)
+
+
+def test_slow_vmap_operators_names_the_fallbacks_and_passes_other_warnings_on():
+    import warnings
+
+    import torch.nn.functional as F
+    from torch.func import vmap
+
+    from purer.meta import slow_vmap_operators
+
+    def unpool(x):  # max_unpool2d has no batching rule: torch.func loops over the batch
+        return F.max_unpool2d(x.view(1, 1, 2, 2), torch.tensor([[[[0, 1], [2, 3]]]]), 2)
+
+    with warnings.catch_warnings(record=True) as outside:
+        warnings.simplefilter("always")
+        with slow_vmap_operators() as slow:
+            vmap(unpool)(torch.rand(3, 4))
+            vmap(unpool)(torch.rand(3, 4))
+            warnings.warn("not a fallback")
+    assert slow == ["aten::max_unpool2d"]
+    assert [str(w.message) for w in outside] == ["not a fallback"]
+    with warnings.catch_warnings(record=True) as after:  # the warning is off again after the block
+        warnings.simplefilter("always")
+        vmap(unpool)(torch.rand(3, 4))
+    assert not after
+    weight = torch.rand(2, 1, 3, 3)
+    with slow_vmap_operators() as slow:  # a convolution has its batching rule
+        vmap(lambda x: F.conv2d(x, weight).relu().sum())(torch.rand(3, 1, 1, 6, 6))
+    assert slow == []

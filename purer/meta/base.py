@@ -14,12 +14,15 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -33,6 +36,32 @@ from ..zoo.teacher import ModelConfig, prepare_input
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TASK_BATCHING = ("auto", "loop", "vmap")
+
+
+@contextlib.contextmanager
+def slow_vmap_operators() -> Iterator[list[str]]:
+    """The operators (``aten::...``) that ran vmapped in the block without a batching rule, i.e. through
+    torch.func's slow per-sample fallback loop: what tasks vmapped together must not hit on a GPU.
+
+    Yields a list, filled when the block ends (sorted, each once).  torch warns about fallbacks only when
+    asked (through a private switch, used here alone); this asks for the block and turns the warnings off
+    again after.
+    """
+    found: list[str] = []
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield found
+        for w in caught:
+            m = re.search(r"batching rule for (\S+?)\.? ", str(w.message))
+            if m:
+                found.append(m.group(1))
+            else:  # any other warning goes on to the caller
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        found[:] = sorted(set(found))
+    finally:
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
 
 
 @dataclass(frozen=True)
