@@ -54,6 +54,12 @@ class TeacherSampler:
         self.generator.set_state(state["generator"])
 
 
+def keyed_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by the integers ``key`` (e.g. ``(seed, stream, step, teacher)``): the same draws
+    whichever process, device or order asks for them."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
 def augmentation_draws(augment: RandomAffineAugment, stream: Sequence[int], step: int,
                        teachers: Sequence[int], counts: Sequence[int], device: torch.device | str) -> torch.Tensor:
     """The step's affine matrices ``[sum(counts), 2, 3]`` on ``device``: ``counts[j]`` for teacher ``teachers[j]``,
@@ -65,6 +71,5 @@ def augmentation_draws(augment: RandomAffineAugment, stream: Sequence[int], step
     """
     blocks = []
     for i, n in zip(teachers, counts):
-        key = int(np.random.SeedSequence([*stream, step, i]).generate_state(1)[0])
-        blocks.append(augment.sample(n, torch.Generator().manual_seed(key)))
+        blocks.append(augment.sample(n, keyed_generator(*stream, step, i)))
     return to_device(torch.cat(blocks) if blocks else torch.zeros(0, 2, 3), device)

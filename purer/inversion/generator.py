@@ -46,7 +46,7 @@ from ..data.episodes import Episode, TaskSpec, episode_labels
 from ..host import to_device
 from ..zoo.teacher import Teacher
 from .bank import PseudoBank
-from .draws import augmentation_draws
+from .draws import augmentation_draws, keyed_generator
 from .synthesizer import STATS, EpisodeInversion, ExtraLoss, GeneratorConfig, InversionConfig
 
 # {term: flat tensor} of this process -> those of every process (see GeneratorInversion.step).
@@ -122,8 +122,8 @@ class GeneratorInversion(EpisodeInversion):
     # ---- rendering -----------------------------------------------------------------------------------------
     def noise(self, key: int, n: int) -> torch.Tensor:
         """``[n, noise_dim]`` standard normal, drawn on the CPU from ``(seed, step, key)`` and copied once."""
-        seed = int(np.random.SeedSequence([self.config.seed, 3, self.steps, key]).generate_state(1)[0])
-        z = torch.randn(n, self.config.generator.noise_dim, generator=torch.Generator().manual_seed(seed))
+        draw = keyed_generator(self.config.seed, 3, self.steps, key)
+        z = torch.randn(n, self.config.generator.noise_dim, generator=draw)
         return to_device(z, self.device)
 
     def render(self, generator: nn.Module, classes: np.ndarray, key: int) -> torch.Tensor:
