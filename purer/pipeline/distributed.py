@@ -110,6 +110,23 @@ def task_sync(dist: Dist, owners: Sequence[int], row_size: int
     return lambda rows: dist.gather_items(rows, owners, [row_size] * len(owners))
 
 
+def term_sync(dist: Dist, layout: dict[int, tuple[int, int]]
+              ) -> Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]] | None:
+    """Flat terms of a step to every process: :meth:`purer.inversion.GeneratorInversion.step`'s ``sync``, and what
+    :func:`bank_grad_sync` sends its terms through.  ``layout`` is every term of the step,
+    ``{term: (its process, its number of elements)}``; ``sync(terms) -> terms`` brings every process's flat
+    terms to every process, bit for bit."""
+    if dist.world == 1:
+        return None
+    keys = sorted(layout)
+
+    def sync(terms: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        local = [terms[t] for t in keys if layout[t][0] == dist.rank]
+        return dict(zip(keys, dist.gather_items(local, [layout[t][0] for t in keys], [layout[t][1] for t in keys])))
+
+    return sync
+
+
 def bank_grad_sync(dist: Dist, layout: dict[int, tuple[int, list[int]]], shapes: Sequence[torch.Size]
                    ) -> Callable[[dict], dict] | None:
     """:meth:`purer.inversion.EpisodeInversion.step`'s ``sync`` for one step.
@@ -120,43 +137,23 @@ def bank_grad_sync(dist: Dist, layout: dict[int, tuple[int, list[int]]], shapes:
 
     Returns:
         ``sync(terms) -> terms``: this process's ``{term: {class: grad}}`` -> every process's,
-        each term's gradients bit for bit (a class a term did not reach arrives as zeros).
+        each term's gradients bit for bit (a class a term did not reach arrives as zeros); each term travels
+        flat through :func:`term_sync`.
     """
     if dist.world == 1:
         return None
-    keys = sorted(layout)
-    owners = [layout[t][0] for t in keys]
-    sizes = [sum(math.prod(shapes[k]) for k in layout[t][1]) for t in keys]
+    sizes = {t: [math.prod(shapes[k]) for k in classes] for t, (_, classes) in layout.items()}
+    flat = term_sync(dist, {t: (rank, sum(sizes[t])) for t, (rank, _) in layout.items()})
 
     def sync(terms: dict[int, dict[int, torch.Tensor]]) -> dict[int, dict[int, torch.Tensor]]:
-        local = []
-        for t in keys:
-            if layout[t][0] == dist.rank:
+        local = {}
+        for t, (rank, classes) in layout.items():
+            if rank == dist.rank:
                 grads = terms.get(t, {})
-                local.append(torch.cat([grads[k].reshape(-1) if k in grads else
-                                        torch.zeros(math.prod(shapes[k]), device=dist.device)
-                                        for k in layout[t][1]]))
-        full: dict[int, dict[int, torch.Tensor]] = {}
-        for t, row in zip(keys, dist.gather_items(local, owners, sizes)):
-            parts = row.split([math.prod(shapes[k]) for k in layout[t][1]])
-            full[t] = {k: g.view(shapes[k]) for k, g in zip(layout[t][1], parts)}
-        return full
-
-    return sync
-
-
-def term_sync(dist: Dist, layout: dict[int, tuple[int, int]]
-              ) -> Callable[[dict[int, torch.Tensor]], dict[int, torch.Tensor]] | None:
-    """:meth:`purer.inversion.GeneratorInversion.step`'s ``sync``: ``layout`` is every term of the step,
-    ``{term: (its process, its number of elements)}``; ``sync(terms) -> terms`` brings every process's flat
-    terms to every process, bit for bit."""
-    if dist.world == 1:
-        return None
-    keys = sorted(layout)
-
-    def sync(terms: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        local = [terms[t] for t in keys if layout[t][0] == dist.rank]
-        return dict(zip(keys, dist.gather_items(local, [layout[t][0] for t in keys], [layout[t][1] for t in keys])))
+                local[t] = torch.cat([grads[k].reshape(-1) if k in grads else torch.zeros(n, device=dist.device)
+                                      for k, n in zip(classes, sizes[t])])
+        return {t: {k: g.view(shapes[k]) for k, g in zip(layout[t][1], row.split(sizes[t]))}
+                for t, row in flat(local).items()}
 
     return sync
 
