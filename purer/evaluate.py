@@ -18,7 +18,7 @@ import itertools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -140,22 +140,29 @@ def task_accuracies(learner: "MetaLearner", source: EpisodeSource, tasks: Sequen
     learner.eval()
     # The learner's device; a learner without weights (nearest centroid on raw pixels) works where the data is.
     weight = next(itertools.chain(learner.parameters(), learner.buffers()), None)
-    batched = hasattr(source, "episodes") and len({(t.way, t.support.shape[1], t.query.shape[1]) for t in tasks}) == 1
-    step = chunk if batched else 1
     accs = []
     try:
         with torch.no_grad(), tqdm(total=len(tasks), desc=f"eval {method}".strip(), disable=not progress,
                                    leave=False) as bar:
-            for i in range(0, len(tasks), step):
-                part = tasks[i:i + step]
-                batch = source.episodes(part) if batched else TaskBatch.stack([source.episode(part[0])])
-                batch = batch.to(weight.device) if weight is not None else batch
+            for batch in task_batches(source, tasks, chunk, None if weight is None else weight.device):
                 logits = learner.batch_query_logits(batch, **adapt_kwargs)
                 accs.append((logits.argmax(-1) == batch.query_y).float().mean(1))
-                bar.update(len(part))
+                bar.update(len(batch))
     finally:
         learner.train(was_training)
     return torch.cat(accs) if accs else torch.zeros(0, device=weight.device if weight is not None else "cpu")
+
+
+def task_batches(source: EpisodeSource, tasks: Sequence[TaskSpec], chunk: int, device: torch.device | None
+                 ) -> Iterator[TaskBatch]:
+    """The tasks' episodes in task order, ``chunk`` tasks per :class:`TaskBatch` when the source can gather them
+    together and they share one shape (else one per batch), moved to ``device`` (``None``: where the data is)."""
+    batched = hasattr(source, "episodes") and len({(t.way, t.support.shape[1], t.query.shape[1]) for t in tasks}) == 1
+    step = chunk if batched else 1
+    for i in range(0, len(tasks), step):
+        part = tasks[i:i + step]
+        batch = source.episodes(part) if batched else TaskBatch.stack([source.episode(part[0])])
+        yield batch.to(device) if device is not None else batch
 
 
 def paired_difference(a: EvalResult, b: EvalResult) -> tuple[float, float]:

@@ -278,3 +278,52 @@ def test_the_calibrations_are_one_family(trained_model, test_set):
         assert cal.predict(learner, ep.support_x, ep.support_y, 5, ep.query_x).shape == (20, 5)
     with pytest.raises(ValueError, match="unknown calibration 'icfl'"):
         calibrator("icfl")
+
+
+@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
+def test_the_rows_share_one_adaptation_and_equal_the_rows_computed_apart(trained_model, test_set, kind, monkeypatch):
+    """calibration_accuracies adapts the learner once per task for every row (plain, ICFIL, support CE, a grid's
+    candidates) and gives, task by task and bit for bit, what each row evaluated on its own gives."""
+    from purer.calibrate import calibration_accuracies
+    from purer.evaluate import task_accuracies
+
+    learner = learners(trained_model)[kind]
+    tasks = task_list(test_set, 5, 1, query=4, tasks=4, seed=0)
+    cals = [calibrator("none"), ICFIL(FAST), SupportCE(SupportCEConfig(steps=2, lr=1e-3)),
+            SupportCE(SupportCEConfig(steps=2, lr=1e-2))]
+    kwargs = {"steps": 2} if "steps" in learner.tunable else {}
+    apart = torch.stack([task_accuracies(c.wrap(learner), test_set, tasks, adapt_kwargs=kwargs, chunk=3)
+                         for c in cals])
+    calls = []
+    adapt_task = type(learner).adapt_task
+    monkeypatch.setattr(type(learner), "adapt_task", lambda self, *a, **k: calls.append(1) or adapt_task(self, *a, **k))
+    shared, seconds = calibration_accuracies(learner, cals, test_set, tasks, adapt_kwargs=kwargs, chunk=3)
+    assert torch.equal(shared, apart) and len(calls) == len(tasks)
+    assert len(seconds) == len(cals) and min(seconds) > 0
+    assert learner.training  # the learner's mode is restored
+
+
+def test_the_meta_test_rows_take_one_inner_loop_per_task(trained_model, test_set, monkeypatch):
+    """The pipeline's meta-test: the plain, ICFIL and support-CE rows of a shot adapt the learner once per test
+    task between them (plus the meta-val selection's passes), and give the rows each one gives apart."""
+    from purer.pipeline import RunConfig, evaluate_purer
+    from purer.pipeline.distributed import Dist
+    from purer.yaml_config import load_config
+
+    learner = learners(trained_model)["maml"]
+    cfg = load_config(RunConfig, None, ["eval.shots=[1]", "eval.tasks=5", "eval.val_tasks=2", "eval.query=4",
+                                        "eval.grid.lr=[0.1]", "eval.grid.steps=[1, 2]", "icfil.inversion_steps=2",
+                                        "icfil.calibration_steps=2", "eval.baselines=[]"])
+    counted = []
+    adapt = MAML.adapt
+    monkeypatch.setattr(MAML, "adapt", lambda self, *a, **k: counted.append(len(a[0])) or adapt(self, *a, **k))
+    rows, chosen = evaluate_purer(cfg, learner, {"val": test_set, "test": test_set}, Dist(), progress=False)
+    # meta-val: 2 grid points x 2 tasks, then one pass per calibration (2 tasks each); meta-test: 5 tasks, once
+    assert len(counted) == 2 * 2 + 2 * 2 + 5
+    tasks = task_list(test_set, 5, 1, 4, 5, cfg.eval.seed)
+    settings = rows[0]["settings"]
+    for row, cal in zip(rows, [calibrator("none"), *(calibrator(n, cfg.icfil) for n in ("icfil", "support-ce"))]):
+        apart = evaluate(cal.wrap(learner), test_set, tasks, adapt_kwargs=settings, progress=False)
+        assert row["accuracy"] == round(apart.accuracy, 2) and row["ci95"] == round(apart.ci95, 2)
+    assert [r["method"] for r in rows] == ["purer", "purer+icfil", "purer+support-ce"]
+    assert "paired_vs_purer" in rows[1] and chosen[1]["name"] in ("none", "icfil", "support-ce")

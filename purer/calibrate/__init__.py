@@ -2,8 +2,8 @@
 
 See :mod:`purer.calibrate.base` for the interface every member offers.
 """
-from .base import (CalibratedLearner, CalibratedTask, Calibrator, NoCalibration, adapted_model, select_calibration,
-                   with_settings)
+from .base import (CalibratedLearner, CalibratedTask, Calibrator, NoCalibration, adapted_model, calibration_accuracies,
+                   select_calibration, with_settings)
 from .icfil import ICFIL, ICFILConfig, SupervisedContrastiveLoss, frozen_teacher, supervised_contrastive_loss
 from .support_ce import SupportCE, SupportCEConfig
 
@@ -25,5 +25,6 @@ def calibrator(name: str, icfil: ICFILConfig | None = None) -> Calibrator:
 
 
 __all__ = ["CALIBRATIONS", "CalibratedLearner", "CalibratedTask", "Calibrator", "ICFIL", "ICFILConfig",
-           "NoCalibration", "SupervisedContrastiveLoss", "SupportCE", "SupportCEConfig", "adapted_model", "calibrator",
+           "NoCalibration", "SupervisedContrastiveLoss", "SupportCE", "SupportCEConfig", "adapted_model", "calibration_accuracies",
+           "calibrator",
            "frozen_teacher", "select_calibration", "supervised_contrastive_loss", "with_settings"]

@@ -29,13 +29,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from ..data.episodes import ImageSet, TaskSpec
+from ..data.episodes import EpisodeSource, ImageSet, TaskSpec
 from ..meta.base import MetaLearner
 from ..meta.maml import ANIL, MAML
 from ..meta.mtl import MTL
@@ -104,11 +106,20 @@ class Calibrator(ABC):
         self.config = config if config is not None else self.config_type()
 
     @abstractmethod
+    def calibrate(self, learner: MetaLearner, adapted: Any, support_x: torch.Tensor, support_y: torch.Tensor,
+                  way: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The task's predictor ``query [B, C, H, W] -> [B, N]`` after the learner's own adaptation ``adapted``
+        (``learner.adapt`` on this support: every calibration starts from it, so rows can share one)."""
+
     def adapt(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
               **test_time: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Support ``[N*K, C, H, W]`` in ``[0, 1]``, labels ``[N*K]`` -> a predictor ``query [B, C, H, W] -> [B, N]``.
-
-        ``test_time`` goes to ``learner.adapt`` (its inner lr and steps)."""
+        """Support ``[N*K, C, H, W]`` in ``[0, 1]``, labels ``[N*K]`` -> a predictor ``query [B, C, H, W] -> [B, N]``:
+        ``learner.adapt`` (``test_time``: its inner lr and steps), then :meth:`calibrate`.  Works under
+        ``torch.no_grad()`` too."""
+        check_support(support_x, support_y)
+        with torch.enable_grad():
+            adapted = learner.adapt(support_x, support_y, way, **test_time)
+        return self.calibrate(learner, adapted, support_x, support_y, way)
 
     def predict(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
                 query_x: torch.Tensor, **test_time: Any) -> torch.Tensor:
@@ -137,9 +148,8 @@ class NoCalibration(Calibrator, name="none"):
 
     config_type = dict
 
-    def adapt(self, learner, support_x, support_y, way, **test_time):
-        state = learner.adapt(support_x, support_y, way, **test_time)
-        return lambda x: learner.predict(state, x)
+    def calibrate(self, learner, adapted, support_x, support_y, way):
+        return lambda x: learner.predict(adapted, x)
 
     def settings(self) -> dict:
         return {}
@@ -290,36 +300,97 @@ def with_settings(config: Any, settings: dict[str, Any]) -> Any:
     return dataclasses.replace(config, **top)
 
 
+def calibration_accuracies(learner: MetaLearner, calibrators: Sequence[Calibrator], source: EpisodeSource,
+                           tasks: Sequence[TaskSpec], *, adapt_kwargs: dict | None = None, progress: bool = False,
+                           method: str = "", chunk: int = 50) -> tuple[torch.Tensor, list[float]]:
+    """Every calibrator's accuracy on every task, the learner adapted *once* per task for all of them.
+
+    What :func:`purer.evaluate.task_accuracies` gives for each ``calibrator.wrap(learner)``, for one inner loop
+    per task instead of one per calibrator: the rows of a meta-test (plain, ICFIL, support CE, and any
+    calibration grid's candidates) all start from the same ``learner.adapt_task`` (``adapt_kwargs``: its inner
+    lr and steps) and differ only in what follows.  Where the learner adapts tasks together on its device
+    (:meth:`MetaLearner.tasks_together`, e.g. vmap on a GPU) the plain rows take that batched path and the
+    calibrations share one adaptation per task among themselves.
+
+    Returns:
+        ``([len(calibrators), len(tasks)]`` accuracies in ``[0, 1]`` on the learner's device, not read back;
+        each calibrator's seconds: the shared adaptation plus its own calibration and prediction, so the rows'
+        seconds overlap).
+    """
+    adapt_kwargs = dict(adapt_kwargs or {})
+    device = next(itertools.chain(learner.parameters(), learner.buffers())).device
+    accs = torch.zeros(len(calibrators), len(tasks), device=device)
+    seconds = [0.0] * len(calibrators)
+    plain = [j for j, c in enumerate(calibrators) if isinstance(c, NoCalibration)]
+    rest = list(range(len(calibrators)))
+    if plain and learner.tasks_together(device):
+        from ..evaluate import task_accuracies
+
+        start = time.perf_counter()
+        accs[plain] = task_accuracies(learner, source, tasks, adapt_kwargs=adapt_kwargs, method=method, chunk=chunk)
+        for j in plain:
+            seconds[j] = time.perf_counter() - start
+        rest = [j for j in rest if j not in plain]
+    if not rest or not tasks:
+        return accs, seconds
+    from ..evaluate import task_batches
+
+    was_training = learner.training
+    learner.eval()
+    try:
+        with torch.no_grad(), tqdm(total=len(tasks), desc=f"eval {method}".strip(), disable=not progress,
+                                   leave=False) as bar:
+            k = 0
+            for batch in task_batches(source, tasks, chunk, device):
+                for t in range(len(batch)):
+                    sx, qx = batch.support_x[t], batch.query_x[t]
+                    start = time.perf_counter()
+                    adapted = learner.adapt_task(sx, batch.support_y, batch.way, qx, **adapt_kwargs)
+                    shared = time.perf_counter() - start
+                    for j in rest:
+                        start = time.perf_counter()
+                        logits = calibrators[j].calibrate(learner, adapted, sx, batch.support_y, batch.way)(qx)
+                        accs[j, k] = (logits.argmax(-1) == batch.query_y).float().mean()
+                        seconds[j] += shared + time.perf_counter() - start
+                    k += 1
+                    bar.update(1)
+    finally:
+        learner.train(was_training)
+    return accs, seconds
+
+
+RowsFn = Callable[[MetaLearner, Sequence[Calibrator], ImageSet, Sequence[TaskSpec], dict], list[float]]
+
+
 def select_calibration(calibrator: Calibrator, grid: dict[str, Sequence[Any]], learner: MetaLearner,
                        val_source: ImageSet, val_tasks: Sequence[TaskSpec], adapt_kwargs: dict | None = None,
-                       evaluate_fn: Callable | None = None) -> tuple[Calibrator, float, list[dict]]:
+                       accuracies_fn: RowsFn | None = None) -> tuple[Calibrator, float, list[dict]]:
     """Grid search of a calibrator's settings on meta-val tasks (never on meta-test).
 
     Args:
         calibrator: the settings not searched.
         grid: ``{setting: candidate values}`` (keys as in :func:`with_settings`); every
-            combination is evaluated on the same tasks.
+            combination is evaluated on the same tasks, all after one shared adaptation per task
+            (:func:`calibration_accuracies`).
         learner: the meta-learner the calibration follows.
         val_source, val_tasks: meta-val images and a fixed task list over them.
         adapt_kwargs: the learner's own test-time settings (e.g. inner lr and steps).
-        evaluate_fn: ``evaluate_fn(learner, source, tasks, adapt_kwargs=...) -> EvalResult``
-            (default :func:`purer.evaluate.evaluate`; a run passes one that splits the tasks over processes).
+        accuracies_fn: ``accuracies_fn(learner, candidates, source, tasks, adapt_kwargs) -> [accuracy in percent
+            per candidate]`` (default: :func:`calibration_accuracies` here; a run passes one that splits the
+            tasks over processes).
 
     Returns:
         ``(best calibrator, its meta-val accuracy in percent, one row per combination
-        {"settings", "accuracy", "ci95"})``; ties go to the earlier combination.
+        {"settings", "accuracy"})``; ties go to the earlier combination.
     """
-    if evaluate_fn is None:
-        from ..evaluate import evaluate
-
-        evaluate_fn = lambda *a, **k: evaluate(*a, progress=False, **k)  # noqa: E731
+    if accuracies_fn is None:
+        def accuracies_fn(lrn, cals, source, tasks, kwargs):
+            return [100 * float(a.mean()) for a in calibration_accuracies(lrn, cals, source, tasks,
+                                                                          adapt_kwargs=kwargs)[0]]
     keys = list(grid)
-    best, best_acc, table = calibrator, -1.0, []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        settings = dict(zip(keys, values))
-        candidate = calibrator.with_settings(settings)
-        result = evaluate_fn(candidate.wrap(learner), val_source, val_tasks, adapt_kwargs=adapt_kwargs)
-        table.append({"settings": settings, "accuracy": result.accuracy, "ci95": result.ci95})
-        if result.accuracy > best_acc:
-            best, best_acc = candidate, result.accuracy
-    return best, best_acc, table
+    combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    candidates = [calibrator.with_settings(settings) for settings in combos]
+    scores = accuracies_fn(learner, candidates, val_source, val_tasks, dict(adapt_kwargs or {}))
+    table = [{"settings": settings, "accuracy": acc} for settings, acc in zip(combos, scores)]
+    best = max(range(len(candidates)), key=lambda j: (scores[j], -j))
+    return candidates[best], scores[best], table

@@ -38,7 +38,7 @@ from ..inversion.synthesizer import EpisodeInversion, InversionConfig
 from ..meta.base import InputSpec, MetaLearner
 from ..zoo.teacher import ModelConfig, Teacher
 from ..meta.protonet import prototypes
-from .base import CalibratedTask, Calibrator, adapted_model, check_support, fine_tune, finish, real_logits
+from .base import CalibratedTask, Calibrator, adapted_model, fine_tune, finish, real_logits
 
 
 def supervised_contrastive_loss(features: torch.Tensor, labels: torch.Tensor,
@@ -218,20 +218,20 @@ class ICFIL(Calibrator, name="icfil"):
                  "inversion_ce": F.cross_entropy(logits, pseudo_y), "r_bn": bn.loss()}
         return pseudo_x, pseudo_y, stats
 
-    def adapt(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
-              **test_time: Any) -> CalibratedTask:
-        """Adapt (``test_time`` goes to ``learner.adapt``), invert, calibrate; the calibrated predictor.
+    def calibrate(self, learner: MetaLearner, adapted: Any, support_x: torch.Tensor, support_y: torch.Tensor,
+                  way: int) -> CalibratedTask:
+        """Invert the adapted learner, calibrate a copy of it; the calibrated predictor.
 
         Args:
+            adapted: ``learner.adapt`` on this support (see :meth:`Calibrator.adapt`).
             support_x: ``[N*K, C, H, W]`` real support in ``[0, 1]``.
             support_y: ``[N*K]`` labels in ``0..N-1``.
 
         Works under ``torch.no_grad()`` too (it enables gradients where it needs them).
         """
-        check_support(support_x, support_y)
         c = self.config
         with torch.enable_grad():
-            model, is_proto = adapted_model(learner, learner.adapt(support_x, support_y, way, **test_time))
+            model, is_proto = adapted_model(learner, adapted)
             pseudo_x, pseudo_y, stats = self.invert(frozen_teacher(model, learner, support_x), support_x, way)
             xr, xp = learner.prepare(support_x), learner.prepare(pseudo_x)
             labels = torch.cat([support_y, pseudo_y])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..meta.base import MetaLearner
 from ..meta.protonet import prototypes
-from .base import CalibratedTask, Calibrator, adapted_model, check_support, fine_tune, finish, real_logits
+from .base import CalibratedTask, Calibrator, adapted_model, fine_tune, finish, real_logits
 from .icfil import ICFILConfig
 
 
@@ -49,11 +49,10 @@ class SupportCE(Calibrator, name="support-ce"):
         """The control of an ICFIL with settings ``icfil``: its calibration steps and lr."""
         return cls(SupportCEConfig(steps=icfil.calibration_steps, lr=icfil.calibration_lr))
 
-    def adapt(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
-              **test_time: Any) -> CalibratedTask:
-        check_support(support_x, support_y)
+    def calibrate(self, learner: MetaLearner, adapted: Any, support_x: torch.Tensor, support_y: torch.Tensor,
+                  way: int) -> CalibratedTask:
         with torch.enable_grad():
-            model, is_proto = adapted_model(learner, learner.adapt(support_x, support_y, way, **test_time))
+            model, is_proto = adapted_model(learner, adapted)
             x = learner.prepare(support_x)
 
             def loss() -> torch.Tensor:

@@ -84,10 +84,15 @@ class Dist:
         return out
 
     def gather_tasks(self, local: torch.Tensor, n: int) -> torch.Tensor:
-        """Per-task values ``[len(share)]`` computed round robin -> ``[n]`` in task order (on the device)."""
+        """Per-task values ``[len(share), ...]`` computed round robin -> ``[n, ...]`` in task order (on the
+        device)."""
         if self.world == 1:
             return local
-        return torch.cat(self.gather_items(list(local.reshape(-1, 1)), [self.owner(k) for k in range(n)], [1] * n))
+        rest = tuple(local.shape[1:])
+        width = math.prod(rest)
+        items = self.gather_items(list(local.reshape(len(local), width)), [self.owner(k) for k in range(n)],
+                                  [width] * n)
+        return torch.stack(items).reshape(n, *rest) if items else local.new_zeros(0, *rest)
 
     def barrier(self) -> None:
         if self.acc is not None:

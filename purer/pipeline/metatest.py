@@ -3,9 +3,11 @@
 Test-time settings (inner lr and steps) are chosen on meta-val from one shared grid,
 and a calibrator's own settings on meta-val too (``eval.calibration_grid``); meta-test
 runs once, on a fixed seeded task list per shot shared by every row, so rows are
-paired.  Every evaluation splits its tasks over the run's processes.  A finished row
-is kept in ``<output_dir>/metatest_rows.json`` at once, so a run stopped during
-meta-test (a signal, a crash) resumes without computing it again.
+paired.  Per shot the learner adapts once per task and every row continues from that
+adaptation (:func:`purer.calibrate.calibration_accuracies`).  Every evaluation splits
+its tasks over the run's processes.  Finished rows, and the finished blocks of tasks of
+the rows being computed, are kept in ``<output_dir>/metatest_rows.json`` at once, so a
+run stopped during meta-test (a signal, a crash) resumes without computing them again.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import host
-from ..calibrate import Calibrator, calibrator, select_calibration
+from ..calibrate import Calibrator, calibration_accuracies, calibrator, select_calibration
 from ..data import ImageSet, TaskSpec
-from ..evaluate import EvalResult, fingerprint, paired_difference, select_test_time, task_accuracies, task_list
+from ..evaluate import EvalResult, fingerprint, mean_ci95, select_test_time, task_accuracies, task_list
 from ..meta import MetaLearner
 from ..yaml_config import to_dict
 from .distributed import Dist
@@ -29,6 +32,8 @@ from .run_config import RunConfig
 from .signals import StopSignals
 
 ROWS_FILE = "metatest_rows.json"
+#: Meta-test tasks of a shot are computed in this many blocks, each kept as it finishes (a stop loses at most one).
+BLOCKS = 10
 
 
 def evaluate_split(learner: MetaLearner, source: ImageSet, tasks: Sequence[TaskSpec], dist: Dist, *,
@@ -45,9 +50,10 @@ def evaluate_split(learner: MetaLearner, source: ImageSet, tasks: Sequence[TaskS
 
 
 class FinishedRows:
-    """The meta-test rows a run has finished, kept in ``<output_dir>/metatest_rows.json`` as they finish.
+    """The meta-test work a run has finished, kept in ``<output_dir>/metatest_rows.json`` as it finishes: whole
+    rows, and the blocks of tasks (:data:`BLOCKS` per shot) of the rows being computed.
 
-    A row is found again only for the same learner (its weights' hash), dataset and meta-test settings
+    Work is found again only for the same learner (its weights' hash), dataset and meta-test settings
     (``eval`` and ``icfil``), so a changed setting recomputes it.
     """
 
@@ -61,7 +67,9 @@ class FinishedRows:
                                               "dataset": dataset, "learner": weights.hexdigest()},
                                              sort_keys=True, default=str).encode()).hexdigest()[:16]
         stored = json.loads(path.read_text()) if path is not None and path.is_file() else {}
-        self.rows: dict = stored.get(self.key, {})
+        mine = stored.get(self.key, {})
+        self.rows: dict = {k: v for k, v in mine.items() if not k.endswith("/blocks")}
+        self.blocks: dict = {k: v for k, v in mine.items() if k.endswith("/blocks")}
         self._all = stored
 
     def get(self, shot: int, name: str) -> tuple[dict, np.ndarray] | None:
@@ -70,9 +78,41 @@ class FinishedRows:
 
     def put(self, shot: int, name: str, row: dict, task_acc: np.ndarray) -> None:
         self.rows[f"{shot}/{name}"] = {"row": row, "task_acc": task_acc.tolist()}
+        self.blocks.pop(f"{shot}/blocks", None)
+        self._save()
+
+    def block(self, shot: int, names: Sequence[str], b: int) -> tuple[np.ndarray, list[float]] | None:
+        """Block ``b`` of the rows ``names`` of ``shot``: accuracies ``[len(names), tasks in the block]`` and each
+        row's seconds, if finished."""
+        found = self.blocks.get(f"{shot}/blocks", {})
+        if found.get("names") != list(names) or str(b) not in found["done"]:
+            return None
+        acc, seconds = found["done"][str(b)]
+        return np.asarray(acc), seconds
+
+    def put_block(self, shot: int, names: Sequence[str], b: int, acc: np.ndarray, seconds: list[float]) -> None:
+        entry = self.blocks.get(f"{shot}/blocks")
+        if entry is None or entry["names"] != list(names):
+            entry = self.blocks[f"{shot}/blocks"] = {"names": list(names), "done": {}}
+        entry["done"][str(b)] = [acc.tolist(), seconds]
+        self._save()
+
+    def _save(self) -> None:
         if self.path is not None and self.write:
-            self._all[self.key] = self.rows
+            self._all[self.key] = {**self.rows, **self.blocks}
             write_json(self.path, self._all)
+
+
+def calibration_accuracies_split(learner: MetaLearner, calibrators: Sequence[Calibrator], source: ImageSet,
+                                 tasks: Sequence[TaskSpec], dist: Dist, adapt_kwargs: dict | None = None
+                                 ) -> tuple[np.ndarray, list[float]]:
+    """:func:`purer.calibrate.calibration_accuracies` (every calibrator after one shared adaptation per task) with
+    the tasks split over processes and gathered in order (one host read): ``[len(calibrators), len(tasks)]``
+    accuracies and each calibrator's seconds in this process."""
+    if not tasks:
+        raise ValueError("evaluate needs a non-empty task list")
+    local, seconds = calibration_accuracies(learner, calibrators, source, dist.share(tasks), adapt_kwargs=adapt_kwargs)
+    return host.values(dist.gather_tasks(local.T.contiguous(), len(tasks)).T.double(), "result"), seconds
 
 
 def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, ImageSet], dist: Dist, progress: bool,
@@ -81,72 +121,90 @@ def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, Image
     shot the calibration chosen on meta-val (``{"name", "settings", "val_accuracy"}``; name ``none`` when no
     calibration beats the plain learner there).
 
-    Rows already finished (``out``'s :data:`ROWS_FILE`) are reused; a stop signal (``stop``) ends it between
-    rows with :class:`~purer.pipeline.signals.Stopped`, the finished rows kept.
+    Per shot the learner adapts once per task and every row continues from that adaptation
+    (:func:`purer.calibrate.calibration_accuracies`): a calibration's candidates are scored on meta-val in one
+    pass, and one pass over meta-test computes every row, in :data:`BLOCKS` blocks of tasks.  Rows and blocks
+    already finished (``out``'s :data:`ROWS_FILE`) are reused; a stop signal (``stop``) ends it between blocks
+    with :class:`~purer.pipeline.signals.Stopped`, the finished work kept.
     """
     e, rows, chosen_calibration = cfg.eval, [], {}
     finished = FinishedRows(out / ROWS_FILE if out is not None else None, cfg, learner, dataset or cfg.data.dataset,
                             write=dist.main)
-    if finished.rows and dist.main:
-        print(f"meta-test: reusing {len(finished.rows)} finished row(s) of this learner from {out / ROWS_FILE}")
+    if (finished.rows or finished.blocks) and dist.main:
+        blocks = sum(len(b["done"]) for b in finished.blocks.values())
+        print(f"meta-test: reusing {len(finished.rows)} finished row(s) and {blocks} block(s) of tasks of this "
+              f"learner from {out / ROWS_FILE}")
+
+    def val_accuracies(lrn, cals, source, tasks, kwargs) -> list[float]:
+        return [100 * float(a.mean()) for a in calibration_accuracies_split(lrn, cals, source, tasks, dist, kwargs)[0]]
 
     def split_eval(candidate, source, tasks, adapt_kwargs=None):
         return evaluate_split(candidate, source, tasks, dist, adapt_kwargs=adapt_kwargs)
 
+    names = ["none", *e.calibrations]
     for shot in e.shots:
-        test_tasks = task_list(splits["test"], e.way, shot, e.query, e.tasks, e.seed)
-        val_tasks = task_list(splits["val"], e.way, shot, e.query, e.val_tasks, e.seed)
-        chosen = None
-        plain: EvalResult | None = None
+        missing = [n for n in names if finished.get(shot, n) is None]
+        if missing:
+            test_tasks = task_list(splits["test"], e.way, shot, e.query, e.tasks, e.seed)
+            val_tasks = task_list(splits["val"], e.way, shot, e.query, e.val_tasks, e.seed)
+            chosen = select_test_time(learner, splits["val"], val_tasks, e.grid, evaluate_fn=split_eval)
+            cals, val_accuracy = [], []  # per missing row, its calibrator chosen on meta-val and that accuracy
+            for name in missing:
+                cal, acc = calibrator("none"), chosen.val_accuracy
+                if name != "none":
+                    cal, acc, _ = select_calibration(calibrator(name, cfg.icfil), e.calibration_grid.get(name) or {},
+                                                     learner, splits["val"], val_tasks, chosen.settings,
+                                                     val_accuracies)
+                cals.append(cal)
+                val_accuracy.append(acc)
+            accs, seconds = _test_blocks(learner, cals, missing, splits["test"], test_tasks, chosen.settings, shot,
+                                         finished, dist, progress, stop)
+            for r, (name, cal) in enumerate(zip(missing, cals)):
+                result = EvalResult("purer" if name == "none" else f"purer+{name}", e.way, shot, accs[r],
+                                    cal.wrap(learner).test_cost(), fingerprint(test_tasks), dict(chosen.settings))
+                extra = {} if name == "none" else {"calibration": cal.settings()}
+                finished.put(shot, name, result.row(val_accuracy=round(val_accuracy[r], 2), **extra,
+                                                    seconds=round(seconds[r], 1)), result.task_acc)
+        _, plain = finished.get(shot, "none")
         best: dict = {}
-        for name in ["none", *e.calibrations]:
-            method = "purer" if name == "none" else f"purer+{name}"
-            found = finished.get(shot, name)
-            if found is None:
-                if chosen is None:
-                    chosen = select_test_time(learner, splits["val"], val_tasks, e.grid, evaluate_fn=split_eval)
-                row, result = _calibration_row(name, cfg, learner, splits, val_tasks, test_tasks, chosen, dist,
-                                               progress, split_eval, method, plain)
-                finished.put(shot, name, row, result.task_acc)
-            else:
-                row, task_acc = found
-                result = EvalResult(method, e.way, shot, task_acc, row["test_cost"], row["tasks_id"])
-            plain = plain or result
+        for name in names:
+            row, task_acc = finished.get(shot, name)
+            if name != "none":
+                diff = mean_ci95(task_acc - plain)  # the same task list: paired
+                row = {**row, "paired_vs_purer": [round(100 * diff[0], 2), round(100 * diff[1], 2)]}
             rows.append(row)
             if not best or row["val_accuracy"] > best["val_accuracy"]:
                 best = {"name": name, "settings": row.get("calibration", {}), "val_accuracy": row["val_accuracy"],
                         "row": row}
-            if stop is not None and dist.any(stop.requested is not None):
-                stop.check(True)
         best.pop("row")["selected"] = True
         chosen_calibration[shot] = best
+        if stop is not None and dist.any(stop.requested is not None):
+            stop.check(True)
     return rows, chosen_calibration
 
 
-def _calibration_row(name: str, cfg: RunConfig, learner: MetaLearner, splits: dict[str, ImageSet],
-                     val_tasks: list[TaskSpec], test_tasks: list[TaskSpec], chosen, dist: Dist, progress: bool,
-                     split_eval, method: str, plain: EvalResult | None) -> tuple[dict, EvalResult]:
-    """One row: the calibrator ``name`` (its settings chosen on meta-val if ``eval.calibration_grid`` searches
-    any) after the learner's test-time settings ``chosen``, scored on meta-val and tested once, and compared
-    task by task with the plain learner's row ``plain``."""
-    cal: Calibrator = calibrator(name, cfg.icfil)
-    grid = cfg.eval.calibration_grid.get(name)
-    if grid:
-        cal, val_accuracy, _ = select_calibration(cal, grid, learner, splits["val"], val_tasks, chosen.settings,
-                                                  split_eval)
-    elif name == "none":
-        val_accuracy = chosen.val_accuracy
-    else:
-        val_accuracy = split_eval(cal.wrap(learner), splits["val"], val_tasks, chosen.settings).accuracy
-    result = evaluate_split(cal.wrap(learner), splits["test"], test_tasks, dist, method=method,
-                            adapt_kwargs=chosen.settings, progress=progress)
-    extra = {}
-    if plain is not None:
-        diff, ci = paired_difference(result, plain)
-        extra["paired_vs_purer"] = [round(diff, 2), round(ci, 2)]
-    if name != "none":
-        extra["calibration"] = cal.settings()
-    return result.row(val_accuracy=round(val_accuracy, 2), **extra, seconds=round(result.seconds, 1)), result
+def _test_blocks(learner: MetaLearner, cals: Sequence[Calibrator], names: Sequence[str], test: ImageSet,
+                 tasks: list[TaskSpec], settings: dict, shot: int, finished: FinishedRows, dist: Dist, progress: bool,
+                 stop: StopSignals | None) -> tuple[np.ndarray, list[float]]:
+    """The rows ``names`` (calibrators ``cals``) on the meta-test tasks in :data:`BLOCKS` blocks, each kept in
+    ``finished`` as it ends (a stop signal ends the pass between blocks); accuracies ``[rows, tasks]`` and each
+    row's seconds."""
+    bounds = np.linspace(0, len(tasks), min(BLOCKS, len(tasks)) + 1).round().astype(int)
+    accs, seconds = [], np.zeros(len(cals))
+    label = " ".join("purer" if n == "none" else f"purer+{n}" for n in names)
+    with tqdm(total=len(tasks), desc=f"meta-test {shot}-shot: {label}", disable=not (progress and dist.main),
+              leave=False) as bar:
+        for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            found = finished.block(shot, names, b)
+            if found is None:
+                found = calibration_accuracies_split(learner, cals, test, tasks[lo:hi], dist, settings)
+                finished.put_block(shot, names, b, *found)
+                if stop is not None and hi < len(tasks) and dist.any(stop.requested is not None):
+                    stop.check(True)
+            accs.append(found[0])
+            seconds += found[1]
+            bar.update(hi - lo)
+    return np.concatenate(accs, axis=1), seconds.tolist()
 
 
 def own_teachers(teachers, dataset: str) -> list:
