@@ -354,3 +354,20 @@ def test_slow_vmap_operators_names_the_fallbacks_and_passes_other_warnings_on():
     with slow_vmap_operators() as slow:  # a convolution has its batching rule
         vmap(lambda x: F.conv2d(x, weight).relu().sum())(torch.rand(3, 1, 1, 6, 6))
     assert slow == []
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_cpu_learner_runs_its_network_channels_last_for_grey_and_colour_input(channels):
+    """MetaLearner.prepare lays a CPU input out channels-last; for one channel that needs explicit strides
+    (.contiguous(memory_format=...) leaves a grey image as it is, since it counts as channels-last already, and the
+    convolution then runs the slow contiguous path: what the default glyph run did before)."""
+    model = random_model("conv4", 5, channels, SIZE, ARCH_ARGS, seed=0)
+    learner = MAML(model, 5, InputSpec(channels, SIZE, (0.5,) * channels, (0.25,) * channels))
+    x = torch.rand(4, channels, SIZE, SIZE)
+    z = learner.prepare(x)
+    assert z.stride() == x.to(memory_format=torch.channels_last).stride()
+    first_conv = model.encoder[0][0]
+    out = first_conv(z)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    with torch.no_grad():  # the same numbers as the contiguous layout, up to float rounding
+        assert torch.allclose(model(z), model(z.contiguous()), atol=1e-5)
