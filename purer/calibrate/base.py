@@ -2,7 +2,9 @@
 
 A *calibrator* takes a meta-learner and one task's real support set and returns a
 predictor for that task's queries: ``calibrator.adapt(learner, support_x, support_y,
-way) -> predictor``, ``predictor(query_x) -> logits``.  It never changes the
+way) -> predictor``, ``predictor(query_x) -> logits``.  ``adapt`` is the learner's own
+``adapt`` followed by the member's :meth:`Calibrator.calibrate`, so rows that follow one
+learner can share its adaptation (:func:`calibration_accuracies`).  It never changes the
 meta-learner's own weights, so tasks do not leak into each other.  Each member has a
 ``name`` (its row in the results, ``purer+<name>``), a config dataclass whose fields
 are the settings a grid may search on meta-val (:func:`select_calibration`), and a
