@@ -280,14 +280,19 @@ def test_the_calibrations_are_one_family(trained_model, test_set):
         calibrator("icfl")
 
 
-@pytest.mark.parametrize("kind", ["maml", "anil", "protonet"])
-def test_the_rows_share_one_adaptation_and_equal_the_rows_computed_apart(trained_model, test_set, kind, monkeypatch):
+@pytest.mark.parametrize("kind,batching", [("maml", "loop"), ("anil", "loop"), ("protonet", "loop"),
+                                           ("maml", "vmap")])
+def test_the_rows_share_one_adaptation_and_equal_the_rows_computed_apart(trained_model, test_set, kind, batching,
+                                                                         monkeypatch):
     """calibration_accuracies adapts the learner once per task for every row (plain, ICFIL, support CE, a grid's
-    candidates) and gives, task by task and bit for bit, what each row evaluated on its own gives."""
+    candidates) and gives, task by task and bit for bit, what each row evaluated on its own gives.  With tasks
+    adapted together (vmap, a GPU's default) the plain row keeps that batched path and the calibrations share
+    one adaptation per task among themselves."""
     from purer.calibrate import calibration_accuracies
     from purer.evaluate import task_accuracies
 
     learner = learners(trained_model)[kind]
+    learner.task_batching = batching
     tasks = task_list(test_set, 5, 1, query=4, tasks=4, seed=0)
     cals = [calibrator("none"), ICFIL(FAST), SupportCE(SupportCEConfig(steps=2, lr=1e-3)),
             SupportCE(SupportCEConfig(steps=2, lr=1e-2))]
@@ -298,7 +303,7 @@ def test_the_rows_share_one_adaptation_and_equal_the_rows_computed_apart(trained
     adapt_task = type(learner).adapt_task
     monkeypatch.setattr(type(learner), "adapt_task", lambda self, *a, **k: calls.append(1) or adapt_task(self, *a, **k))
     shared, seconds = calibration_accuracies(learner, cals, test_set, tasks, adapt_kwargs=kwargs, chunk=3)
-    assert torch.equal(shared, apart) and len(calls) == len(tasks)
+    assert torch.equal(shared, apart) and len(calls) == len(tasks)  # the calibrations' one adaptation per task
     assert len(seconds) == len(cals) and min(seconds) > 0
     assert learner.training  # the learner's mode is restored
 
