@@ -37,7 +37,6 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data.episodes import EpisodeSource, ImageSet, TaskSpec
 from ..meta.base import MetaLearner
@@ -303,8 +302,8 @@ def with_settings(config: Any, settings: dict[str, Any]) -> Any:
 
 
 def calibration_accuracies(learner: MetaLearner, calibrators: Sequence[Calibrator], source: EpisodeSource,
-                           tasks: Sequence[TaskSpec], *, adapt_kwargs: dict | None = None, progress: bool = False,
-                           method: str = "", chunk: int = 50) -> tuple[torch.Tensor, list[float]]:
+                           tasks: Sequence[TaskSpec], *, adapt_kwargs: dict | None = None, chunk: int = 50
+                           ) -> tuple[torch.Tensor, list[float]]:
     """Every calibrator's accuracy on every task, the learner adapted *once* per task for all of them.
 
     What :func:`purer.evaluate.task_accuracies` gives for each ``calibrator.wrap(learner)``, for one inner loop
@@ -329,7 +328,7 @@ def calibration_accuracies(learner: MetaLearner, calibrators: Sequence[Calibrato
         from ..evaluate import task_accuracies
 
         start = time.perf_counter()
-        accs[plain] = task_accuracies(learner, source, tasks, adapt_kwargs=adapt_kwargs, method=method, chunk=chunk)
+        accs[plain] = task_accuracies(learner, source, tasks, adapt_kwargs=adapt_kwargs, chunk=chunk)
         for j in plain:
             seconds[j] = time.perf_counter() - start
         rest = [j for j in rest if j not in plain]
@@ -340,8 +339,7 @@ def calibration_accuracies(learner: MetaLearner, calibrators: Sequence[Calibrato
     was_training = learner.training
     learner.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(tasks), desc=f"eval {method}".strip(), disable=not progress,
-                                   leave=False) as bar:
+        with torch.no_grad():
             k = 0
             for batch in task_batches(source, tasks, chunk, device):
                 for t in range(len(batch)):
@@ -355,18 +353,17 @@ def calibration_accuracies(learner: MetaLearner, calibrators: Sequence[Calibrato
                         accs[j, k] = (logits.argmax(-1) == batch.query_y).float().mean()
                         seconds[j] += shared + time.perf_counter() - start
                     k += 1
-                    bar.update(1)
     finally:
         learner.train(was_training)
     return accs, seconds
 
 
-RowsFn = Callable[[MetaLearner, Sequence[Calibrator], ImageSet, Sequence[TaskSpec], dict], list[float]]
+AccuraciesFn = Callable[[MetaLearner, Sequence[Calibrator], ImageSet, Sequence[TaskSpec], dict], list[float]]
 
 
 def select_calibration(calibrator: Calibrator, grid: dict[str, Sequence[Any]], learner: MetaLearner,
                        val_source: ImageSet, val_tasks: Sequence[TaskSpec], adapt_kwargs: dict | None = None,
-                       accuracies_fn: RowsFn | None = None) -> tuple[Calibrator, float, list[dict]]:
+                       accuracies_fn: AccuraciesFn | None = None) -> tuple[Calibrator, float, list[dict]]:
     """Grid search of a calibrator's settings on meta-val tasks (never on meta-test).
 
     Args:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import host
 from ..calibrate import Calibrator, calibration_accuracies, calibrator, select_calibration
 from ..data import ImageSet, TaskSpec
-from ..evaluate import EvalResult, fingerprint, mean_ci95, select_test_time, task_accuracies, task_list
+from ..evaluate import EvalResult, fingerprint, paired_difference, select_test_time, task_accuracies, task_list
 from ..meta import MetaLearner
 from ..yaml_config import to_dict
 from .distributed import Dist
@@ -165,13 +165,17 @@ def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, Image
                 extra = {} if name == "none" else {"calibration": cal.settings()}
                 finished.put(shot, name, result.row(val_accuracy=round(val_accuracy[r], 2), **extra,
                                                     seconds=round(seconds[r], 1)), result.task_acc)
-        _, plain = finished.get(shot, "none")
+        def result(name: str) -> EvalResult:
+            row, task_acc = finished.get(shot, name)
+            return EvalResult(row["method"], e.way, shot, task_acc, row["test_cost"], row["tasks_id"])
+
+        plain = result("none")
         best: dict = {}
         for name in names:
-            row, task_acc = finished.get(shot, name)
+            row = finished.get(shot, name)[0]
             if name != "none":
-                diff = mean_ci95(task_acc - plain)  # the same task list: paired
-                row = {**row, "paired_vs_purer": [round(100 * diff[0], 2), round(100 * diff[1], 2)]}
+                diff, ci = paired_difference(result(name), plain)
+                row = {**row, "paired_vs_purer": [round(diff, 2), round(ci, 2)]}
             rows.append(row)
             if not best or row["val_accuracy"] > best["val_accuracy"]:
                 best = {"name": name, "settings": row.get("calibration", {}), "val_accuracy": row["val_accuracy"],
