@@ -179,14 +179,14 @@ def variant_args(variant: str) -> list[str]:
     variant = canonical(variant)
     if variant in VARIANTS:
         return list(VARIANTS[variant])
-    if variant == DEFAULT:
-        return []
     base, *parts = variant.split("+")
     curriculum, _, learner = base.partition("-")
     unknown = [p for p in parts if p not in PARTS]
-    if (base != "paper" and (curriculum not in CURRICULA or learner not in LEARNERS)) or unknown:
-        raise ValueError(f"unknown variant {variant!r}: use baselines, {DEFAULT}, ablate-<name>, or paper or "
+    if (base not in ("paper", DEFAULT) and (curriculum not in CURRICULA or learner not in LEARNERS)) or unknown:
+        raise ValueError(f"unknown variant {variant!r}: use baselines, ablate-<name>, or {DEFAULT} or paper or "
                          f"<{'|'.join(CURRICULA)}>-<{'|'.join(LEARNERS)}>, then [+part...] with parts {', '.join(PARTS)}")
+    if base == DEFAULT:  # the recipe's defaults and only the parts named
+        return [a for p in parts for a in PARTS[p]]
     # A named variant starts from PURER as published and adds only what its name says.
     args = list(VARIANTS["paper"])
     if base != "paper":
@@ -292,9 +292,9 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             row["settings"] = [r.get("settings") for _, r in found]
         if "val_accuracy" in first:
             row["val_accuracy"] = round(statistics.fmean(r["val_accuracy"] for _, r in found), 2)
-        if method.split("+")[0] == DEFAULT:
-            row["default"] = True
         row["variant"] = variant_of[scenario, method]
+        if row["variant"] == DEFAULT:  # the recipe's defaults, with or without a calibration row
+            row["default"] = True
         if len(codes) > 1:
             row["code"] = code_of[scenario, row["variant"]]
         rows.append(row)

@@ -81,3 +81,16 @@ def test_collect_refuses_to_mix_runs_of_different_code(bench, tmp_path):
     report = bench.collect("glyphs", tmp_path, allow_mixed_code=True)
     assert {r["method"]: r["code"] for r in report["rows"]} == {"paper": "aaaa", "default": "bbbb"}
     assert "| paper (code aaaa) |" in bench.markdown(report)
+
+
+def test_default_plus_parts_is_the_recipe_default_with_only_those_parts(bench, tmp_path):
+    assert bench.variant_args("default") == []
+    assert bench.variant_args("default+kd-union") == ["distill.logit=1.0", "distill.heads=union"]
+    assert bench.variant_args("paper+kd-union")[:2] == ["--config", "recipes/configs/purer-paper.yaml"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench.variant_args("default+no-such-part")
+    fake_run(tmp_path, "default", 0, [("purer", 86.0, 0.6), ("purer+icfil", 86.5, 0.6)])
+    fake_run(tmp_path, "default+kd-union", 0, [("purer", 85.0, 0.7)])
+    rows = {r["method"]: r for r in bench.collect("glyphs", tmp_path)["rows"]}
+    assert rows["default"].get("default") and rows["default+icfil"].get("default")
+    assert rows["default+kd-union"]["variant"] == "default+kd-union" and "default" not in rows["default+kd-union"]
