@@ -66,7 +66,16 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
             d, ci = paired_difference(results[r["variant"], r["seed"], r["shot"]], results[mine[0]])
             r["vs_chosen"] = [round(d, 2), round(ci, 2)]
     return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
-            "chosen": chosen, "rows": rows}
+            "chosen": chosen, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"), "rows": rows}
+
+
+def shared_classes(results: Path) -> bool:
+    """Whether the zoo of a run (its ``results.json``) has teachers that share a class: its bank has fewer
+    classes than the teachers have outputs (the bank merges the classes teachers name alike).  Unknown (teachers
+    of several class counts): ``True``."""
+    data = json.loads(results.read_text())
+    zoo, bank = data["zoo"], data["meta_train"]["bank_classes"]
+    return len(zoo["classes"]) != 1 or bank < zoo["models"] * zoo["classes"][0]
 
 
 def markdown(report: dict) -> str:
@@ -91,6 +100,9 @@ def markdown(report: dict) -> str:
 
 #: How far below PURER as published a default may fall on any zoo's meta-val (points, mean over shots).
 MARGIN = 1.0
+#: Variants that are the same model as another on a zoo whose teachers share no class: there the union head's
+#: rows split into the per-teacher heads (``DistillConfig.heads``), so the other's run stands for it.
+SAME_WITHOUT_SHARED_CLASSES = {"default+kd-union": "default"}
 
 
 def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
@@ -98,14 +110,22 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
 
     Per zoo, each variant's meta-val is the mean over shots; the variants are ranked per zoo.  Eligible are the
     variants run on every zoo whose meta-val is nowhere more than :data:`MARGIN` points below ``reference``'s;
-    the chosen one has the best mean rank among them (ties: the better mean meta-val).  Meta-test is not read.
+    the chosen one has the best mean rank among them (ties: the better mean meta-val).  On a zoo whose teachers
+    share no class, a variant of :data:`SAME_WITHOUT_SHARED_CLASSES` takes the meta-val of the variant it is the
+    same model as (marked in ``stands_in``).  Meta-test is not read.
     """
     table: dict[str, dict[str, float]] = {}
+    stands_in: dict[str, dict[str, str]] = {}
     for dataset, scenario in zoos:
         report = json.loads((RESULTS / f"selection_{dataset}_{scenario}.json").read_text())
         per = {}
         for r in report["rows"]:
             per.setdefault(r["variant"], []).append(r["val_accuracy"])
+        if not report.get("shared_classes", True):
+            for variant, same in SAME_WITHOUT_SHARED_CLASSES.items():
+                if variant not in per and same in per:
+                    per[variant] = per[same]
+                    stands_in.setdefault(variant, {})[f"{dataset}/{scenario}"] = same
         for variant, accs in per.items():
             table.setdefault(variant, {})[f"{dataset}/{scenario}"] = statistics.fmean(accs)
     names = [f"{d}/{s}" for d, s in zoos]
@@ -113,17 +133,17 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     if reference not in everywhere:
         raise SystemExit(f"{reference} was not scored on every zoo ({', '.join(names)})")
     ranks = {v: {} for v in everywhere}
-    for zoo in names:
-        order = sorted(everywhere, key=lambda v: -everywhere[v][zoo])
-        for rank, v in enumerate(order, 1):
-            ranks[v][zoo] = rank
+    for zoo in names:  # 1 + how many variants are better there (equal meta-val, equal rank)
+        for v in everywhere:
+            ranks[v][zoo] = 1 + sum(everywhere[u][zoo] > everywhere[v][zoo] for u in everywhere)
     rows = []
     for v, z in everywhere.items():
         worst = min(z[zoo] - everywhere[reference][zoo] for zoo in names)
         rows.append({"variant": v, "val_accuracy": {k: round(x, 2) for k, x in z.items()},
                      "mean_val": round(statistics.fmean(z.values()), 2),
                      "mean_rank": round(statistics.fmean(ranks[v].values()), 2), "ranks": ranks[v],
-                     "worst_vs_reference": round(worst, 2), "eligible": worst >= -MARGIN})
+                     "worst_vs_reference": round(worst, 2), "eligible": worst >= -MARGIN,
+                     "stands_in": stands_in.get(v, {})})
     eligible = [r for r in rows if r["eligible"]]
     chosen = min(eligible, key=lambda r: (r["mean_rank"], -r["mean_val"]))["variant"]
     rows.sort(key=lambda r: (r["mean_rank"], -r["mean_val"]))
@@ -138,11 +158,13 @@ def cross_markdown(report: dict) -> str:
              "1- and 5-shot; 1-shot only where a zoo's tasks are 1-shot) of each variant on each zoo, its rank there "
              f"(1 = best), and how far below {report['reference']} it falls on its worst zoo. Eligible: nowhere more "
              f"than {report['margin']:g} point below {report['reference']}; chosen: the best mean rank among them: "
-             f"**{report['chosen']}**. Meta-test was not read.", "",
+             f"**{report['chosen']}**. Meta-test was not read. \"= v\": on that zoo no two teachers share a class, "
+             "so the variant is the same model as v, and v's run stands for it.", "",
              "| variant | " + " | ".join(zoos) + " | mean | mean rank | worst vs " + report["reference"] + " |",
              "|---|" + "---|" * (len(zoos) + 3)]
     for r in report["rows"]:
-        cells = [f"{r['val_accuracy'][z]:.2f} ({r['ranks'][z]})" for z in zoos]
+        cells = [f"{r['val_accuracy'][z]:.2f} ({r['ranks'][z]})" + (f" = {r['stands_in'][z]}" if z in r.get("stands_in", {})
+                 else "") for z in zoos]
         name = f"**{r['variant']}**" if r["variant"] == report["chosen"] else r["variant"]
         lines.append(f"| {name}{'' if r['eligible'] else ' (not eligible)'} | " + " | ".join(cells)
                      + f" | {r['mean_val']:.2f} | {r['mean_rank']:.2f} | {r['worst_vs_reference']:+.2f} |")

@@ -19,3 +19,31 @@ def test_cross_zoo_choice_takes_the_best_mean_rank_that_never_falls_far_below_pa
     assert not rows["x"]["eligible"] and rows["x"]["worst_vs_reference"] == -1.5
     assert report["chosen"] == "y" and rows["y"]["mean_rank"] == 1.5
     assert "**y**" in sel.cross_markdown(report) and "x (not eligible)" in sel.cross_markdown(report)
+
+
+def test_a_union_head_variant_is_the_default_on_a_zoo_without_shared_classes(tmp_path, monkeypatch):
+    sel = load()
+    monkeypatch.setattr(sel, "RESULTS", tmp_path)
+    val = {"disjoint": ({"paper": 80, "default": 85}, False),
+           "overlap": ({"paper": 80, "default": 82, "default+kd-union": 84}, True)}
+    for zoo, (scores, shared) in val.items():
+        rows = [{"variant": v, "seed": 0, "shot": 1, "val_accuracy": acc} for v, acc in scores.items()]
+        (tmp_path / f"selection_glyphs_{zoo}.json").write_text(json.dumps({"rows": rows, "shared_classes": shared}))
+    report = sel.cross([("glyphs", "disjoint"), ("glyphs", "overlap")])
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows["default+kd-union"]["val_accuracy"] == {"glyphs/disjoint": 85, "glyphs/overlap": 84}
+    assert rows["default+kd-union"]["stands_in"] == {"glyphs/disjoint": "default"}
+    assert report["chosen"] == "default+kd-union" and "85.00 (1) = default" in sel.cross_markdown(report)
+    # where teachers do share classes, nothing stands in: the variant must have run there
+    (tmp_path / "selection_glyphs_disjoint.json").write_text(json.dumps(
+        {"rows": [{"variant": v, "seed": 0, "shot": 1, "val_accuracy": a} for v, a in val["disjoint"][0].items()],
+         "shared_classes": True}))
+    assert "default+kd-union" not in {r["variant"] for r in sel.cross([("glyphs", "disjoint"), ("glyphs", "overlap")])["rows"]}
+
+
+def test_shared_classes_reads_the_bank_against_the_teachers_outputs(tmp_path):
+    sel = load()
+    for bank, shared in ((60, False), (57, True)):
+        (tmp_path / "results.json").write_text(json.dumps(
+            {"zoo": {"models": 12, "classes": [5]}, "meta_train": {"bank_classes": bank}}))
+        assert sel.shared_classes(tmp_path / "results.json") is shared
