@@ -7,7 +7,7 @@ import torch
 
 from purer.zoo import PretrainConfig, Zoo, pretrain_zoo
 from purer.zoo.pretrain import class_subsets, heldout_split
-from zoo_synthetic import SIZE, interrupt_second_teacher, separable_images
+from zoo_synthetic import SIZE, interrupt_second_teacher, separable_images, while_another_process_writes
 
 
 def tiny_cfg(**kw):
@@ -117,6 +117,24 @@ def test_interrupted_pretrain_resumes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="holds models it has no pre-training record of"):
         pretrain_zoo(tiny_cfg(epochs=1), zoo, data=data, progress=False)
     assert zoo.manifest_path.read_bytes() == before  # no record written into it
+
+
+def test_two_runs_building_one_zoo_take_turns(tmp_path):
+    # Two recipe runs started together on a missing zoo: the second waits, then reuses the first's models.
+    data = separable_images(num_classes=10, per_class=10)
+    then = ("from test_pretrain import tiny_cfg\nfrom zoo_synthetic import separable_images\nfrom purer.zoo import "
+            "pretrain_zoo\npretrain_zoo(tiny_cfg(epochs=1), zoo, data=separable_images(num_classes=10, per_class=10), "
+            "progress=False)")
+    log = []
+
+    def pretrain(on_wait):
+        return pretrain_zoo(tiny_cfg(epochs=1), Zoo(tmp_path / "zoo"), data=data, progress=False,
+                            log=lambda line: (on_wait if "waiting" in line else log.append)(line))
+
+    waited, ids = while_another_process_writes(tmp_path / "zoo", then, pretrain)
+    zoo = Zoo(tmp_path / "zoo")
+    assert len(waited) == 1 and ids == zoo.ids() == ["conv4-000", "conv4-001"] and zoo.verify() == []
+    assert len(log) == 2 and all("skipped" in line for line in log)
 
 
 def test_image_size_must_match_the_data(tmp_path):

@@ -6,7 +6,7 @@ import torch
 
 from purer.zoo import ModelConfig, Teacher, Zoo
 from purer.zoo import store
-from zoo_synthetic import SIZE, tiny_model
+from zoo_synthetic import SIZE, tiny_model, while_another_process_writes
 
 
 def tiny_config(num_classes=5, **kw):
@@ -162,6 +162,23 @@ def test_add_replaces_a_directory_left_before_the_manifest_write(zoo):
     (zoo.path / "conv4-002" / "junk").write_text("half")
     zoo.add("conv4-002", tiny_model(seed=2), tiny_config())
     assert not (zoo.path / "conv4-002" / "junk").exists() and zoo.verify() == []
+
+
+def test_a_second_writer_waits_and_loses_nothing(zoo):
+    # Without the lock this process would read the manifest, the other would add a model, and this
+    # process's write would drop it.
+    def add_after_reading(on_wait):
+        with zoo.writing(on_wait=on_wait):
+            before = zoo.ids()  # read inside the block: the other process's model is there
+            zoo.add("conv4-003", tiny_model(seed=3), tiny_config())  # nested: shares this block's lock
+            return before
+
+    then = ("from zoo_synthetic import tiny_model\nfrom test_zoo_store import tiny_config\n"
+            "zoo.add('conv4-002', tiny_model(seed=2), tiny_config())")
+    waited, before = while_another_process_writes(zoo.path, then, add_after_reading)
+    assert len(waited) == 1 and "being written by another process" in waited[0]
+    assert before == ["conv4-000", "conv4-001", "conv4-002"]
+    assert zoo.ids() == ["conv4-000", "conv4-001", "conv4-002", "conv4-003"] and zoo.verify() == []
 
 
 def test_describe(zoo):

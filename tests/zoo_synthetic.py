@@ -1,9 +1,18 @@
 """Tiny synthetic data and models shared by the zoo tests (store, pretrain, CLI)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+import purer
 from purer.data import ImageSet
 from purer.zoo import build_model
 
@@ -46,3 +55,45 @@ def interrupt_second_teacher(monkeypatch) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pretrain, "train_teacher", dies_on_second)
+
+
+_HOLDER = """
+import sys
+from purer.zoo import Zoo
+zoo = Zoo(sys.argv[1], create=True)
+with zoo.writing():
+    print("holding", flush=True)
+    sys.stdin.readline()
+    exec(sys.argv[2])
+"""
+
+
+def while_another_process_writes(zoo_path: Path, then: str, action: Callable[[Callable[[str], None]], object]):
+    """Run ``action(on_wait)`` in a thread while another process holds the zoo's writer lock.
+
+    The other process takes the lock, waits until ``action`` has reported that it waits (through
+    ``on_wait``), then runs the Python code ``then`` (with ``zoo`` bound) and exits, releasing it.
+    Returns the lines ``on_wait`` received and ``action``'s result. The order is forced, not timed.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(purer.__file__).resolve().parents[1]),
+                                                        str(Path(__file__).parent)])}
+    other = subprocess.Popen([sys.executable, "-c", _HOLDER, str(zoo_path), then], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert other.stdout.readline().strip() == "holding"
+        waited, result = [], {}
+        worker = threading.Thread(target=lambda: result.setdefault("value", action(waited.append)), daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not waited and worker.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waited, "the action did not wait for the other process's lock"
+        other.stdin.write("\n")
+        other.stdin.close()
+        assert other.wait(timeout=300) == 0
+        worker.join(timeout=300)
+        assert "value" in result, "the action failed; see its traceback above"
+        return waited, result["value"]
+    finally:
+        if other.poll() is None:
+            other.kill()

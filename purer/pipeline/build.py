@@ -97,7 +97,7 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> tuple[list[Teacher],
             try:
                 print(f"pre-training a {sum(p.num_models for _, p in spec.expanded())}-model zoo at {path} "
                       "(once; later runs reuse it)")
-                pretrain_zoo(spec, Zoo(path, create=True), progress=progress, device=dist.device)
+                pretrain_zoo(spec, Zoo(path, create=True), progress=progress, log=print, device=dist.device)
             except (FileNotFoundError, ValueError) as e:  # a zoo recipe the data cannot satisfy, or another spec
                 raise RunError(f"cannot pre-train the zoo at {path}: {e}") from None
             finally:

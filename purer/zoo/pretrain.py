@@ -297,14 +297,15 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
     """Pre-train the zoo ``cfg`` describes into ``zoo`` on ``device``, adding each model as soon as it is trained.
 
     Models already in ``zoo`` (same id, same architecture and classes) are skipped, so an
-    interrupted run resumes.
+    interrupted run resumes. The zoo's writer lock is held throughout: a second process
+    pre-training the same zoo waits for this one, then skips the models it added.
 
     Args:
         cfg: the zoo to build.
         zoo: where to store it.
         data: the meta-train images; default ``load_split(cfg.dataset, "train", cfg.data_root, cfg.image_size)``.
         progress: show a tqdm bar per model.
-        log: receives one line per skipped or finished model.
+        log: receives one line per skipped or finished model, and one if another process holds the zoo.
         device: where to train (the images are moved there once).
 
     Returns:
@@ -316,26 +317,27 @@ def pretrain_zoo(cfg: PretrainConfig, zoo: Zoo, data: ImageSet | None = None, pr
             ``num_models``, the zoo holds models but no record (registered ones: such a zoo
             never gets one), or a model with the same id but other classes or architecture.
     """
-    spec, recorded = zoo_spec(cfg), zoo.pretrain_spec()
-    if recorded is None and zoo.ids():
-        raise ValueError(f"zoo {zoo.path} holds models it has no pre-training record of (registered ones, or "
-                         "pre-trained before zoo.json recorded its settings); it is used as it is, never trained "
-                         "into: pre-train into another directory")
-    if recorded is not None:
-        differ = [k for k in spec if k != "num_models" and recorded.get(k) != spec[k]]
-        if differ:
-            raise ValueError(f"zoo {zoo.path} was pre-trained with "
-                             f"{', '.join(f'{k}={recorded.get(k)!r}' for k in differ)}, not "
-                             f"{', '.join(f'{k}={spec[k]!r}' for k in differ)}; finish it with its own settings or "
-                             "use another zoo directory")
-    # Recorded before the first model trains, so a zoo killed half-way says how many models it was meant to hold.
-    zoo.set_pretrain_spec({**spec, "num_models": max(spec["num_models"], (recorded or {}).get("num_models", 0))})
-    if cfg.parts and data is not None:
-        raise ValueError("a zoo of several parts loads each part's data itself; pass no data")
-    ids = []
-    for prefix, part in cfg.expanded():
-        ids += _pretrain_part(part, prefix, zoo, data, progress, log, device)
-    return ids
+    with zoo.writing(on_wait=log):  # a second run building this zoo waits, then skips what the first added
+        spec, recorded = zoo_spec(cfg), zoo.pretrain_spec()
+        if recorded is None and zoo.ids():
+            raise ValueError(f"zoo {zoo.path} holds models it has no pre-training record of (registered ones, or "
+                             "pre-trained before zoo.json recorded its settings); it is used as it is, never trained "
+                             "into: pre-train into another directory")
+        if recorded is not None:
+            differ = [k for k in spec if k != "num_models" and recorded.get(k) != spec[k]]
+            if differ:
+                raise ValueError(f"zoo {zoo.path} was pre-trained with "
+                                 f"{', '.join(f'{k}={recorded.get(k)!r}' for k in differ)}, not "
+                                 f"{', '.join(f'{k}={spec[k]!r}' for k in differ)}; finish it with its own settings or "
+                                 "use another zoo directory")
+        # Recorded before the first model trains, so a zoo killed half-way says how many models it was meant to hold.
+        zoo.set_pretrain_spec({**spec, "num_models": max(spec["num_models"], (recorded or {}).get("num_models", 0))})
+        if cfg.parts and data is not None:
+            raise ValueError("a zoo of several parts loads each part's data itself; pass no data")
+        ids = []
+        for prefix, part in cfg.expanded():
+            ids += _pretrain_part(part, prefix, zoo, data, progress, log, device)
+        return ids
 
 
 def _pretrain_part(cfg: PretrainConfig, prefix: str, zoo: Zoo, data: ImageSet | None, progress: bool,

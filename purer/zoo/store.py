@@ -14,7 +14,9 @@ A killed writer therefore leaves the zoo as it was, plus every model whose
 write finished (:meth:`Zoo.add_many` adds all its models or none). Files and
 folders get the permissions the user's umask gives any new file (the temporary
 names alone would make them private). Weights are only ever read with
-safetensors; nothing is unpickled. One writer per zoo at a time.
+safetensors; nothing is unpickled. Writers take the zoo's lock (:meth:`Zoo.writing`, a
+``flock`` on ``<zoo>/.lock``), so two processes that add to or pre-train one zoo take
+turns; the second sees what the first wrote.
 
 The default location of a named zoo is ``model_zoo/zoos/<name>`` in the
 repository (``$PURER_ZOO_ROOT/<name>`` when that variable is set); any path works.
@@ -26,6 +28,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,8 +36,14 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: there the one-writer-at-a-time rule is the user's to keep
+    fcntl = None
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -49,6 +58,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TMP_PREFIX = ".tmp-"
+LOCK = ".lock"
+_locked: dict[tuple[Path, int], int] = {}  # (zoo folder, thread) -> how deep the thread is in Zoo.writing blocks
 
 
 def default_zoo_dir(name: str) -> Path:
@@ -206,10 +217,42 @@ class Zoo:
                 raise ValueError(f"{self.path} is not empty and holds no {MANIFEST}; "
                                  "give a new or empty directory for the zoo")
             self.path.mkdir(parents=True, exist_ok=True)
-            self._write_manifest([])
+            with self.writing():
+                if not self.manifest_path.exists():  # another process may have made it meanwhile
+                    self._write_manifest([])
 
     def __repr__(self) -> str:
         return f"Zoo({str(self.path)!r})"
+
+    @contextlib.contextmanager
+    def writing(self, on_wait: Callable[[str], None] = lambda msg: None) -> Iterator[None]:
+        """Hold the zoo's writer lock for the block, waiting while another process holds it.
+
+        Every method that changes the zoo takes it; hold it around a read-then-write of your own
+        (as pre-training does) so no other process writes in between. Nested blocks in one process
+        share the lock; other threads wait as other processes do. ``on_wait`` receives one line
+        if the block has to wait.
+        """
+        key = (self.path.resolve(), threading.get_ident())
+        if key in _locked:
+            _locked[key] += 1
+            try:
+                yield
+            finally:
+                _locked[key] -= 1
+            return
+        with open(self.path / LOCK, "a") as f:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    on_wait(f"zoo {self.path} is being written by another process; waiting for it to finish")
+                    fcntl.flock(f, fcntl.LOCK_EX)
+            _locked[key] = 1
+            try:
+                yield
+            finally:
+                del _locked[key]  # closing the file releases the flock
 
     # -- manifest -------------------------------------------------------------------
     def entries(self) -> list[dict]:
@@ -242,7 +285,8 @@ class Zoo:
 
     def set_pretrain_spec(self, spec: dict) -> None:
         """Record the pretraining settings in ``zoo.json`` (see :func:`purer.zoo.pretrain.pretrain_zoo`)."""
-        self._write_manifest(self.entries(), pretrain=spec)
+        with self.writing():
+            self._write_manifest(self.entries(), pretrain=spec)
 
     def ids(self) -> list[str]:
         return [m["id"] for m in self.entries()]
@@ -328,34 +372,35 @@ class Zoo:
             ValueError: an invalid id, one already in the zoo or given twice, or weights that do
                 not fit their config; nothing is added then.
         """
-        entries = self.entries()
-        taken = {m["id"] for m in entries}
-        staged: list[tuple[Path, str, ModelConfig]] = []  # (temporary folder, id, config as written)
-        placed: list[Path] = []
-        try:
-            for model_id, model, config in models:
-                validate_model_id(model_id)
-                if model_id in taken:
-                    raise ValueError(f"model {model_id!r} is already in zoo {self.path}; remove it first or pick "
-                                     "another id")
-                taken.add(model_id)
-                staged.append(self._stage(model_id, model, config))
-            for tmp, model_id, _ in staged:
-                final = self.path / model_id
-                if final.exists():
-                    # Not in the manifest, so it is the leftover of an add killed between the
-                    # rename and the manifest write; the caller's model supersedes it.
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                placed.append(final)
-        except BaseException:
-            for folder in [tmp for tmp, _, _ in staged] + placed:
-                shutil.rmtree(folder, ignore_errors=True)
-            raise
-        # Killed before this replace, the zoo is as it was but for unlisted folders, which verify reports and
-        # a later add of the same id replaces.
-        self._write_manifest(entries + [_manifest_entry(model_id, config) for _, model_id, config in staged])
-        return [config for _, _, config in staged]
+        with self.writing():
+            entries = self.entries()
+            taken = {m["id"] for m in entries}
+            staged: list[tuple[Path, str, ModelConfig]] = []  # (temporary folder, id, config as written)
+            placed: list[Path] = []
+            try:
+                for model_id, model, config in models:
+                    validate_model_id(model_id)
+                    if model_id in taken:
+                        raise ValueError(f"model {model_id!r} is already in zoo {self.path}; remove it first or pick "
+                                         "another id")
+                    taken.add(model_id)
+                    staged.append(self._stage(model_id, model, config))
+                for tmp, model_id, _ in staged:
+                    final = self.path / model_id
+                    if final.exists():
+                        # Not in the manifest, so it is the leftover of an add killed between the
+                        # rename and the manifest write; the caller's model supersedes it.
+                        shutil.rmtree(final)
+                    os.replace(tmp, final)
+                    placed.append(final)
+            except BaseException:
+                for folder in [tmp for tmp, _, _ in staged] + placed:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
+            # Killed before this replace, the zoo is as it was but for unlisted folders, which verify reports and
+            # a later add of the same id replaces.
+            self._write_manifest(entries + [_manifest_entry(model_id, config) for _, model_id, config in staged])
+            return [config for _, _, config in staged]
 
     def _stage(self, model_id: str, model: nn.Module, config: ModelConfig) -> tuple[Path, str, ModelConfig]:
         """Write ``model``'s folder under a hidden temporary name; return it, the id and the config with ``sha256``."""
@@ -377,9 +422,10 @@ class Zoo:
 
     def remove(self, model_id: str) -> None:
         """Drop ``model_id`` from the manifest, then delete its directory."""
-        path = self._require(model_id)
-        self._write_manifest([m for m in self.entries() if m["id"] != model_id])
-        shutil.rmtree(path, ignore_errors=True)
+        with self.writing():
+            path = self._require(model_id)
+            self._write_manifest([m for m in self.entries() if m["id"] != model_id])
+            shutil.rmtree(path, ignore_errors=True)
 
     # -- integrity ------------------------------------------------------------------
     def verify(self, warn: Callable[[str], None] | None = None) -> list[str]:
