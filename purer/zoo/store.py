@@ -15,7 +15,7 @@ write finished (:meth:`Zoo.add_many` adds all its models or none). Files and
 folders get the permissions the user's umask gives any new file (the temporary
 names alone would make them private). Weights are only ever read with
 safetensors; nothing is unpickled. Writers take the zoo's lock (:meth:`Zoo.writing`, a
-``flock`` on ``<zoo>/.lock``), so two processes that add to or pre-train one zoo take
+``flock`` on the zoo's folder), so two processes that add to or pre-train one zoo take
 turns; the second sees what the first wrote.
 
 The default location of a named zoo is ``model_zoo/zoos/<name>`` in the
@@ -58,7 +58,6 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TMP_PREFIX = ".tmp-"
-LOCK = ".lock"
 _locked: dict[tuple[Path, int], int] = {}  # (zoo folder, thread) -> how deep the thread is in Zoo.writing blocks
 
 
@@ -241,18 +240,22 @@ class Zoo:
             finally:
                 _locked[key] -= 1
             return
-        with open(self.path / LOCK, "a") as f:
-            if fcntl is not None:
+        folder = os.open(self.path, os.O_RDONLY) if fcntl is not None else None
+        try:
+            if folder is not None:
                 try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     on_wait(f"zoo {self.path} is being written by another process; waiting for it to finish")
-                    fcntl.flock(f, fcntl.LOCK_EX)
+                    fcntl.flock(folder, fcntl.LOCK_EX)
             _locked[key] = 1
             try:
                 yield
             finally:
-                del _locked[key]  # closing the file releases the flock
+                del _locked[key]
+        finally:
+            if folder is not None:
+                os.close(folder)  # releases the flock
 
     # -- manifest -------------------------------------------------------------------
     def entries(self) -> list[dict]:
