@@ -634,6 +634,10 @@ def test_grids_are_written_with_the_expected_layout(zoo, tmp_path):
     with Image.open(save_training_plot(tmp_path / "training.png", [(1, 0.2), (2, 0.4), (3, 0.3)], [(3, 50.0)],
                                        [2])) as im:
         assert im.size == (700, 350)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when asked for a legend with nothing in it
+        with Image.open(save_training_plot(tmp_path / "empty.png", [], [], [])) as im:
+            assert im.size == (700, 350)
 
 
 def test_label_preserving_adversary_stops_pushing_misclassified_queries(zoo):

@@ -79,7 +79,8 @@ def save_training_plot(path: str | Path, pseudo_query: Sequence[tuple[int, float
     ax.set_xlabel("meta-iteration")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(loc="lower right", fontsize=8)
+    if pseudo_query or val or fired:  # a run of 0 iterations (a baselines-only run) has nothing to label
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
