@@ -58,7 +58,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _TMP_PREFIX = ".tmp-"
-_locked: dict[tuple[Path, int], int] = {}  # (zoo folder, thread) -> how deep the thread is in Zoo.writing blocks
+_locked: set[tuple[Path, int]] = set()  # (zoo folder, thread) pairs inside a Zoo.writing block
 
 
 def default_zoo_dir(name: str) -> Path:
@@ -233,12 +233,8 @@ class Zoo:
         if the block has to wait.
         """
         key = (self.path.resolve(), threading.get_ident())
-        if key in _locked:
-            _locked[key] += 1
-            try:
-                yield
-            finally:
-                _locked[key] -= 1
+        if key in _locked:  # a nested block: the outer one holds the lock and releases it
+            yield
             return
         folder = os.open(self.path, os.O_RDONLY) if fcntl is not None else None
         try:
@@ -248,11 +244,11 @@ class Zoo:
                 except BlockingIOError:
                     on_wait(f"zoo {self.path} is being written by another process; waiting for it to finish")
                     fcntl.flock(folder, fcntl.LOCK_EX)
-            _locked[key] = 1
+            _locked.add(key)
             try:
                 yield
             finally:
-                del _locked[key]
+                _locked.discard(key)
         finally:
             if folder is not None:
                 os.close(folder)  # releases the flock
