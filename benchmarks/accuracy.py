@@ -131,7 +131,7 @@ PARTS = {
     "kd-union": ["distill.logit=1.0", "distill.heads=union"],
     "kd-union-std": ["distill.logit=1.0", "distill.heads=union", "distill.standardize=true"],
     "kd-std": ["distill.logit=1.0", "distill.standardize=true"],
-    "no-kd": ["distill.logit=0", "distill.feature=0"],  # the default without distillation (what sh-mix.yaml ran)
+    "no-kd": ["distill.logit=0", "distill.feature=0"],  # the default without distillation (sh-mix.yaml's setting until L2F)
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],
