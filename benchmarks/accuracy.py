@@ -132,6 +132,8 @@ PARTS = {
     "kd-union-std": ["distill.logit=1.0", "distill.heads=union", "distill.standardize=true"],
     "kd-std": ["distill.logit=1.0", "distill.standardize=true"],
     "no-kd": ["distill.logit=0", "distill.feature=0"],  # the default without distillation (sh-mix.yaml's setting until L2F)
+    # Start from the zoo's meta-val-best teacher of the learner's network (nc-best-teacher's), a fresh head.
+    "init-best": ["meta.init=best-teacher"],
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],

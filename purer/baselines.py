@@ -179,15 +179,22 @@ class FineTune(MetaLearner):
                 + self.way * (self.teacher.model.feature_dim + 1), "models": 1}
 
 
+def teacher_scores(teachers: Sequence[Teacher], val_source: ImageSet, val_tasks: Sequence[TaskSpec],
+                   autocast: torch.dtype | None = None) -> list[float]:
+    """Each teacher's nearest-centroid accuracy (percent) on its own features, on meta-val tasks."""
+    scores = []
+    for t in teachers:
+        nc = NearestCentroid([t])
+        scores.append(evaluate(nc, nc.extract(val_source, autocast=autocast), val_tasks, progress=False).accuracy)
+    return scores
+
+
 def best_teacher(teachers: Sequence[Teacher], val_source: ImageSet, val_tasks: Sequence[TaskSpec],
                  autocast: torch.dtype | None = None) -> tuple[Teacher, float]:
     """The teacher whose features give the best nearest-centroid accuracy (percent) on meta-val tasks."""
     if not teachers:
         raise ValueError("best_teacher needs at least one teacher")
-    scores = []
-    for t in teachers:
-        nc = NearestCentroid([t])
-        scores.append(evaluate(nc, nc.extract(val_source, autocast=autocast), val_tasks, progress=False).accuracy)
+    scores = teacher_scores(teachers, val_source, val_tasks, autocast)
     i = max(range(len(teachers)), key=scores.__getitem__)
     return teachers[i], scores[i]
 

@@ -1,10 +1,15 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from meta_synthetic import ARCH_ARGS, SIZE, assert_together_equals_one_by_one, template_images, tiny_teacher
 from purer.data import Episode, EpisodeSampler
+from purer.baselines import teacher_scores
 from purer.evaluate import evaluate, task_list
+from purer.pipeline import RunConfig, RunError, best_start_teacher, build_learner
+from purer.pipeline.run_config import EvalConfig, MetaConfig
 from purer.meta import (ANIL, MAML, InputSpec, MAMLConfig, MetaTrainConfig, ProtoNet, average_teachers, from_model,
                         meta_step, meta_train, random_model, real_episodes)
 
@@ -232,6 +237,31 @@ def test_average_teachers_is_the_elementwise_mean():
     other.config.image_size = 16
     with pytest.raises(ValueError, match="different architectures"):
         average_teachers(teachers + [other], way=5)
+
+
+def test_best_teacher_init_starts_from_the_meta_val_best_teacher_the_learner_can_be():
+    data = template_images(15)
+    val = data.subset(list(range(10, 15)))
+    tasks = {"val": task_list(val, 3, 1, 2, 20, seed=0)}
+    trained = [tiny_teacher(data, list(range(5 * i, 5 * i + 5)), seed=i) for i in range(2)]
+    blind = tiny_teacher(data, [0, 1, 2, 3, 4], seed=5, steps=0)
+    with torch.no_grad():
+        blind.model.encoder[0][0].weight.zero_()  # the same features for every image: chance on meta-val
+    wider = tiny_teacher(data, [0, 1, 2, 3, 4], seed=6)
+    wider.config.arch_args = {"width": 16, "depth": 2}  # not the learner's network: never a candidate
+    zoo = [blind, wider, *trained]
+    cfg = RunConfig(meta=MetaConfig(learner="maml", init="best-teacher", arch="conv4", arch_args=dict(ARCH_ARGS),
+                                    way=3), eval=EvalConfig(way=3))
+    best, score = best_start_teacher(cfg.meta, zoo, {"val": val}, tasks, 1, SIZE)
+    scores = teacher_scores([blind, *trained], val, tasks["val"])
+    assert score == max(scores) and best is [blind, *trained][scores.index(score)]
+    assert best is not blind and scores[0] < max(scores)
+    learner = build_learner(cfg, zoo, 1, SIZE, best)
+    encoder = dict(learner.model.encoder.named_parameters())
+    assert all(torch.equal(p, encoder[n]) for n, p in best.model.encoder.named_parameters())
+    assert learner.model.head.out_features == 3 and learner.input_spec == InputSpec.of(best.config)
+    with pytest.raises(RunError, match="meta.init=best-teacher needs a teacher of meta.arch=resnet10"):
+        best_start_teacher(dataclasses.replace(cfg.meta, arch="resnet10"), zoo, {"val": val}, tasks, 1, SIZE)
 
 
 def test_from_model_copies_and_replaces_a_mismatched_head():

@@ -200,6 +200,22 @@ def test_zero_iterations_evaluate_the_initialisation_and_write_strict_json(tiny_
     assert summary["val_accuracy"] is None and summary["val_curve"] == []
 
 
+def test_a_run_from_the_best_teacher_names_it_and_resumes_to_the_same_results(tiny_root, baseline_run, tmp_path):
+    fast = {"meta.init": "best-teacher", "cache_dir": str(baseline_run / "cache"), "eval.baselines": "[]",
+            "eval.calibrations": "[]"}
+    out = tmp_path / "best_teacher"
+    res = recipe(overrides(tiny_root, out, 4, **fast))
+    assert res.returncode == 0, res.stderr[-3000:]
+    start = json.loads((out / "results.json").read_text())["meta_train"]["start_teacher"]
+    assert (tiny_root.parent / "tiny_zoo" / start["model_id"] / "config.json").is_file()
+    assert f"starts from teacher {start['model_id']} ({start['val_accuracy']}% on meta-val" in res.stdout
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints" / "checkpoint_2", resumed / "checkpoints" / "checkpoint_2")
+    res = recipe(overrides(tiny_root, resumed, 4, **fast) + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert accuracies(resumed) == accuracies(out)
+
+
 def test_resume_after_sigkill_gives_the_same_results(tiny_root, baseline_run, tmp_path):
     out = tmp_path / "killed"
     args = overrides(tiny_root, out, **{"cache_dir": str(baseline_run / "cache")})

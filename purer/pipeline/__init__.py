@@ -17,7 +17,7 @@ Example:
     >>> from purer.yaml_config import load_config
     >>> results = run(load_config(RunConfig, "recipes/configs/default.yaml"))   # doctest: +SKIP
 """
-from .build import build_bank, build_learner, load_meta_learner, load_zoo, zoo_path
+from .build import best_start_teacher, build_bank, build_learner, load_meta_learner, load_zoo, zoo_path
 from .checkpoints import CHECKPOINTED, checkpointed_state, latest_checkpoint
 from .eci import ECI, meta_train_eci
 from .metatest import evaluate_purer, evaluate_split
@@ -27,6 +27,6 @@ from .run_config import DataConfig, EvalConfig, MetaConfig, RunConfig, RunError,
 from .signals import StopSignals, Stopped
 
 __all__ = ["run", "RunConfig", "RunError", "DataConfig", "ZooConfig", "MetaConfig", "EvalConfig", "build_bank",
-           "build_learner", "load_meta_learner", "load_zoo", "zoo_path", "CHECKPOINTED", "checkpointed_state",
+           "best_start_teacher", "build_learner", "load_meta_learner", "load_zoo", "zoo_path", "CHECKPOINTED", "checkpointed_state",
            "latest_checkpoint", "ECI", "meta_train_eci", "evaluate_purer", "evaluate_split", "results_table",
            "StopSignals", "Stopped"]

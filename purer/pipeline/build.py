@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 
 from ..yaml_config import load_config
+from ..baselines import teacher_scores
+from ..data import ImageSet, TaskSpec
 from ..meta import (ANIL, E3BM, MAML, MTL, MatchingNetwork, MetaLearner, ProtoNet, RelationNetwork,
                     TaskAdaptiveConfig, TaskAdaptiveMAML)
 from ..meta.base import InputSpec
@@ -122,22 +124,27 @@ def load_zoo(cfg: RunConfig, dist: Dist, progress: bool) -> tuple[list[Teacher],
 
 
 def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, size: int,
-                  student: Classifier | None = None) -> MetaLearner:
+                  start: Classifier | Teacher | None = None) -> MetaLearner:
     """The meta-learner of ``cfg.meta`` at its initialisation.
 
-    ``student`` is the zoo's student (:func:`purer.student.zoo_student`) for
-    ``init: zoo-student``: the learner takes its encoder and a fresh ``way``-output head
-    (ProtoNet, Matching and Relation Networks use the encoder only; MTL freezes it).  On
-    ``--resume`` there is none: a random model of the same shape stands in until the
-    checkpoint's weights are loaded.
+    ``start`` is the network an initialisation that needs the run's data starts from: the
+    zoo's student (:func:`purer.student.zoo_student`) for ``init: zoo-student``, or the
+    teacher :func:`best_start_teacher` picks for ``init: best-teacher`` (the learner then
+    reads images as that teacher does).  The learner takes its encoder and a fresh
+    ``way``-output head (ProtoNet, Matching and Relation Networks use the encoder only; MTL
+    freezes it).  On a ``zoo-student`` ``--resume`` there is no student: a random model of
+    the same shape stands in until the checkpoint's weights are loaded.
     """
     m = cfg.meta
     try:
         if m.init == "avg-teachers":
             model = average_teachers(teachers, m.way)
             spec = InputSpec.of(teachers[0].config)
-        elif student is not None:
-            model = with_new_head(student, m.way, seed=cfg.seed)
+        elif isinstance(start, Teacher):
+            model = with_new_head(start.model, m.way, seed=cfg.seed)
+            spec = InputSpec.of(start.config)
+        elif start is not None:
+            model = with_new_head(start, m.way, seed=cfg.seed)
             spec = InputSpec(channels, size)
         else:
             model = random_model(m.arch, m.way, channels, size, m.arch_args, seed=cfg.seed)
@@ -146,6 +153,29 @@ def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, si
     except ValueError as e:  # an unknown meta.arch or bad arch_args, a zoo that cannot be averaged, or a network
         # the learner cannot take (e.g. a Relation Network over an encoder without feature maps)
         raise RunError(f"meta (learner={m.learner}, init={m.init}, arch={m.arch}): {e}") from None
+
+
+def best_start_teacher(m: MetaConfig, teachers: Sequence[Teacher], val_sets: dict[str, ImageSet],
+                       val_tasks: dict[str, Sequence[TaskSpec]], channels: int, size: int,
+                       autocast: torch.dtype | None = None) -> tuple[Teacher, float]:
+    """``meta.init: best-teacher``'s start and its meta-val accuracy (percent): of the teachers the learner can
+    be (``meta.arch`` with ``meta.arch_args``, ``channels`` x ``size`` inputs), the one whose features are best by
+    nearest centroid on the run's meta-val tasks (the mean over datasets), as ``nc-best-teacher`` chooses.
+
+    Raises:
+        RunError: no teacher of the zoo has the learner's architecture and input.
+    """
+    fits = [t for t in teachers if (t.config.arch, dict(t.config.arch_args), t.config.in_channels,
+                                    t.config.image_size) == (m.arch, dict(m.arch_args), channels, size)]
+    if not fits:
+        kinds = sorted({f"{t.config.arch} {t.config.in_channels}x{t.config.image_size}px" for t in teachers})
+        raise RunError(f"meta.init=best-teacher needs a teacher of meta.arch={m.arch} (arch_args {m.arch_args}) on "
+                       f"{channels}x{size}px images; the zoo has {', '.join(kinds)}: set meta.arch to one of "
+                       f"them, or choose another meta.init")
+    per_set = [teacher_scores(fits, v, val_tasks[name], autocast) for name, v in val_sets.items()]
+    scores = [sum(s) / len(s) for s in zip(*per_set)]
+    i = max(range(len(fits)), key=scores.__getitem__)
+    return fits[i], scores[i]
 
 
 def wrap_learner(m: MetaConfig, model: Classifier, spec: InputSpec, seed: int) -> MetaLearner:

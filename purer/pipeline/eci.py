@@ -42,7 +42,7 @@ from ..meta import HardTasks, MetaLearner, failure_labels
 from ..meta.train import meta_step
 from ..student import zoo_student
 from ..zoo.teacher import Teacher
-from .build import build_bank, build_learner
+from .build import best_start_teacher, build_bank, build_learner
 from .checkpoints import Checkpoints, latest_checkpoint
 from .distributed import Dist, autocast_dtype, bank_grad_sync, task_sync, term_sync
 from .metatest import evaluate_split
@@ -117,18 +117,23 @@ class ECI:
         self.inversion = build_synthesizer(teachers, self.bank, dataclasses.replace(cfg.inversion, seed=cfg.seed),
                                            autocast=autocast)
         self.switch = GradientSwitch(cfg.switch)
-        student, self.seconds_zoo_student = None, 0.0
-        if m.init == "zoo-student" and pre_phase:
+        self.val_tasks = {name: task_list(v, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
+                          for name, v in val_sets.items()}
+        start, self.seconds_zoo_student, self.start_teacher = None, 0.0, None
+        if m.init == "best-teacher":  # chosen again on resume: the same tasks give the same teacher
+            start, score = best_start_teacher(m, teachers, val_sets, self.val_tasks, channels, size, autocast)
+            self.start_teacher = {"model_id": start.model_id, "val_accuracy": round(score, 2)}
+        elif m.init == "zoo-student" and pre_phase:
             # A pre-phase on the run's bank (resume finds it done: the checkpoint holds bank and learner).
             # Every process runs all of it, deterministic from the seed, so their banks and learners agree.
             start = time.perf_counter()
             try:
-                student = zoo_student(teachers, self.bank, self.inversion, m.arch, m.zoo_student_steps, cfg.seed,
+                start = zoo_student(teachers, self.bank, self.inversion, m.arch, m.zoo_student_steps, cfg.seed,
                                       arch_args=m.arch_args, progress=progress and dist.main)
             except ValueError as e:  # an unknown meta.arch or bad arch_args
                 raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
             self.seconds_zoo_student = time.perf_counter() - start
-        self.learner = build_learner(cfg, teachers, channels, size, student).to(device)
+        self.learner = build_learner(cfg, teachers, channels, size, start).to(device)
         self.learner.task_batching = m.task_batching
         with torch.no_grad():  # the learner's embedding size, for the distillation's heads and maps
             feature_dim = self.learner.embed(torch.zeros(2, channels, size, size, device=device)).shape[-1]
@@ -145,8 +150,6 @@ class ECI:
         self.hard_tasks = HardTasks(self.bank.class_sizes(), m.way, m.shot, m.query, m.hard_tasks,
                                     seed=cfg.seed + 30_000) if m.hard_tasks else None
         self._batch, self._failures = [], None  # this iteration's task specs and failure labels (hard tasks)
-        self.val_tasks = {name: task_list(v, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
-                          for name, v in val_sets.items()}
         self.seconds = {"inversion": 0.0, "distill": 0.0, "meta": 0.0}
 
     def objects(self) -> dict:
@@ -293,6 +296,7 @@ class ECI:
                 "switch_fired": self.switch.fired, "fired_at": s.fired_at, "adversarial_steps": s.adversarial_steps,
                 **({"hard_batches": s.hard_batches} if self.hard_tasks is not None else {}),
                 "val_curve": s.val,
+                **({"start_teacher": self.start_teacher} if self.start_teacher is not None else {}),
                 "seconds_zoo_student": round(self.seconds_zoo_student, 1),
                 "seconds_inversion": round(self.seconds["inversion"], 1),
                 "seconds_distill": round(self.seconds["distill"], 1), "seconds_meta": round(self.seconds["meta"], 1)}
@@ -309,6 +313,9 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     with a checkpoint and :class:`~purer.pipeline.signals.Stopped`.
     """
     eci = ECI(cfg, teachers, val_sets, dist, autocast_dtype(acc), pre_phase=not resume, progress=progress)
+    if eci.start_teacher is not None:
+        acc.print(f"meta.init=best-teacher: the learner starts from teacher {eci.start_teacher['model_id']} "
+                  f"({eci.start_teacher['val_accuracy']}% on meta-val by nearest centroid)")
     checkpoints = Checkpoints(out, eci.objects(), dist, identity)
     if resume:
         found = latest_checkpoint(out)

@@ -33,12 +33,12 @@ NOT_CALIBRATABLE = {
            "not get",
 }
 #: Learners that freeze a pre-trained encoder (MTL, E3BM on MTL), and the initialisations that give one.
-PRETRAINED_INITS = ("zoo-student", "avg-teachers")
+PRETRAINED_INITS = ("zoo-student", "avg-teachers", "best-teacher")
 # The rows a default run compares its meta-learner with (fine-tuning and ProtoNet rows: see
 # purer.baselines.METHODS, e.g. eval.baselines=[...] in a config).
 DEFAULT_BASELINES = ("nc-pixels", "nc-best-teacher", "nc-all-teachers", "maml-random", "maml-avg-teachers",
                      "maml-real")
-INITS = ("random", "avg-teachers", "zoo-student")
+INITS = ("random", "avg-teachers", "zoo-student", "best-teacher")
 FP16_REFUSED = ("mixed_precision fp16 is not supported: the bank's gradients pass back through the teachers' "
                 "float16 activations with no loss scaling; use bf16 (float32's range, as fast on recent GPUs) or no")
 PRECISIONS = ("no", "bf16")
@@ -131,8 +131,10 @@ class MetaConfig:
             ``e3bm.base``: ``maml`` or ``mtl``).
         arch, arch_args: its network (any registered architecture).
         init: ``random``, ``avg-teachers`` (the release's initialisation; needs a
-            same-architecture zoo) or ``zoo-student`` (the zoo distilled into a fresh ``arch``
-            on the run's bank before meta-training; see :func:`purer.student.zoo_student`).
+            same-architecture zoo), ``zoo-student`` (the zoo distilled into a fresh ``arch``
+            on the run's bank before meta-training; see :func:`purer.student.zoo_student`) or
+            ``best-teacher`` (the teacher of ``arch`` whose features are best on the run's meta-val
+            tasks, the one ``nc-best-teacher`` uses, with a fresh head; see :func:`purer.baselines.best_teacher`).
         zoo_student_steps: iterations of the ``zoo-student`` pre-phase (one inversion step
             and one student step each).
         way, shot, query: the pseudo tasks it trains on (the release uses 15 queries;
@@ -289,7 +291,7 @@ class RunConfig:
         pretrained = self.meta.learner == "mtl" or (self.meta.learner == "e3bm" and self.meta.e3bm.base == "mtl")
         if pretrained and self.meta.init not in PRETRAINED_INITS:
             raise ValueError(f"MTL freezes a pre-trained encoder, and meta.init={self.meta.init} gives none; set "
-                             f"meta.init=zoo-student (the zoo distilled into one network) or avg-teachers")
+                             f"meta.init=zoo-student (the zoo distilled into one network), avg-teachers or best-teacher")
         if min(self.eval.query, self.meta.query) < 1:
             raise ValueError(f"eval.query and meta.query must be >= 1 query per class, got {self.eval.query} and "
                              f"{self.meta.query}")
