@@ -12,6 +12,7 @@ from purer.pipeline import RunConfig, RunError, best_start_teacher, build_learne
 from purer.pipeline.run_config import EvalConfig, MetaConfig
 from purer.meta import (ANIL, MAML, InputSpec, MAMLConfig, MetaTrainConfig, ProtoNet, average_teachers, from_model,
                         meta_step, meta_train, random_model, real_episodes)
+from purer.zoo import Teacher, build_model
 
 
 def tiny_model(way=5, seed=0):
@@ -247,21 +248,27 @@ def test_best_teacher_init_starts_from_the_meta_val_best_teacher_the_learner_can
     blind = tiny_teacher(data, [0, 1, 2, 3, 4], seed=5, steps=0)
     with torch.no_grad():
         blind.model.encoder[0][0].weight.zero_()  # the same features for every image: chance on meta-val
-    wider = tiny_teacher(data, [0, 1, 2, 3, 4], seed=6)
-    wider.config.arch_args = {"width": 16, "depth": 2}  # not the learner's network: never a candidate
+    wider = Teacher(build_model("conv4", 5, 1, SIZE, {"width": 16, "depth": 2}),  # not the learner's network
+                    dataclasses.replace(trained[0].config, arch_args={"width": 16, "depth": 2}), "wider")
     zoo = [blind, wider, *trained]
     cfg = RunConfig(meta=MetaConfig(learner="maml", init="best-teacher", arch="conv4", arch_args=dict(ARCH_ARGS),
                                     way=3), eval=EvalConfig(way=3))
     best, score = best_start_teacher(cfg.meta, zoo, {"val": val}, tasks, 1, SIZE)
-    scores = teacher_scores([blind, *trained], val, tasks["val"])
-    assert score == max(scores) and best is [blind, *trained][scores.index(score)]
+    candidates = [blind, *trained]
+    scores = teacher_scores(candidates, val, tasks["val"])
+    assert score == max(scores) and best is candidates[scores.index(score)]
     assert best is not blind and scores[0] < max(scores)
     learner = build_learner(cfg, zoo, 1, SIZE, best)
     encoder = dict(learner.model.encoder.named_parameters())
     assert all(torch.equal(p, encoder[n]) for n, p in best.model.encoder.named_parameters())
     assert learner.model.head.out_features == 3 and learner.input_spec == InputSpec.of(best.config)
+    # the learner's network whatever arguments spell it (32 is Conv4's default width)
+    default_width = Teacher(build_model("conv4", 5, 1, SIZE, {"depth": 2}),
+                            dataclasses.replace(trained[0].config, arch_args={"depth": 2}), "default-width")
+    wide = dataclasses.replace(cfg.meta, arch_args={"depth": 2, "width": 32})
+    assert best_start_teacher(wide, zoo + [default_width], {"val": val}, tasks, 1, SIZE)[0] is default_width
     with pytest.raises(RunError, match="meta.init=best-teacher needs a teacher of meta.arch=resnet10"):
-        best_start_teacher(dataclasses.replace(cfg.meta, arch="resnet10"), zoo, {"val": val}, tasks, 1, SIZE)
+        best_start_teacher(dataclasses.replace(cfg.meta, arch="resnet10", arch_args={"width": 4}), zoo, {"val": val}, tasks, 1, SIZE)
 
 
 def test_from_model_copies_and_replaces_a_mismatched_head():

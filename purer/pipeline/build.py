@@ -165,8 +165,13 @@ def best_start_teacher(m: MetaConfig, teachers: Sequence[Teacher], val_sets: dic
     Raises:
         RunError: no teacher of the zoo has the learner's architecture and input.
     """
-    fits = [t for t in teachers if (t.config.arch, dict(t.config.arch_args), t.config.in_channels,
-                                    t.config.image_size) == (m.arch, dict(m.arch_args), channels, size)]
+    try:
+        want = _encoder_shapes(random_model(m.arch, m.way, channels, size, m.arch_args))
+    except ValueError as e:  # an unknown meta.arch or bad arch_args
+        raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
+    # The learner's network, whatever arguments spell it (a teacher's recorded width may be the default's).
+    fits = [t for t in teachers if (t.config.arch, t.config.in_channels, t.config.image_size) == (m.arch, channels, size)
+            and _encoder_shapes(t.model) == want]
     if not fits:
         kinds = sorted({f"{t.config.arch} {t.config.in_channels}x{t.config.image_size}px" for t in teachers})
         raise RunError(f"meta.init=best-teacher needs a teacher of meta.arch={m.arch} (arch_args {m.arch_args}) on "
@@ -176,6 +181,10 @@ def best_start_teacher(m: MetaConfig, teachers: Sequence[Teacher], val_sets: dic
     scores = [sum(s) / len(s) for s in zip(*per_set)]
     i = max(range(len(fits)), key=scores.__getitem__)
     return fits[i], scores[i]
+
+
+def _encoder_shapes(model: Classifier) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in model.encoder.state_dict().items()]
 
 
 def wrap_learner(m: MetaConfig, model: Classifier, spec: InputSpec, seed: int) -> MetaLearner:
