@@ -134,6 +134,10 @@ PARTS = {
     "no-kd": ["distill.logit=0", "distill.feature=0"],  # the default without distillation (sh-mix.yaml's setting until L2F)
     # Start from the zoo's meta-val-best teacher of the learner's network (nc-best-teacher's), a fresh head.
     "init-best": ["meta.init=best-teacher"],
+    # A stronger total-variation prior (the published 1e-4 on an L2 norm over the whole batch moves each pixel
+    # little): smoother bank images.
+    "tv0.01": ["inversion.a_tv=0.01"],
+    "tv0.001": ["inversion.a_tv=0.001"],
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],
