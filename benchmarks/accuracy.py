@@ -134,6 +134,10 @@ PARTS = {
     "no-kd": ["distill.logit=0", "distill.feature=0"],  # the default without distillation (sh-mix.yaml's setting until L2F)
     # Start from the zoo's meta-val-best teacher of the learner's network (nc-best-teacher's), a fresh head.
     "init-best": ["meta.init=best-teacher"],
+    # Relational distillation beside the default's logits: the learner's (centred) cosine similarities between
+    # a teacher's bank images follow the mean of the step's teachers' (the geometry nc-all-teachers reads).
+    "rel10": ["distill.relation=10"],
+    "rel30": ["distill.relation=30"],
     # A stronger total-variation prior (the published 1e-4 on an L2 norm over the whole batch moves each pixel
     # little): smoother bank images.
     "tv0.01": ["inversion.a_tv=0.01"],

@@ -7,8 +7,9 @@ distils the zoo into a fresh network *before* meta-training, is :mod:`purer.stud
   bank's images and their augmented views: per-teacher linear heads on the
   learner's embedding fit each teacher's temperature-softened outputs (logit
   distillation) and per-teacher linear maps take the embedding onto each teacher's
-  penultimate features (feature distillation), so one network of the learner's
-  size carries what the concatenated zoo carries.  The heads and maps are
+  penultimate features (feature distillation), and its cosine similarities between
+  images follow the mean of the teachers' (relational distillation), so one network
+  of the learner's size carries what the concatenated zoo carries.  The heads and maps are
   training-only: the saved meta-learner stays one network.  This is what the
   successors of PURER (BiDf-MKD, FREE, TGR) add, done here as true divergences.
 * :func:`distillation_loss` is a true KL divergence on log-probabilities (the
@@ -65,6 +66,23 @@ def feature_distance(mapped: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (1 - F.cosine_similarity(mapped, target, dim=-1)).mean()
 
 
+def cosine_kernel(features: torch.Tensor) -> torch.Tensor:
+    """``[B, B]`` cosine similarities between the rows of ``features [B, D]``, centred on the batch's mean.
+
+    Centring first takes out the direction every image shares (post-ReLU features all point into one orthant,
+    so their plain cosines are all near 1): what is left is how the images differ, which is what a nearest-
+    centroid classifier reads."""
+    f = F.normalize(features - features.mean(0, keepdim=True), dim=-1)
+    return f @ f.T
+
+
+def relation_distance(embedding: torch.Tensor, target_kernel: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the cosine similarities of the rows of ``embedding [B, D]`` and
+    ``target_kernel [B, B]`` (similarity-preserving distillation, Tung & Mori, ICCV 2019, on cosines): 0 when the
+    learner's embedding sees every pair of images as alike as the target does."""
+    return (cosine_kernel(embedding) - target_kernel).pow(2).mean()
+
+
 HEADS = ("union", "teacher")
 
 
@@ -89,6 +107,11 @@ class DistillConfig:
             scales) ask the learner for the same sharpness; see :func:`distillation_loss`.
         feature: weight of feature distillation (per-teacher linear maps from the
             learner's embedding onto each teacher's penultimate features, cosine); 0: off.
+        relation: weight of relational distillation: on each distilled teacher's images, the
+            learner's cosine similarities between every pair of images are pulled towards the
+            mean of the step's teachers' (:func:`relation_distance`), the kernel that nearest
+            centroid on all teachers' features classifies with, so the learner's embedding takes
+            the geometry of the zoo's concatenated features; 0: off.
         temperature: T of the logit distillation (the loss is scaled by T^2).
         teachers_per_step: teachers distilled per meta-iteration (sampled uniformly
             without replacement, apart from the inversion's); its cost does not grow with
@@ -101,13 +124,15 @@ class DistillConfig:
     heads: str = "teacher"
     standardize: bool = False
     feature: float = 0.0
+    relation: float = 0.0
     temperature: float = 4.0
     teachers_per_step: int = 4
     augment: bool = True
 
     def __post_init__(self):
-        if min(self.logit, self.feature) < 0:
-            raise ValueError(f"distillation weights must be >= 0, got logit={self.logit} feature={self.feature}")
+        if min(self.logit, self.feature, self.relation) < 0:
+            raise ValueError(f"distillation weights must be >= 0, got logit={self.logit} feature={self.feature} "
+                             f"relation={self.relation}")
         if self.heads not in HEADS:
             raise ValueError(f"distill.heads must be one of {HEADS}, got {self.heads!r}")
         if self.temperature <= 0 or self.teachers_per_step < 1:
@@ -116,7 +141,7 @@ class DistillConfig:
 
     @property
     def active(self) -> bool:
-        return self.logit > 0 or self.feature > 0
+        return self.logit > 0 or self.feature > 0 or self.relation > 0
 
 
 class ZooDistillation(nn.Module):
@@ -174,12 +199,15 @@ class ZooDistillation(nn.Module):
         """This step's teachers to distil: ``min(teachers_per_step, zoo size)``, sorted."""
         return self.sampler.sample()
 
-    def losses(self, learner: MetaLearner, bank: PseudoBank, idx: Sequence[int], step: int
-               ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    def losses(self, learner: MetaLearner, bank: PseudoBank, idx: Sequence[int], step: int,
+               ensemble: Sequence[int] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """One weighted distillation loss per teacher of ``idx`` (0-dim, differentiable in the learner and in
-        the heads and maps; the bank is read detached), and their mean parts ``logit_kd``, ``feature_cos``."""
+        the heads and maps; the bank is read detached), and their mean parts ``logit_kd``, ``feature_cos``,
+        ``relation``.  ``ensemble``: the step's teachers whose similarities the relational term follows
+        (default ``idx``; a process that distils only its share of the step's teachers passes them all)."""
         c = self.config
-        out, kd, cos = [], [], []
+        ensemble = list(idx) if ensemble is None else list(ensemble)
+        out, kd, cos, rel = [], [], [], []
         images = [bank.teacher_images(i) for i in idx]
         if self.augment is not None:  # the step's views, drawn on the CPU and copied to the device once
             thetas = augmentation_draws(self.augment, (self.seed, 1), step, idx, [len(x) for x in images],
@@ -200,10 +228,17 @@ class ZooDistillation(nn.Module):
             if c.feature > 0:
                 cos.append(feature_distance(self.maps[i](embedding), target_features))
                 loss = loss + c.feature * cos[-1]
+            if c.relation > 0:
+                with torch.no_grad(), _precision(x.device, self.autocast):
+                    kernel = torch.stack([cosine_kernel(target_features if j == i else
+                                                        self.teachers[j].features(x).float()) for j in ensemble])
+                rel.append(relation_distance(embedding, kernel.float().mean(0)))
+                loss = loss + c.relation * rel[-1]
             out.append(loss)
         nan = torch.full((), float("nan"), device=bank.logits[0].device)
         stats = {"logit_kd": torch.stack(kd).detach().mean() if kd else nan,
-                 "feature_cos": torch.stack(cos).detach().mean() if cos else nan}
+                 "feature_cos": torch.stack(cos).detach().mean() if cos else nan,
+                 "relation": torch.stack(rel).detach().mean() if rel else nan}
         return out, stats
 
     def student_logits(self, i: int, embedding: torch.Tensor) -> torch.Tensor:

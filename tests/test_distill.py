@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from meta_synthetic import ARCH_ARGS, template_images, tiny_teacher
 from purer.data import EpisodeSampler, ImageSet
-from purer.distill import DistillConfig, ZooDistillation, distillation_loss, teacher_agreement
+from purer.distill import (DistillConfig, ZooDistillation, cosine_kernel, distillation_loss, relation_distance,
+                           teacher_agreement)
 from purer.student import zoo_student
 from purer.evaluate import evaluate, paired_difference, task_list
 from purer.inversion import EpisodeInversion, InversionConfig, PseudoBank
@@ -168,6 +169,36 @@ def test_feature_distillation_brings_the_learner_onto_the_teachers_features(shif
     _, history = train_on_the_bank(zoo, bank, DistillConfig(feature=1.0, augment=False), 60)
     first, last = history[0]["feature_cos"], history[-1]["feature_cos"]
     assert last < 0.5 * first, (first, last)  # 1 - cosine to each teacher's penultimate features, halved or better
+
+
+def test_the_relation_distance_is_zero_on_the_target_geometry_and_follows_the_whole_step():
+    torch.manual_seed(0)
+    f = torch.randn(6, 4, dtype=torch.float64)
+    kernel = cosine_kernel(f)
+    assert torch.allclose(kernel.diagonal(), torch.ones(6, dtype=torch.float64))
+    assert relation_distance(3 * f + 1, kernel) < 1e-20  # only directions from the batch's mean count
+    e = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    assert relation_distance(e, kernel) > 0
+    assert torch.autograd.gradcheck(lambda x: relation_distance(x, kernel), (e,))
+
+
+def test_relational_distillation_brings_the_learner_onto_the_zoos_similarities(shifted_zoo):
+    _, zoo, bank = shifted_zoo
+    _, history = train_on_the_bank(zoo, bank, DistillConfig(logit=0.0, relation=30.0, augment=False), 60)
+    first, last = history[0]["relation"], history[-1]["relation"]
+    assert last < 0.5 * first, (first, last)
+
+
+def test_a_process_distilling_its_share_of_the_step_follows_the_whole_steps_similarities(zoo):
+    """Split over processes, each one's teachers follow the same ensemble as one process distilling them all."""
+    bank = PseudoBank(zoo, images_per_class=2)
+    learner = ProtoNet(random_model("conv4", 3, 1, 8, ARCH_ARGS, seed=0))
+    distillation = ZooDistillation(zoo, learner.embed(torch.zeros(2, 1, 8, 8)).shape[-1],
+                                   DistillConfig(logit=1.0, relation=1.0, augment=False))
+    whole, _ = distillation.losses(learner, bank, [0, 1, 3], step=2)
+    share, _ = distillation.losses(learner, bank, [1], step=2, ensemble=[0, 1, 3])
+    alone, _ = distillation.losses(learner, bank, [1], step=2)
+    assert torch.allclose(share[0], whole[1]) and not torch.allclose(alone[0], whole[1])
 
 
 def test_a_distilled_learner_beats_an_undistilled_one_on_held_out_classes(shifted_zoo):

@@ -126,13 +126,13 @@ class ECI:
         elif m.init == "zoo-student" and pre_phase:
             # A pre-phase on the run's bank (resume finds it done: the checkpoint holds bank and learner).
             # Every process runs all of it, deterministic from the seed, so their banks and learners agree.
-            start = time.perf_counter()
+            began = time.perf_counter()
             try:
                 start = zoo_student(teachers, self.bank, self.inversion, m.arch, m.zoo_student_steps, cfg.seed,
-                                      arch_args=m.arch_args, progress=progress and dist.main)
+                                    arch_args=m.arch_args, progress=progress and dist.main)
             except ValueError as e:  # an unknown meta.arch or bad arch_args
                 raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
-            self.seconds_zoo_student = time.perf_counter() - start
+            self.seconds_zoo_student = time.perf_counter() - began
         self.learner = build_learner(cfg, teachers, channels, size, start).to(device)
         self.learner.task_batching = m.task_batching
         with torch.no_grad():  # the learner's embedding size, for the distillation's heads and maps
@@ -229,7 +229,7 @@ class ECI:
             episodes = [self.bank.episode(specs[j]).detach() for j in mine]
         distilled = self.distillation.sample_teachers() if self.cfg.distill.active else []
         mine_distilled = [i for k, i in enumerate(distilled) if d.owner(mb + k) == d.rank]
-        terms, dstats = self.distillation.losses(self.learner, self.bank, mine_distilled, it) \
+        terms, dstats = self.distillation.losses(self.learner, self.bank, mine_distilled, it, ensemble=distilled) \
             if mine_distilled else ([], {})
         t_distilled = time.perf_counter()
         row = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"]) + 2
