@@ -286,7 +286,9 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
         raise SystemExit("runs of different code would be mixed in one table: " + "; ".join(
             f"{code}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for code, names in by_code.items())
             + "; re-run them on one commit, or pass --allow-mixed-code to mark each row with its code")
-    code_of = {(r["scenario"], r["variant"]): (r["code"] or {}).get("source") for r in runs}
+    code_of: dict[tuple, set] = {}  # a row's seeds may come from several codes: it names them all
+    for r in runs:
+        code_of.setdefault((r["scenario"], r["variant"]), set()).add((r["code"] or {}).get("source") or "unknown")
     rows = []
     for (scenario, data, method, way, shot), found in sorted(groups.items()):
         found.sort(key=lambda sr: sr[0])
@@ -307,7 +309,7 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
         if row["variant"] == DEFAULT:  # the recipe's defaults, with or without a calibration row
             row["default"] = True
         if len(codes) > 1:
-            row["code"] = code_of[scenario, row["variant"]]
+            row["code"] = ", ".join(sorted(code_of[scenario, row["variant"]]))
         rows.append(row)
     carried_runs, carried_rows = carried(previous, {(r["scenario"], r["variant"]) for r in runs})
     return {"dataset": dataset, "selected_on": "val", "runs": runs + carried_runs, "rows": rows + carried_rows,

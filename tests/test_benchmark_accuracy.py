@@ -81,6 +81,11 @@ def test_collect_refuses_to_mix_runs_of_different_code(bench, tmp_path):
     report = bench.collect("glyphs", tmp_path, allow_mixed_code=True)
     assert {r["method"]: r["code"] for r in report["rows"]} == {"paper": "aaaa", "default": "bbbb"}
     assert "| paper (code aaaa) |" in bench.markdown(report)
+    fake_run(tmp_path, "paper", 1, [("purer", 82.0, 1.0)])  # a second seed on other code: the row names both
+    path = tmp_path / "glyphs" / "disjoint" / "paper" / "seed1" / "results.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "code": {"source": "cccc"}}))
+    report = bench.collect("glyphs", tmp_path, allow_mixed_code=True)
+    assert {r["method"]: r["code"] for r in report["rows"]} == {"paper": "aaaa, cccc", "default": "bbbb"}
 
 
 def test_default_plus_parts_is_the_recipe_default_with_only_those_parts(bench, tmp_path):
