@@ -232,7 +232,7 @@ class ZooDistillation(nn.Module):
                 with torch.no_grad(), _precision(x.device, self.autocast):
                     kernel = torch.stack([cosine_kernel(target_features if j == i else
                                                         self.teachers[j].features(x).float()) for j in ensemble])
-                rel.append(relation_distance(embedding, kernel.float().mean(0)))
+                rel.append(relation_distance(embedding, kernel.mean(0)))
                 loss = loss + c.relation * rel[-1]
             out.append(loss)
         nan = torch.full((), float("nan"), device=bank.logits[0].device)

@@ -268,7 +268,8 @@ def test_best_teacher_init_starts_from_the_meta_val_best_teacher_the_learner_can
     wide = dataclasses.replace(cfg.meta, arch_args={"depth": 2, "width": 32})
     assert best_start_teacher(wide, zoo + [default_width], {"val": val}, tasks, 1, SIZE)[0] is default_width
     with pytest.raises(RunError, match="meta.init=best-teacher needs a teacher of meta.arch=resnet10"):
-        best_start_teacher(dataclasses.replace(cfg.meta, arch="resnet10", arch_args={"width": 4}), zoo, {"val": val}, tasks, 1, SIZE)
+        resnet = dataclasses.replace(cfg.meta, arch="resnet10", arch_args={"width": 4})
+        best_start_teacher(resnet, zoo, {"val": val}, tasks, 1, SIZE)
 
 
 def test_from_model_copies_and_replaces_a_mismatched_head():

@@ -27,6 +27,6 @@ from .run_config import DataConfig, EvalConfig, MetaConfig, RunConfig, RunError,
 from .signals import StopSignals, Stopped
 
 __all__ = ["run", "RunConfig", "RunError", "DataConfig", "ZooConfig", "MetaConfig", "EvalConfig", "build_bank",
-           "best_start_teacher", "build_learner", "load_meta_learner", "load_zoo", "zoo_path", "CHECKPOINTED", "checkpointed_state",
-           "latest_checkpoint", "ECI", "meta_train_eci", "evaluate_purer", "evaluate_split", "results_table",
+           "best_start_teacher", "build_learner", "load_meta_learner", "load_zoo", "zoo_path", "CHECKPOINTED",
+           "checkpointed_state", "latest_checkpoint", "ECI", "meta_train_eci", "evaluate_purer", "evaluate_split", "results_table",
            "StopSignals", "Stopped"]

@@ -170,7 +170,8 @@ def best_start_teacher(m: MetaConfig, teachers: Sequence[Teacher], val_sets: dic
     except ValueError as e:  # an unknown meta.arch or bad arch_args
         raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
     # The learner's network, whatever arguments spell it (a teacher's recorded width may be the default's).
-    fits = [t for t in teachers if (t.config.arch, t.config.in_channels, t.config.image_size) == (m.arch, channels, size)
+    fits = [t for t in teachers
+            if (t.config.arch, t.config.in_channels, t.config.image_size) == (m.arch, channels, size)
             and _encoder_shapes(t.model) == want]
     if not fits:
         kinds = sorted({f"{t.config.arch} {t.config.in_channels}x{t.config.image_size}px" for t in teachers})
