@@ -141,7 +141,8 @@ class ICFILConfig:
 
     pseudo_per_class: int = 3
     inversion_steps: int = 30
-    inversion: InversionConfig = field(default_factory=InversionConfig)
+    # One R_tv weight for colour and grey alike (a_tv_colour off): ICFIL's settings were chosen on meta-val so.
+    inversion: InversionConfig = field(default_factory=lambda: InversionConfig(a_tv_colour=None))
     calibration_steps: int = 10
     calibration_lr: float = 1e-4
     temperature: float = 0.1

@@ -130,6 +130,12 @@ class InversionConfig:
         lr: Adam learning rate on the bank's raw tensors (see the module docstring).
         betas: Adam betas (PyTorch's defaults).
         a_bn, a_tv, a_l2: weights of R_bn, R_tv and R_l2.
+        a_tv_colour: R_tv's weight for a teacher of colour (3-channel) input; ``None``: ``a_tv`` for
+            every teacher, as the release.  Not in the release: 1e-3, chosen on meta-val across zoos
+            (``benchmarks/results/selection_cross_zoo.md``).  On the colour icon zoo the release's
+            1e-4 leaves the bank saturated colour noise; 1e-3 gives smooth shapes and a better
+            meta-val (5-shot 59.9% against 57.3%).  Grey teachers keep ``a_tv``: on the glyph zoo
+            1e-3 did not help meta-val (and lost 3.5 points on the one seed meta-tested).
         augment: differentiable augmentation of the images a teacher classifies.
         jitter: random shift, in bank pixels (the release rolls by +-2 px).
         crop_scale: area range of a random square crop, resized back to the bank size
@@ -170,6 +176,7 @@ class InversionConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     a_bn: float = 0.01
     a_tv: float = 1e-4
+    a_tv_colour: float | None = 1e-3
     a_l2: float = 1e-5
     augment: bool = True
     jitter: int = 2
@@ -190,8 +197,8 @@ class InversionConfig:
             raise ValueError(f"teachers_per_step must be >= 1, got {self.teachers_per_step}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if min(self.a_bn, self.a_tv, self.a_l2) < 0:
-            raise ValueError("a_bn, a_tv and a_l2 must be >= 0")
+        if min(self.a_bn, self.a_tv, self.a_l2, self.tv_weight(3)) < 0:
+            raise ValueError("a_bn, a_tv, a_tv_colour and a_l2 must be >= 0")
         if self.jitter < 0:
             raise ValueError(f"jitter must be >= 0 pixels, got {self.jitter}")
         lo, hi = self.crop_scale
@@ -208,6 +215,10 @@ class InversionConfig:
             raise ValueError(f"synthesizer must be one of {SYNTHESIZERS}, got {self.synthesizer!r}")
         if self.teacher_batching not in TEACHER_BATCHING:
             raise ValueError(f"teacher_batching must be one of {TEACHER_BATCHING}, got {self.teacher_batching!r}")
+
+    def tv_weight(self, in_channels: int) -> float:
+        """R_tv's weight for a teacher taking ``in_channels`` channels: ``a_tv_colour`` for colour (if set), else ``a_tv``."""
+        return self.a_tv_colour if in_channels == 3 and self.a_tv_colour is not None else self.a_tv
 
 
 def build_augmentation(config: InversionConfig, image_size: int) -> RandomAffineAugment:
@@ -452,7 +463,7 @@ class EpisodeInversion:
             # space the release's coefficients were set in.
             r_tv, r_l2 = total_variation(g.inputs), l2_prior(g.inputs)
             acc = (logits.argmax(-1) == y).float().mean(1)
-            total = ce + c.a_bn * r_bn + c.a_tv * r_tv + c.a_l2 * r_l2
+            total = ce + c.a_bn * r_bn + c.tv_weight(g.inputs.shape[2]) * r_tv + c.a_l2 * r_l2
             if c.a_div > 0:
                 total = total + c.a_div * within_class_similarity(features, bank.images_per_class)
             for j, i in enumerate(g.members):
