@@ -668,6 +668,21 @@ def test_label_preserving_adversary_stops_pushing_misclassified_queries(zoo):
         SwitchConfig(adversarial_queries="wrong")
 
 
+@pytest.mark.parametrize("a_tv_colour", [1e-2, None])
+def test_colour_teachers_take_the_colour_tv_weight_and_grey_ones_a_tv(zoo, a_tv_colour):
+    colour = train_teacher(WAYS, "colour", channels=3, seed=5)
+    teachers = [zoo[0], colour]
+    bank = PseudoBank(teachers, images_per_class=3, seed=0)
+    config = no_aug(a_tv=1e-4, a_tv_colour=a_tv_colour)
+    loss, parts = EpisodeInversion(teachers, bank, config).teacher_losses([0, 1])
+    tv_term = loss - (parts["ce"] + config.a_bn * parts["r_bn"] + config.a_l2 * parts["r_l2"])
+    expected = torch.tensor([1e-4, a_tv_colour or 1e-4]) * parts["r_tv"]
+    assert parts["r_tv"].min() > 0 and torch.allclose(tv_term.detach(), expected, rtol=1e-4, atol=0), (tv_term, expected)
+    assert (config.tv_weight(1), config.tv_weight(3)) == (1e-4, a_tv_colour or 1e-4)
+    with pytest.raises(ValueError, match="a_tv_colour"):
+        InversionConfig(a_tv_colour=-1.0)
+
+
 def test_the_first_bn_multiplier_and_the_diversity_term_do_what_they_say(zoo):
     from purer.inversion.synthesizer import within_class_similarity
 

@@ -37,6 +37,9 @@ def test_a_zoo_of_two_datasets_trains_one_learner_and_tests_it_on_each(tiny_root
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["zoo"]["datasets"] == ["cifar_fs", "folder"] and results["zoo"]["models"] == 4
+    # the folder loader gives RGB: every teacher is colour, its R_tv weight inversion.a_tv_colour; the run says so
+    assert results["meta_train"]["tv_weight"] == {"colour": 1e-3}
+    assert "inversion: R_tv weight 0.001 for colour teachers (inversion.a_tv_colour)" in res.stdout
     rows = {(r["dataset"], r["method"]) for r in results["rows"]}
     assert rows == {(d, m) for d in ("folder", "cifar_fs") for m in ("purer", "purer+support-ce", "nc-best-teacher")}
     # each dataset's best-teacher baseline comes from its own teachers

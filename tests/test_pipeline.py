@@ -206,7 +206,12 @@ def test_a_run_from_the_best_teacher_names_it_and_resumes_to_the_same_results(ti
     out = tmp_path / "best_teacher"
     res = recipe(overrides(tiny_root, out, 4, **fast))
     assert res.returncode == 0, res.stderr[-3000:]
-    start = json.loads((out / "results.json").read_text())["meta_train"]["start_teacher"]
+    summary = json.loads((out / "results.json").read_text())["meta_train"]
+    start = summary["start_teacher"]
+    # the start is validated too (iteration 0), so the selection may keep it
+    steps = [step for step, _ in summary["val_curve"]]
+    assert steps[0] == 0 and len(steps) > 1
+    assert summary["best_iteration"] == max(summary["val_curve"], key=lambda sv: sv[1])[0]
     assert (tiny_root.parent / "tiny_zoo" / start["model_id"] / "config.json").is_file()
     assert f"starts from teacher {start['model_id']} ({start['val_accuracy']}% on meta-val" in res.stdout
     resumed = tmp_path / "resumed"

@@ -289,13 +289,19 @@ class ECI:
             logs.update({f"val/accuracy/{name}": v for name, v in scores.items()})
         return logs
 
+    def tv_weights(self) -> dict[str, float]:
+        """R_tv's weight for the zoo's grey and colour teachers (the kinds it holds): ``inversion.a_tv`` and
+        ``a_tv_colour`` (:meth:`~purer.inversion.InversionConfig.tv_weight`)."""
+        kinds = {"colour" if t.config.in_channels == 3 else "grey": t.config.in_channels for t in self.teachers}
+        return {kind: self.cfg.inversion.tv_weight(c) for kind, c in sorted(kinds.items())}
+
     def summary(self) -> dict:
         s, m = self.state, self.cfg.meta
         return {"iterations": m.train.iterations, "bank_classes": self.bank.num_classes,
                 "best_iteration": s.best_iteration, "val_accuracy": round(s.best_val, 2) if s.val else None,
                 "switch_fired": self.switch.fired, "fired_at": s.fired_at, "adversarial_steps": s.adversarial_steps,
                 **({"hard_batches": s.hard_batches} if self.hard_tasks is not None else {}),
-                "val_curve": s.val,
+                "val_curve": s.val, "tv_weight": self.tv_weights(),
                 **({"start_teacher": self.start_teacher} if self.start_teacher is not None else {}),
                 "seconds_zoo_student": round(self.seconds_zoo_student, 1),
                 "seconds_inversion": round(self.seconds["inversion"], 1),
@@ -316,6 +322,11 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     if eci.start_teacher is not None:
         acc.print(f"meta.init=best-teacher: the learner starts from teacher {eci.start_teacher['model_id']} "
                   f"({eci.start_teacher['val_accuracy']}% on meta-val by nearest centroid)")
+    weights = eci.tv_weights()
+    if "colour" in weights:
+        key = {"colour": "a_tv_colour" if cfg.inversion.a_tv_colour is not None else "a_tv", "grey": "a_tv"}
+        acc.print("inversion: R_tv weight " + ", ".join(f"{w:g} for {kind} teachers (inversion.{key[kind]})"
+                                                         for kind, w in weights.items()))
     checkpoints = Checkpoints(out, eci.objects(), dist, identity)
     if resume:
         found = latest_checkpoint(out)
@@ -334,6 +345,11 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         if on_checkpoint is not None:
             on_checkpoint()
 
+    if eci.state.iteration == 0 and cfg.meta.init != "random":
+        # A start that already knows something (a teacher, the zoo's student, the averaged teachers) is a candidate
+        # of the selection: meta-training keeps it unless meta-val finds it improved.
+        tracker.note(eci.validate())
+        tracker.flush(0, False, eci.switch.fired)
     for it in bar:
         tracker.add(eci.iteration())
         n = eci.state.iteration
