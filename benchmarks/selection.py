@@ -66,7 +66,8 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
             d, ci = paired_difference(results[r["variant"], r["seed"], r["shot"]], results[mine[0]])
             r["vs_chosen"] = [round(d, 2), round(ci, 2)]
     return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
-            "chosen": chosen, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"), "rows": rows}
+            "chosen": chosen, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"),
+            "colour_teachers": colour_teachers(runs[0].parents[1] / "results.json"), "rows": rows}
 
 
 def shared_classes(results: Path) -> bool:
@@ -76,6 +77,13 @@ def shared_classes(results: Path) -> bool:
     data = json.loads(results.read_text())
     zoo, bank = data["zoo"], data["meta_train"]["bank_classes"]
     return len(zoo["classes"]) != 1 or bank < zoo["models"] * zoo["classes"][0]
+
+
+def colour_teachers(results: Path) -> bool:
+    """Whether the zoo of a run (its ``results.json``) holds a teacher of colour input, whose R_tv weight is
+    ``inversion.a_tv_colour``; a zoo folder no longer there: ``True`` (unknown)."""
+    configs = list(Path(json.loads(results.read_text())["zoo"]["path"]).glob("*/config.json"))
+    return not configs or any(json.loads(c.read_text()).get("in_channels") == 3 for c in configs)
 
 
 def markdown(report: dict) -> str:
@@ -100,9 +108,11 @@ def markdown(report: dict) -> str:
 
 #: How far below PURER as published a default may fall on any zoo's meta-val (points, mean over shots).
 MARGIN = 1.0
-#: Variants that are the same model as another on a zoo whose teachers share no class: there the union head's
-#: rows split into the per-teacher heads (``DistillConfig.heads``), so the other's run stands for it.
-SAME_WITHOUT_SHARED_CLASSES = {"default+kd-union": "default"}
+#: Variants that are the same model as another on a zoo without the property (a key of a :func:`score` report)
+#: that tells them apart, so the other's run stands for it there: on a zoo whose teachers share no class the
+#: union head's rows split into the per-teacher heads (``DistillConfig.heads``); on a zoo without colour teachers
+#: ``inversion.a_tv_colour`` weighs nothing.
+SAME_WITHOUT = {"default+kd-union": ("default", "shared_classes"), "default+tv-release": ("default", "colour_teachers")}
 
 
 def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
@@ -110,9 +120,9 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
 
     Per zoo, each variant's meta-val is the mean over shots; the variants are ranked per zoo.  Eligible are the
     variants run on every zoo whose meta-val is nowhere more than :data:`MARGIN` points below ``reference``'s;
-    the chosen one has the best mean rank among them (ties: the better mean meta-val).  On a zoo whose teachers
-    share no class, a variant of :data:`SAME_WITHOUT_SHARED_CLASSES` takes the meta-val of the variant it is the
-    same model as (marked in ``stands_in``).  Meta-test is not read.
+    the chosen one has the best mean rank among them (ties: the better mean meta-val).  On a zoo without the
+    property that tells it apart, a variant of :data:`SAME_WITHOUT` takes the meta-val of the variant it is the
+    same model as there (marked in ``stands_in``).  Meta-test is not read.
     """
     table: dict[str, dict[str, float]] = {}
     stands_in: dict[str, dict[str, str]] = {}
@@ -121,11 +131,10 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
         per = {}
         for r in report["rows"]:
             per.setdefault(r["variant"], []).append(r["val_accuracy"])
-        if not report.get("shared_classes", True):
-            for variant, same in SAME_WITHOUT_SHARED_CLASSES.items():
-                if variant not in per and same in per:
-                    per[variant] = per[same]
-                    stands_in.setdefault(variant, {})[f"{dataset}/{scenario}"] = same
+        for variant, (same, property_) in SAME_WITHOUT.items():
+            if not report.get(property_, True) and variant not in per and same in per:
+                per[variant] = per[same]
+                stands_in.setdefault(variant, {})[f"{dataset}/{scenario}"] = same
         for variant, accs in per.items():
             table.setdefault(variant, {})[f"{dataset}/{scenario}"] = statistics.fmean(accs)
     names = [f"{d}/{s}" for d, s in zoos]
@@ -158,8 +167,8 @@ def cross_markdown(report: dict) -> str:
              "1- and 5-shot; 1-shot only where a zoo's tasks are 1-shot) of each variant on each zoo, its rank there "
              f"(1 = best), and how far below {report['reference']} it falls on its worst zoo. Eligible: nowhere more "
              f"than {report['margin']:g} point below {report['reference']}; chosen: the best mean rank among them: "
-             f"**{report['chosen']}**. Meta-test was not read. \"= v\": on that zoo no two teachers share a class, "
-             "so the variant is the same model as v, and v's run stands for it.", "",
+             f"**{report['chosen']}**. Meta-test was not read. \"= v\": on that zoo the variant is the same model as v "
+             "(no two teachers share a class, or none is colour), and v's run stands for it.", "",
              "| variant | " + " | ".join(zoos) + " | mean | mean rank | worst vs " + report["reference"] + " |",
              "|---|" + "---|" * (len(zoos) + 3)]
     for r in report["rows"]:

@@ -47,3 +47,29 @@ def test_shared_classes_reads_the_bank_against_the_teachers_outputs(tmp_path):
         (tmp_path / "results.json").write_text(json.dumps(
             {"zoo": {"models": 12, "classes": [5]}, "meta_train": {"bank_classes": bank}}))
         assert sel.shared_classes(tmp_path / "results.json") is shared
+
+
+def test_the_release_tv_variant_is_the_default_on_a_zoo_without_colour_teachers(tmp_path, monkeypatch):
+    sel = load()
+    monkeypatch.setattr(sel, "RESULTS", tmp_path)
+    val = {"grey": ({"paper": 80, "default": 85}, False),
+           "colour": ({"paper": 40, "default": 45, "default+tv-release": 43}, True)}
+    for zoo, (scores, colour) in val.items():
+        rows = [{"variant": v, "seed": 0, "shot": 1, "val_accuracy": acc} for v, acc in scores.items()]
+        (tmp_path / f"selection_x_{zoo}.json").write_text(json.dumps({"rows": rows, "colour_teachers": colour}))
+    rows = {r["variant"]: r for r in sel.cross([("x", "grey"), ("x", "colour")])["rows"]}
+    assert rows["default+tv-release"]["stands_in"] == {"x/grey": "default"}
+    assert rows["default+tv-release"]["val_accuracy"] == {"x/grey": 85, "x/colour": 43}
+
+
+def test_colour_teachers_reads_the_zoos_model_configs(tmp_path):
+    sel = load()
+    for channels, colour in ((1, False), (3, True)):
+        zoo = tmp_path / f"zoo{channels}"
+        for k in range(2):
+            (zoo / f"m{k}").mkdir(parents=True)
+            (zoo / f"m{k}" / "config.json").write_text(json.dumps({"in_channels": channels if k else 1}))
+        (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(zoo)}}))
+        assert sel.colour_teachers(tmp_path / "results.json") is colour
+    (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(tmp_path / "gone")}}))
+    assert sel.colour_teachers(tmp_path / "results.json") is True
