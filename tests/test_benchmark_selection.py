@@ -1,6 +1,10 @@
 """benchmarks/selection.py cross: the default chosen across zoos on meta-val, never far below PURER as published."""
 import json
+from pathlib import Path
+
+import pytest
 from benchmark_scripts import load_benchmark
+
 
 def load():
     return load_benchmark("selection")
@@ -21,24 +25,33 @@ def test_cross_zoo_choice_takes_the_best_mean_rank_that_never_falls_far_below_pa
     assert "**y**" in sel.cross_markdown(report) and "x (not eligible)" in sel.cross_markdown(report)
 
 
-def test_a_union_head_variant_is_the_default_on_a_zoo_without_shared_classes(tmp_path, monkeypatch):
+def write_reports(folder: Path, reports: dict[str, tuple[dict[str, float], dict]]) -> None:
+    """One selection report per zoo: ``{zoo: ({variant: meta-val}, extra report keys)}`` (1-shot rows)."""
+    for zoo, (scores, extra) in reports.items():
+        rows = [{"variant": v, "seed": 0, "shot": 1, "val_accuracy": acc} for v, acc in scores.items()]
+        (folder / f"selection_glyphs_{zoo}.json").write_text(json.dumps({"rows": rows, **extra}))
+
+
+@pytest.mark.parametrize("variant,property_", [("default+kd-union", "shared_classes"),
+                                               ("default+tv-release", "colour_teachers")])
+def test_a_variant_is_the_default_on_a_zoo_without_what_tells_them_apart(tmp_path, monkeypatch, variant, property_):
+    """A union head is the per-teacher heads where no two teachers share a class; the release's R_tv weight
+    for colour teachers is the default's where no teacher is colour."""
     sel = load()
     monkeypatch.setattr(sel, "RESULTS", tmp_path)
-    val = {"disjoint": ({"paper": 80, "default": 85}, False),
-           "overlap": ({"paper": 80, "default": 82, "default+kd-union": 84}, True)}
-    for zoo, (scores, shared) in val.items():
-        rows = [{"variant": v, "seed": 0, "shot": 1, "val_accuracy": acc} for v, acc in scores.items()]
-        (tmp_path / f"selection_glyphs_{zoo}.json").write_text(json.dumps({"rows": rows, "shared_classes": shared}))
-    report = sel.cross([("glyphs", "disjoint"), ("glyphs", "overlap")])
+    zoos = [("glyphs", "without"), ("glyphs", "with")]
+    reports = {"without": ({"paper": 80, "default": 85}, {property_: False}),
+               "with": ({"paper": 80, "default": 82, variant: 84}, {property_: True})}
+    write_reports(tmp_path, reports)
+    report = sel.cross(zoos)
     rows = {r["variant"]: r for r in report["rows"]}
-    assert rows["default+kd-union"]["val_accuracy"] == {"glyphs/disjoint": 85, "glyphs/overlap": 84}
-    assert rows["default+kd-union"]["stands_in"] == {"glyphs/disjoint": "default"}
-    assert report["chosen"] == "default+kd-union" and "85.00 (1) = default" in sel.cross_markdown(report)
-    # where teachers do share classes, nothing stands in: the variant must have run there
-    (tmp_path / "selection_glyphs_disjoint.json").write_text(json.dumps(
-        {"rows": [{"variant": v, "seed": 0, "shot": 1, "val_accuracy": a} for v, a in val["disjoint"][0].items()],
-         "shared_classes": True}))
-    assert "default+kd-union" not in {r["variant"] for r in sel.cross([("glyphs", "disjoint"), ("glyphs", "overlap")])["rows"]}
+    assert rows[variant]["val_accuracy"] == {"glyphs/without": 85, "glyphs/with": 84}
+    assert rows[variant]["stands_in"] == {"glyphs/without": "default"}
+    assert report["chosen"] == variant and "85.00 (1) = default" in sel.cross_markdown(report)
+    # where the property holds (or a report does not say), nothing stands in: the variant must have run there
+    for extra in ({property_: True}, {}):
+        write_reports(tmp_path, {"without": (reports["without"][0], extra)})
+        assert variant not in {r["variant"] for r in sel.cross(zoos)["rows"]}
 
 
 def test_shared_classes_reads_the_bank_against_the_teachers_outputs(tmp_path):
@@ -47,19 +60,6 @@ def test_shared_classes_reads_the_bank_against_the_teachers_outputs(tmp_path):
         (tmp_path / "results.json").write_text(json.dumps(
             {"zoo": {"models": 12, "classes": [5]}, "meta_train": {"bank_classes": bank}}))
         assert sel.shared_classes(tmp_path / "results.json") is shared
-
-
-def test_the_release_tv_variant_is_the_default_on_a_zoo_without_colour_teachers(tmp_path, monkeypatch):
-    sel = load()
-    monkeypatch.setattr(sel, "RESULTS", tmp_path)
-    val = {"grey": ({"paper": 80, "default": 85}, False),
-           "colour": ({"paper": 40, "default": 45, "default+tv-release": 43}, True)}
-    for zoo, (scores, colour) in val.items():
-        rows = [{"variant": v, "seed": 0, "shot": 1, "val_accuracy": acc} for v, acc in scores.items()]
-        (tmp_path / f"selection_x_{zoo}.json").write_text(json.dumps({"rows": rows, "colour_teachers": colour}))
-    rows = {r["variant"]: r for r in sel.cross([("x", "grey"), ("x", "colour")])["rows"]}
-    assert rows["default+tv-release"]["stands_in"] == {"x/grey": "default"}
-    assert rows["default+tv-release"]["val_accuracy"] == {"x/grey": 85, "x/colour": 43}
 
 
 def test_colour_teachers_reads_the_zoos_model_configs(tmp_path):
