@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,8 +36,12 @@ RUNS = REPO / "runs" / "benchmarks"
 TASKS, SEED = 300, 1
 
 
-def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Path = RUNS) -> dict:
-    """Meta-val accuracy of every finished run of the scenario (see the module docstring)."""
+def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Path = RUNS,
+          previous: Path | None = None) -> dict:
+    """Meta-val accuracy of every finished run of the scenario (see the module docstring); with ``previous`` (a
+    report of this scenario), its rows of the (variant, seed)s that have no run here, marked ``carried_from`` (the
+    commit that last wrote the report): the runs behind a report live on the machine that made them, and the
+    tasks are the same, so a variant run later is scored beside them (unpaired: their per-task results are gone)."""
     runs = sorted((root / dataset / scenario).glob("*/seed*/meta_learner/config.json"))
     if not runs:
         raise SystemExit(f"no finished runs under {root / dataset / scenario}")
@@ -55,6 +60,7 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
             results[variant, seed, shot] = r
             rows.append({"variant": variant, "seed": seed, "shot": shot, "val_accuracy": round(r.accuracy, 2),
                          "ci95": round(r.ci95, 2)})
+    rows += carried(previous, {(r["variant"], r["seed"]) for r in rows})
     means = {}
     for r in rows:
         means.setdefault(r["variant"], []).append(r["val_accuracy"])
@@ -62,12 +68,23 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
     for r in rows:
         r["chosen"] = r["variant"] == chosen
         mine = [k for k in results if k[0] == chosen and k[2] == r["shot"]]
-        if r["variant"] != chosen and mine:
+        if r["variant"] != chosen and mine and (r["variant"], r["seed"], r["shot"]) in results:
             d, ci = paired_difference(results[r["variant"], r["seed"], r["shot"]], results[mine[0]])
             r["vs_chosen"] = [round(d, 2), round(ci, 2)]
     return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
             "chosen": chosen, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"),
             "colour_teachers": colour_teachers(runs[0].parents[1] / "results.json"), "rows": rows}
+
+
+def carried(previous: Path | None, present: set[tuple[str, int]]) -> list[dict]:
+    """The rows of the report ``previous`` whose (variant, seed) is not in ``present`` (see :func:`score`)."""
+    if previous is None or not previous.is_file():
+        return []
+    commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(previous)], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    keep = ("variant", "seed", "shot", "val_accuracy", "ci95")
+    return [{**{k: r[k] for k in keep}, "carried_from": r.get("carried_from", commit)}
+            for r in json.loads(previous.read_text())["rows"] if (r["variant"], r["seed"]) not in present]
 
 
 def shared_classes(results: Path) -> bool:
@@ -102,7 +119,12 @@ def markdown(report: dict) -> str:
             r = cell[variant, seed, s]
             diff = r.get("vs_chosen")
             parts += [f"{r['val_accuracy']:.2f} ± {r['ci95']:.2f}", f"{diff[0]:+.2f} ± {diff[1]:.2f}" if diff else ""]
-        lines.append(f"| {variant} | {seed} | " + " | ".join(parts) + " |")
+        mark = " †" if "carried_from" in cell[variant, seed, shots[0]] else ""
+        lines.append(f"| {variant}{mark} | {seed} | " + " | ".join(parts) + " |")
+    commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})
+    if commits:
+        lines += ["", f"† scored on the same tasks by an earlier report (commit {', '.join(commits)}); its run is not "
+                      "on this machine, so it has no paired difference."]
     return "\n".join(lines) + "\n"
 
 
@@ -193,8 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         print(cross_markdown(report))
         return
     torch.set_num_threads(1)
-    report = score(a.dataset, a.scenario[0])
     name = f"selection_{a.dataset}_{a.scenario[0]}"
+    report = score(a.dataset, a.scenario[0], previous=RESULTS / f"{name}.json")
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(report))
     print(markdown(report))

@@ -73,3 +73,18 @@ def test_colour_teachers_reads_the_zoos_model_configs(tmp_path):
         assert sel.colour_teachers(tmp_path / "results.json") is colour
     (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(tmp_path / "gone")}}))
     assert sel.colour_teachers(tmp_path / "results.json") is True
+
+
+def test_a_report_keeps_the_rows_of_runs_made_elsewhere_and_marks_them(tmp_path):
+    sel = load()
+    old = [{"variant": v, "seed": seed, "shot": 1, "val_accuracy": acc, "ci95": 1.0, "chosen": v == "default"}
+           for v, seed, acc in (("default", 0, 90.0), ("default", 1, 89.0), ("paper", 0, 87.0))]
+    (tmp_path / "old.json").write_text(json.dumps({"rows": old}))
+    rows = sel.carried(tmp_path / "old.json", {("default", 1)})
+    assert [(r["variant"], r["seed"]) for r in rows] == [("default", 0), ("paper", 0)]
+    assert all(set(r) == {"variant", "seed", "shot", "val_accuracy", "ci95", "carried_from"} for r in rows)
+    assert sel.carried(tmp_path / "missing.json", set()) == []
+    report = {"dataset": "glyphs", "scenario": "s", "tasks": 300, "task_seed": 1, "chosen": "default",
+              "rows": rows + [{"variant": "new", "seed": 0, "shot": 1, "val_accuracy": 91.0, "ci95": 1.0}]}
+    text = sel.markdown(report)
+    assert "| paper † | 0 |" in text and "| new | 0 |" in text and "earlier report (commit" in text
