@@ -290,9 +290,10 @@ class ECI:
         return logs
 
     def tv_weights(self) -> dict[str, float]:
-        """R_tv's weight for the zoo's grey and colour teachers (the kinds it holds): ``inversion.a_tv`` and
-        ``a_tv_colour`` (:meth:`~purer.inversion.InversionConfig.tv_weight`)."""
-        kinds = {"colour" if t.config.in_channels == 3 else "grey": t.config.in_channels for t in self.teachers}
+        """R_tv's weight for each kind of teacher the zoo holds, ``colour`` (3 channels) and ``grey`` (1; any
+        other count by its number of channels): :meth:`~purer.inversion.InversionConfig.tv_weight`."""
+        kind = lambda c: {3: "colour", 1: "grey"}.get(c, f"{c}-channel")
+        kinds = {kind(t.config.in_channels): t.config.in_channels for t in self.teachers}
         return {kind: self.cfg.inversion.tv_weight(c) for kind, c in sorted(kinds.items())}
 
     def summary(self) -> dict:
@@ -324,9 +325,10 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
                   f"({eci.start_teacher['val_accuracy']}% on meta-val by nearest centroid)")
     weights = eci.tv_weights()
     if "colour" in weights:
-        key = {"colour": "a_tv_colour" if cfg.inversion.a_tv_colour is not None else "a_tv", "grey": "a_tv"}
-        acc.print("inversion: R_tv weight " + ", ".join(f"{w:g} for {kind} teachers (inversion.{key[kind]})"
-                                                         for kind, w in weights.items()))
+        colour_key = "a_tv_colour" if cfg.inversion.a_tv_colour is not None else "a_tv"
+        acc.print("inversion: R_tv weight " + ", ".join(
+            f"{w:g} for {kind} teachers (inversion.{colour_key if kind == 'colour' else 'a_tv'})"
+            for kind, w in weights.items()))
     checkpoints = Checkpoints(out, eci.objects(), dist, identity)
     if resume:
         found = latest_checkpoint(out)
