@@ -77,11 +77,13 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
 
 
 def carried(previous: Path | None, present: set[tuple[str, int]]) -> list[dict]:
-    """The rows of the report ``previous`` whose (variant, seed) is not in ``present`` (see :func:`score`)."""
+    """The rows of the report ``previous`` whose (variant, seed) is not in ``present`` (see :func:`score`), marked with
+    the commit that last changed the report's scores."""
     if previous is None or not previous.is_file():
         return []
-    commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(previous)], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    # the commit that last changed the report's scores (not merely its other keys)
+    commit = subprocess.run(["git", "log", "-1", "--format=%h", "-G", '"val_accuracy"', "--", str(previous)], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
     keep = ("variant", "seed", "shot", "val_accuracy", "ci95")
     return [{**{k: r[k] for k in keep}, "carried_from": r.get("carried_from", commit)}
             for r in json.loads(previous.read_text())["rows"] if (r["variant"], r["seed"]) not in present]
