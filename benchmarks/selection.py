@@ -40,7 +40,7 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
           previous: Path | None = None) -> dict:
     """Meta-val accuracy of every finished run of the scenario (see the module docstring); with ``previous`` (a
     report of this scenario), its rows of the (variant, seed)s that have no run here, marked ``carried_from`` (the
-    commit that last wrote the report): the runs behind a report live on the machine that made them, and the
+    commit that last changed its scores): the runs behind a report live on the machine that made them, and the
     tasks are the same, so a variant run later is scored beside them (unpaired: their per-task results are gone)."""
     runs = sorted((root / dataset / scenario).glob("*/seed*/meta_learner/config.json"))
     if not runs:
