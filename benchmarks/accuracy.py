@@ -143,6 +143,9 @@ PARTS = {
     "tv0.01": ["inversion.a_tv=0.01"],
     "tv0.001": ["inversion.a_tv=0.001"],
     "tv-release": ["inversion.a_tv_colour=null"],  # the release's one R_tv weight for colour teachers too
+    # Meta-val scores (and the run keeps) an exponential moving average of the learner's weights.
+    "avg": ["meta.train.average=0.99"],
+    "avg0.995": ["meta.train.average=0.995"],
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],

@@ -11,7 +11,7 @@ from purer.evaluate import evaluate, task_list
 from purer.pipeline import RunConfig, RunError, best_start_teacher, build_learner
 from purer.pipeline.run_config import EvalConfig, MetaConfig
 from purer.meta import (ANIL, MAML, InputSpec, MAMLConfig, MetaTrainConfig, ProtoNet, average_teachers, from_model,
-                        meta_step, meta_train, random_model, real_episodes)
+                        WeightAverage, meta_step, meta_train, random_model, real_episodes)
 from purer.zoo import Teacher, build_model
 
 
@@ -409,3 +409,47 @@ def test_a_cpu_learner_runs_its_network_channels_last_for_grey_and_colour_input(
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     with torch.no_grad():  # the same numbers as the contiguous layout, up to float rounding
         assert torch.allclose(model(z), model(z.contiguous()), atol=1e-5)
+
+
+def test_weight_average_is_what_meta_val_scores_and_what_is_kept():
+    torch.manual_seed(0)
+    train, val = template_images(20, seed=1), template_images(10, seed=2)
+    tasks = task_list(val, 5, 1, query=3, tasks=5)
+    learner = MAML(tiny_model(), 5, config=MAMLConfig(inner_lr=0.1))
+    weights = [{k: v.clone() for k, v in learner.state_dict().items()}]
+    history = meta_train(learner, real_episodes(train, 5, 1, query=3, seed=0),
+                         MetaTrainConfig(iterations=5, meta_batch=2, val_every=5, average=0.2),
+                         val=(val, tasks), progress=False,
+                         callback=lambda step, loss, acc: weights.append(
+                             {k: v.clone() for k, v in learner.state_dict().items()}))
+    expected = dict(weights[0])
+    for n, w in enumerate(weights[1:], start=1):
+        d = min(0.2, (1 + n) / (10 + n))
+        expected = {k: d * expected[k] + (1 - d) * w[k] for k in w}
+    kept = learner.state_dict()
+    assert all(torch.allclose(kept[k], expected[k], atol=1e-6) for k in kept)
+    assert not all(torch.allclose(kept[k], weights[-1][k]) for k in kept)  # the average, not the last weights
+    assert evaluate(learner, val, tasks, progress=False).accuracy == pytest.approx(history.best_val)
+    with pytest.raises(ValueError, match="average"):
+        MetaTrainConfig(average=1.0)
+
+
+def test_weight_average_off_changes_nothing():
+    learner = MAML(tiny_model(), 5)
+    average = WeightAverage(learner, 0.0)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    with torch.no_grad():
+        for p in learner.parameters():
+            p.add_(1.0)
+    average.update(learner, 1)
+    with average.swapped_in(learner):
+        assert all(torch.equal(v, before[k] + 1) for k, v in learner.state_dict().items())
+    assert average.state_dict() == {}
+    on = WeightAverage(learner, 0.9)
+    with on.swapped_in(learner):
+        with torch.no_grad():
+            for p in learner.parameters():
+                p.zero_()
+    assert all(torch.equal(v, before[k] + 1) for k, v in learner.state_dict().items())  # own weights back
+    with pytest.raises(KeyError, match="meta.train.average"):
+        on.load_state_dict({})

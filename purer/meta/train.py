@@ -11,6 +11,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -38,12 +39,16 @@ class MetaTrainConfig:
         outer_lr: Adam learning rate.
         val_every: evaluate on the meta-val task list every this many steps and keep
             the best state (0: never; then the final state is kept).
+        average: the decay of an exponential moving average of the learner's weights
+            (:class:`WeightAverage`); meta-val scores the average, and the average is what is kept.
+            0: off (the learner's own weights).
     """
 
     iterations: int = 1000
     meta_batch: int = 4
     outer_lr: float = 1e-3
     val_every: int = 0
+    average: float = 0.0
 
     def __post_init__(self):
         if self.iterations < 0 or self.meta_batch < 1 or self.val_every < 0:
@@ -51,6 +56,62 @@ class MetaTrainConfig:
                              f"{self.meta_batch} and {self.val_every}")
         if self.outer_lr <= 0:
             raise ValueError(f"outer_lr must be positive, got {self.outer_lr}")
+        if not 0 <= self.average < 1:
+            raise ValueError(f"average (the weight average's decay) must lie in [0, 1), got {self.average}; "
+                             f"0 turns it off")
+
+
+class WeightAverage:
+    """An exponential moving average of a meta-learner's weights over its outer steps (Polyak averaging).
+
+    After outer step ``n`` (1-based) the average moves toward the weights by ``1 - d_n``, with
+    ``d_n = min(decay, (1 + n) / (10 + n))``: early steps, far from where training goes, fade fast.
+    Every floating-point entry of the learner's ``state_dict`` is averaged, on the weights' device (no host
+    read); other entries are copied.  ``decay`` 0 is off: the average is the weights themselves and
+    :meth:`swapped_in` changes nothing.
+
+    References:
+        Polyak, Juditsky, "Acceleration of Stochastic Approximation by Averaging", SIAM J. Control Optim. 1992.
+    """
+
+    def __init__(self, learner: MetaLearner, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in learner.state_dict().items()} if decay else {}
+
+    def update(self, learner: MetaLearner, step: int) -> None:
+        """Fold in the weights after outer step ``step`` (1-based)."""
+        if not self.decay:
+            return
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in learner.state_dict().items():
+                if v.is_floating_point():
+                    self.state[k].lerp_(v, 1 - d)
+                else:
+                    self.state[k].copy_(v)
+
+    @contextlib.contextmanager
+    def swapped_in(self, learner: MetaLearner):
+        """``learner`` holds the average inside the block and its own weights again after it."""
+        if not self.decay:
+            yield
+            return
+        own = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+        learner.load_state_dict(self.state)
+        try:
+            yield
+        finally:
+            learner.load_state_dict(own)
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.state):
+            raise KeyError(f"the weight average holds {len(state)} entries, this run's {len(self.state)} "
+                           f"(meta.train.average differs)")
+        for k, v in state.items():
+            self.state[k].copy_(v)
 
 
 @dataclass
@@ -166,7 +227,8 @@ def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainCon
         config: iterations, meta-batch, outer lr, validation interval.
         optimizer: defaults to Adam over the learner's parameters at ``config.outer_lr``.
         val: ``(meta-val image set, fixed task list)``; with ``config.val_every > 0``
-            the state with the best meta-val accuracy is restored at the end.
+            the state with the best meta-val accuracy is restored at the end (with
+            ``config.average``, the weight average's, which is what is scored).
         val_kwargs: test-time overrides passed to ``adapt`` during validation.
         callback: ``callback(step, loss, acc)`` after every outer step (1-based step).
         progress: show a tqdm bar.
@@ -180,23 +242,28 @@ def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainCon
     next_episode = episode_fn if callable(episode_fn) else (lambda it=iter(episode_fn): next(it))
     optimizer = optimizer or torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
     history, best_state = TrainHistory(), None
+    average = WeightAverage(learner, config.average)
     bar = tqdm(range(1, config.iterations + 1), desc="meta-train", disable=not progress, leave=False)
     for step in bar:
         loss, acc = meta_step(learner, optimizer, [next_episode() for _ in range(config.meta_batch)])
+        average.update(learner, step)
         history.loss.append(loss)
         history.acc.append(acc)
         if callback is not None:
             callback(step, host.value(loss, "log"), host.value(acc, "log"))
         if config.val_every and (step % config.val_every == 0 or step == config.iterations):
-            score = evaluate(learner, val[0], val[1], adapt_kwargs=val_kwargs, progress=False).accuracy
-            history.val.append((step, score))
-            if score > history.best_val:
-                history.best_val, history.best_step = score, step
-                best_state = copy.deepcopy(learner.state_dict())
+            with average.swapped_in(learner):
+                score = evaluate(learner, val[0], val[1], adapt_kwargs=val_kwargs, progress=False).accuracy
+                history.val.append((step, score))
+                if score > history.best_val:
+                    history.best_val, history.best_step = score, step
+                    best_state = copy.deepcopy(learner.state_dict())
         if progress and (step % 25 == 0 or step == config.iterations):  # one synchronisation per 25 steps
             bar.set_postfix(loss=f"{host.value(loss, 'log'):.3f}", acc=f"{host.value(acc, 'log'):.3f}")
     if best_state is not None:
         learner.load_state_dict(best_state)
+    elif config.average:  # no selection: the final average
+        learner.load_state_dict(average.state)
     learner.train()
     if history.loss:
         curves = host.values(torch.stack([torch.stack(history.loss), torch.stack(history.acc)]), "log")

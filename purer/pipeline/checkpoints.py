@@ -24,7 +24,7 @@ import torch
 from .run_config import RunError
 
 #: What a checkpoint of ECI meta-training holds, one ``<name>.pt`` each.
-CHECKPOINTED = ("bank", "inversion", "switch", "learner", "optimizer", "best", "state", "distill")
+CHECKPOINTED = ("bank", "inversion", "switch", "learner", "optimizer", "best", "state", "distill", "average")
 COMPLETE = "COMPLETE"
 
 

@@ -38,7 +38,7 @@ from ..data import EpisodeSampler, ImageSet
 from ..distill import ZooDistillation
 from ..evaluate import task_list
 from ..inversion import GeneratorInversion, GradientSwitch, build_synthesizer
-from ..meta import HardTasks, MetaLearner, failure_labels
+from ..meta import HardTasks, MetaLearner, WeightAverage, failure_labels
 from ..meta.train import meta_step
 from ..student import zoo_student
 from ..zoo.teacher import Teacher
@@ -144,6 +144,7 @@ class ECI:
         self.optimizer = torch.optim.Adam([*self.learner.parameters(), *self.distillation.parameters()],
                                           lr=m.train.outer_lr)
         self.best, self.state = BestLearner(self.learner), TrainState()
+        self.average = WeightAverage(self.learner, m.train.average)  # what meta-val scores, when on
         self.train_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
         self.fresh_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
         # MTL's hard-task meta-batch: the meta-batch's failure classes come back with the switch's one read.
@@ -155,7 +156,8 @@ class ECI:
     def objects(self) -> dict:
         """What a checkpoint holds, by name (:data:`purer.pipeline.checkpoints.CHECKPOINTED`)."""
         return {"bank": self.bank, "inversion": self.inversion, "switch": self.switch, "learner": self.learner,
-                "optimizer": self.optimizer, "best": self.best, "state": self.state, "distill": self.distillation}
+                "optimizer": self.optimizer, "best": self.best, "state": self.state, "distill": self.distillation,
+                "average": self.average}
 
     # ---- the algorithm ------------------------------------------------------------------------------------
     def iteration(self) -> dict[str, torch.Tensor]:
@@ -166,6 +168,7 @@ class ECI:
         t1 = time.perf_counter()
         loss, query_acc, distilled, t2 = self.meta_update(it)
         self.feedback(query_acc)
+        self.average.update(self.learner, self.state.iteration)
         self.seconds["inversion"] += t1 - t0
         self.seconds["distill"] += t2 - t1
         self.seconds["meta"] += time.perf_counter() - t2
@@ -275,15 +278,17 @@ class ECI:
         return bool(t.val_every and n % t.val_every == 0) or n == t.iterations
 
     def validate(self) -> dict[str, float]:
-        """Score the learner on meta-val (the mean over datasets) and keep it if it is the best so far."""
-        scores = {name: evaluate_split(self.learner, v, self.val_tasks[name], self.dist).accuracy
-                  for name, v in self.val_sets.items()}
-        score = sum(scores.values()) / len(scores)
+        """Score the learner (its weight average, with ``meta.train.average``) on meta-val (the mean over
+        datasets) and keep it if it is the best so far."""
         s = self.state
-        s.val.append([s.iteration, score])
-        if score > s.best_val:
-            s.best_val, s.best_iteration = score, s.iteration
-            self.best.keep(self.learner)
+        with self.average.swapped_in(self.learner):
+            scores = {name: evaluate_split(self.learner, v, self.val_tasks[name], self.dist).accuracy
+                      for name, v in self.val_sets.items()}
+            score = sum(scores.values()) / len(scores)
+            s.val.append([s.iteration, score])
+            if score > s.best_val:
+                s.best_val, s.best_iteration = score, s.iteration
+                self.best.keep(self.learner)
         logs = {"val/accuracy": score}
         if len(scores) > 1:
             logs.update({f"val/accuracy/{name}": v for name, v in scores.items()})
