@@ -201,8 +201,9 @@ def test_zero_iterations_evaluate_the_initialisation_and_write_strict_json(tiny_
 
 
 def test_a_run_from_the_best_teacher_names_it_and_resumes_to_the_same_results(tiny_root, baseline_run, tmp_path):
+    # with a weight average too: a resumed run equals this one only if the average is checkpointed
     fast = {"meta.init": "best-teacher", "cache_dir": str(baseline_run / "cache"), "eval.baselines": "[]",
-            "eval.calibrations": "[]"}
+            "eval.calibrations": "[]", "meta.train.average": 0.5}
     out = tmp_path / "best_teacher"
     res = recipe(overrides(tiny_root, out, 4, **fast))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -2,7 +2,8 @@
 
 ``<output_dir>/checkpoints/checkpoint_<iteration>/`` holds ``<name>.pt`` for every
 checkpointed object (the bank, the inversion's optimizer and sampler, the switch, the
-learner, its optimizer, the meta-val best, the training state, the distillation heads:
+learner, its optimizer, the meta-val best, the training state, the distillation heads, the
+learner's weight average:
 :data:`CHECKPOINTED`), ``rng.pt`` (torch's global generators, for learners that draw
 at random, e.g. Dropout), ``run.json`` (the run's identity: its id and training
 settings) and, written last, ``COMPLETE``.  A folder without ``COMPLETE`` (a run killed
