@@ -146,6 +146,8 @@ PARTS = {
     # Meta-val scores (and the run keeps) an exponential moving average of the learner's weights.
     "avg": ["meta.train.average=0.99"],
     "avg0.995": ["meta.train.average=0.995"],
+    # Pseudo tasks of the test's way (a ProtoNet's head is not tied to its training way): the 20-way scenario.
+    "way20": ["meta.way=20"],
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],
