@@ -148,6 +148,8 @@ PARTS = {
     "avg0.995": ["meta.train.average=0.995"],
     # Pseudo tasks of the test's way (a ProtoNet's head is not tied to its training way): the 20-way scenario.
     "way20": ["meta.way=20"],
+    # Twice the zoo-* scenarios' budget (random100's meta-val was still climbing steeply at 1,000).
+    "it2000": ["meta.train.iterations=2000"],
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],
