@@ -150,6 +150,8 @@ PARTS = {
     "way20": ["meta.way=20"],
     # Twice the zoo-* scenarios' budget (random100's meta-val was still climbing steeply at 1,000).
     "it2000": ["meta.train.iterations=2000"],
+    # A tenth of the outer lr: fine-tuning a pretrained start (init-best) gently.
+    "lr1e-4": ["meta.train.outer_lr=1e-4"],
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],
