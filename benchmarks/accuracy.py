@@ -152,6 +152,8 @@ PARTS = {
     "it2000": ["meta.train.iterations=2000"],
     # A tenth of the outer lr: fine-tuning a pretrained start (init-best) gently.
     "lr1e-4": ["meta.train.outer_lr=1e-4"],
+    # MAML++'s cosine annealing of the outer lr over the run (to 0 at its last iteration).
+    "cos": ["meta.train.schedule=cosine"],
     "bn10": ["inversion.first_bn_weight=10"],
     "div": ["inversion.a_div=1.0"],
     "steps2": ["inversion.steps_per_iteration=2"],

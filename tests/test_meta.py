@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from purer.evaluate import evaluate, task_list
 from purer.pipeline import RunConfig, RunError, best_start_teacher, build_learner
 from purer.pipeline.run_config import EvalConfig, MetaConfig
 from purer.meta import (ANIL, MAML, InputSpec, MAMLConfig, MetaTrainConfig, ProtoNet, average_teachers, from_model,
-                        WeightAverage, meta_step, meta_train, random_model, real_episodes)
+                        WeightAverage, meta_step, meta_train, random_model, real_episodes, set_outer_lr)
 from purer.zoo import Teacher, build_model
 
 
@@ -453,3 +454,21 @@ def test_weight_average_off_changes_nothing():
     assert all(torch.equal(v, before[k] + 1) for k, v in learner.state_dict().items())  # own weights back
     with pytest.raises(KeyError, match="meta.train.average"):
         on.load_state_dict({})
+
+
+def test_cosine_schedule_anneals_the_outer_lr_from_outer_lr_toward_zero():
+    train = template_images(20, seed=1)
+    learner = ProtoNet(tiny_model())
+    optimizer = torch.optim.Adam(learner.parameters(), lr=0.01)
+    seen = []
+    meta_train(learner, real_episodes(train, 5, 1, query=3, seed=0),
+               MetaTrainConfig(iterations=4, meta_batch=1, schedule="cosine"), optimizer=optimizer, progress=False,
+               callback=lambda step, loss, acc: seen.append(optimizer.param_groups[0]["lr"]))
+    assert seen == pytest.approx([0.01, 0.01 * (1 + math.cos(math.pi / 4)) / 2, 0.005,
+                                  0.01 * (1 + math.cos(3 * math.pi / 4)) / 2])
+    assert optimizer.state_dict()["param_groups"][0]["initial_lr"] == 0.01  # checkpointed with the optimizer
+    constant = torch.optim.Adam(learner.parameters(), lr=0.01)
+    set_outer_lr(constant, MetaTrainConfig(iterations=4), 3)
+    assert constant.param_groups[0]["lr"] == 0.01
+    with pytest.raises(ValueError, match="schedule"):
+        MetaTrainConfig(schedule="linear")

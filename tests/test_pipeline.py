@@ -201,9 +201,10 @@ def test_zero_iterations_evaluate_the_initialisation_and_write_strict_json(tiny_
 
 
 def test_a_run_from_the_best_teacher_names_it_and_resumes_to_the_same_results(tiny_root, baseline_run, tmp_path):
-    # with a weight average too: a resumed run equals this one only if the average is checkpointed
+    # with a weight average and an annealed outer lr too: a resumed run equals this one only if the average and
+    # the lr schedule's initial lr are checkpointed
     fast = {"meta.init": "best-teacher", "cache_dir": str(baseline_run / "cache"), "eval.baselines": "[]",
-            "eval.calibrations": "[]", "meta.train.average": 0.5}
+            "eval.calibrations": "[]", "meta.train.average": 0.5, "meta.train.schedule": "cosine"}
     out = tmp_path / "best_teacher"
     res = recipe(overrides(tiny_root, out, 4, **fast))
     assert res.returncode == 0, res.stderr[-3000:]

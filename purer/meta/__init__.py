@@ -14,11 +14,11 @@ from .mtl import MTL, MTLConfig
 from .protonet import ProtoNet, neg_sq_distances, prototypes
 from .relation import RelationConfig, RelationNetwork
 from .task_adaptive import TaskAdaptiveConfig, TaskAdaptiveMAML
-from .train import MetaTrainConfig, TrainHistory, WeightAverage, meta_step, meta_train, real_episodes
+from .train import MetaTrainConfig, TrainHistory, WeightAverage, meta_step, meta_train, real_episodes, set_outer_lr
 
 __all__ = ["InputSpec", "MetaLearner", "slow_vmap_operators", "batch_stats_only", "average_teachers", "from_model",
            "random_model", "with_new_head", "ANIL", "MAML", "MAMLConfig", "ProtoNet",
            "neg_sq_distances", "prototypes", "MetaTrainConfig", "TrainHistory", "meta_step", "meta_train",
-           "real_episodes", "WeightAverage", "E3BM", "E3BMConfig", "HardTasks", "failure_labels", "MatchingConfig",
+           "real_episodes", "WeightAverage", "set_outer_lr", "E3BM", "E3BMConfig", "HardTasks", "failure_labels", "MatchingConfig",
            "MatchingNetwork", "MTL", "MTLConfig", "RelationConfig", "RelationNetwork", "TaskAdaptiveConfig",
            "TaskAdaptiveMAML"]

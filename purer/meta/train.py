@@ -27,6 +27,7 @@ from ..evaluate import evaluate
 from .base import MetaLearner
 
 EpisodeFn = Callable[[], Episode] | Iterator[Episode]
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -42,6 +43,8 @@ class MetaTrainConfig:
         average: the decay of an exponential moving average of the learner's weights
             (:class:`WeightAverage`); meta-val scores the average, and the average is what is kept.
             0: off (the learner's own weights).
+        schedule: the outer lr over the iterations: ``constant``, or ``cosine``, annealed from
+            ``outer_lr`` toward 0 at the last iteration (MAML++'s annealing; :func:`set_outer_lr`).
     """
 
     iterations: int = 1000
@@ -49,6 +52,7 @@ class MetaTrainConfig:
     outer_lr: float = 1e-3
     val_every: int = 0
     average: float = 0.0
+    schedule: str = "constant"
 
     def __post_init__(self):
         if self.iterations < 0 or self.meta_batch < 1 or self.val_every < 0:
@@ -56,9 +60,28 @@ class MetaTrainConfig:
                              f"{self.meta_batch} and {self.val_every}")
         if self.outer_lr <= 0:
             raise ValueError(f"outer_lr must be positive, got {self.outer_lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0 <= self.average < 1:
             raise ValueError(f"average (the weight average's decay) must lie in [0, 1), got {self.average}; "
                              f"0 turns it off")
+
+
+def set_outer_lr(optimizer: torch.optim.Optimizer, config: MetaTrainConfig, step: int) -> None:
+    """Set the lr of outer step ``step`` (0-based) by ``config.schedule``: with ``cosine``, every parameter group's
+    lr is its initial lr times ``(1 + cos(pi * step / iterations)) / 2`` (the initial lr kept in the group as
+    ``initial_lr``, as torch's schedulers keep it, so it is checkpointed with the optimizer); ``constant``
+    leaves the groups alone.
+
+    References:
+        Loshchilov, Hutter, "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017.
+        Antoniou, Edwards, Storkey, "How to train your MAML" (MAML++), ICLR 2019.
+    """
+    if config.schedule == "constant":
+        return
+    factor = (1 + math.cos(math.pi * step / max(config.iterations, 1))) / 2
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
 class WeightAverage:
@@ -245,6 +268,7 @@ def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainCon
     average = WeightAverage(learner, config.average)
     bar = tqdm(range(1, config.iterations + 1), desc="meta-train", disable=not progress, leave=False)
     for step in bar:
+        set_outer_lr(optimizer, config, step - 1)
         loss, acc = meta_step(learner, optimizer, [next_episode() for _ in range(config.meta_batch)])
         average.update(learner, step)
         history.loss.append(loss)

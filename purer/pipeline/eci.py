@@ -6,7 +6,8 @@ One meta-iteration (:meth:`ECI.iteration`):
    meta-learnt generator's images: ``inversion.synthesizer``);
    adversarial (``- lambda_adv * L_outer`` on a fresh pseudo task) when the Gradient
    Switch fired at the previous iteration;
-2. **meta-update** on a meta-batch of pseudo episodes (detached from the bank), with
+2. **meta-update** on a meta-batch of pseudo episodes (detached from the bank), at the iteration's
+   outer lr (``meta.train.schedule``), with
    the zoo's outputs distilled into the learner beside them when ``distill`` is on; with
    ``meta.hard_tasks``, some of the meta-batch's tasks are re-sampled from the classes
    earlier tasks failed on (MTL's hard-task meta-batch, :mod:`purer.meta.hard_tasks`);
@@ -39,7 +40,7 @@ from ..distill import ZooDistillation
 from ..evaluate import task_list
 from ..inversion import GeneratorInversion, GradientSwitch, build_synthesizer
 from ..meta import HardTasks, MetaLearner, WeightAverage, failure_labels
-from ..meta.train import meta_step
+from ..meta.train import meta_step, set_outer_lr
 from ..student import zoo_student
 from ..zoo.teacher import Teacher
 from .build import best_start_teacher, build_bank, build_learner
@@ -235,6 +236,7 @@ class ECI:
         terms, dstats = self.distillation.losses(self.learner, self.bank, mine_distilled, it, ensemble=distilled) \
             if mine_distilled else ([], {})
         t_distilled = time.perf_counter()
+        set_outer_lr(self.optimizer, self.cfg.meta.train, it)
         row = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"]) + 2
         sync = task_sync(d, self._row_owners(mb, len(distilled)), row)
         loss, query_acc = meta_step(self.learner, self.optimizer, episodes, total=mb, sync=sync, extra=terms,
