@@ -61,6 +61,7 @@ def splits():
 def config(tmp_path, **overrides) -> RunConfig:
     base = {"data.image_size": SIZE, "meta.arch_args": ARCH_ARGS, "meta.way": 3, "meta.shot": 1, "meta.query": 2,
             "meta.train.meta_batch": 2, "meta.val_tasks": 2, "inversion.teachers_per_step": 3,
+            "meta.train.average": 0.9, "meta.train.schedule": "cosine",
             "distill.logit": 1.0, "distill.feature": 1.0, "distill.relation": 1.0, "distill.teachers_per_step": 2,
             "switch.warmup": 0, "eval.way": 3, "eval.shots": [1], "eval.tasks": 2, "eval.val_tasks": 2,
             "eval.query": 2, "eval.grid.lr": [0.1], "eval.grid.steps": [1],
@@ -87,7 +88,8 @@ def no_stray(traffic) -> None:
 def test_an_eci_iteration_runs_on_the_device_and_reads_one_number(zoo, splits, tmp_path, batching, synthesizer):
     """The sync budget: one host read per meta-iteration (the switch's), none stray, no blocking copy; the
     iteration covers an adversarial inversion step (by the pixel bank or the generator), zoo distillation
-    (logits, features and relations) and the meta-step with tasks looped or vmapped, over a zoo of two input contracts."""
+    (logits, features and relations) and the meta-step with tasks looped or vmapped (at an annealed outer lr, into
+    a weight average), over a zoo of two input contracts; meta-val scores the average."""
     teachers, data = on_meta(zoo, splits)
     cfg = config(tmp_path, **{"meta.task_batching": batching, "inversion.teacher_batching": batching,
                               "inversion.synthesizer": synthesizer, "inversion.generator.steps": 2})
