@@ -148,8 +148,9 @@ PARTS = {
     "avg0.995": ["meta.train.average=0.995"],
     # Pseudo tasks of the test's way (a ProtoNet's head is not tied to its training way): the 20-way scenario.
     "way20": ["meta.way=20"],
-    # Twice the zoo-* scenarios' budget (random100's meta-val was still climbing steeply at 1,000).
+    # Two and three times the zoo-* scenarios' budget (random100's meta-val was still climbing steeply at 1,000).
     "it2000": ["meta.train.iterations=2000"],
+    "it3000": ["meta.train.iterations=3000"],
     # A tenth of the outer lr: fine-tuning a pretrained start (init-best) gently.
     "lr1e-4": ["meta.train.outer_lr=1e-4"],
     # MAML++'s cosine annealing of the outer lr over the run (to 0 at its last iteration).
