@@ -19,6 +19,6 @@ from .train import MetaTrainConfig, TrainHistory, WeightAverage, meta_step, meta
 __all__ = ["InputSpec", "MetaLearner", "slow_vmap_operators", "batch_stats_only", "average_teachers", "from_model",
            "random_model", "with_new_head", "ANIL", "MAML", "MAMLConfig", "ProtoNet",
            "neg_sq_distances", "prototypes", "MetaTrainConfig", "TrainHistory", "meta_step", "meta_train",
-           "real_episodes", "WeightAverage", "set_outer_lr", "E3BM", "E3BMConfig", "HardTasks", "failure_labels", "MatchingConfig",
-           "MatchingNetwork", "MTL", "MTLConfig", "RelationConfig", "RelationNetwork", "TaskAdaptiveConfig",
-           "TaskAdaptiveMAML"]
+           "real_episodes", "WeightAverage", "set_outer_lr", "E3BM", "E3BMConfig", "HardTasks", "failure_labels",
+           "MatchingConfig", "MatchingNetwork", "MTL", "MTLConfig", "RelationConfig", "RelationNetwork",
+           "TaskAdaptiveConfig", "TaskAdaptiveMAML"]
