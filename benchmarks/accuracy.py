@@ -145,7 +145,6 @@ PARTS = {
     "tv-release": ["inversion.a_tv_colour=null"],  # the release's one R_tv weight for colour teachers too
     # Meta-val scores (and the run keeps) an exponential moving average of the learner's weights.
     "avg": ["meta.train.average=0.99"],
-    "avg0.995": ["meta.train.average=0.995"],
     # Pseudo tasks of the test's way (a ProtoNet's head is not tied to its training way): the 20-way scenario.
     "way20": ["meta.way=20"],
     # Two and three times the zoo-* scenarios' budget (random100's meta-val was still climbing steeply at 1,000).
