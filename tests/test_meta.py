@@ -412,27 +412,41 @@ def test_a_cpu_learner_runs_its_network_channels_last_for_grey_and_colour_input(
         assert torch.allclose(model(z), model(z.contiguous()), atol=1e-5)
 
 
-def test_weight_average_is_what_meta_val_scores_and_what_is_kept():
+def averaged_meta_train(config: MetaTrainConfig, val=None):
+    """Meta-train a tiny MAML with ``config`` (its ``average`` on); returns the learner, its history, the weights
+    after every step and the weight average the recurrence gives for them."""
     torch.manual_seed(0)
-    train, val = template_images(20, seed=1), template_images(10, seed=2)
-    tasks = task_list(val, 5, 1, query=3, tasks=5)
     learner = MAML(tiny_model(), 5, config=MAMLConfig(inner_lr=0.1))
     weights = [{k: v.clone() for k, v in learner.state_dict().items()}]
-    history = meta_train(learner, real_episodes(train, 5, 1, query=3, seed=0),
-                         MetaTrainConfig(iterations=5, meta_batch=2, val_every=5, average=0.2),
-                         val=(val, tasks), progress=False,
+    history = meta_train(learner, real_episodes(template_images(20, seed=1), 5, 1, query=3, seed=0), config,
+                         val=val, progress=False,
                          callback=lambda step, loss, acc: weights.append(
                              {k: v.clone() for k, v in learner.state_dict().items()}))
     expected = dict(weights[0])
     for n, w in enumerate(weights[1:], start=1):
-        d = min(0.2, (1 + n) / (10 + n))
+        d = min(config.average, (1 + n) / (10 + n))
         expected = {k: d * expected[k] + (1 - d) * w[k] for k in w}
+    return learner, history, weights, expected
+
+
+def test_weight_average_is_what_meta_val_scores_and_what_is_kept():
+    val = template_images(10, seed=2)
+    tasks = task_list(val, 5, 1, query=3, tasks=5)
+    learner, history, weights, expected = averaged_meta_train(
+        MetaTrainConfig(iterations=5, meta_batch=2, val_every=5, average=0.2), val=(val, tasks))
     kept = learner.state_dict()
     assert all(torch.allclose(kept[k], expected[k], atol=1e-6) for k in kept)
     assert not all(torch.allclose(kept[k], weights[-1][k]) for k in kept)  # the average, not the last weights
     assert evaluate(learner, val, tasks, progress=False).accuracy == pytest.approx(history.best_val)
     with pytest.raises(ValueError, match="average"):
         MetaTrainConfig(average=1.0)
+
+
+def test_without_meta_val_the_final_weight_average_is_kept():
+    learner, _, weights, expected = averaged_meta_train(MetaTrainConfig(iterations=3, meta_batch=2, average=0.2))
+    kept = learner.state_dict()
+    assert all(torch.allclose(kept[k], expected[k], atol=1e-6) for k in kept)
+    assert not all(torch.allclose(kept[k], weights[-1][k]) for k in kept)
 
 
 def test_weight_average_off_changes_nothing():
