@@ -293,6 +293,73 @@ def test_resume_with_another_network_is_a_clear_error(tiny_root, baseline_run, t
     assert "belong to a run with other settings (meta.arch_args.width: None there, 8 here)" in res.stderr
 
 
+def test_a_finished_run_resumed_with_a_larger_budget_is_the_longer_run(tiny_root, baseline_run, tmp_path):
+    # a run of 6 iterations, finished (meta-tested), then --resume with the baseline run's 10: the four more
+    # iterations continue its last checkpoint and give the 10-iteration run's learner and rows
+    out = tmp_path / "extended"
+    args = overrides(tiny_root, out, 6, **{"cache_dir": str(baseline_run / "cache")})
+    res = recipe(args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["meta_train"]["iterations"] == 6
+    res = recipe(overrides(tiny_root, out, **{"cache_dir": str(baseline_run / "cache")}) + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "(iteration 6)" in res.stdout
+    summary = json.loads((out / "results.json").read_text())["meta_train"]
+    assert summary == {**json.loads((baseline_run / "results.json").read_text())["meta_train"],
+                       **{k: summary[k] for k in summary if k.startswith("seconds")}}
+    assert accuracies(out) == accuracies(baseline_run)
+    last = out / "checkpoints" / f"checkpoint_{ITERATIONS}"
+    assert json.loads((last / "run.json").read_text())["settings"]["meta.train.iterations"] == ITERATIONS
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny_root, baseline_run, tmp_path):
+    # checkpoints written before meta.train.average and meta.train.schedule existed: no such settings in run.json,
+    # no average.pt; with both at their defaults the run resumes to the same results
+    out = tmp_path / "older"
+    old = out / "checkpoints" / "checkpoint_8"
+    shutil.copytree(baseline_run / "checkpoints" / "checkpoint_8", old)
+    (old / "average.pt").unlink()
+    record = json.loads((old / "run.json").read_text())
+    for key in ("meta.train.average", "meta.train.schedule"):
+        del record["settings"][key]
+    (old / "run.json").write_text(json.dumps(record))
+    res = recipe(overrides(tiny_root, out, **{"cache_dir": str(baseline_run / "cache")}) + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert accuracies(out) == accuracies(baseline_run)
+    # not with another value than the default the older code had
+    shutil.rmtree(out)
+    shutil.copytree(baseline_run / "checkpoints" / "checkpoint_8", old)
+    (old / "run.json").write_text(json.dumps(record))
+    res = recipe(overrides(tiny_root, out, **{"meta.train.average": 0.5}) + ["--resume"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "(meta.train.average: 0.0 there, 0.5 here)" in res.stderr
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"meta.train.iterations": 3}, "is at iteration 4, past meta.train.iterations=3; give meta.train.iterations >= 4"),
+    ({"meta.train.iterations": 20, "meta.train.schedule": "cosine"},
+     "meta.train.iterations can change only under meta.train.schedule=constant"),
+])
+def test_a_budget_change_that_cannot_continue_the_run_is_one_line(change, fragment, tmp_path):
+    from purer.pipeline import RunConfig, RunError
+    from purer.pipeline.rundir import run_identity
+
+    checkpoint = tmp_path / "checkpoint_4"
+    checkpoint.mkdir()
+    started = RunConfig()
+    started.meta.train.schedule = change.get("meta.train.schedule", "constant")
+    (checkpoint / "run.json").write_text(json.dumps(run_identity(started, None)))
+    now = RunConfig()
+    now.meta.train.iterations = change["meta.train.iterations"]
+    now.meta.train.schedule = started.meta.train.schedule
+    with pytest.raises(RunError) as e:
+        run_identity(now, checkpoint)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+    now.meta.train.iterations = 4  # down to the checkpoint is fine under the constant schedule, not the cosine one
+    if started.meta.train.schedule == "constant":
+        assert run_identity(now, checkpoint)["settings"]["meta.train.iterations"] == 4
+
+
 def test_overrides_may_follow_flags_and_precede_them(tiny_root, tmp_path):
     args = overrides(tiny_root, tmp_path / "fresh")
     res = recipe(args[:3] + ["--resume"] + args[3:])

@@ -97,7 +97,10 @@ class Checkpoints:
         own live (modules and optimizers copy them onto their parameters' device)."""
         try:
             for name in CHECKPOINTED:
-                self.objects[name].load_state_dict(checkpointed_state(folder, name))
+                obj = self.objects[name]
+                if not obj.state_dict() and not (folder / f"{name}.pt").exists():
+                    continue  # an object with no state (e.g. the weight average, off) in a checkpoint older than it
+                obj.load_state_dict(checkpointed_state(folder, name))
         except (OSError, RuntimeError, ValueError, KeyError) as e:  # shapes or keys of another config
             raise RunError(f"--resume: {folder} does not fit this config (resume with the settings the run "
                            f"started with, or use a new output_dir): {' '.join(str(e).split())[:400]}") from None

@@ -10,7 +10,9 @@
   it fails before), so checkpoints, results and config.yaml always describe one run and
   a mistyped ``--overwrite`` run loses nothing;
 - every checkpoint records its run (:func:`run_identity`): ``--resume`` continues it only
-  with the settings that trained it.
+  with the settings that trained it (a setting added to purer since counts as its default), except
+  ``meta.train.iterations``, which may grow (or shrink down to the checkpoint) under the constant outer lr:
+  a finished run resumed with a larger budget goes on training from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -140,10 +142,21 @@ def run_identity(cfg: RunConfig, checkpoint: Path | None) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         raise RunError(f"--resume: {checkpoint} records no run (written by an older purer?); start the run "
                        "again with --overwrite") from None
+    # A setting added to purer after the checkpoint was written counts as its default there: the older code did
+    # what the default does.
+    theirs = {**{k: v for k, v in training_settings(RunConfig()).items() if k not in theirs}, **theirs}
     differ = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k))
+    done, budget = int(checkpoint.name.rsplit("_", 1)[1]), "meta.train.iterations"
+    if budget in differ and settings.get("meta.train.schedule") == "constant":
+        if settings[budget] < done:
+            raise RunError(f"--resume: {checkpoint} is at iteration {done}, past {budget}={settings[budget]}; "
+                           f"give {budget} >= {done}")
+        differ.remove(budget)  # nothing else depends on the budget: the run goes on to the new one
     if differ:
         shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in differ[:3])
+        why = (f" ({budget} can change only under meta.train.schedule=constant: the cosine schedule is laid over "
+               "the whole budget)" if budget in differ else "")
         raise RunError(f"--resume: the checkpoints in {checkpoint.parent} belong to a run with other settings "
-                       f"({shown}{'; ...' if len(differ) > 3 else ''}); resume with the settings it started with, "
-                       "or start a new run with --overwrite or another output_dir")
+                       f"({shown}{'; ...' if len(differ) > 3 else ''}){why}; resume with the settings it started "
+                       "with, or start a new run with --overwrite or another output_dir")
     return {"run_id": run_id, "settings": settings}
