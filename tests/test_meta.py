@@ -224,6 +224,29 @@ def test_meta_train_callback_validation_and_best_state():
         meta_train(learner, source, MetaTrainConfig(iterations=1, val_every=1), progress=False)
 
 
+def test_meta_train_stops_once_meta_val_sets_no_new_best_in_patience_scores(monkeypatch):
+    import purer.meta.train as train_module
+
+    scores = iter([50.0, 60.0, 55.0, 58.0, 90.0, 95.0])  # the best at step 2, then two scores below it
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: type("R", (), {"accuracy": next(scores)})())
+    torch.manual_seed(0)
+    learner = ProtoNet(tiny_model())
+    weights = []
+    history = meta_train(learner, real_episodes(template_images(20, seed=1), 5, 1, query=3, seed=0),
+                         MetaTrainConfig(iterations=6, meta_batch=1, val_every=1, patience=2),
+                         val=(None, []), progress=False,
+                         callback=lambda step, loss, acc: weights.append(
+                             {k: v.clone() for k, v in learner.state_dict().items()}))
+    assert len(history.loss) == 4 and [s for s, _ in history.val] == [1, 2, 3, 4] and history.best_step == 2
+    assert all(torch.equal(v, weights[1][k]) for k, v in learner.state_dict().items())  # step 2's weights kept
+    config = MetaTrainConfig(val_every=1, patience=2)
+    assert not config.converged([], None) and not config.converged([(1, 5.0), (2, 6.0), (3, 4.0)], 2)
+    assert config.converged([(1, 5.0), (2, 6.0), (3, 4.0), (4, 4.0)], 2)
+    assert not MetaTrainConfig(val_every=1).converged([(1, 5.0), (2, 4.0), (3, 4.0)], 1)  # patience 0: never
+    with pytest.raises(ValueError, match="val_every > 0"):
+        MetaTrainConfig(patience=3)
+
+
 def test_average_teachers_is_the_elementwise_mean():
     data = template_images(15)
     teachers = [tiny_teacher(data, list(range(5 * i, 5 * i + 5)), seed=i, steps=3) for i in range(3)]

@@ -312,6 +312,30 @@ def test_a_finished_run_resumed_with_a_larger_budget_is_the_longer_run(tiny_root
     assert json.loads((last / "run.json").read_text())["settings"]["meta.train.iterations"] == ITERATIONS
 
 
+def test_early_stopping_ends_meta_training_and_more_patience_trains_on(tiny_root, baseline_run, tmp_path):
+    # an outer lr too small to change the learner: every meta-val score equals the first, so the first one after
+    # it sets no new best; patience 1 stops at the second (iteration 6), and --resume with patience 2 trains on from
+    # there to the third (iteration 9), of a budget of 10
+    out = tmp_path / "patient"
+    fast = {"cache_dir": str(baseline_run / "cache"), "eval.baselines": "[]", "eval.calibrations": "[]",
+            "meta.train.outer_lr": 1e-12}
+    res = recipe(overrides(tiny_root, out, **fast, **{"meta.train.patience": 1}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "meta-training stops at iteration 6 of 10 (keeping iteration 3)" in res.stdout
+    summary = json.loads((out / "results.json").read_text())["meta_train"]
+    assert summary["iterations_run"] == 6 and [s for s, _ in summary["val_curve"]] == [3, 6]
+    assert summary["best_iteration"] == 3
+    assert (out / "checkpoints" / "checkpoint_6" / "COMPLETE").is_file()
+    res = recipe(overrides(tiny_root, out, **fast, **{"meta.train.patience": 2}) + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "(iteration 6)" in res.stdout and "stops at iteration 9 of 10 (keeping iteration 3)" in res.stdout
+    summary = json.loads((out / "results.json").read_text())["meta_train"]
+    assert summary["iterations_run"] == 9 and [s for s, _ in summary["val_curve"]] == [3, 6, 9]
+    res = recipe(overrides(tiny_root, out, **fast, **{"meta.train.patience": 2}) + ["--resume"])  # stopped: stays so
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["meta_train"]["iterations_run"] == 9
+
+
 def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(tiny_root, baseline_run, tmp_path):
     # checkpoints written before meta.train.average and meta.train.schedule existed: no such settings in run.json,
     # no average.pt; with both at their defaults the run resumes to the same results

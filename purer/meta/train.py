@@ -45,6 +45,8 @@ class MetaTrainConfig:
             0: off (the learner's own weights).
         schedule: the outer lr over the iterations: ``constant``, or ``cosine``, annealed from
             ``outer_lr`` toward 0 at the last iteration (MAML++'s annealing; :func:`set_outer_lr`).
+        patience: early stopping: training ends once this many meta-val scores in a row have set no new best
+            (:meth:`converged`), so ``iterations`` is a ceiling.  0: train every iteration.  Needs ``val_every``.
     """
 
     iterations: int = 1000
@@ -53,6 +55,7 @@ class MetaTrainConfig:
     val_every: int = 0
     average: float = 0.0
     schedule: str = "constant"
+    patience: int = 0
 
     def __post_init__(self):
         if self.iterations < 0 or self.meta_batch < 1 or self.val_every < 0:
@@ -65,6 +68,15 @@ class MetaTrainConfig:
         if not 0 <= self.average < 1:
             raise ValueError(f"average (the weight average's decay) must lie in [0, 1), got {self.average}; "
                              f"0 turns it off")
+        if self.patience < 0 or (self.patience and not self.val_every):
+            raise ValueError(f"patience counts meta-val scores without a new best (0: off), so it needs "
+                             f"val_every > 0 and patience >= 0; got patience {self.patience}, val_every {self.val_every}")
+
+    def converged(self, val: Sequence[Sequence[float]], best_step: int | None) -> bool:
+        """Whether training should end: the last ``patience`` meta-val scores (``val``: ``(step, score)`` pairs)
+        all came after the best one, at ``best_step`` (never with ``patience`` 0)."""
+        best = -1 if best_step is None else best_step
+        return bool(self.patience) and sum(step > best for step, _ in val) >= self.patience
 
 
 def set_outer_lr(optimizer: torch.optim.Optimizer, config: MetaTrainConfig, step: int) -> None:
@@ -282,6 +294,8 @@ def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainCon
                 if score > history.best_val:
                     history.best_val, history.best_step = score, step
                     best_state = copy.deepcopy(learner.state_dict())
+            if config.converged(history.val, history.best_step):
+                break
         if progress and (step % 25 == 0 or step == config.iterations):  # one synchronisation per 25 steps
             bar.set_postfix(loss=f"{host.value(loss, 'log'):.3f}", acc=f"{host.value(acc, 'log'):.3f}")
     if best_state is not None:

@@ -279,6 +279,10 @@ class ECI:
         n, t = self.state.iteration, self.cfg.meta.train
         return bool(t.val_every and n % t.val_every == 0) or n == t.iterations
 
+    def converged(self) -> bool:
+        """Early stopping (``meta.train.patience``): meta-val has set no new best in its last ``patience`` scores."""
+        return self.cfg.meta.train.converged(self.state.val, self.state.best_iteration)
+
     def validate(self) -> dict[str, float]:
         """Score the learner (its weight average, with ``meta.train.average``) on meta-val (the mean over
         datasets) and keep it if it is the best so far."""
@@ -305,7 +309,7 @@ class ECI:
 
     def summary(self) -> dict:
         s, m = self.state, self.cfg.meta
-        return {"iterations": m.train.iterations, "bank_classes": self.bank.num_classes,
+        return {"iterations": m.train.iterations, "iterations_run": s.iteration, "bank_classes": self.bank.num_classes,
                 "best_iteration": s.best_iteration, "val_accuracy": round(s.best_val, 2) if s.val else None,
                 "switch_fired": self.switch.fired, "fired_at": s.fired_at, "adversarial_steps": s.adversarial_steps,
                 **({"hard_batches": s.hard_batches} if self.hard_tasks is not None else {}),
@@ -360,16 +364,24 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         tracker.note(eci.validate())
         tracker.flush(0, False, eci.switch.fired)
     for it in bar:
+        if eci.converged():  # a run resumed after its early stop
+            break
         tracker.add(eci.iteration())
         n = eci.state.iteration
         if eci.validation_due():
             tracker.note(eci.validate())
-        tracker.flush(n, n == m.iterations, eci.switch.fired)
+        done = n == m.iterations or eci.converged()
+        tracker.flush(n, done, eci.switch.fired)
         pictures.episode(n, eci.train_tasks, it * cfg.meta.train.meta_batch)
         # The last checkpoint lets a run stopped during meta-test resume without retraining.
-        saved = n % every == 0 or n == m.iterations
+        saved = n % every == 0 or done
         if saved:
             save(n)
+        if done and n < m.iterations:
+            acc.print(f"meta.train.patience={m.patience}: meta-val set no new best in its last {m.patience} scores, "
+                      f"so meta-training stops at iteration {n} of {m.iterations} (keeping iteration "
+                      f"{eci.state.best_iteration})")
+            break
         # With several processes, they agree on stopping every log_every iterations (a collective).
         if dist.world == 1 or n % cfg.log_every == 0 or n == m.iterations:
             if dist.any(stop.requested is not None):

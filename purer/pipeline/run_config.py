@@ -147,8 +147,9 @@ class MetaConfig:
             re-sampled from the classes earlier tasks failed on, whenever ``way`` of them are pooled
             (:mod:`purer.meta.hard_tasks`); 0: off.
         train: iterations, meta-batch, outer lr and its ``schedule`` (constant by default, or cosine-annealed),
-            ``val_every`` (meta-val selection) and ``average`` (meta-val scores, and the run keeps, a moving
-            average of the weights; off by default).
+            ``val_every`` (meta-val selection), ``average`` (meta-val scores, and the run keeps, a moving
+            average of the weights; off by default) and ``patience`` (stop once that many meta-val scores in a
+            row set no new best: ``iterations`` becomes a ceiling; off by default).
         val_tasks: size of the fixed meta-val task list used for selection.
         task_batching: how a meta-batch's (and an evaluation chunk's) tasks go through
             the learner: ``vmap`` together, ``loop`` one by one, ``auto`` (``vmap`` on a

@@ -11,8 +11,9 @@
   a mistyped ``--overwrite`` run loses nothing;
 - every checkpoint records its run (:func:`run_identity`): ``--resume`` continues it only
   with the settings that trained it (a setting added to purer since counts as its default), except
-  ``meta.train.iterations``, which may grow (or shrink down to the checkpoint) under the constant outer lr:
-  a finished run resumed with a larger budget goes on training from its last checkpoint.
+  ``meta.train.iterations``, which may grow (or shrink down to the checkpoint) under the constant outer lr,
+  and ``meta.train.patience``: a finished run resumed with a larger budget (or an early-stopped one with more
+  patience) goes on training from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -145,7 +146,9 @@ def run_identity(cfg: RunConfig, checkpoint: Path | None) -> dict:
     # A setting added to purer after the checkpoint was written counts as its default there: the older code did
     # what the default does.
     theirs = {**{k: v for k, v in training_settings(RunConfig()).items() if k not in theirs}, **theirs}
-    differ = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k))
+    # when to stop early changes nothing a run computes before it stops: a stopped run resumed with more patience
+    # trains on from its last checkpoint
+    differ = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k) and k != "meta.train.patience")
     done, budget = int(checkpoint.name.rsplit("_", 1)[1]), "meta.train.iterations"
     if budget in differ and settings.get("meta.train.schedule") == "constant":
         if settings[budget] < done:
