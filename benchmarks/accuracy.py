@@ -150,6 +150,9 @@ PARTS = {
     # Two and three times the zoo-* scenarios' budget (random100's meta-val was still climbing steeply at 1,000).
     "it2000": ["meta.train.iterations=2000"],
     "it3000": ["meta.train.iterations=3000"],
+    # Early stopping: with it3000 a ceiling, meta-training ends once 2 meta-vals in a row (500 iterations) set no
+    # new best (the disjoint zoo's meta-val peaks near 1,000 iterations, random100's still climbs at 3,000).
+    "p2": ["meta.train.patience=2"],
     # A tenth of the outer lr: fine-tuning a pretrained start (init-best) gently.
     "lr1e-4": ["meta.train.outer_lr=1e-4"],
     # MAML++'s cosine annealing of the outer lr over the run (to 0 at its last iteration).
