@@ -142,29 +142,35 @@ SAME_WITHOUT = {"default+kd-union": ("default", "shared_classes"), "default+tv-r
 def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     """The default chosen across zoos, from each zoo's :func:`score` report (``selection_<dataset>_<scenario>.json``).
 
-    Per zoo, each variant's meta-val is the mean over shots; the variants are ranked per zoo.  Eligible are the
+    Per zoo, each variant's meta-val is the mean over shots and over the training seeds that every variant there ran
+    with (all its seeds where they share none); the variants are ranked per zoo.  Eligible are the
     variants run on every zoo whose meta-val is nowhere more than :data:`MARGIN` points below ``reference``'s;
     the chosen one has the best mean rank among them (ties: the better mean meta-val).  On a zoo without the
     property that tells it apart, a variant of :data:`SAME_WITHOUT` takes the meta-val of the variant it is the
     same model as there (marked in ``stands_in``).  Meta-test is not read.
     """
-    table: dict[str, dict[str, float]] = {}
+    per_seed: dict[str, dict[str, dict[int, list[float]]]] = {}  # variant -> zoo -> training seed -> meta-val rows
     stands_in: dict[str, dict[str, str]] = {}
     for dataset, scenario in zoos:
         report = json.loads((RESULTS / f"selection_{dataset}_{scenario}.json").read_text())
-        per = {}
+        per: dict[str, dict[int, list[float]]] = {}
         for r in report["rows"]:
-            per.setdefault(r["variant"], []).append(r["val_accuracy"])
+            per.setdefault(r["variant"], {}).setdefault(r["seed"], []).append(r["val_accuracy"])
         for variant, (same, property_) in SAME_WITHOUT.items():
             if not report.get(property_, True) and variant not in per and same in per:
                 per[variant] = per[same]
                 stands_in.setdefault(variant, {})[f"{dataset}/{scenario}"] = same
-        for variant, accs in per.items():
-            table.setdefault(variant, {})[f"{dataset}/{scenario}"] = statistics.fmean(accs)
+        for variant, seeds in per.items():
+            per_seed.setdefault(variant, {})[f"{dataset}/{scenario}"] = seeds
     names = [f"{d}/{s}" for d, s in zoos]
-    everywhere = {v: z for v, z in table.items() if set(z) == set(names)}
-    if reference not in everywhere:
+    candidates = {v: z for v, z in per_seed.items() if set(z) == set(names)}
+    if reference not in candidates:
         raise SystemExit(f"{reference} was not scored on every zoo ({', '.join(names)})")
+    # Per zoo, every variant on the training seeds they all ran with (a variant run on more seeds would otherwise
+    # be compared by its mean against the others' one seed), or on all its seeds where they share none.
+    common = {zoo: set.intersection(*(set(z[zoo]) for z in candidates.values())) for zoo in names}
+    everywhere = {v: {zoo: statistics.fmean(acc for seed, accs in z[zoo].items() if not common[zoo] or seed in common[zoo]
+                                            for acc in accs) for zoo in names} for v, z in candidates.items()}
     ranks = {v: {} for v in everywhere}
     for zoo in names:  # 1 + how many variants are better there (equal meta-val, equal rank)
         for v in everywhere:
@@ -181,14 +187,17 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     chosen = min(eligible, key=lambda r: (r["mean_rank"], -r["mean_val"]))["variant"]
     rows.sort(key=lambda r: (r["mean_rank"], -r["mean_val"]))
     return {"zoos": names, "reference": reference, "margin": MARGIN, "chosen": chosen, "rows": rows,
-            "split": "val", "tasks": TASKS, "task_seed": SEED}
+            "seeds": {zoo: sorted(common[zoo]) for zoo in names}, "split": "val", "tasks": TASKS, "task_seed": SEED}
 
 
 def cross_markdown(report: dict) -> str:
     zoos = report["zoos"]
     lines = ["# Choosing the default across zoos, on meta-val", "",
              f"Meta-val accuracy (%, {report['tasks']} tasks per shot, task seed {report['task_seed']}, mean over "
-             "1- and 5-shot; 1-shot only where a zoo's tasks are 1-shot) of each variant on each zoo, its rank there "
+             "1- and 5-shot; 1-shot only where a zoo's tasks are 1-shot; over the training seeds every variant of a "
+             "zoo ran with: " + ", ".join(f"{z} {', '.join(map(str, s)) or 'none shared, each its own'}"
+                                          for z, s in report.get("seeds", {}).items())
+             + ") of each variant on each zoo, its rank there "
              f"(1 = best), and how far below {report['reference']} it falls on its worst zoo. Eligible: nowhere more "
              f"than {report['margin']:g} point below {report['reference']}; chosen: the best mean rank among them: "
              f"**{report['chosen']}**. Meta-test was not read. \"= v\": on that zoo the variant is the same model as v "

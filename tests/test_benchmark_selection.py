@@ -25,6 +25,20 @@ def test_cross_zoo_choice_takes_the_best_mean_rank_that_never_falls_far_below_pa
     assert "**y**" in sel.cross_markdown(report) and "x (not eligible)" in sel.cross_markdown(report)
 
 
+def test_across_zoos_variants_are_compared_on_the_training_seeds_they_share(tmp_path, monkeypatch):
+    """A variant run on three seeds is not compared by its mean against another's one lucky seed."""
+    sel = load()
+    monkeypatch.setattr(sel, "RESULTS", tmp_path)
+    rows = [{"variant": v, "seed": seed, "shot": 1, "val_accuracy": acc}
+            for v, seed, acc in (("paper", 0, 80), ("default", 0, 90), ("new", 0, 90.5), ("new", 1, 84), ("new", 2, 85))]
+    (tmp_path / "selection_glyphs_a.json").write_text(json.dumps({"rows": rows}))
+    report = sel.cross([("glyphs", "a")])
+    assert {r["variant"]: r["val_accuracy"]["glyphs/a"] for r in report["rows"]} == {"paper": 80, "default": 90,
+                                                                                     "new": 90.5}
+    assert report["chosen"] == "new" and report["seeds"] == {"glyphs/a": [0]}
+    assert "glyphs/a 0" in sel.cross_markdown(report)
+
+
 def write_reports(folder: Path, reports: dict[str, tuple[dict[str, float], dict]]) -> None:
     """One selection report per zoo: ``{zoo: ({variant: meta-val}, extra report keys)}`` (1-shot rows)."""
     for zoo, (scores, extra) in reports.items():
