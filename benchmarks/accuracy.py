@@ -46,8 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 RUNS = REPO / "runs" / "benchmarks"
 
-# Settings shared by every benchmark run (on top of the recipe's embedded defaults).
-COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.val_tasks=100",
+# Settings shared by every benchmark run (on top of the recipe's embedded defaults): each scenario's budget is
+# trained in full (no early stopping; the p2 part turns the recipe's early stopping back on).
+COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.train.patience=0", "meta.val_tasks=100",
           "eval.tasks=600", "checkpoint_every=250", "picture_every=1000", "threads=1"]
 DATASETS = {"glyphs": [], "icons": ["data.dataset=icons"], "mh": ["data.dataset=glyphs+icons"]}
 ALL_BASELINES = "[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, maml-random, " \
@@ -151,7 +152,8 @@ PARTS = {
     "it2000": ["meta.train.iterations=2000"],
     "it3000": ["meta.train.iterations=3000"],
     # Early stopping: with it3000 a ceiling, meta-training ends once 2 meta-vals in a row (500 iterations) set no
-    # new best (the disjoint zoo's meta-val peaks near 1,000 iterations, random100's still climbs at 3,000).
+    # new best (the disjoint zoo's meta-val peaks near 1,000 iterations, random100's still climbs at 3,000);
+    # "default+it3000+p2" is the recipe's budget rule.
     "p2": ["meta.train.patience=2"],
     # A tenth of the outer lr: fine-tuning a pretrained start (init-best) gently.
     "lr1e-4": ["meta.train.outer_lr=1e-4"],

@@ -33,15 +33,16 @@ from purer.yaml_config import load_config
 from purer.data import EpisodeSampler, load_split
 from purer.evaluate import evaluate, task_list
 from purer.inversion import PseudoBank
-from purer.pipeline import RunConfig, build_bank, checkpointed_state, load_meta_learner, zoo_path
+from purer.pipeline import RunConfig, build_bank, checkpointed_state, latest_checkpoint, load_meta_learner, zoo_path
 from purer.zoo.store import Zoo
 
 
 def bank_from_checkpoint(run: Path, teachers, cfg: RunConfig, channels: int) -> PseudoBank:
-    """The run's final bank, from its last checkpoint."""
-    final = run / "checkpoints" / f"checkpoint_{cfg.meta.train.iterations}"
-    if not (final / "COMPLETE").is_file():
-        raise SystemExit(f"{run}: no complete final checkpoint ({final})")
+    """The run's final bank, from its last checkpoint (at its last iteration: the budget, or its early stop)."""
+    final = latest_checkpoint(run)
+    ran = json.loads((run / "results.json").read_text())["meta_train"].get("iterations_run", cfg.meta.train.iterations)
+    if final is None or final.name != f"checkpoint_{ran}":
+        raise SystemExit(f"{run}: no complete final checkpoint (checkpoint_{ran})")
     bank = build_bank(cfg, teachers, channels)
     bank.load_state_dict(checkpointed_state(final, "bank"))
     return bank

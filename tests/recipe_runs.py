@@ -45,7 +45,8 @@ def overrides(root: Path, out: Path, iterations: int = ITERATIONS, **extra) -> l
     base = {
         "data.dataset": "folder", "data.root": str(root), "data.image_size": 16,
         "zoo.path": str(root.parent / "tiny_zoo"), "zoo.num_models": 2, "zoo.epochs": 2,
-        "meta.train.iterations": iterations, "meta.train.val_every": 3, "meta.val_tasks": 4, "meta.query": 3,
+        "meta.train.iterations": iterations, "meta.train.val_every": 3, "meta.train.patience": 0, "meta.val_tasks": 4,
+        "meta.query": 3,
         "switch.warmup": 1, "switch.patience": 1,
         "eval.shots": "[1]", "eval.tasks": 6, "eval.val_tasks": 3, "eval.query": 3,
         "eval.grid.lr": "[0.1]", "eval.grid.steps": "[1]",

@@ -321,6 +321,8 @@ def test_early_stopping_ends_meta_training_and_more_patience_trains_on(tiny_root
             "meta.train.outer_lr": 1e-12}
     res = recipe(overrides(tiny_root, out, **fast, **{"meta.train.patience": 1}))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "meta.train.patience=1: meta-training stops once meta-val (every 3 iterations) sets no new best 1 times " \
+           "in a row; meta.train.iterations=10 is the ceiling" in res.stdout
     assert "meta-training stops at iteration 6 of 10 (keeping iteration 3)" in res.stdout
     summary = json.loads((out / "results.json").read_text())["meta_train"]
     assert summary["iterations_run"] == 6 and [s for s, _ in summary["val_curve"]] == [3, 6]

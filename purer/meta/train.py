@@ -46,7 +46,8 @@ class MetaTrainConfig:
         schedule: the outer lr over the iterations: ``constant``, or ``cosine``, annealed from
             ``outer_lr`` toward 0 at the last iteration (MAML++'s annealing; :func:`set_outer_lr`).
         patience: early stopping: training ends once this many meta-val scores in a row have set no new best
-            (:meth:`converged`), so ``iterations`` is a ceiling.  0: train every iteration.  Needs ``val_every``.
+            (:meth:`converged`), so ``iterations`` is a ceiling.  0 (or no meta-val, ``val_every`` 0): train every
+            iteration.
     """
 
     iterations: int = 1000
@@ -68,9 +69,8 @@ class MetaTrainConfig:
         if not 0 <= self.average < 1:
             raise ValueError(f"average (the weight average's decay) must lie in [0, 1), got {self.average}; "
                              f"0 turns it off")
-        if self.patience < 0 or (self.patience and not self.val_every):
-            raise ValueError(f"patience counts meta-val scores without a new best (0: off), so it needs "
-                             f"val_every > 0 and patience >= 0; got patience {self.patience}, val_every {self.val_every}")
+        if self.patience < 0:
+            raise ValueError(f"patience counts meta-val scores without a new best (0: off), got {self.patience}")
 
     def converged(self, val: Sequence[Sequence[float]], best_step: int | None) -> bool:
         """Whether training should end: the last ``patience`` meta-val scores (``val``: ``(step, score)`` pairs)

@@ -340,6 +340,11 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         acc.print("inversion: R_tv weight " + ", ".join(
             f"{w:g} for {kind} teachers (inversion.{colour_key if kind == 'colour' else 'a_tv'})"
             for kind, w in weights.items()))
+    m = cfg.meta.train
+    if m.patience and m.val_every:
+        acc.print(f"meta.train.patience={m.patience}: meta-training stops once meta-val (every {m.val_every} "
+                  f"iterations) sets no new best {m.patience} times in a row; meta.train.iterations={m.iterations} is "
+                  "the ceiling")
     checkpoints = Checkpoints(out, eci.objects(), dist, identity)
     if resume:
         found = latest_checkpoint(out)
@@ -347,7 +352,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             raise RunError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
         checkpoints.restore(found)
         acc.print(f"resumed from {found} (iteration {eci.state.iteration})")
-    m, every = cfg.meta.train, cfg.checkpoint_every
+    every = cfg.checkpoint_every
     pictures = Pictures(out / "pictures", eci.bank, [t.model_id for t in teachers], cfg.picture_every, dist.main)
     bar = tqdm(range(eci.state.iteration, m.iterations), initial=eci.state.iteration, total=m.iterations,
                desc="ECI meta-train", disable=not (progress and dist.main))

@@ -149,7 +149,8 @@ class MetaConfig:
         train: iterations, meta-batch, outer lr and its ``schedule`` (constant by default, or cosine-annealed),
             ``val_every`` (meta-val selection), ``average`` (meta-val scores, and the run keeps, a moving
             average of the weights; off by default) and ``patience`` (stop once that many meta-val scores in a
-            row set no new best: ``iterations`` becomes a ceiling; off by default).
+            row set no new best: ``iterations`` becomes a ceiling). Default: a ceiling of 3,000 iterations,
+            meta-val every 250 on ``val_tasks`` tasks, patience 2.
         val_tasks: size of the fixed meta-val task list used for selection.
         task_batching: how a meta-batch's (and an evaluation chunk's) tasks go through
             the learner: ``vmap`` together, ``loop`` one by one, ``auto`` (``vmap`` on a
@@ -173,8 +174,10 @@ class MetaConfig:
     mtl: MTLConfig = field(default_factory=MTLConfig)
     e3bm: E3BMConfig = field(default_factory=E3BMConfig)
     hard_tasks: int = 0
-    train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=600, val_every=200))
-    val_tasks: int = 50
+    # Early stopping under a ceiling (chosen across zoos on meta-val, benchmarks/results/selection_cross_zoo.md): a
+    # small zoo's meta-val peaks near 1,000 iterations and then falls, a large one's still climbs at 3,000.
+    train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=3000, val_every=250, patience=2))
+    val_tasks: int = 100
     task_batching: str = "auto"
 
     def __post_init__(self):
