@@ -169,8 +169,11 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     # Per zoo, every variant on the training seeds they all ran with (a variant run on more seeds would otherwise
     # be compared by its mean against the others' one seed), or on all its seeds where they share none.
     common = {zoo: set.intersection(*(set(z[zoo]) for z in candidates.values())) for zoo in names}
-    everywhere = {v: {zoo: statistics.fmean(acc for seed, accs in z[zoo].items() if not common[zoo] or seed in common[zoo]
-                                            for acc in accs) for zoo in names} for v, z in candidates.items()}
+
+    def mean(seeds: dict[int, list[float]], zoo: str) -> float:
+        return statistics.fmean(acc for seed in (common[zoo] or seeds) for acc in seeds[seed])
+
+    everywhere = {v: {zoo: mean(z[zoo], zoo) for zoo in names} for v, z in candidates.items()}
     ranks = {v: {} for v in everywhere}
     for zoo in names:  # 1 + how many variants are better there (equal meta-val, equal rank)
         for v in everywhere:

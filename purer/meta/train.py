@@ -72,11 +72,16 @@ class MetaTrainConfig:
         if self.patience < 0:
             raise ValueError(f"patience counts meta-val scores without a new best (0: off), got {self.patience}")
 
+    @property
+    def early_stopping(self) -> bool:
+        """Whether ``patience`` can end training before ``iterations`` (it needs meta-val: ``val_every`` > 0)."""
+        return bool(self.patience and self.val_every)
+
     def converged(self, val: Sequence[Sequence[float]], best_step: int | None) -> bool:
         """Whether training should end: the last ``patience`` meta-val scores (``val``: ``(step, score)`` pairs)
-        all came after the best one, at ``best_step`` (never with ``patience`` 0)."""
+        all came after the best one, at ``best_step`` (never without :attr:`early_stopping`)."""
         best = -1 if best_step is None else best_step
-        return bool(self.patience) and sum(step > best for step, _ in val) >= self.patience
+        return self.early_stopping and sum(step > best for step, _ in val) >= self.patience
 
 
 def set_outer_lr(optimizer: torch.optim.Optimizer, config: MetaTrainConfig, step: int) -> None:

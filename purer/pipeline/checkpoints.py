@@ -98,7 +98,7 @@ class Checkpoints:
         try:
             for name in CHECKPOINTED:
                 obj = self.objects[name]
-                if not obj.state_dict() and not (folder / f"{name}.pt").exists():
+                if not (folder / f"{name}.pt").exists() and not obj.state_dict():
                     continue  # an object with no state (e.g. the weight average, off) in a checkpoint older than it
                 obj.load_state_dict(checkpointed_state(folder, name))
         except (OSError, RuntimeError, ValueError, KeyError) as e:  # shapes or keys of another config

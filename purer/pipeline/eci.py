@@ -341,7 +341,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             f"{w:g} for {kind} teachers (inversion.{colour_key if kind == 'colour' else 'a_tv'})"
             for kind, w in weights.items()))
     m = cfg.meta.train
-    if m.patience and m.val_every:
+    if m.early_stopping:
         acc.print(f"meta.train.patience={m.patience}: meta-training stops once meta-val (every {m.val_every} "
                   f"iterations) sets no new best {m.patience} times in a row; meta.train.iterations={m.iterations} is "
                   "the ceiling")
@@ -354,7 +354,9 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         acc.print(f"resumed from {found} (iteration {eci.state.iteration})")
     every = cfg.checkpoint_every
     pictures = Pictures(out / "pictures", eci.bank, [t.model_id for t in teachers], cfg.picture_every, dist.main)
-    bar = tqdm(range(eci.state.iteration, m.iterations), initial=eci.state.iteration, total=m.iterations,
+    # a run resumed after its early stop trains no further
+    end = eci.state.iteration if eci.converged() else m.iterations
+    bar = tqdm(range(eci.state.iteration, end), initial=eci.state.iteration, total=m.iterations,
                desc="ECI meta-train", disable=not (progress and dist.main))
     tracker = Tracker(acc, cfg.log_every, bar)
 
@@ -369,20 +371,20 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         tracker.note(eci.validate())
         tracker.flush(0, False, eci.switch.fired)
     for it in bar:
-        if eci.converged():  # a run resumed after its early stop
-            break
         tracker.add(eci.iteration())
         n = eci.state.iteration
+        stopping = False
         if eci.validation_due():
             tracker.note(eci.validate())
-        done = n == m.iterations or eci.converged()
+            stopping = eci.converged()  # only a meta-val can end training early
+        done = n == m.iterations or stopping
         tracker.flush(n, done, eci.switch.fired)
         pictures.episode(n, eci.train_tasks, it * cfg.meta.train.meta_batch)
         # The last checkpoint lets a run stopped during meta-test resume without retraining.
         saved = n % every == 0 or done
         if saved:
             save(n)
-        if done and n < m.iterations:
+        if stopping and n < m.iterations:
             acc.print(f"meta.train.patience={m.patience}: meta-val set no new best in its last {m.patience} scores, "
                       f"so meta-training stops at iteration {n} of {m.iterations} (keeping iteration "
                       f"{eci.state.best_iteration})")

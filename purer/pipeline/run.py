@@ -131,8 +131,8 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
 
     baselines = Baselines(cfg, splits, teachers, dist, progress)
     try:
-        stopping = cfg.meta.train.patience and cfg.meta.train.val_every
-        stage(2, f"ECI meta-training, {'up to ' if stopping else ''}{cfg.meta.train.iterations} iterations")
+        stage(2, f"ECI meta-training, {'up to ' if cfg.meta.train.early_stopping else ''}"
+                 f"{cfg.meta.train.iterations} iterations")
         learner, summary = meta_train_eci(cfg, acc, dist, teachers, {n: p["val"] for n, p in splits.items()}, out,
                                           resume, progress, identity, stop,
                                           on_checkpoint=replacement.discard if dist.main else None)

@@ -32,9 +32,10 @@ RUN_OUTPUTS = ("results.json", "results.md", "config.yaml", "meta_learner", "pic
                "metatest_rows.json")
 REPLACED = ".replaced"
 LOCK = ".lock"
-# Settings that never change what meta-training computes: a resumed run may change them.
+# Settings that never change what meta-training computes (up to where it stops): a resumed run may change them;
+# with more patience a stopped run trains on.
 _NOT_TRAINING = ("output_dir", "cache_dir", "threads", "checkpoint_every", "picture_every", "icfil.",
-                 "zoo.build_if_missing")
+                 "zoo.build_if_missing", "meta.train.patience")
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -146,9 +147,7 @@ def run_identity(cfg: RunConfig, checkpoint: Path | None) -> dict:
     # A setting added to purer after the checkpoint was written counts as its default there: the older code did
     # what the default does.
     theirs = {**{k: v for k, v in training_settings(RunConfig()).items() if k not in theirs}, **theirs}
-    # when to stop early changes nothing a run computes before it stops: a stopped run resumed with more patience
-    # trains on from its last checkpoint
-    differ = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k) and k != "meta.train.patience")
+    differ = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k))
     done, budget = int(checkpoint.name.rsplit("_", 1)[1]), "meta.train.iterations"
     if budget in differ and settings.get("meta.train.schedule") == "constant":
         if settings[budget] < done:
