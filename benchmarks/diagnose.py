@@ -19,6 +19,16 @@ but does not transfer (too few or too alike classes); 2 close to 4 means the
 learner generalises as far as it learns, so a better learner or longer training
 is the lever. Also reports how often the teachers recognise their bank images
 and their real images. Writes one report per run to ``--out``.
+
+    python benchmarks/diagnose.py runs/benchmarks/glyphs/zoo-disjoint/default+it3000/seed0 \
+        --adversary --out adversary.json
+
+``--adversary`` asks instead how hard the Gradient Switch pulls on the bank: at the run's
+last checkpoint (its final bank and learner), per bank class, the gradient norm of the
+adversarial term ``-lambda_adv * L_outer`` (mean over fresh pseudo tasks that read the
+class) against that of its teacher's inversion loss in a plain step
+(:func:`adversary_balance`).  The bank's Adam moments are per class, so a term a hundred
+times larger than the priors' sets the step size of the plain steps that follow too.
 """
 from __future__ import annotations
 
@@ -33,7 +43,9 @@ from purer.yaml_config import load_config
 from purer.data import EpisodeSampler, load_split
 from purer.evaluate import evaluate, task_list
 from purer.inversion import PseudoBank
-from purer.pipeline import RunConfig, build_bank, checkpointed_state, latest_checkpoint, load_meta_learner, zoo_path
+from purer.pipeline import (ECI, RunConfig, build_bank, checkpointed_state, latest_checkpoint, load_meta_learner,
+                            zoo_path)
+from purer.pipeline.distributed import Dist
 from purer.zoo.store import Zoo
 
 
@@ -97,17 +109,71 @@ def diagnose(run: Path, tasks: int) -> dict:
     return report
 
 
+def adversary_balance(eci: ECI, tasks: int = 20) -> dict:
+    """The Gradient Switch's pull on each bank class against its teacher's, at ``eci``'s current state.
+
+    For every bank class: ``prior``, the gradient norm (on the class's bank logits) of its teacher's
+    inversion loss as a plain step weighs it (divided by the teachers per step), and ``adversary``, the
+    mean gradient norm of ``-lambda_adv * L_outer`` over those of ``tasks`` fresh pseudo tasks (the
+    switch's own sampler, past the run's draws) that read the class.  Returns the medians over classes
+    and the median of the per-class ratio adversary / prior."""
+    inv, bank = eci.inversion, eci.bank
+    per_step = min(eci.cfg.inversion.teachers_per_step, len(eci.teachers))
+    prior: dict[int, float] = {}
+    for i, classes in enumerate(bank.teacher_classes):
+        loss, _ = inv.teacher_loss(i)
+        grads = torch.autograd.grad(loss / per_step, [bank.logits[k] for k in classes])
+        prior.update({k: float(g.norm()) for k, g in zip(classes, grads)})
+    pulls: dict[int, list[float]] = {}
+    for j in range(tasks):
+        spec = eci.fresh_tasks.task(10**9 + j)
+        classes = sorted({int(c) for c in spec.classes})
+        loss = eci.switch.adversarial_loss(eci.learner, spec)(bank)
+        grads = torch.autograd.grad(loss, [bank.logits[k] for k in classes])
+        for k, g in zip(classes, grads):
+            pulls.setdefault(k, []).append(float(g.norm()))
+    bank.pop_touched()
+    adversary = {k: sum(v) / len(v) for k, v in pulls.items()}
+    median = lambda values: float(torch.tensor(list(values)).median())
+    return {"lambda_adv": eci.cfg.switch.lambda_adv, "classes": len(adversary), "prior": median(prior.values()),
+            "adversary": median(adversary.values()),
+            "ratio": median(adversary[k] / prior[k] for k in adversary if prior.get(k))}
+
+
+def run_balance(run: Path, tasks: int) -> dict:
+    """:func:`adversary_balance` at ``run``'s last checkpoint (its final bank, learner and inversion step)."""
+    cfg = load_config(RunConfig, run / "config.yaml")
+    final = latest_checkpoint(run)
+    if final is None:
+        raise SystemExit(f"{run}: no complete checkpoint")
+    teachers = Zoo(zoo_path(cfg)).load_teachers()
+    val = {cfg.data.dataset: load_split(cfg.data.dataset, "val", cfg.data.root, cfg.data.image_size)}
+    eci = ECI(cfg, teachers, val, Dist(device="cpu"), pre_phase=False)
+    for name in ("bank", "learner", "inversion"):
+        getattr(eci, name).load_state_dict(checkpointed_state(final, name))
+    report = {"run": str(run), "checkpoint": final.name, **adversary_balance(eci, tasks)}
+    print(f"{final.name}: lambda_adv {report['lambda_adv']}, median |grad| per bank class: priors "
+          f"{report['prior']:.2e}, adversary {report['adversary']:.2e}, ratio {report['ratio']:.1f}", flush=True)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="finished runs' output_dir")
     parser.add_argument("--out", type=Path, required=True, help="JSON file of the reports")
-    parser.add_argument("--tasks", type=int, default=300)
+    parser.add_argument("--tasks", type=int, default=None,
+                        help="tasks per source (default 300), or fresh pseudo tasks with --adversary (default 20)")
+    parser.add_argument("--adversary", action="store_true",
+                        help="the Gradient Switch's gradient on the bank against the priors' (see above)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     reports = []
     for run in args.runs:
         print(run, flush=True)
-        reports.append(diagnose(run, args.tasks))
+        if args.adversary:
+            reports.append(run_balance(run, args.tasks or 20))
+        else:
+            reports.append(diagnose(run, args.tasks or 300))
     args.out.write_text(json.dumps(reports, indent=1))
     return 0
 
