@@ -155,11 +155,10 @@ PARTS = {
     # new best (the disjoint zoo's meta-val peaks near 1,000 iterations, random100's still climbs at 3,000);
     # "default+it3000+p2" is the recipe's budget rule.
     "p2": ["meta.train.patience=2"],
-    # The Gradient Switch's adversarial weight and mask (the disjoint zoos' meta-val falls after ~1,000 iterations
-    # while R_bn of the bank rises: is the adversary pushing the bank off the teachers' statistics?).
+    # A tenth of the Gradient Switch's adversarial weight: on the disjoint zoos meta-val falls after ~1,000
+    # iterations while the bank's R_bn rises, the adversary's gradient on a bank class ~100-300 times its
+    # teacher's (benchmarks/diagnose.py --adversary).
     "adv1": ["switch.lambda_adv=1"],
-    "adv3": ["switch.lambda_adv=3"],
-    "adv-correct": ["switch.adversarial_queries=correct"],
     # A tenth of the outer lr: fine-tuning a pretrained start (init-best) gently.
     "lr1e-4": ["meta.train.outer_lr=1e-4"],
     # MAML++'s cosine annealing of the outer lr over the run (to 0 at its last iteration).
