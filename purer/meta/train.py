@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -101,6 +100,28 @@ def set_outer_lr(optimizer: torch.optim.Optimizer, config: MetaTrainConfig, step
         group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
+def weights(learner: MetaLearner) -> dict[str, torch.Tensor]:
+    """A copy of ``learner``'s ``state_dict`` (detached, on the weights' device)."""
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+
+class BestLearner:
+    """The meta-learner weights best on meta-val so far (a copy; checkpointed with an ECI run)."""
+
+    def __init__(self, learner: MetaLearner):
+        self.keep(learner)
+
+    def keep(self, learner: MetaLearner) -> None:
+        """Remember ``learner``'s current weights."""
+        self.state = weights(learner)
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = {k: v.clone() for k, v in state.items()}
+
+
 class WeightAverage:
     """An exponential moving average of a meta-learner's weights over its outer steps (Polyak averaging).
 
@@ -116,7 +137,7 @@ class WeightAverage:
 
     def __init__(self, learner: MetaLearner, decay: float):
         self.decay = decay
-        self.state = {k: v.detach().clone() for k, v in learner.state_dict().items()} if decay else {}
+        self.state = weights(learner) if decay else {}
 
     def update(self, learner: MetaLearner, step: int) -> None:
         """Fold in the weights after outer step ``step`` (1-based)."""
@@ -136,7 +157,7 @@ class WeightAverage:
         if not self.decay:
             yield
             return
-        own = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+        own = weights(learner)
         learner.load_state_dict(self.state)
         try:
             yield
@@ -281,7 +302,7 @@ def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainCon
         raise ValueError("config.val_every > 0 needs val=(meta-val image set, task list)")
     next_episode = episode_fn if callable(episode_fn) else (lambda it=iter(episode_fn): next(it))
     optimizer = optimizer or torch.optim.Adam(learner.parameters(), lr=config.outer_lr)
-    history, best_state = TrainHistory(), None
+    history, best = TrainHistory(), None
     average = WeightAverage(learner, config.average)
     bar = tqdm(range(1, config.iterations + 1), desc="meta-train", disable=not progress, leave=False)
     for step in bar:
@@ -298,13 +319,13 @@ def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainCon
                 history.val.append((step, score))
                 if score > history.best_val:
                     history.best_val, history.best_step = score, step
-                    best_state = copy.deepcopy(learner.state_dict())
+                    best = BestLearner(learner)
             if config.converged(history.val, history.best_step):
                 break
         if progress and (step % 25 == 0 or step == config.iterations):  # one synchronisation per 25 steps
             bar.set_postfix(loss=f"{host.value(loss, 'log'):.3f}", acc=f"{host.value(acc, 'log'):.3f}")
-    if best_state is not None:
-        learner.load_state_dict(best_state)
+    if best is not None:
+        learner.load_state_dict(best.state)
     elif config.average:  # no selection: the final average
         learner.load_state_dict(average.state)
     learner.train()

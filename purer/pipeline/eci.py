@@ -40,7 +40,7 @@ from ..distill import ZooDistillation
 from ..evaluate import task_list
 from ..inversion import GeneratorInversion, GradientSwitch, build_synthesizer
 from ..meta import HardTasks, MetaLearner, WeightAverage, failure_labels
-from ..meta.train import meta_step, set_outer_lr
+from ..meta.train import BestLearner, meta_step, set_outer_lr
 from ..student import zoo_student
 from ..zoo.teacher import Teacher
 from .build import best_start_teacher, build_bank, build_learner
@@ -74,23 +74,6 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
-
-
-class BestLearner:
-    """The meta-learner weights best on meta-val so far (checkpointed with the run)."""
-
-    def __init__(self, learner: MetaLearner):
-        self.keep(learner)
-
-    def keep(self, learner: MetaLearner) -> None:
-        """Remember ``learner``'s current weights (a copy)."""
-        self.state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
-
-    def state_dict(self) -> dict:
-        return self.state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = {k: v.clone() for k, v in state.items()}
 
 
 class ECI:
