@@ -49,6 +49,12 @@ from purer.pipeline.distributed import Dist
 from purer.zoo.store import Zoo
 
 
+def run_zoo(run: Path) -> tuple[RunConfig, list]:
+    """A finished run's settings (its ``config.yaml``) and its zoo's teachers."""
+    cfg = load_config(RunConfig, run / "config.yaml")
+    return cfg, Zoo(zoo_path(cfg)).load_teachers()
+
+
 def bank_from_checkpoint(run: Path, teachers, cfg: RunConfig, channels: int) -> PseudoBank:
     """The run's final bank, from its last checkpoint (at its last iteration: the budget, or its early stop)."""
     final = latest_checkpoint(run)
@@ -78,10 +84,9 @@ def teacher_recognition(teachers, bank: PseudoBank, train) -> dict:
 
 
 def diagnose(run: Path, tasks: int) -> dict:
-    cfg = load_config(RunConfig, run / "config.yaml")
+    cfg, teachers = run_zoo(run)
     learner = load_meta_learner(run / "meta_learner")
     settings = json.loads((run / "meta_learner" / "config.json").read_text())["test_time"].get("1", {})
-    teachers = Zoo(zoo_path(cfg)).load_teachers()
     splits = {s: load_split(cfg.data.dataset, s, cfg.data.root, cfg.data.image_size) for s in ("train", "test")}
     train = splits["train"]
     known = sorted({train.class_names.index(c) for t in teachers for c in t.config.class_ids})
@@ -142,11 +147,10 @@ def adversary_balance(eci: ECI, tasks: int = 20) -> dict:
 
 def run_balance(run: Path, tasks: int) -> dict:
     """:func:`adversary_balance` at ``run``'s last checkpoint (its final bank, learner and inversion step)."""
-    cfg = load_config(RunConfig, run / "config.yaml")
     final = latest_checkpoint(run)
     if final is None:
         raise SystemExit(f"{run}: no complete checkpoint")
-    teachers = Zoo(zoo_path(cfg)).load_teachers()
+    cfg, teachers = run_zoo(run)
     val = {cfg.data.dataset: load_split(cfg.data.dataset, "val", cfg.data.root, cfg.data.image_size)}
     eci = ECI(cfg, teachers, val, Dist(device="cpu"), pre_phase=False)
     for name in ("bank", "learner", "inversion"):
@@ -166,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adversary", action="store_true",
                         help="the Gradient Switch's gradient on the bank against the priors' (see above)")
     args = parser.parse_args(argv)
+    tasks = args.tasks if args.tasks is not None else 20 if args.adversary else 300
+    if tasks < 1:
+        parser.error(f"--tasks must be >= 1, got {tasks}")
     torch.set_num_threads(1)
     reports = []
     for run in args.runs:
         print(run, flush=True)
-        if args.adversary:
-            reports.append(run_balance(run, args.tasks or 20))
-        else:
-            reports.append(diagnose(run, args.tasks or 300))
+        reports.append(run_balance(run, tasks) if args.adversary else diagnose(run, tasks))
     args.out.write_text(json.dumps(reports, indent=1))
     return 0
 

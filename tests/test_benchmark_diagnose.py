@@ -17,8 +17,9 @@ def zoo():
 
 def eci(zoo, tmp_path, lambda_adv: float) -> ECI:
     overrides = {"data.image_size": SIZE, "meta.arch_args": ARCH_ARGS, "meta.way": 3, "meta.shot": 1,
-                 "meta.query": 2, "meta.val_tasks": 2, "eval.way": 3, "inversion.teachers_per_step": 2, "switch.lambda_adv": lambda_adv,
-                 "seed": 3, "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out")}
+                 "meta.query": 2, "meta.val_tasks": 2, "eval.way": 3, "inversion.teachers_per_step": 2,
+                 "switch.lambda_adv": lambda_adv, "seed": 3, "cache_dir": str(tmp_path / "cache"),
+                 "output_dir": str(tmp_path / "out")}
     cfg = load_config(RunConfig, None, [f"{k}={v}" for k, v in overrides.items()])
     return ECI(cfg, zoo, {"val": template_images(num_classes=4, seed=1, name="val")}, Dist(device="cpu"))
 
