@@ -240,9 +240,15 @@ def test_meta_train_stops_once_meta_val_sets_no_new_best_in_patience_scores(monk
     assert len(history.loss) == 4 and [s for s, _ in history.val] == [1, 2, 3, 4] and history.best_step == 2
     assert all(torch.equal(v, weights[1][k]) for k, v in learner.state_dict().items())  # step 2's weights kept
     config = MetaTrainConfig(val_every=1, patience=2)
-    assert not config.converged([], None) and not config.converged([(1, 5.0), (2, 6.0), (3, 4.0)], 2)
-    assert config.converged([(1, 5.0), (2, 6.0), (3, 4.0), (4, 4.0)], 2)
-    assert not MetaTrainConfig(val_every=1).converged([(1, 5.0), (2, 4.0), (3, 4.0)], 1)  # patience 0: never
+    assert not config.converged([]) and not config.converged([(1, 5.0), (2, 6.0), (3, 4.0)])
+    assert config.converged([(1, 5.0), (2, 6.0), (3, 4.0), (4, 4.0)])
+    assert config.converged([(1, 5.0), (2, 6.0), (3, 6.0), (4, 4.0)])  # an equal score is no new best
+    assert not MetaTrainConfig(val_every=1).converged([(1, 5.0), (2, 4.0), (3, 4.0)])  # patience 0: never
+    # A pre-trained start's score (step 0) does not count: the dip below it that training starts with (the
+    # runs' own meta-val on random100: 73.0, then 68.2, 72.8) must not end the run.
+    assert not config.converged([(0, 73.0), (250, 68.2), (500, 72.8)])
+    assert not config.converged([(0, 73.0), (250, 68.2), (500, 72.8), (750, 70.0)])
+    assert config.converged([(0, 73.0), (250, 68.2), (500, 72.8), (750, 70.0), (1000, 71.0)])
     with pytest.raises(ValueError, match="patience"):
         MetaTrainConfig(patience=-1)
 

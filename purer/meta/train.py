@@ -45,7 +45,7 @@ class MetaTrainConfig:
         schedule: the outer lr over the iterations: ``constant``, or ``cosine``, annealed from
             ``outer_lr`` toward 0 at the last iteration (MAML++'s annealing; :func:`set_outer_lr`).
         patience: early stopping: training ends once this many meta-val scores in a row have set no new best
-            (:meth:`converged`), so ``iterations`` is a ceiling.  0 (or no meta-val, ``val_every`` 0): train every
+            (:meth:`converged`; a pre-trained start's score does not count), so ``iterations`` is a ceiling.  0 (or no meta-val, ``val_every`` 0): train every
             iteration.
     """
 
@@ -76,11 +76,17 @@ class MetaTrainConfig:
         """Whether ``patience`` can end training before ``iterations`` (it needs meta-val: ``val_every`` > 0)."""
         return bool(self.patience and self.val_every)
 
-    def converged(self, val: Sequence[Sequence[float]], best_step: int | None) -> bool:
+    def converged(self, val: Sequence[Sequence[float]]) -> bool:
         """Whether training should end: the last ``patience`` meta-val scores (``val``: ``(step, score)`` pairs)
-        all came after the best one, at ``best_step`` (never without :attr:`early_stopping`)."""
-        best = -1 if best_step is None else best_step
-        return self.early_stopping and sum(step > best for step, _ in val) >= self.patience
+        all came after the best one (never without :attr:`early_stopping`).
+
+        A score at step 0 (a pre-trained start's, ``meta.init: best-teacher``) is not counted: meta-training first
+        pulls such a start below its own score, so counting it could end a run before it has trained (it still
+        competes to be the state kept)."""
+        trained = [score for step, score in val if step > 0]
+        if not self.early_stopping or not trained:
+            return False
+        return len(trained) - 1 - trained.index(max(trained)) >= self.patience
 
 
 def set_outer_lr(optimizer: torch.optim.Optimizer, config: MetaTrainConfig, step: int) -> None:
@@ -320,7 +326,7 @@ def meta_train(learner: MetaLearner, episode_fn: EpisodeFn, config: MetaTrainCon
                 if score > history.best_val:
                     history.best_val, history.best_step = score, step
                     best = BestLearner(learner)
-            if config.converged(history.val, history.best_step):
+            if config.converged(history.val):
                 break
         if progress and (step % 25 == 0 or step == config.iterations):  # one synchronisation per 25 steps
             bar.set_postfix(loss=f"{host.value(loss, 'log'):.3f}", acc=f"{host.value(acc, 'log'):.3f}")

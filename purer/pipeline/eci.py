@@ -264,7 +264,7 @@ class ECI:
 
     def converged(self) -> bool:
         """Early stopping (``meta.train.patience``): meta-val has set no new best in its last ``patience`` scores."""
-        return self.cfg.meta.train.converged(self.state.val, self.state.best_iteration)
+        return self.cfg.meta.train.converged(self.state.val)
 
     def validate(self) -> dict[str, float]:
         """Score the learner (its weight average, with ``meta.train.average``) on meta-val (the mean over
