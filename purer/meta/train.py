@@ -45,8 +45,8 @@ class MetaTrainConfig:
         schedule: the outer lr over the iterations: ``constant``, or ``cosine``, annealed from
             ``outer_lr`` toward 0 at the last iteration (MAML++'s annealing; :func:`set_outer_lr`).
         patience: early stopping: training ends once this many meta-val scores in a row have set no new best
-            (:meth:`converged`; a pre-trained start's score does not count), so ``iterations`` is a ceiling.  0 (or no meta-val, ``val_every`` 0): train every
-            iteration.
+            (:meth:`converged`; a pre-trained start's score does not count), so ``iterations`` is a ceiling.
+            0 (or no meta-val, ``val_every`` 0): train every iteration.
     """
 
     iterations: int = 1000
