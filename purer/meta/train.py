@@ -80,9 +80,9 @@ class MetaTrainConfig:
         """Whether training should end: the last ``patience`` meta-val scores (``val``: ``(step, score)`` pairs)
         all came after the best one (never without :attr:`early_stopping`).
 
-        A score at step 0 (a pre-trained start's, ``meta.init: best-teacher``) is not counted: meta-training first
-        pulls such a start below its own score, so counting it could end a run before it has trained (it still
-        competes to be the state kept)."""
+        A score at step 0 (ECI scores every ``meta.init`` but ``random`` before training) is not counted:
+        meta-training first pulls a pre-trained start below its own score, so counting it could end a run before
+        it has trained (it still competes to be the state kept)."""
         trained = [score for step, score in val if step > 0]
         if not self.early_stopping or not trained:
             return False
