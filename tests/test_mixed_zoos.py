@@ -16,11 +16,20 @@ def test_a_zoo_of_three_architectures_runs_end_to_end(tiny_root, tmp_path):
     out = tmp_path / "sh"
     res = recipe(overrides(tiny_root, out, 3, **{"zoo.path": str(tmp_path / "zoo_mix"), "zoo.spec": str(spec),
                                                  "inversion.bn_layers": "mean", "distill.feature": 1.0,
+                                                 "meta.init": "best-teacher",
                                                  "eval.baselines": "[nc-best-teacher]", "eval.calibrations": "[]"}))
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["zoo"]["archs"] == ["conv4", "resnet10", "resnet18"]
     assert {r["method"] for r in results["rows"]} == {"purer", "nc-best-teacher"}
+    # meta.init=best-teacher finds no teacher that is the learner's Conv4 (width 32; the zoo's is 8):
+    # the learner starts from random initialisation, the run says so, and that start is not a meta-val candidate
+    start = results["meta_train"]["start_teacher"]
+    assert start == {"model_id": None, "learner": "conv4 3x16px",
+                     "zoo": "conv4 3x16px, resnet10 3x16px, resnet18 3x16px"}
+    assert (f"meta.init=best-teacher: no teacher is the learner's network (conv4 3x16px; the zoo has {start['zoo']}), "
+            "so the learner starts from random initialisation") in res.stdout
+    assert [step for step, _ in results["meta_train"]["val_curve"]][0] > 0
 
 
 def test_a_zoo_of_two_datasets_trains_one_learner_and_tests_it_on_each(tiny_root, tmp_path):

@@ -157,13 +157,11 @@ def build_learner(cfg: RunConfig, teachers: Sequence[Teacher], channels: int, si
 
 def best_start_teacher(m: MetaConfig, teachers: Sequence[Teacher], val_sets: dict[str, ImageSet],
                        val_tasks: dict[str, Sequence[TaskSpec]], channels: int, size: int,
-                       autocast: torch.dtype | None = None) -> tuple[Teacher, float]:
+                       autocast: torch.dtype | None = None) -> tuple[Teacher, float] | None:
     """``meta.init: best-teacher``'s start and its meta-val accuracy (percent): of the teachers the learner can
     be (``meta.arch`` with ``meta.arch_args``, ``channels`` x ``size`` inputs), the one whose features are best by
     nearest centroid on the run's meta-val tasks (the mean over datasets), as ``nc-best-teacher`` chooses.
-
-    Raises:
-        RunError: no teacher of the zoo has the learner's architecture and input.
+    ``None`` when no teacher of the zoo has the learner's architecture and input (see :func:`teacher_kinds`).
     """
     try:
         want = _encoder_shapes(random_model(m.arch, m.way, channels, size, m.arch_args))
@@ -174,14 +172,16 @@ def best_start_teacher(m: MetaConfig, teachers: Sequence[Teacher], val_sets: dic
             if (t.config.arch, t.config.in_channels, t.config.image_size) == (m.arch, channels, size)
             and _encoder_shapes(t.model) == want]
     if not fits:
-        kinds = sorted({f"{t.config.arch} {t.config.in_channels}x{t.config.image_size}px" for t in teachers})
-        raise RunError(f"meta.init=best-teacher needs a teacher of meta.arch={m.arch} (arch_args {m.arch_args}) on "
-                       f"{channels}x{size}px images; the zoo has {', '.join(kinds)}: set meta.arch to one of "
-                       f"them, or choose another meta.init")
+        return None
     per_set = [teacher_scores(fits, v, val_tasks[name], autocast) for name, v in val_sets.items()]
     scores = [sum(s) / len(s) for s in zip(*per_set)]
     i = max(range(len(fits)), key=scores.__getitem__)
     return fits[i], scores[i]
+
+
+def teacher_kinds(teachers: Sequence[Teacher]) -> str:
+    """The zoo's networks and inputs, e.g. ``conv4 1x32px, resnet10 1x32px`` (for messages)."""
+    return ", ".join(sorted({f"{t.config.arch} {t.config.in_channels}x{t.config.image_size}px" for t in teachers}))
 
 
 def _encoder_shapes(model: Classifier) -> list[tuple[str, tuple[int, ...]]]:

@@ -43,7 +43,7 @@ from ..meta import HardTasks, MetaLearner, WeightAverage, failure_labels
 from ..meta.train import BestLearner, meta_step, set_outer_lr
 from ..student import zoo_student
 from ..zoo.teacher import Teacher
-from .build import best_start_teacher, build_bank, build_learner
+from .build import best_start_teacher, build_bank, build_learner, teacher_kinds
 from .checkpoints import Checkpoints, latest_checkpoint
 from .distributed import Dist, autocast_dtype, bank_grad_sync, task_sync, term_sync
 from .metatest import evaluate_split
@@ -104,9 +104,21 @@ class ECI:
         self.val_tasks = {name: task_list(v, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
                           for name, v in val_sets.items()}
         start, self.seconds_zoo_student, self.start_teacher = None, 0.0, None
+        #: the learner's start knows something (a teacher, the zoo's student, the averaged teachers)
+        self.pretrained = m.init != "random"
         if m.init == "best-teacher":  # chosen again on resume: the same tasks give the same teacher
-            start, score = best_start_teacher(m, teachers, val_sets, self.val_tasks, channels, size, autocast)
-            self.start_teacher = {"model_id": start.model_id, "val_accuracy": round(score, 2)}
+            found = best_start_teacher(m, teachers, val_sets, self.val_tasks, channels, size, autocast)
+            if found is None and m.freezes_encoder:
+                raise RunError(f"meta.init=best-teacher: {m.learner} freezes a pre-trained encoder and no teacher is "
+                               f"a {m.arch} (arch_args {m.arch_args}) on {channels}x{size}px images (the zoo has "
+                               f"{teacher_kinds(teachers)}): set meta.arch to one of them, or meta.init=zoo-student")
+            if found is None:  # the learner starts from random initialisation
+                self.pretrained = False
+                self.start_teacher = {"model_id": None, "learner": f"{m.arch} {channels}x{size}px",
+                                      "zoo": teacher_kinds(teachers)}
+            else:
+                start, score = found
+                self.start_teacher = {"model_id": start.model_id, "val_accuracy": round(score, 2)}
         elif m.init == "zoo-student" and pre_phase:
             # A pre-phase on the run's bank (resume finds it done: the checkpoint holds bank and learner).
             # Every process runs all of it, deterministic from the seed, so their banks and learners agree.
@@ -314,9 +326,13 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     with a checkpoint and :class:`~purer.pipeline.signals.Stopped`.
     """
     eci = ECI(cfg, teachers, val_sets, dist, autocast_dtype(acc), pre_phase=not resume, progress=progress)
-    if eci.start_teacher is not None:
-        acc.print(f"meta.init=best-teacher: the learner starts from teacher {eci.start_teacher['model_id']} "
-                  f"({eci.start_teacher['val_accuracy']}% on meta-val by nearest centroid)")
+    start = eci.start_teacher
+    if start is not None and start["model_id"] is None:
+        acc.print(f"meta.init=best-teacher: no teacher is the learner's network ({start['learner']}; the zoo has "
+                  f"{start['zoo']}), so the learner starts from random initialisation")
+    elif start is not None:
+        acc.print(f"meta.init=best-teacher: the learner starts from teacher {start['model_id']} "
+                  f"({start['val_accuracy']}% on meta-val by nearest centroid)")
     weights = eci.tv_weights()
     if "colour" in weights:
         colour_key = "a_tv_colour" if cfg.inversion.a_tv_colour is not None else "a_tv"
@@ -348,7 +364,7 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         if on_checkpoint is not None:
             on_checkpoint()
 
-    if eci.state.iteration == 0 and cfg.meta.init != "random":
+    if eci.state.iteration == 0 and eci.pretrained:
         # A start that already knows something (a teacher, the zoo's student, the averaged teachers) is a candidate
         # of the selection: meta-training keeps it unless meta-val finds it improved.
         tracker.note(eci.validate())

@@ -126,15 +126,17 @@ class MetaConfig:
             :mod:`purer.meta.task_adaptive`), which take the inner loop of ``maml``; ``anil``;
             ``protonet``; ``matching`` (Matching Networks, section ``matching``); ``relation``
             (Relation Networks, section ``relation``); ``mtl`` (meta-transfer learning, section
-            ``mtl``; its frozen encoder is the initialisation's, so ``init`` must be ``zoo-student``
-            or ``avg-teachers``); ``e3bm`` (an ensemble over the inner loop's epochs, on the base
+            ``mtl``; its frozen encoder is the initialisation's, so ``init`` must be ``best-teacher``,
+            ``zoo-student`` or ``avg-teachers``); ``e3bm`` (an ensemble over the inner loop's epochs, on the base
             ``e3bm.base``: ``maml`` or ``mtl``).
         arch, arch_args: its network (any registered architecture).
         init: ``random``, ``avg-teachers`` (the release's initialisation; needs a
             same-architecture zoo), ``zoo-student`` (the zoo distilled into a fresh ``arch``
             on the run's bank before meta-training; see :func:`purer.student.zoo_student`) or
-            ``best-teacher`` (the teacher of ``arch`` whose features are best on the run's meta-val
-            tasks, the one ``nc-best-teacher`` uses, with a fresh head; see :func:`purer.baselines.best_teacher`).
+            ``best-teacher`` (the teacher of ``arch`` whose features are best on the run's meta-val tasks, the
+            one ``nc-best-teacher`` uses, with a fresh head; see :func:`purer.pipeline.build.best_start_teacher`;
+            a zoo with no teacher of ``arch`` on the learner's input gives random initialisation instead, printed,
+            except to MTL, which needs a pre-trained encoder).
         zoo_student_steps: iterations of the ``zoo-student`` pre-phase (one inversion step
             and one student step each).
         way, shot, query: the pseudo tasks it trains on (the release uses 15 queries;
@@ -179,6 +181,11 @@ class MetaConfig:
     train: MetaTrainConfig = field(default_factory=lambda: MetaTrainConfig(iterations=3000, val_every=250, patience=2))
     val_tasks: int = 100
     task_batching: str = "auto"
+
+    @property
+    def freezes_encoder(self) -> bool:
+        """MTL (and E3BM on MTL) freeze the initialisation's encoder, so they need a pre-trained one."""
+        return self.learner == "mtl" or (self.learner == "e3bm" and self.e3bm.base == "mtl")
 
     def __post_init__(self):
         if self.zoo_student_steps < 1:
@@ -294,8 +301,7 @@ class RunConfig:
         if self.eval.calibrations and self.meta.learner in NOT_CALIBRATABLE:
             raise ValueError(f"eval.calibrations {self.eval.calibrations} cannot follow a {self.meta.learner} "
                              f"learner ({NOT_CALIBRATABLE[self.meta.learner]}); set eval.calibrations=[]")
-        pretrained = self.meta.learner == "mtl" or (self.meta.learner == "e3bm" and self.meta.e3bm.base == "mtl")
-        if pretrained and self.meta.init not in PRETRAINED_INITS:
+        if self.meta.freezes_encoder and self.meta.init not in PRETRAINED_INITS:
             raise ValueError(f"MTL freezes a pre-trained encoder, and meta.init={self.meta.init} gives none; set "
                              f"meta.init=zoo-student (the zoo distilled into one network), avg-teachers or best-teacher")
         if min(self.eval.query, self.meta.query) < 1:
