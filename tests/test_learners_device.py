@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from purer.host import host_traffic
-from purer.pipeline import ECI, RunConfig, evaluate_purer
+from purer.pipeline import RunConfig, evaluate_purer
 from purer.pipeline.distributed import Dist
 from purer.pipeline.run_config import NOT_CALIBRATABLE
 from purer.yaml_config import load_config
-from test_device import META, config, no_stray, on_meta, splits, zoo  # noqa: F401 (fixtures)
+from test_device import META, config, device_eci, no_stray, on_meta, splits, zoo  # noqa: F401 (fixtures)
 
 # Each new learner as a run sets it (MTL freezes a pre-trained encoder: the averaged teachers, so its runs take the
 # zoo's three Conv4 teachers); calibration rows for the learners a calibration can follow.
@@ -39,7 +39,7 @@ def test_an_eci_iteration_and_the_meta_test_of_each_learner_run_on_the_device(zo
                                                                               batching):
     teachers, data = on_meta(zoo[:3] if LEARNERS[name].get("meta.init") == "avg-teachers" else zoo, splits)
     cfg = learner_config(tmp_path, name, **{"meta.task_batching": batching})
-    eci = ECI(cfg, teachers, {"val": data["val"]}, Dist(device=META))
+    eci = device_eci(cfg, teachers, data)
     assert eci.learner.tasks_together(META) == (batching == "vmap")
     eci.state.adversarial_next = True  # an adversarial iteration: a plain one's work and the learner's term
     with host_traffic() as traffic:
@@ -63,7 +63,7 @@ def test_the_hard_task_meta_batch_reads_its_failure_classes_with_the_switch(zoo,
     task enters the meta-batch once ``way`` of them are pooled."""
     teachers, data = on_meta(zoo, splits)
     cfg = config(tmp_path, **{"meta.hard_tasks": 1, "meta.task_batching": batching})
-    eci = ECI(cfg, teachers, {"val": data["val"]}, Dist(device=META))
+    eci = device_eci(cfg, teachers, data)
     for _ in range(3):
         with host_traffic() as traffic:
             eci.iteration()

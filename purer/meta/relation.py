@@ -141,7 +141,9 @@ class RelationNetwork(MetaLearner, kind="relation"):
             raise ValueError("a Relation Network needs its network's input shape: build it with purer.zoo.build_model")
         with torch.no_grad():
             was = self.encoder.training
-            probe = self.encoder.eval()[:self._depth](torch.zeros(2, channels, size, size))
+            # on the encoder's device (a teacher's, for a start from the zoo)
+            device = next(self.encoder.parameters()).device
+            probe = self.encoder.eval()[:self._depth](torch.zeros(2, channels, size, size, device=device))
             self.encoder.train(was)
         self.relation = RelationModule(probe.shape[1], tuple(probe.shape[2:]), self.config.hidden)
 
