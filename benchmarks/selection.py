@@ -145,7 +145,8 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     Per zoo, each variant's meta-val is the mean over shots and over the training seeds that every variant there ran
     with (all its seeds where they share none); the variants are ranked per zoo.  Eligible are the
     variants run on every zoo whose meta-val is nowhere more than :data:`MARGIN` points below ``reference``'s;
-    the chosen one has the best mean rank among them (ties: the better mean meta-val).  On a zoo without the
+    the chosen one has the best mean rank among them (ties: the better mean meta-val over the training seeds the tied
+    variants share, then over the seeds every variant shares).  On a zoo without the
     property that tells it apart, a variant of :data:`SAME_WITHOUT` takes the meta-val of the variant it is the
     same model as there (marked in ``stands_in``).  Meta-test is not read.
     """
@@ -187,10 +188,33 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
                      "worst_vs_reference": round(worst, 2), "eligible": worst >= -MARGIN,
                      "stands_in": stands_in.get(v, {})})
     eligible = [r for r in rows if r["eligible"]]
-    chosen = min(eligible, key=lambda r: (r["mean_rank"], -r["mean_val"]))["variant"]
+    best_rank = min(r["mean_rank"] for r in eligible)
+    tied = sorted(r["variant"] for r in eligible if r["mean_rank"] == best_rank)
+    # A tie in mean rank goes to the better mean meta-val over the training seeds the tied variants share on each
+    # zoo (more than every variant shares, where the tied ones ran more seeds).
+    shared = {zoo: set.intersection(*(set(candidates[v][zoo]) for v in tied)) for zoo in names}
+    tie_val = {v: statistics.fmean(statistics.fmean(acc for seed in (shared[zoo] or candidates[v][zoo])
+                                                    for acc in candidates[v][zoo][seed]) for zoo in names)
+               for v in tied}
+    chosen = max(tied, key=lambda v: (tie_val[v], next(r["mean_val"] for r in rows if r["variant"] == v)))
     rows.sort(key=lambda r: (r["mean_rank"], -r["mean_val"]))
-    return {"zoos": names, "reference": reference, "margin": MARGIN, "chosen": chosen, "rows": rows,
-            "seeds": {zoo: sorted(common[zoo]) for zoo in names}, "split": "val", "tasks": TASKS, "task_seed": SEED}
+    report = {"zoos": names, "reference": reference, "margin": MARGIN, "chosen": chosen, "rows": rows,
+              "seeds": {zoo: sorted(common[zoo]) for zoo in names}, "split": "val", "tasks": TASKS, "task_seed": SEED}
+    if len(tied) > 1:
+        report["tie_break"] = {"variants": tied, "seeds": {zoo: sorted(shared[zoo]) for zoo in names},
+                               "mean_val": {v: round(x, 2) for v, x in tie_val.items()}}
+    return report
+
+
+def tie_break(report: dict) -> str:
+    """How :func:`cross` broke a tie in mean rank, for its table's header."""
+    t = report.get("tie_break")
+    if t is None:
+        return ""
+    seeds = ", ".join(f"{z} {', '.join(map(str, s))}" for z, s in t["seeds"].items())
+    vals = ", ".join(f"{v} {x:.2f}" for v, x in sorted(t["mean_val"].items(), key=lambda kv: -kv[1]))
+    return (f" (tied at mean rank with {', '.join(v for v in t['variants'] if v != report['chosen'])}; the tie goes "
+            f"to the better mean meta-val over the training seeds the tied variants share: {seeds}; {vals})")
 
 
 def cross_markdown(report: dict) -> str:
@@ -203,8 +227,9 @@ def cross_markdown(report: dict) -> str:
              + ") of each variant on each zoo, its rank there "
              f"(1 = best), and how far below {report['reference']} it falls on its worst zoo. Eligible: nowhere more "
              f"than {report['margin']:g} point below {report['reference']}; chosen: the best mean rank among them: "
-             f"**{report['chosen']}**. Meta-test was not read. \"= v\": on that zoo the variant is the same model as v "
-             "(no two teachers share a class, or none is colour), and v's run stands for it.", "",
+             f"**{report['chosen']}**{tie_break(report)}. Meta-test was not read. \"= v\": on that zoo the variant "
+             "is the same model as v (no two teachers share a class, or none is colour), and v's run stands for it.",
+             "",
              "| variant | " + " | ".join(zoos) + " | mean | mean rank | worst vs " + report["reference"] + " |",
              "|---|" + "---|" * (len(zoos) + 3)]
     for r in report["rows"]:

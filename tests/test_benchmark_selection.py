@@ -39,6 +39,29 @@ def test_across_zoos_variants_are_compared_on_the_training_seeds_they_share(tmp_
     assert "glyphs/a 0" in sel.cross_markdown(report)
 
 
+def test_a_tie_in_mean_rank_goes_to_the_better_meta_val_over_the_seeds_the_tied_variants_share(tmp_path, monkeypatch):
+    """Two variants tied on the one seed every variant ran are told apart by the three seeds both ran."""
+    sel = load()
+    monkeypatch.setattr(sel, "RESULTS", tmp_path)
+    runs = {"a": [("paper", 0, 80), ("lucky", 0, 91), ("steady", 0, 90), ("lucky", 1, 84), ("steady", 1, 89),
+                  ("lucky", 2, 85), ("steady", 2, 88)],
+            "b": [("paper", 0, 70), ("lucky", 0, 74), ("steady", 0, 75), ("lucky", 1, 74), ("steady", 1, 75)]}
+    for zoo, scores in runs.items():
+        rows = [{"variant": v, "seed": seed, "shot": 1, "val_accuracy": acc} for v, seed, acc in scores]
+        (tmp_path / f"selection_glyphs_{zoo}.json").write_text(json.dumps({"rows": rows}))
+    report = sel.cross([("glyphs", "a"), ("glyphs", "b")])
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert rows["lucky"]["mean_rank"] == rows["steady"]["mean_rank"] == 1.5
+    assert rows["lucky"]["mean_val"] == rows["steady"]["mean_val"] == 82.5  # seed 0, which paper ran too
+    assert report["chosen"] == "steady"
+    assert report["tie_break"] == {"variants": ["lucky", "steady"],
+                                   "seeds": {"glyphs/a": [0, 1, 2], "glyphs/b": [0, 1]},
+                                   "mean_val": {"lucky": 80.33, "steady": 82.0}}
+    assert "tied at mean rank with lucky" in sel.cross_markdown(report)
+    one = sel.cross([("glyphs", "b")])  # no tie: no tie-break
+    assert "tie_break" not in one
+
+
 def write_reports(folder: Path, reports: dict[str, tuple[dict[str, float], dict]]) -> None:
     """One selection report per zoo: ``{zoo: ({variant: meta-val}, extra report keys)}`` (1-shot rows)."""
     for zoo, (scores, extra) in reports.items():
