@@ -303,6 +303,24 @@ def test_best_teacher_init_starts_from_the_meta_val_best_teacher_the_learner_can
     assert best_start_teacher(cfg.meta, zoo, {"val": val}, tasks, 3, SIZE) is None
 
 
+def test_mtl_from_the_best_teacher_refuses_a_zoo_without_its_network_in_one_line(tmp_path):
+    """Random initialisation stands in for a missing start teacher, but not under MTL, which freezes its start."""
+    from purer.pipeline import ECI
+    from purer.pipeline.distributed import Dist
+    from purer.yaml_config import load_config
+
+    data = template_images(num_classes=6)
+    zoo = [tiny_teacher(data, [3 * i, 3 * i + 1, 3 * i + 2], seed=i, steps=2) for i in range(2)]
+    overrides = {"data.image_size": SIZE, "meta.learner": "mtl", "meta.init": "best-teacher", "meta.arch": "resnet10",
+                 "meta.arch_args": "{width: 4}", "meta.way": 3, "meta.shot": 1, "meta.query": 2, "meta.val_tasks": 2,
+                 "eval.way": 3, "eval.calibrations": "[]", "inversion.teachers_per_step": 2,
+                 "cache_dir": str(tmp_path / "cache"), "output_dir": str(tmp_path / "out")}
+    cfg = load_config(RunConfig, None, [f"{k}={v}" for k, v in overrides.items()])
+    with pytest.raises(RunError, match=r"mtl freezes a pre-trained encoder and no teacher is a resnet10 .*the zoo has "
+                                       r"conv4 1x8px\): set meta.arch to one of them, or meta.init=zoo-student"):
+        ECI(cfg, zoo, {"val": template_images(num_classes=4, seed=1, name="val")}, Dist(device="cpu"))
+
+
 def test_from_model_copies_and_replaces_a_mismatched_head():
     data = template_images(10)
     teacher = tiny_teacher(data, [0, 1, 2], steps=2)
