@@ -196,7 +196,7 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     tie_val = {v: statistics.fmean(statistics.fmean(acc for seed in (shared[zoo] or candidates[v][zoo])
                                                     for acc in candidates[v][zoo][seed]) for zoo in names)
                for v in tied}
-    chosen = max(tied, key=lambda v: (tie_val[v], next(r["mean_val"] for r in rows if r["variant"] == v)))
+    chosen = max(tied, key=lambda v: (tie_val[v], statistics.fmean(everywhere[v].values())))
     rows.sort(key=lambda r: (r["mean_rank"], -r["mean_val"]))
     report = {"zoos": names, "reference": reference, "margin": MARGIN, "chosen": chosen, "rows": rows,
               "seeds": {zoo: sorted(common[zoo]) for zoo in names}, "split": "val", "tasks": TASKS, "task_seed": SEED}

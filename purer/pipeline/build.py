@@ -161,7 +161,11 @@ def best_start_teacher(m: MetaConfig, teachers: Sequence[Teacher], val_sets: dic
     """``meta.init: best-teacher``'s start and its meta-val accuracy (percent): of the teachers the learner can
     be (``meta.arch`` with ``meta.arch_args``, ``channels`` x ``size`` inputs), the one whose features are best by
     nearest centroid on the run's meta-val tasks (the mean over datasets), as ``nc-best-teacher`` chooses.
-    ``None`` when no teacher of the zoo has the learner's architecture and input (see :func:`teacher_kinds`).
+    ``None`` when no teacher of the zoo has the learner's architecture and input (see :func:`teacher_kinds`): the
+    learner then starts from random initialisation.
+
+    Raises:
+        RunError: no teacher fits a learner that freezes its start's encoder (MTL), which a random start cannot be.
     """
     try:
         want = _encoder_shapes(random_model(m.arch, m.way, channels, size, m.arch_args))
@@ -171,6 +175,10 @@ def best_start_teacher(m: MetaConfig, teachers: Sequence[Teacher], val_sets: dic
     fits = [t for t in teachers
             if (t.config.arch, t.config.in_channels, t.config.image_size) == (m.arch, channels, size)
             and _encoder_shapes(t.model) == want]
+    if not fits and m.freezes_encoder:
+        raise RunError(f"meta.init=best-teacher: {m.learner} freezes a pre-trained encoder and no teacher is a "
+                       f"{m.arch} (arch_args {m.arch_args}) on {channels}x{size}px images (the zoo has "
+                       f"{teacher_kinds(teachers)}): set meta.arch to one of them, or meta.init=zoo-student")
     if not fits:
         return None
     per_set = [teacher_scores(fits, v, val_tasks[name], autocast) for name, v in val_sets.items()]

@@ -104,16 +104,9 @@ class ECI:
         self.val_tasks = {name: task_list(v, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
                           for name, v in val_sets.items()}
         start, self.seconds_zoo_student, self.start_teacher = None, 0.0, None
-        #: the learner's start knows something (a teacher, the zoo's student, the averaged teachers)
-        self.pretrained = m.init != "random"
         if m.init == "best-teacher":  # chosen again on resume: the same tasks give the same teacher
             found = best_start_teacher(m, teachers, val_sets, self.val_tasks, channels, size, autocast)
-            if found is None and m.freezes_encoder:
-                raise RunError(f"meta.init=best-teacher: {m.learner} freezes a pre-trained encoder and no teacher is "
-                               f"a {m.arch} (arch_args {m.arch_args}) on {channels}x{size}px images (the zoo has "
-                               f"{teacher_kinds(teachers)}): set meta.arch to one of them, or meta.init=zoo-student")
-            if found is None:  # the learner starts from random initialisation
-                self.pretrained = False
+            if found is None:  # no teacher is the learner's network: it starts from random initialisation
                 self.start_teacher = {"model_id": None, "learner": f"{m.arch} {channels}x{size}px",
                                       "zoo": teacher_kinds(teachers)}
             else:
@@ -129,6 +122,8 @@ class ECI:
             except ValueError as e:  # an unknown meta.arch or bad arch_args
                 raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
             self.seconds_zoo_student = time.perf_counter() - began
+        #: the learner's start knows something (a teacher, the zoo's student, the averaged teachers)
+        self.pretrained = m.init != "random" and (m.init != "best-teacher" or start is not None)
         self.learner = build_learner(cfg, teachers, channels, size, start).to(device)
         self.learner.task_batching = m.task_batching
         with torch.no_grad():  # the learner's embedding size, for the distillation's heads and maps
