@@ -172,6 +172,9 @@ PARTS = {
     # one step of a generator of width 8 (what costs about a pixel-bank iteration on one CPU thread).
     "gen": ["inversion.synthesizer=generator"],
     "gen1-w8": ["inversion.synthesizer=generator", "inversion.generator.steps=1", "inversion.generator.width=8"],
+    # One adaptation step of the generator at its default width: the icon zoo's pixel bank is saturated colour
+    # noise, and a generator's images are smooth by construction.
+    "gen1": ["inversion.synthesizer=generator", "inversion.generator.steps=1"],
 }
 VARIANTS = {"baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
             "paper": ["--config", "recipes/configs/purer-paper.yaml"]}
