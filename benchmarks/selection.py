@@ -14,6 +14,7 @@ paired.  Meta-test is not read.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -22,11 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+import numpy as np
 import torch
 
 from purer.yaml_config import load_config
 from purer.data import load_split
-from purer.evaluate import evaluate, paired_difference, task_list
+from purer.evaluate import evaluate, fingerprint, mean_ci95, task_list
 from purer.meta import MetaLearner
 from purer.pipeline import RunConfig
 
@@ -41,39 +43,83 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
     """Meta-val accuracy of every finished run of the scenario (see the module docstring); with ``previous`` (a
     report of this scenario), its rows of the (variant, seed)s that have no run here, marked ``carried_from`` (the
     commit that last changed its scores): the runs behind a report live on the machine that made them, and the
-    tasks are the same, so a variant run later is scored beside them (unpaired: their per-task results are gone)."""
+    tasks are the same, so a variant run later is scored beside them.  A run whose learner (:func:`learner_id`) and
+    task list are those of its row in ``previous`` keeps that row's per-task accuracies: only new or changed runs
+    are evaluated again."""
     runs = sorted((root / dataset / scenario).glob("*/seed*/meta_learner/config.json"))
     if not runs:
         raise SystemExit(f"no finished runs under {root / dataset / scenario}")
     cfg = load_config(RunConfig, runs[0].parents[1] / "config.yaml")
     val = load_split(cfg.data.dataset, "val", cfg.data.root, cfg.data.image_size)
     tasks = {shot: task_list(val, cfg.eval.way, shot, 15, TASKS, SEED) for shot in shots}
-    rows, results = [], {}
+    ids = {shot: fingerprint(t) for shot, t in tasks.items()}
+    before = {(r["variant"], r["seed"], r["shot"]): r for r in
+              (json.loads(previous.read_text())["rows"] if previous is not None and previous.is_file() else [])}
+    rows = []
     for folder in runs:
         variant, seed = folder.parts[-4], int(folder.parts[-3][4:])
         if variant == "baselines":  # its learner is untrained: not a candidate
             continue
-        learner = MetaLearner.from_pretrained(folder.parent)
+        learner, learner_hash = None, learner_id(folder.parent)
         for shot in shots:
+            old = before.get((variant, seed, shot), {})
+            if old.get("learner") == learner_hash and old.get("tasks_id") == ids[shot] and "task_acc" in old:
+                rows.append({k: old[k] for k in (*SCORED, "learner", "tasks_id", "task_acc")})
+                continue
+            learner = learner or MetaLearner.from_pretrained(folder.parent)
             r = evaluate(learner, val, tasks[shot], method=variant, adapt_kwargs=learner.test_time_settings(shot),
                          progress=False)
-            results[variant, seed, shot] = r
             rows.append({"variant": variant, "seed": seed, "shot": shot, "val_accuracy": round(r.accuracy, 2),
-                         "ci95": round(r.ci95, 2)})
+                         "ci95": round(r.ci95, 2), "learner": learner_hash, "tasks_id": r.tasks_id,
+                         "task_acc": [round(float(a), 6) for a in r.task_acc]})
     rows += carried(previous, {(r["variant"], r["seed"]) for r in rows})
-    means = {}
+    chosen, seeds = choose(rows)
+    return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
+            "chosen": chosen, "seeds": seeds, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"),
+            "colour_teachers": colour_teachers(runs[0].parents[1] / "results.json"), "rows": rows}
+
+
+#: The keys of a scored row that every report has (rows of older reports have no per-task accuracies).
+SCORED = ("variant", "seed", "shot", "val_accuracy", "ci95")
+
+
+def learner_id(folder: Path) -> str:
+    """A hash of a run's saved meta-learner (``meta_learner/``: weights, config, test-time settings): a row scored
+    from it stays valid while it is unchanged."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def seed_means(per: dict[str, dict[int, list[float]]]) -> tuple[dict[str, float], list[int]]:
+    """Each variant's mean meta-val over the training seeds all the variants of ``per`` (variant -> seed -> scores)
+    ran with, or over all its own seeds where they share none (a variant run on more seeds would otherwise be
+    compared by its mean against another's one seed); and those shared seeds."""
+    common = set.intersection(*(set(seeds) for seeds in per.values())) if per else set()
+    return ({v: statistics.fmean(acc for seed in (common or seeds) for acc in seeds[seed]) for v, seeds in per.items()},
+            sorted(common))
+
+
+def choose(rows: list[dict]) -> tuple[str, list[int]]:
+    """Mark the ``chosen`` variant of a report's rows (the best mean over shots on the training seeds every variant
+    ran, :func:`seed_means`) and give every other row with per-task accuracies its paired difference to the chosen
+    variant's run of the same training seed and shot (``vs_chosen``: mean, 95% CI; none where the chosen variant
+    has no such run).  Returns the chosen variant and the seeds it was chosen on."""
+    per: dict[str, dict[int, list[float]]] = {}
     for r in rows:
-        means.setdefault(r["variant"], []).append(r["val_accuracy"])
-    chosen = max(means, key=lambda v: statistics.fmean(means[v]))
+        per.setdefault(r["variant"], {}).setdefault(r["seed"], []).append(r["val_accuracy"])
+    means, seeds = seed_means(per)
+    chosen = max(means, key=means.get)
+    mine = {(r["seed"], r["shot"]): r for r in rows if r["variant"] == chosen and "task_acc" in r}
     for r in rows:
         r["chosen"] = r["variant"] == chosen
-        mine = [k for k in results if k[0] == chosen and k[2] == r["shot"]]
-        if r["variant"] != chosen and mine and (r["variant"], r["seed"], r["shot"]) in results:
-            d, ci = paired_difference(results[r["variant"], r["seed"], r["shot"]], results[mine[0]])
-            r["vs_chosen"] = [round(d, 2), round(ci, 2)]
-    return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
-            "chosen": chosen, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"),
-            "colour_teachers": colour_teachers(runs[0].parents[1] / "results.json"), "rows": rows}
+        r.pop("vs_chosen", None)
+        ref = mine.get((r["seed"], r["shot"]))
+        if not r["chosen"] and ref is not None and "task_acc" in r and r["tasks_id"] == ref["tasks_id"]:
+            d, ci = mean_ci95(np.asarray(r["task_acc"]) - np.asarray(ref["task_acc"]))
+            r["vs_chosen"] = [round(100 * d, 2), round(100 * ci, 2)]
+    return chosen, seeds
 
 
 def carried(previous: Path | None, present: set[tuple[str, int]]) -> list[dict]:
@@ -84,8 +130,9 @@ def carried(previous: Path | None, present: set[tuple[str, int]]) -> list[dict]:
     # the commit that last changed the report's scores (not merely its other keys)
     commit = subprocess.run(["git", "log", "-1", "--format=%h", "-G", '"val_accuracy"', "--", str(previous)], cwd=REPO,
                             capture_output=True, text=True).stdout.strip() or "unknown"
-    keep = ("variant", "seed", "shot", "val_accuracy", "ci95")
-    return [{**{k: r[k] for k in keep}, "carried_from": r.get("carried_from", commit)}
+    # per-task accuracies, where the report kept them, still pair the row with the runs scored here
+    keep = (*SCORED, "tasks_id", "task_acc")
+    return [{**{k: r[k] for k in keep if k in r}, "carried_from": r.get("carried_from", commit)}
             for r in json.loads(previous.read_text())["rows"] if (r["variant"], r["seed"]) not in present]
 
 
@@ -109,8 +156,10 @@ def markdown(report: dict) -> str:
     shots = sorted({r["shot"] for r in report["rows"]})
     lines = [f"# Choosing the default on meta-val: {report['dataset']}, scenario {report['scenario']}", "",
              f"{report['tasks']} meta-val tasks per shot (5-way, 15 queries, task seed {report['task_seed']}), "
-             "the same for every variant; mean ± 95% CI (%), and the paired difference to the chosen variant. "
-             f"Chosen (best mean over shots): **{report['chosen']}**.", "",
+             "the same for every variant; mean ± 95% CI (%), and the paired difference to the chosen variant's run "
+             "of the same training seed. Chosen (best mean over shots, on the training seeds every variant ran: "
+             f"{', '.join(map(str, report.get('seeds', []))) or 'none shared, each its own'}): "
+             f"**{report['chosen']}**.", "",
              "| variant | seed | " + " | ".join(f"{s}-shot | vs chosen" for s in shots) + " |",
              "|---|---|" + "---|---|" * len(shots)]
     cell = {(r["variant"], r["seed"], r["shot"]): r for r in report["rows"]}
@@ -126,7 +175,7 @@ def markdown(report: dict) -> str:
     commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})
     if commits:
         lines += ["", f"† scored on the same tasks by an earlier report (commit {', '.join(commits)}); its run is not "
-                      "on this machine, so it has no paired difference."]
+                      "on this machine, so it is paired only where that report kept its per-task accuracies."]
     return "\n".join(lines) + "\n"
 
 
@@ -167,14 +216,10 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     candidates = {v: z for v, z in per_seed.items() if set(z) == set(names)}
     if reference not in candidates:
         raise SystemExit(f"{reference} was not scored on every zoo ({', '.join(names)})")
-    # Per zoo, every variant on the training seeds they all ran with (a variant run on more seeds would otherwise
-    # be compared by its mean against the others' one seed), or on all its seeds where they share none.
-    common = {zoo: set.intersection(*(set(z[zoo]) for z in candidates.values())) for zoo in names}
-
-    def mean(seeds: dict[int, list[float]], zoo: str) -> float:
-        return statistics.fmean(acc for seed in (common[zoo] or seeds) for acc in seeds[seed])
-
-    everywhere = {v: {zoo: mean(z[zoo], zoo) for zoo in names} for v, z in candidates.items()}
+    # Per zoo, every variant on the training seeds they all ran with (seed_means)
+    per_zoo = {zoo: seed_means({v: z[zoo] for v, z in candidates.items()}) for zoo in names}
+    common = {zoo: seeds for zoo, (_, seeds) in per_zoo.items()}
+    everywhere = {v: {zoo: per_zoo[zoo][0][v] for zoo in names} for v in candidates}
     ranks = {v: {} for v in everywhere}
     for zoo in names:  # 1 + how many variants are better there (equal meta-val, equal rank)
         for v in everywhere:
@@ -192,16 +237,15 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     tied = sorted(r["variant"] for r in eligible if r["mean_rank"] == best_rank)
     # A tie in mean rank goes to the better mean meta-val over the training seeds the tied variants share on each
     # zoo (more than every variant shares, where the tied ones ran more seeds).
-    shared = {zoo: set.intersection(*(set(candidates[v][zoo]) for v in tied)) for zoo in names}
-    tie_val = {v: statistics.fmean(statistics.fmean(acc for seed in (shared[zoo] or candidates[v][zoo])
-                                                    for acc in candidates[v][zoo][seed]) for zoo in names)
-               for v in tied}
+    tied_zoo = {zoo: seed_means({v: candidates[v][zoo] for v in tied}) for zoo in names}
+    shared = {zoo: seeds for zoo, (_, seeds) in tied_zoo.items()}
+    tie_val = {v: statistics.fmean(tied_zoo[zoo][0][v] for zoo in names) for v in tied}
     chosen = max(tied, key=lambda v: (tie_val[v], statistics.fmean(everywhere[v].values())))
     rows.sort(key=lambda r: (r["mean_rank"], -r["mean_val"]))
     report = {"zoos": names, "reference": reference, "margin": MARGIN, "chosen": chosen, "rows": rows,
-              "seeds": {zoo: sorted(common[zoo]) for zoo in names}, "split": "val", "tasks": TASKS, "task_seed": SEED}
+              "seeds": common, "split": "val", "tasks": TASKS, "task_seed": SEED}
     if len(tied) > 1:
-        report["tie_break"] = {"variants": tied, "seeds": {zoo: sorted(shared[zoo]) for zoo in names},
+        report["tie_break"] = {"variants": tied, "seeds": shared,
                                "mean_val": {v: round(x, 2) for v, x in tie_val.items()}}
     return report
 

@@ -125,3 +125,66 @@ def test_a_report_keeps_the_rows_of_runs_made_elsewhere_and_marks_them(tmp_path)
               "rows": rows + [{"variant": "new", "seed": 0, "shot": 1, "val_accuracy": 91.0, "ci95": 1.0}]}
     text = sel.markdown(report)
     assert "| paper † | 0 |" in text and "| new | 0 |" in text and "earlier report (commit" in text
+
+
+def test_a_zoo_chooses_on_the_seeds_every_variant_ran_and_pairs_each_run_with_the_chosen_runs_seed():
+    """A variant's lucky extra seed does not choose it, and a seed-1 run is compared with the chosen seed-1 run,
+    never with its seed 0."""
+    sel = load()
+    acc = {("steady", 0): [1, 1, 0, 1], ("steady", 1): [1, 0, 0, 1], ("other", 0): [1, 1, 1, 1],
+           ("other", 1): [0, 0, 0, 1], ("lucky", 0): [1, 1, 1, 0]}
+    rows = [{"variant": v, "seed": seed, "shot": 1, "val_accuracy": 25.0 * sum(a), "tasks_id": "t", "task_acc": a}
+            for (v, seed), a in acc.items()]
+    chosen, seeds = sel.choose(rows)
+    assert (chosen, seeds) == ("other", [0])  # on seed 0 only: other 100, lucky 75, steady 75
+    by = {(r["variant"], r["seed"]): r for r in rows}
+    assert by["steady", 1]["vs_chosen"][0] == 25.0  # 50 against other's seed 1 (25), not its seed 0 (100)
+    assert by["steady", 0]["vs_chosen"][0] == -25.0 and "vs_chosen" not in by["other", 0]
+    assert by["other", 1]["chosen"] and not by["lucky", 0]["chosen"]
+    # once every variant has both seeds, the choice reads both: other 62.5, steady 62.5, lucky 87.5
+    rows.append({"variant": "lucky", "seed": 1, "shot": 1, "val_accuracy": 100.0, "tasks_id": "t", "task_acc": [1] * 4})
+    assert sel.choose(rows) == ("lucky", [0, 1])
+    assert by["other", 1]["vs_chosen"][0] == -75.0 and by["steady", 1]["vs_chosen"][0] == -50.0
+    assert "vs_chosen" not in by["lucky", 0] and not by["other", 0]["chosen"]
+
+
+def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch):
+    """Rescoring a zoo evaluates new or changed learners only; the rest keep their rows and per-task accuracies."""
+    import numpy as np
+    from purer.evaluate import EvalResult
+
+    sel = load()
+    for variant in ("default", "paper"):
+        folder = tmp_path / "glyphs" / "s" / variant / "seed0"
+        (folder / "meta_learner").mkdir(parents=True)
+        (folder / "meta_learner" / "config.json").write_text("{}")
+        (folder / "meta_learner" / "model.safetensors").write_bytes(variant.encode())
+        (folder / "results.json").write_text(json.dumps({"zoo": {"models": 2, "classes": [5], "path": str(tmp_path)},
+                                                         "meta_train": {"bank_classes": 10}}))
+    evaluated = []
+
+    def fake_evaluate(learner, source, tasks, *, method, adapt_kwargs, progress):
+        evaluated.append((method, len(tasks[0])))
+        acc = {"default": [1.0, 0.5], "paper": [0.5, 0.5]}[method]
+        return EvalResult(method=method, way=5, shot=len(tasks[0]), task_acc=np.array(acc), test_cost={},
+                          tasks_id=f"tasks{len(tasks[0])}")
+
+    monkeypatch.setattr(sel, "load_config", lambda cls, path: type("C", (), {
+        "data": type("D", (), {"dataset": "glyphs", "root": None, "image_size": 8})(),
+        "eval": type("E", (), {"way": 5})()})())
+    monkeypatch.setattr(sel, "load_split", lambda *a: None)
+    monkeypatch.setattr(sel, "task_list", lambda val, way, shot, query, tasks, seed: [[shot]])
+    monkeypatch.setattr(sel, "fingerprint", lambda tasks: f"tasks{len(tasks[0])}")
+    monkeypatch.setattr(sel, "evaluate", fake_evaluate)
+    monkeypatch.setattr(sel.MetaLearner, "from_pretrained",
+                        classmethod(lambda cls, folder: type("L", (), {"test_time_settings": lambda self, s: {}})()))
+    report = sel.score("glyphs", "s", shots=(1,), root=tmp_path)
+    assert sorted(evaluated) == [("default", 1), ("paper", 1)] and report["chosen"] == "default"
+    assert {r["variant"]: r["vs_chosen"][0] for r in report["rows"] if "vs_chosen" in r} == {"paper": -25.0}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    evaluated.clear()
+    again = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "report.json")
+    assert evaluated == [] and again["rows"] == report["rows"]
+    (tmp_path / "glyphs" / "s" / "paper" / "seed0" / "meta_learner" / "model.safetensors").write_bytes(b"retrained")
+    sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "report.json")
+    assert evaluated == [("paper", 1)]
