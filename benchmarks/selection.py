@@ -8,8 +8,10 @@ For every finished run of ``benchmarks/accuracy.py`` under ``runs/benchmarks/<da
 the run's selected meta-learner (``meta_learner/``, with the test-time settings its run chose on meta-val)
 is scored on a fixed list of 300 meta-val tasks per shot (5-way, 15 queries, task seed 1: more tasks than a
 run's own selection uses, so that variants a point or two apart can be told apart).  The variant with the
-best mean over shots is marked ``chosen``; every variant is scored on the same tasks, so differences are
-paired.  Meta-test is not read.
+best mean over shots, on the training seeds every variant ran, is marked ``chosen``; every variant is scored
+on the same tasks, so each run is paired with the chosen variant's run of its training seed.  A report keeps
+its per-task accuracies, so scoring a zoo again evaluates only the runs that are new or changed.  Meta-test is
+not read.
 """
 from __future__ import annotations
 
