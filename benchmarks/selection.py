@@ -45,9 +45,9 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
     """Meta-val accuracy of every finished run of the scenario (see the module docstring); with ``previous`` (a
     report of this scenario), its rows of the (variant, seed)s that have no run here, marked ``carried_from`` (the
     commit that last changed its scores): the runs behind a report live on the machine that made them, and the
-    tasks are the same, so a variant run later is scored beside them.  A run whose learner (:func:`learner_id`) and
-    task list are those of its row in ``previous`` keeps that row's per-task accuracies: only new or changed runs
-    are evaluated again."""
+    tasks are the same, so a variant run later is scored beside them.  A run whose learner (:func:`learner_id`) was
+    scored on these tasks in ``previous`` keeps that row's per-task accuracies, whatever its folder is called now:
+    only new or changed learners are evaluated again."""
     runs = sorted((root / dataset / scenario).glob("*/seed*/meta_learner/config.json"))
     if not runs:
         raise SystemExit(f"no finished runs under {root / dataset / scenario}")
@@ -55,8 +55,10 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
     val = load_split(cfg.data.dataset, "val", cfg.data.root, cfg.data.image_size)
     tasks = {shot: task_list(val, cfg.eval.way, shot, 15, TASKS, SEED) for shot in shots}
     ids = {shot: fingerprint(t) for shot, t in tasks.items()}
-    before = {(r["variant"], r["seed"], r["shot"]): r for r in
-              (json.loads(previous.read_text())["rows"] if previous is not None and previous.is_file() else [])}
+    # a learner already scored on these tasks (under any variant name) keeps its scores
+    before = {(r["learner"], r["shot"], r["tasks_id"]): r for r in
+              (json.loads(previous.read_text())["rows"] if previous is not None and previous.is_file() else [])
+              if "learner" in r and "task_acc" in r}
     rows = []
     for folder in runs:
         variant, seed = folder.parts[-4], int(folder.parts[-3][4:])
@@ -64,9 +66,10 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
             continue
         learner, learner_hash = None, learner_id(folder.parent)
         for shot in shots:
-            old = before.get((variant, seed, shot), {})
-            if old.get("learner") == learner_hash and old.get("tasks_id") == ids[shot] and "task_acc" in old:
-                rows.append({k: old[k] for k in (*SCORED, "learner", "tasks_id", "task_acc")})
+            old = before.get((learner_hash, shot, ids[shot]))
+            if old is not None:
+                rows.append({"variant": variant, "seed": seed, "shot": shot,
+                             **{k: old[k] for k in ("val_accuracy", "ci95", "learner", "tasks_id", "task_acc")}})
                 continue
             learner = learner or MetaLearner.from_pretrained(folder.parent)
             r = evaluate(learner, val, tasks[shot], method=variant, adapt_kwargs=learner.test_time_settings(shot),
@@ -74,7 +77,7 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
             rows.append({"variant": variant, "seed": seed, "shot": shot, "val_accuracy": round(r.accuracy, 2),
                          "ci95": round(r.ci95, 2), "learner": learner_hash, "tasks_id": r.tasks_id,
                          "task_acc": [round(float(a), 6) for a in r.task_acc]})
-    rows += carried(previous, {(r["variant"], r["seed"]) for r in rows})
+    rows += carried(previous, {(r["variant"], r["seed"]) for r in rows}, {r["learner"] for r in rows})
     chosen, seeds = choose(rows)
     return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
             "chosen": chosen, "seeds": seeds, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"),
@@ -124,9 +127,10 @@ def choose(rows: list[dict]) -> tuple[str, list[int]]:
     return chosen, seeds
 
 
-def carried(previous: Path | None, present: set[tuple[str, int]]) -> list[dict]:
+def carried(previous: Path | None, present: set[tuple[str, int]], learners: set[str] = frozenset()) -> list[dict]:
     """The rows of the report ``previous`` whose (variant, seed) is not in ``present`` (see :func:`score`), marked with
-    the commit that last changed the report's scores."""
+    the commit that last changed the report's scores; a row of a learner in ``learners`` (scored here, its run
+    folder since renamed) is not carried."""
     if previous is None or not previous.is_file():
         return []
     # the commit that last changed the report's scores (not merely its other keys)
@@ -135,7 +139,8 @@ def carried(previous: Path | None, present: set[tuple[str, int]]) -> list[dict]:
     # per-task accuracies, where the report kept them, still pair the row with the runs scored here
     keep = (*SCORED, "tasks_id", "task_acc")
     return [{**{k: r[k] for k in keep if k in r}, "carried_from": r.get("carried_from", commit)}
-            for r in json.loads(previous.read_text())["rows"] if (r["variant"], r["seed"]) not in present]
+            for r in json.loads(previous.read_text())["rows"]
+            if (r["variant"], r["seed"]) not in present and r.get("learner") not in learners]
 
 
 def shared_classes(results: Path) -> bool:
@@ -183,11 +188,20 @@ def markdown(report: dict) -> str:
 
 #: How far below PURER as published a default may fall on any zoo's meta-val (points, mean over shots).
 MARGIN = 1.0
-#: Variants that are the same model as another on a zoo without the property (a key of a :func:`score` report)
-#: that tells them apart, so the other's run stands for it there: on a zoo whose teachers share no class the
-#: union head's rows split into the per-teacher heads (``DistillConfig.heads``); on a zoo without colour teachers
-#: ``inversion.a_tv_colour`` weighs nothing.
-SAME_WITHOUT = {"default+kd-union": ("default", "shared_classes"), "default+tv-release": ("default", "colour_teachers")}
+#: Variant parts (``benchmarks/accuracy.py``) that change nothing on a zoo without a property (a key of a
+#: :func:`score` report), so there a variant with the part is the same model as the variant without it, whose run
+#: stands for it: on a zoo whose teachers share no class the union head's rows split into the per-teacher heads
+#: (``DistillConfig.heads``); on a zoo without colour teachers ``inversion.a_tv_colour`` weighs nothing and
+#: ``inversion.synthesizer_colour`` (a zoo of colour teachers only) never applies.
+SAME_WITHOUT = {"kd-union": "shared_classes", "tv-release": "colour_teachers", "pixels-colour": "colour_teachers"}
+
+
+def stand_in(variant: str, report: dict) -> str | None:
+    """The variant whose run is the same model as ``variant`` on the zoo of ``report`` (:data:`SAME_WITHOUT`): its
+    name without the parts that change nothing there; ``None`` if it has no such part."""
+    base, *parts = variant.split("+")
+    kept = [p for p in parts if not (p in SAME_WITHOUT and report.get(SAME_WITHOUT[p], True) is False)]
+    return "+".join([base, *kept]) if len(kept) < len(parts) else None
 
 
 def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
@@ -198,18 +212,20 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     variants run on every zoo whose meta-val is nowhere more than :data:`MARGIN` points below ``reference``'s;
     the chosen one has the best mean rank among them (ties: the better mean meta-val over the training seeds the tied
     variants share, then over the seeds every variant shares).  On a zoo without the
-    property that tells it apart, a variant of :data:`SAME_WITHOUT` takes the meta-val of the variant it is the
-    same model as there (marked in ``stands_in``).  Meta-test is not read.
+    property that tells it apart, a variant with a part of :data:`SAME_WITHOUT` takes the meta-val of the variant it
+    is the same model as there (:func:`stand_in`; marked in ``stands_in``).  Meta-test is not read.
     """
     per_seed: dict[str, dict[str, dict[int, list[float]]]] = {}  # variant -> zoo -> training seed -> meta-val rows
     stands_in: dict[str, dict[str, str]] = {}
-    for dataset, scenario in zoos:
-        report = json.loads((RESULTS / f"selection_{dataset}_{scenario}.json").read_text())
+    reports = {(d, s): json.loads((RESULTS / f"selection_{d}_{s}.json").read_text()) for d, s in zoos}
+    candidates_elsewhere = sorted({r["variant"] for report in reports.values() for r in report["rows"]})
+    for (dataset, scenario), report in reports.items():
         per: dict[str, dict[int, list[float]]] = {}
         for r in report["rows"]:
             per.setdefault(r["variant"], {}).setdefault(r["seed"], []).append(r["val_accuracy"])
-        for variant, (same, property_) in SAME_WITHOUT.items():
-            if not report.get(property_, True) and variant not in per and same in per:
+        for variant in candidates_elsewhere:
+            same = stand_in(variant, report)
+            if variant not in per and same in per:
                 per[variant] = per[same]
                 stands_in.setdefault(variant, {})[f"{dataset}/{scenario}"] = same
         for variant, seeds in per.items():

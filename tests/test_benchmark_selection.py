@@ -70,7 +70,8 @@ def write_reports(folder: Path, reports: dict[str, tuple[dict[str, float], dict]
 
 
 @pytest.mark.parametrize("variant,property_", [("default+kd-union", "shared_classes"),
-                                               ("default+tv-release", "colour_teachers")])
+                                               ("default+tv-release", "colour_teachers"),
+                                               ("default+pixels-colour", "colour_teachers")])
 def test_a_variant_is_the_default_on_a_zoo_without_what_tells_them_apart(tmp_path, monkeypatch, variant, property_):
     """A union head is the per-teacher heads where no two teachers share a class; the release's R_tv weight
     for colour teachers is the default's where no teacher is colour."""
@@ -188,3 +189,20 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
     (tmp_path / "glyphs" / "s" / "paper" / "seed0" / "meta_learner" / "model.safetensors").write_bytes(b"retrained")
     sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "report.json")
     assert evaluated == [("paper", 1)]
+    evaluated.clear()  # a run moved to another variant's folder is the same learner: its scores move with it
+    (tmp_path / "glyphs" / "s" / "default").rename(tmp_path / "glyphs" / "s" / "default+renamed")
+    moved = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "report.json")
+    assert evaluated == [("paper", 1)]
+    assert [r["val_accuracy"] for r in moved["rows"] if r["variant"] == "default+renamed"] == [75.0]
+    assert "default" not in {r["variant"] for r in moved["rows"]}  # not carried as a run made elsewhere
+
+
+def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
+    sel = load()
+    grey, colour = {"colour_teachers": False, "shared_classes": False}, {"colour_teachers": True, "shared_classes": False}
+    assert sel.stand_in("default+avg+pixels-colour", grey) == "default+avg"
+    assert sel.stand_in("default+it3000+p2+pixels-colour", grey) == "default+it3000+p2"
+    assert sel.stand_in("default+kd-union+tv-release", grey) == "default"
+    assert sel.stand_in("default+kd-union+tv-release", colour) == "default+tv-release"
+    assert sel.stand_in("default+it3000+p2+pixels-colour", colour) is None
+    assert sel.stand_in("default+avg", grey) is None and sel.stand_in("default+pixels-colour", {}) is None
