@@ -170,11 +170,11 @@ PARTS = {
     "ht": ["meta.hard_tasks=1"],  # MTL's hard-task meta-batch, one hard task per meta-batch when ready
     # The meta-learnt generator instead of the pixel bank: FREE's 5 adaptation steps at the default width 32, and
     # one step of a generator of width 8 (what costs about a pixel-bank iteration on one CPU thread).
-    "gen": ["inversion.synthesizer=generator"],
+    "gen": ["inversion.synthesizer=generator", "inversion.generator.steps=5"],
     "gen1-w8": ["inversion.synthesizer=generator", "inversion.generator.steps=1", "inversion.generator.width=8"],
-    # One adaptation step of the generator at its default width: the icon zoo's pixel bank is saturated colour
-    # noise, and a generator's images are smooth by construction.
-    "gen1": ["inversion.synthesizer=generator", "inversion.generator.steps=1"],
+    # The pixel bank for a zoo of colour teachers too, as before the colour rule (inversion.synthesizer_colour: the
+    # one-step generator for such a zoo).  The icon runs made before the rule carry this part in their names.
+    "pixels-colour": ["inversion.synthesizer_colour=null"],
 }
 VARIANTS = {"baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
             "paper": ["--config", "recipes/configs/purer-paper.yaml"]}
@@ -335,19 +335,28 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
         if len(codes) > 1:
             row["code"] = ", ".join(sorted(code_of[scenario, row["variant"]]))
         rows.append(row)
-    carried_runs, carried_rows = carried(previous, {(r["scenario"], r["variant"]) for r in runs})
+    carried_runs, carried_rows = carried(previous, {(r["scenario"], r["variant"]) for r in runs},
+                                         {run_key(r) for r in runs})
     return {"dataset": dataset, "selected_on": "val", "runs": runs + carried_runs, "rows": rows + carried_rows,
             "code": sorted(c for c in codes if c) if len(codes) > 1 else next(iter(codes), None),
             "settings": {"common": COMMON, "datasets": DATASETS[dataset], "scenarios": SCENARIOS,
                          "variants": {v: variant_args(v) for v in sorted({r["variant"] for r in runs})}}}
 
 
-def carried(path: Path | None, present: set[tuple[str, str]]) -> tuple[list, list]:
+def run_key(run: dict) -> tuple:
+    """What tells one run of a results file from every other: its scenario, seed, wall time and meta-training
+    record (its meta-val curve and timings), whatever variant folder it lives in."""
+    return run["scenario"], run["seed"], run["seconds"], json.dumps(run["meta_train"], sort_keys=True)
+
+
+def carried(path: Path | None, present: set[tuple[str, str]], here: set[tuple] = frozenset()) -> tuple[list, list]:
     """Runs and rows of the results file ``path`` whose (scenario, variant) has no run folder here.
 
     The runs behind a results file live on the machine that made them; collecting on another machine keeps
     the rows it cannot recompute (marked ``carried_from``: the commit that last wrote them) rather than drop
-    them, and replaces a (scenario, variant) as a whole as soon as one of its runs exists here."""
+    them, and replaces a (scenario, variant) as a whole as soon as one of its runs exists here.  A (scenario,
+    variant) whose runs are all here (``here``: :func:`run_key`) under another variant's name was renamed, and is
+    not carried."""
     if path is None or not path.is_file():
         return [], []
     old = json.loads(path.read_text())
@@ -358,6 +367,11 @@ def carried(path: Path | None, present: set[tuple[str, str]]) -> tuple[list, lis
         return canonical(row.get("variant") or ("baselines" if not row["method"].startswith(
             (DEFAULT, "paper", "eci", "ei", "ablate")) else row["method"].split("+")[0]))
 
+    of_variant: dict[tuple[str, str], list[dict]] = {}
+    for r in old.get("runs", []):
+        of_variant.setdefault((r["scenario"], canonical(r["variant"])), []).append(r)
+    renamed = {k for k, rs in of_variant.items() if k not in present and all(run_key(r) in here for r in rs)}
+    present = present | renamed
     runs = [{**r, "variant": canonical(r["variant"]), "carried_from": r.get("carried_from", commit)}
             for r in old.get("runs", []) if (r["scenario"], canonical(r["variant"])) not in present]
     rows = [{**r, "method": canonical(r["method"]), "variant": variant(r), "carried_from": r.get("carried_from", commit)}

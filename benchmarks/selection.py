@@ -137,7 +137,7 @@ def carried(previous: Path | None, present: set[tuple[str, int]], learners: set[
     commit = subprocess.run(["git", "log", "-1", "--format=%h", "-G", '"val_accuracy"', "--", str(previous)], cwd=REPO,
                             capture_output=True, text=True).stdout.strip() or "unknown"
     # per-task accuracies, where the report kept them, still pair the row with the runs scored here
-    keep = (*SCORED, "tasks_id", "task_acc")
+    keep = (*SCORED, "learner", "tasks_id", "task_acc")
     return [{**{k: r[k] for k in keep if k in r}, "carried_from": r.get("carried_from", commit)}
             for r in json.loads(previous.read_text())["rows"]
             if (r["variant"], r["seed"]) not in present and r.get("learner") not in learners]

@@ -10,10 +10,10 @@ def bench():
     return load_benchmark("accuracy")
 
 
-def fake_run(root: Path, variant: str, seed: int, rows: list[tuple[str, float, float]]) -> None:
+def fake_run(root: Path, variant: str, seed: int, rows: list[tuple[str, float, float]], seconds: float = 60.0) -> None:
     out = root / "glyphs" / "disjoint" / variant / f"seed{seed}"
     out.mkdir(parents=True)
-    results = {"seconds": 60.0, "zoo": {"models": 12},
+    results = {"seconds": seconds, "zoo": {"models": 12},
                "meta_train": {"best_iteration": 500, "val_accuracy": 80.0, "switch_fired": 3},
                "rows": [{"method": m, "way": 5, "shot": 1, "accuracy": a, "ci95": c, "tasks": 600,
                          "test_cost": {"models": 1}} for m, a, c in rows]}
@@ -45,7 +45,8 @@ def test_collect_carries_the_rows_no_run_here_replaces(bench, tmp_path):
                "meta_train": {"best_iteration": 500, "val_accuracy": 80.0, "switch_fired": 3}}
     old_row = {"scenario": "disjoint", "way": 5, "shot": 1, "ci95": 1.0, "seeds": [0], "tasks": 600,
                "test_cost": {"models": 1}}
-    previous.write_text(json.dumps({"runs": [{**old_run, "variant": "baselines"}, {**old_run, "variant": "eci-maml"}],
+    previous.write_text(json.dumps({"runs": [{**old_run, "variant": "baselines", "seconds": 30.0},
+                                             {**old_run, "variant": "eci-maml"}],
                                     "rows": [{**old_row, "method": "nc-pixels", "accuracy": 70.0},
                                              {**old_row, "method": "eci-maml+icfil", "accuracy": 79.0}]}))
     fake_run(tmp_path / "runs", "eci-maml", 0, [("purer", 81.0, 1.0)])
@@ -56,6 +57,21 @@ def test_collect_carries_the_rows_no_run_here_replaces(bench, tmp_path):
     assert "carried_from" not in rows["paper"]
     assert [r["variant"] for r in report["runs"]] == ["paper", "baselines"]
     assert "| nc-pixels † | 70.00 ± 1.00 | 0 | models=1 |" in bench.markdown(report)
+
+
+def test_collect_does_not_carry_a_variant_whose_runs_are_here_under_another_name(bench, tmp_path):
+    """Run folders renamed (e.g. a variant's name after a default changed) take their rows with them."""
+    fake_run(tmp_path / "runs", "default", 0, [("purer", 81.0, 1.0)], seconds=61.0)
+    fake_run(tmp_path / "runs", "paper", 0, [("purer", 79.0, 1.0)])
+    previous = tmp_path / "accuracy_glyphs.json"
+    previous.write_text(json.dumps(bench.collect("glyphs", tmp_path / "runs")))
+    (tmp_path / "runs" / "glyphs" / "disjoint" / "default").rename(tmp_path / "runs" / "glyphs" / "disjoint" / "default+avg")
+    rows = {r["method"]: r for r in bench.collect("glyphs", tmp_path / "runs", previous)["rows"]}
+    assert set(rows) == {"default+avg", "paper"} and rows["default+avg"]["accuracy"] == 81.0
+    # a run made elsewhere (another record) is still carried
+    fake_run(tmp_path / "other", "paper", 0, [("purer", 79.0, 1.0)])
+    rows = {r["method"]: r for r in bench.collect("glyphs", tmp_path / "other", previous)["rows"]}
+    assert set(rows) == {"default", "paper"} and "carried_from" in rows["default"]
 
 
 def test_a_run_over_several_datasets_gets_a_table_per_dataset(bench, tmp_path):

@@ -195,6 +195,10 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
     assert evaluated == [("paper", 1)]
     assert [r["val_accuracy"] for r in moved["rows"] if r["variant"] == "default+renamed"] == [75.0]
     assert "default" not in {r["variant"] for r in moved["rows"]}  # not carried as a run made elsewhere
+    (tmp_path / "moved.json").write_text(json.dumps({**moved, "rows": [*moved["rows"], *sel.carried(
+        tmp_path / "report.json", set())]}))  # a report that carried the old name before it knew the learner
+    again = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "moved.json")
+    assert sorted(r["variant"] for r in again["rows"]) == ["default+renamed", "paper"]
 
 
 def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():

@@ -170,10 +170,21 @@ def test_a_zoo_of_two_input_contracts_gets_each_class_in_its_teachers_contract(z
     assert teacher_accuracy(mixed, bank) > 0.9
 
 
-def test_the_pixel_bank_stays_the_default_synthesizer(zoo):
-    bank = PseudoBank(zoo, images_per_class=3)
-    assert type(build_synthesizer(zoo, bank, InversionConfig())) is EpisodeInversion
-    assert dataclasses.asdict(InversionConfig())["generator"]["steps"] == 5
+def test_the_pixel_bank_stays_the_default_synthesizer_but_for_a_zoo_of_colour_teachers(zoo):
+    """``inversion.synthesizer_colour``: a zoo whose teachers all take colour input gets the one-step generator;
+    a grey zoo, a zoo mixing grey and colour teachers, or the rule switched off keep ``synthesizer``."""
+    def built(teachers, **config):
+        return type(build_synthesizer(teachers, PseudoBank(teachers, images_per_class=3), InversionConfig(**config)))
+
+    colour = [train_teacher(WAYS * i, f"c{i}", channels=3, mean=0.4, std=0.3, seed=i) for i in range(2)]
+    assert built(zoo) is EpisodeInversion and built([*zoo[:1], colour[0]]) is EpisodeInversion
+    assert built(colour) is GeneratorInversion and built(colour, synthesizer_colour=None) is EpisodeInversion
+    assert built(zoo, synthesizer="generator") is GeneratorInversion
+    assert built(colour, synthesizer="generator", synthesizer_colour="pixels") is EpisodeInversion
+    assert dataclasses.asdict(InversionConfig())["generator"]["steps"] == 1
+    assert InversionConfig().synthesizer_for([]) == "pixels"
+    with pytest.raises(ValueError, match="synthesizer_colour must be one of"):
+        InversionConfig(synthesizer_colour="gan")
 
 
 def test_a_generator_run_on_two_processes_or_resumed_is_the_one_process_run(tiny_root, tmp_path):

@@ -49,6 +49,9 @@ def test_a_zoo_of_two_datasets_trains_one_learner_and_tests_it_on_each(tiny_root
     # the folder loader gives RGB: every teacher is colour, its R_tv weight inversion.a_tv_colour; the run says so
     assert results["meta_train"]["tv_weight"] == {"colour": 1e-3}
     assert "inversion: R_tv weight 0.001 for colour teachers (inversion.a_tv_colour)" in res.stdout
+    # and the generator synthesizes a zoo of colour teachers (inversion.synthesizer_colour)
+    assert results["meta_train"]["synthesizer"] == "generator"
+    assert "inversion: the generator synthesizer for a zoo of colour teachers (inversion.synthesizer_colour)" in res.stdout
     rows = {(r["dataset"], r["method"]) for r in results["rows"]}
     assert rows == {(d, m) for d in ("folder", "cifar_fs") for m in ("purer", "purer+support-ce", "nc-best-teacher")}
     # each dataset's best-teacher baseline comes from its own teachers

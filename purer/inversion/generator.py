@@ -235,6 +235,8 @@ class GeneratorInversion(EpisodeInversion):
 
 def build_synthesizer(teachers: Sequence[Teacher], bank: PseudoBank, config: InversionConfig,
                       autocast: torch.dtype | None = None) -> EpisodeInversion:
-    """The synthesizer ``config.synthesizer`` names: ``pixels`` (:class:`EpisodeInversion`) or ``generator``."""
-    cls = GeneratorInversion if config.synthesizer == "generator" else EpisodeInversion
+    """The synthesizer the config names for these teachers (:meth:`InversionConfig.synthesizer_for`): ``pixels``
+    (:class:`EpisodeInversion`) or ``generator``."""
+    kind = config.synthesizer_for(t.config.in_channels for t in teachers)
+    cls = GeneratorInversion if kind == "generator" else EpisodeInversion
     return cls(teachers, bank, config, autocast=autocast)

@@ -46,7 +46,7 @@ import copy
 import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,14 +97,16 @@ class GeneratorConfig:
     """Settings of the generator synthesizer (``inversion.synthesizer: generator``).
 
     Attributes:
-        steps: adaptation steps of the generator to a teacher per inversion step (FREE: 5).
+        steps: adaptation steps of the generator to a teacher per inversion step (FREE: 5).  1 here: FREE's 5
+            cost about 9 times a pixel-bank iteration on one CPU thread, and one step of a generator of this width
+            is what the colour rule (``InversionConfig.synthesizer_colour``) was chosen with on meta-val.
         lr: Adam learning rate of the adaptation and of the meta-update (FREE: 1e-3).
         width: channels of the generator's last hidden layer (the first has twice as many).
         noise_dim: size of the noise vector ``z``.
         embed_dim: size of a bank class's learnt embedding (the generator's condition).
     """
 
-    steps: int = 5
+    steps: int = 1
     lr: float = 1e-3
     width: int = 32
     noise_dim: int = 64
@@ -169,7 +171,14 @@ class InversionConfig:
         synthesizer: what makes the bank's images: ``pixels`` (each image optimised on its own, the
             release's; :class:`EpisodeInversion`) or ``generator`` (a meta-learnt conditional generator
             adapted to each teacher in a few steps, FREE's idea; :class:`~purer.inversion.generator.GeneratorInversion`).
-        generator: the generator's settings (:class:`GeneratorConfig`; used by ``synthesizer: generator``).
+        synthesizer_colour: the synthesizer of a zoo whose teachers all take colour (3-channel) input; ``None``:
+            ``synthesizer`` for every zoo, as the release.  Not in the release: ``generator``, chosen on meta-val
+            across zoos (``benchmarks/results/selection_cross_zoo.md``).  On the colour icon zoo the pixel bank
+            is saturated colour noise even at the colour R_tv weight; the generator's images are smooth colour
+            shapes, and meta-val rose on every training seed (300 tasks per shot; README "Results").  Grey
+            zoos, and zoos mixing grey and colour teachers (one synthesizer serves the whole zoo), keep
+            ``synthesizer``: on the glyph zoo the generator was behind the pixels on meta-val.
+        generator: the generator's settings (:class:`GeneratorConfig`; used wherever the generator synthesizes).
     """
 
     teachers_per_step: int = 4
@@ -191,6 +200,7 @@ class InversionConfig:
     a_div: float = 0.0
     steps_per_iteration: int = 1
     synthesizer: str = "pixels"
+    synthesizer_colour: str | None = "generator"
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def __post_init__(self):
@@ -212,10 +222,18 @@ class InversionConfig:
                              f"{self.first_bn_weight}, {self.a_div} and {self.steps_per_iteration}")
         if self.bn_layers not in ("sum", "mean"):
             raise ValueError(f"bn_layers must be 'sum' or 'mean', got {self.bn_layers!r}")
-        if self.synthesizer not in SYNTHESIZERS:
-            raise ValueError(f"synthesizer must be one of {SYNTHESIZERS}, got {self.synthesizer!r}")
+        for key, value in (("synthesizer", self.synthesizer), ("synthesizer_colour", self.synthesizer_for([3]))):
+            if value not in SYNTHESIZERS:
+                raise ValueError(f"{key} must be one of {SYNTHESIZERS}, got {value!r}")
         if self.teacher_batching not in TEACHER_BATCHING:
             raise ValueError(f"teacher_batching must be one of {TEACHER_BATCHING}, got {self.teacher_batching!r}")
+
+    def synthesizer_for(self, in_channels: Iterable[int]) -> str:
+        """The synthesizer of a zoo whose teachers take ``in_channels``: ``synthesizer_colour`` if every one of
+        them is colour (and it is set), else ``synthesizer``."""
+        channels = list(in_channels)
+        colour = bool(channels) and all(c == 3 for c in channels) and self.synthesizer_colour is not None
+        return self.synthesizer_colour if colour else self.synthesizer
 
     def tv_weight(self, in_channels: int) -> float:
         """R_tv's weight for a teacher taking ``in_channels`` channels: ``a_tv_colour`` for colour (if set), else ``a_tv``."""

@@ -297,13 +297,18 @@ class ECI:
         kinds = {kind(t.config.in_channels): t.config.in_channels for t in self.teachers}
         return {kind: self.cfg.inversion.tv_weight(c) for kind, c in sorted(kinds.items())}
 
+    @property
+    def synthesizer(self) -> str:
+        """What makes the bank's images in this run (:meth:`~purer.inversion.InversionConfig.synthesizer_for`)."""
+        return "generator" if isinstance(self.inversion, GeneratorInversion) else "pixels"
+
     def summary(self) -> dict:
         s, m = self.state, self.cfg.meta
         return {"iterations": m.train.iterations, "iterations_run": s.iteration, "bank_classes": self.bank.num_classes,
                 "best_iteration": s.best_iteration, "val_accuracy": round(s.best_val, 2) if s.val else None,
                 "switch_fired": self.switch.fired, "fired_at": s.fired_at, "adversarial_steps": s.adversarial_steps,
                 **({"hard_batches": s.hard_batches} if self.hard_tasks is not None else {}),
-                "val_curve": s.val, "tv_weight": self.tv_weights(),
+                "val_curve": s.val, "tv_weight": self.tv_weights(), "synthesizer": self.synthesizer,
                 **({"start_teacher": self.start_teacher} if self.start_teacher is not None else {}),
                 "seconds_zoo_student": round(self.seconds_zoo_student, 1),
                 "seconds_inversion": round(self.seconds["inversion"], 1),
@@ -334,6 +339,9 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         acc.print("inversion: R_tv weight " + ", ".join(
             f"{w:g} for {kind} teachers (inversion.{colour_key if kind == 'colour' else 'a_tv'})"
             for kind, w in weights.items()))
+    if set(weights) == {"colour"}:
+        key = "synthesizer_colour" if cfg.inversion.synthesizer_colour is not None else "synthesizer"
+        acc.print(f"inversion: the {eci.synthesizer} synthesizer for a zoo of colour teachers (inversion.{key})")
     m = cfg.meta.train
     if m.early_stopping:
         acc.print(f"meta.train.patience={m.patience}: meta-training stops once meta-val (every {m.val_every} "
