@@ -175,6 +175,8 @@ PARTS = {
     # The pixel bank for a zoo of colour teachers too, as before the colour rule (inversion.synthesizer_colour: the
     # one-step generator for such a zoo).  The icon runs made before the rule carry this part in their names.
     "pixels-colour": ["inversion.synthesizer_colour=null"],
+    # The colour rule's generator (one adaptation step, width 32) for every zoo, grey ones too.
+    "gen1": ["inversion.synthesizer=generator"],
 }
 VARIANTS = {"baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
             "paper": ["--config", "recipes/configs/purer-paper.yaml"]}
