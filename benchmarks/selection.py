@@ -81,7 +81,8 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
     chosen, seeds = choose(rows)
     return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
             "chosen": chosen, "seeds": seeds, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"),
-            "colour_teachers": colour_teachers(runs[0].parents[1] / "results.json"), "rows": rows}
+            "colour_teachers": colour_teachers(runs[0].parents[1] / "results.json"),
+            "grey_teachers": grey_teachers(runs[0].parents[1] / "results.json"), "rows": rows}
 
 
 #: The keys of a scored row that every report has (rows of older reports have no per-task accuracies).
@@ -155,8 +156,21 @@ def shared_classes(results: Path) -> bool:
 def colour_teachers(results: Path) -> bool:
     """Whether the zoo of a run (its ``results.json``) holds a teacher of colour input, whose R_tv weight is
     ``inversion.a_tv_colour``; a zoo folder no longer there: ``True`` (unknown)."""
-    configs = list(Path(json.loads(results.read_text())["zoo"]["path"]).glob("*/config.json"))
-    return not configs or any(json.loads(c.read_text()).get("in_channels") == 3 for c in configs)
+    channels = teacher_channels(results)
+    return not channels or 3 in channels
+
+
+def grey_teachers(results: Path) -> bool:
+    """Whether the zoo of a run holds a teacher of other than colour input, so ``inversion.synthesizer_colour`` does
+    not apply to it; unknown: ``True``."""
+    channels = teacher_channels(results)
+    return not channels or any(c != 3 for c in channels)
+
+
+def teacher_channels(results: Path) -> list[int]:
+    """The input channels of every teacher of the zoo of a run (its ``results.json``); none if its folder is gone."""
+    configs = Path(json.loads(results.read_text())["zoo"]["path"]).glob("*/config.json")
+    return [json.loads(c.read_text()).get("in_channels", 3) for c in configs]
 
 
 def markdown(report: dict) -> str:
@@ -192,8 +206,10 @@ MARGIN = 1.0
 #: :func:`score` report), so there a variant with the part is the same model as the variant without it, whose run
 #: stands for it: on a zoo whose teachers share no class the union head's rows split into the per-teacher heads
 #: (``DistillConfig.heads``); on a zoo without colour teachers ``inversion.a_tv_colour`` weighs nothing and
-#: ``inversion.synthesizer_colour`` (a zoo of colour teachers only) never applies.
-SAME_WITHOUT = {"kd-union": "shared_classes", "tv-release": "colour_teachers", "pixels-colour": "colour_teachers"}
+#: ``inversion.synthesizer_colour`` (a zoo of colour teachers only) never applies; on a zoo of colour teachers only,
+#: the colour rule already gives the generator.
+SAME_WITHOUT = {"kd-union": "shared_classes", "tv-release": "colour_teachers", "pixels-colour": "colour_teachers",
+                "gen1": "grey_teachers"}
 
 
 def stand_in(variant: str, report: dict) -> str | None:
@@ -290,7 +306,7 @@ def cross_markdown(report: dict) -> str:
              f"(1 = best), and how far below {report['reference']} it falls on its worst zoo. Eligible: nowhere more "
              f"than {report['margin']:g} point below {report['reference']}; chosen: the best mean rank among them: "
              f"**{report['chosen']}**{tie_break(report)}. Meta-test was not read. \"= v\": on that zoo the variant "
-             "is the same model as v (no two teachers share a class, or none is colour), and v's run stands for it.",
+             "is the same model as v (no two teachers share a class, none is colour, or all are), and v's run stands for it.",
              "",
              "| variant | " + " | ".join(zoos) + " | mean | mean rank | worst vs " + report["reference"] + " |",
              "|---|" + "---|" * (len(zoos) + 3)]

@@ -100,17 +100,18 @@ def test_shared_classes_reads_the_bank_against_the_teachers_outputs(tmp_path):
         assert sel.shared_classes(tmp_path / "results.json") is shared
 
 
-def test_colour_teachers_reads_the_zoos_model_configs(tmp_path):
+def test_colour_and_grey_teachers_read_the_zoos_model_configs(tmp_path):
     sel = load()
-    for channels, colour in ((1, False), (3, True)):
+    for channels, colour, grey in (((1, 1), False, True), ((3, 1), True, True), ((3, 3), True, False)):
         zoo = tmp_path / f"zoo{channels}"
-        for k in range(2):
+        for k, c in enumerate(channels):
             (zoo / f"m{k}").mkdir(parents=True)
-            (zoo / f"m{k}" / "config.json").write_text(json.dumps({"in_channels": channels if k else 1}))
+            (zoo / f"m{k}" / "config.json").write_text(json.dumps({"in_channels": c}))
         (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(zoo)}}))
         assert sel.colour_teachers(tmp_path / "results.json") is colour
+        assert sel.grey_teachers(tmp_path / "results.json") is grey
     (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(tmp_path / "gone")}}))
-    assert sel.colour_teachers(tmp_path / "results.json") is True
+    assert sel.colour_teachers(tmp_path / "results.json") is True and sel.grey_teachers(tmp_path / "results.json")
 
 
 def test_a_report_keeps_the_rows_of_runs_made_elsewhere_and_marks_them(tmp_path):
@@ -210,3 +211,6 @@ def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     assert sel.stand_in("default+kd-union+tv-release", colour) == "default+tv-release"
     assert sel.stand_in("default+it3000+p2+pixels-colour", colour) is None
     assert sel.stand_in("default+avg", grey) is None and sel.stand_in("default+pixels-colour", {}) is None
+    # the generator for every zoo is the colour rule's on a zoo of colour teachers only
+    assert sel.stand_in("default+it3000+p2+gen1", {**colour, "grey_teachers": False}) == "default+it3000+p2"
+    assert sel.stand_in("default+it3000+p2+gen1", {**grey, "grey_teachers": True}) is None
