@@ -41,13 +41,15 @@ TASKS, SEED = 300, 1
 
 
 def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Path = RUNS,
-          previous: Path | None = None) -> dict:
+          previous: Path | None = None, only: set[str] | None = None) -> dict:
     """Meta-val accuracy of every finished run of the scenario (see the module docstring); with ``previous`` (a
     report of this scenario), its rows of the (variant, seed)s that have no run here, marked ``carried_from`` (the
     commit that last changed its scores): the runs behind a report live on the machine that made them, and the
     tasks are the same, so a variant run later is scored beside them.  A run whose learner (:func:`learner_id`) was
     scored on these tasks in ``previous`` keeps that row's per-task accuracies, whatever its folder is called now:
-    only new or changed learners are evaluated again."""
+    only new or changed learners are evaluated again.  With ``only`` (variant names), the runs of other variants
+    that ``previous`` has rows for keep those rows as they are, without evaluating their learners (for a report
+    written before reports kept per-task accuracies: such rows have no paired differences)."""
     runs = sorted((root / dataset / scenario).glob("*/seed*/meta_learner/config.json"))
     if not runs:
         raise SystemExit(f"no finished runs under {root / dataset / scenario}")
@@ -59,10 +61,18 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
     before = {(r["learner"], r["shot"], r["tasks_id"]): r for r in
               (json.loads(previous.read_text())["rows"] if previous is not None and previous.is_file() else [])
               if "learner" in r and "task_acc" in r}
+    as_before = {} if only is None else {
+        (r["variant"], r["seed"], r["shot"]): r for r in
+        (json.loads(previous.read_text())["rows"] if previous is not None and previous.is_file() else [])
+        if r["variant"] not in only and "carried_from" not in r}
     rows = []
     for folder in runs:
         variant, seed = folder.parts[-4], int(folder.parts[-3][4:])
         if variant == "baselines":  # its learner is untrained: not a candidate
+            continue
+        if all((variant, seed, shot) in as_before for shot in shots):
+            rows += [{k: v for k, v in as_before[variant, seed, shot].items() if k not in ("chosen", "vs_chosen")}
+                     for shot in shots]
             continue
         learner, learner_hash = None, learner_id(folder.parent)
         for shot in shots:
@@ -77,7 +87,7 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
             rows.append({"variant": variant, "seed": seed, "shot": shot, "val_accuracy": round(r.accuracy, 2),
                          "ci95": round(r.ci95, 2), "learner": learner_hash, "tasks_id": r.tasks_id,
                          "task_acc": [round(float(a), 6) for a in r.task_acc]})
-    rows += carried(previous, {(r["variant"], r["seed"]) for r in rows}, {r["learner"] for r in rows})
+    rows += carried(previous, {(r["variant"], r["seed"]) for r in rows}, {r["learner"] for r in rows if "learner" in r})
     chosen, seeds = choose(rows)
     return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
             "chosen": chosen, "seeds": seeds, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"),
@@ -323,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", help="a dataset, or 'cross' to choose across the zoos named after it")
     p.add_argument("scenario", nargs="+", help="the scenario, or (with cross) <dataset>:<scenario> per zoo")
+    p.add_argument("--only", nargs="+", metavar="VARIANT",
+                   help="evaluate only these variants' runs; every other run keeps its row of the report as it is")
     a = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.dataset == "cross":
@@ -333,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(1)
     name = f"selection_{a.dataset}_{a.scenario[0]}"
-    report = score(a.dataset, a.scenario[0], previous=RESULTS / f"{name}.json")
+    report = score(a.dataset, a.scenario[0], previous=RESULTS / f"{name}.json", only=set(a.only) if a.only else None)
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown(report))
     print(markdown(report))

@@ -200,6 +200,14 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
         tmp_path / "report.json", set())]}))  # a report that carried the old name before it knew the learner
     again = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "moved.json")
     assert sorted(r["variant"] for r in again["rows"]) == ["default+renamed", "paper"]
+    # --only: the other runs keep their rows of a report that has no per-task accuracies, unevaluated
+    old = {"rows": [{"variant": "default+renamed", "seed": 0, "shot": 1, "val_accuracy": 90.0, "ci95": 1.0},
+                    {"variant": "paper", "seed": 0, "shot": 1, "val_accuracy": 80.0, "ci95": 1.0}]}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    evaluated.clear()
+    kept = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "old.json", only={"paper"})
+    assert evaluated == [("paper", 1)]
+    assert {r["variant"]: r["val_accuracy"] for r in kept["rows"]} == {"default+renamed": 90.0, "paper": 50.0}
 
 
 def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
