@@ -201,13 +201,23 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
     again = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "moved.json")
     assert sorted(r["variant"] for r in again["rows"]) == ["default+renamed", "paper"]
     # --only: the other runs keep their rows of a report that has no per-task accuracies, unevaluated
-    old = {"rows": [{"variant": "default+renamed", "seed": 0, "shot": 1, "val_accuracy": 90.0, "ci95": 1.0},
-                    {"variant": "paper", "seed": 0, "shot": 1, "val_accuracy": 80.0, "ci95": 1.0}]}
+    old = {"chosen": "default+renamed",
+           "rows": [{"variant": "default+renamed", "seed": 0, "shot": 1, "val_accuracy": 90.0, "ci95": 1.0},
+                    {"variant": "paper", "seed": 0, "shot": 1, "val_accuracy": 80.0, "ci95": 1.0,
+                     "vs_chosen": [-10.0, 1.0]}]}
     (tmp_path / "old.json").write_text(json.dumps(old))
     evaluated.clear()
     kept = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "old.json", only={"paper"})
     assert evaluated == [("paper", 1)]
     assert {r["variant"]: r["val_accuracy"] for r in kept["rows"]} == {"default+renamed": 90.0, "paper": 50.0}
+    # a kept row keeps its difference to the same chosen variant's run of its seed
+    (tmp_path / "old.json").write_text(json.dumps({**old, "rows": old["rows"] + [
+        {"variant": "default+avg", "seed": 0, "shot": 1, "val_accuracy": 85.0, "ci95": 1.0, "vs_chosen": [-5.0, 1.0]}]}))
+    (tmp_path / "glyphs" / "s" / "default+renamed").rename(tmp_path / "glyphs" / "s" / "default+avg")
+    (tmp_path / "glyphs" / "s" / "paper").rename(tmp_path / "glyphs" / "s" / "default+renamed")
+    kept = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "old.json", only={"paper"})
+    assert {r["variant"]: r.get("vs_chosen") for r in kept["rows"]} == {"default+renamed": None,
+                                                                        "default+avg": [-5.0, 1.0], "paper": None}
 
 
 def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
