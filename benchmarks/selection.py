@@ -57,14 +57,11 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
     val = load_split(cfg.data.dataset, "val", cfg.data.root, cfg.data.image_size)
     tasks = {shot: task_list(val, cfg.eval.way, shot, 15, TASKS, SEED) for shot in shots}
     ids = {shot: fingerprint(t) for shot, t in tasks.items()}
+    old_report = json.loads(previous.read_text()) if previous is not None and previous.is_file() else {"rows": []}
     # a learner already scored on these tasks (under any variant name) keeps its scores
-    before = {(r["learner"], r["shot"], r["tasks_id"]): r for r in
-              (json.loads(previous.read_text())["rows"] if previous is not None and previous.is_file() else [])
-              if "learner" in r and "task_acc" in r}
-    as_before = {} if only is None else {
-        (r["variant"], r["seed"], r["shot"]): r for r in
-        (json.loads(previous.read_text())["rows"] if previous is not None and previous.is_file() else [])
-        if r["variant"] not in only and "carried_from" not in r}
+    before = {(r["learner"], r["shot"], r["tasks_id"]): r for r in old_report["rows"] if "learner" in r and "task_acc" in r}
+    as_before = {} if only is None else {(r["variant"], r["seed"], r["shot"]): r for r in old_report["rows"]
+                                         if r["variant"] not in only and "carried_from" not in r}
     rows = []
     for folder in runs:
         variant, seed = folder.parts[-4], int(folder.parts[-3][4:])
@@ -89,7 +86,7 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
                          "task_acc": [round(float(a), 6) for a in r.task_acc]})
     rows += carried(previous, {(r["variant"], r["seed"]) for r in rows}, {r["learner"] for r in rows if "learner" in r})
     chosen, seeds = choose(rows)
-    if as_before and previous is not None and json.loads(previous.read_text()).get("chosen") == chosen:
+    if as_before and old_report.get("chosen") == chosen:
         # a kept row paired with the same chosen variant's first seed (as reports without per-task accuracies
         # paired every row) is paired on the same seed when it is of that seed: it keeps that difference
         first = min(r["seed"] for r in rows if r["variant"] == chosen)
@@ -99,8 +96,7 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
                 r["vs_chosen"] = old["vs_chosen"]
     return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
             "chosen": chosen, "seeds": seeds, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"),
-            "colour_teachers": colour_teachers(runs[0].parents[1] / "results.json"),
-            "grey_teachers": grey_teachers(runs[0].parents[1] / "results.json"), "rows": rows}
+            **zoo_inputs(runs[0].parents[1] / "results.json"), "rows": rows}
 
 
 #: The keys of a scored row that every report has (rows of older reports have no per-task accuracies).
@@ -171,17 +167,24 @@ def shared_classes(results: Path) -> bool:
     return len(zoo["classes"]) != 1 or bank < zoo["models"] * zoo["classes"][0]
 
 
-def colour_teachers(results: Path) -> bool:
+def zoo_inputs(results: Path) -> dict[str, bool]:
+    """The report keys of the zoo's inputs, its teachers' configs read once: :func:`colour_teachers` and
+    :func:`grey_teachers`."""
+    channels = teacher_channels(results)
+    return {"colour_teachers": colour_teachers(results, channels), "grey_teachers": grey_teachers(results, channels)}
+
+
+def colour_teachers(results: Path, channels: list[int] | None = None) -> bool:
     """Whether the zoo of a run (its ``results.json``) holds a teacher of colour input, whose R_tv weight is
     ``inversion.a_tv_colour``; a zoo folder no longer there: ``True`` (unknown)."""
-    channels = teacher_channels(results)
+    channels = teacher_channels(results) if channels is None else channels
     return not channels or 3 in channels
 
 
-def grey_teachers(results: Path) -> bool:
+def grey_teachers(results: Path, channels: list[int] | None = None) -> bool:
     """Whether the zoo of a run holds a teacher of other than colour input, so ``inversion.synthesizer_colour`` does
     not apply to it; unknown: ``True``."""
-    channels = teacher_channels(results)
+    channels = teacher_channels(results) if channels is None else channels
     return not channels or any(c != 3 for c in channels)
 
 
