@@ -177,6 +177,8 @@ PARTS = {
     "pixels-colour": ["inversion.synthesizer_colour=null"],
     # The colour rule's generator (one adaptation step, width 32) for every zoo, grey ones too.
     "gen1": ["inversion.synthesizer=generator"],
+    # The colour rule's generator at twice its width (64): on icons width 8 was behind width 32 on meta-val.
+    "w64": ["inversion.generator.width=64"],
 }
 VARIANTS = {"baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
             "paper": ["--config", "recipes/configs/purer-paper.yaml"]}
