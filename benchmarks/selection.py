@@ -223,21 +223,33 @@ def markdown(report: dict) -> str:
 
 #: How far below PURER as published a default may fall on any zoo's meta-val (points, mean over shots).
 MARGIN = 1.0
-#: Variant parts (``benchmarks/accuracy.py``) that change nothing on a zoo without a property (a key of a
-#: :func:`score` report), so there a variant with the part is the same model as the variant without it, whose run
-#: stands for it: on a zoo whose teachers share no class the union head's rows split into the per-teacher heads
-#: (``DistillConfig.heads``); on a zoo without colour teachers ``inversion.a_tv_colour`` weighs nothing and
-#: ``inversion.synthesizer_colour`` (a zoo of colour teachers only) never applies; on a zoo of colour teachers only,
-#: the colour rule already gives the generator.
-SAME_WITHOUT = {"kd-union": "shared_classes", "tv-release": "colour_teachers", "pixels-colour": "colour_teachers",
-                "gen1": "grey_teachers"}
+#: Variant parts (``benchmarks/accuracy.py``) that change nothing on a zoo where a property (a key of a
+#: :func:`score` report) has the given value, so there a variant with the part is the same model as the variant
+#: without it, whose run stands for it: on a zoo whose teachers share no class the union head's rows split into the
+#: per-teacher heads (``DistillConfig.heads``); on a zoo without colour teachers ``inversion.a_tv_colour`` weighs
+#: nothing; on a zoo with a grey teacher ``inversion.synthesizer_colour`` never applies, so neither does the colour
+#: rule's generator's width (unless the variant's ``gen1`` runs a generator there); on a zoo of colour teachers
+#: only, the colour rule already gives the generator.
+SAME_WITHOUT = {"kd-union": ("shared_classes", False), "tv-release": ("colour_teachers", False),
+                "pixels-colour": ("grey_teachers", True), "w64": ("grey_teachers", True),
+                "gen1": ("grey_teachers", False)}
+#: Parts that set the generator, which a variant with ``gen1`` runs on every zoo.
+GENERATOR_SETTINGS = {"w64"}
 
 
 def stand_in(variant: str, report: dict) -> str | None:
     """The variant whose run is the same model as ``variant`` on the zoo of ``report`` (:data:`SAME_WITHOUT`): its
-    name without the parts that change nothing there; ``None`` if it has no such part."""
+    name without the parts that change nothing there; ``None`` if it has no such part (or the report does not say
+    what its zoo holds)."""
     base, *parts = variant.split("+")
-    kept = [p for p in parts if not (p in SAME_WITHOUT and report.get(SAME_WITHOUT[p], True) is False)]
+
+    def changes_nothing(part: str) -> bool:
+        if part not in SAME_WITHOUT or (part in GENERATOR_SETTINGS and "gen1" in parts):
+            return False
+        key, value = SAME_WITHOUT[part]
+        return key in report and report[key] is value
+
+    kept = [p for p in parts if not changes_nothing(p)]
     return "+".join([base, *kept]) if len(kept) < len(parts) else None
 
 

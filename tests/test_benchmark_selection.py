@@ -69,25 +69,28 @@ def write_reports(folder: Path, reports: dict[str, tuple[dict[str, float], dict]
         (folder / f"selection_glyphs_{zoo}.json").write_text(json.dumps({"rows": rows, **extra}))
 
 
-@pytest.mark.parametrize("variant,property_", [("default+kd-union", "shared_classes"),
-                                               ("default+tv-release", "colour_teachers"),
-                                               ("default+pixels-colour", "colour_teachers")])
-def test_a_variant_is_the_default_on_a_zoo_without_what_tells_them_apart(tmp_path, monkeypatch, variant, property_):
+@pytest.mark.parametrize("variant,property_,where_same", [("default+kd-union", "shared_classes", False),
+                                                          ("default+tv-release", "colour_teachers", False),
+                                                          ("default+pixels-colour", "grey_teachers", True),
+                                                          ("default+w64", "grey_teachers", True)])
+def test_a_variant_is_the_default_on_a_zoo_without_what_tells_them_apart(tmp_path, monkeypatch, variant, property_,
+                                                                         where_same):
     """A union head is the per-teacher heads where no two teachers share a class; the release's R_tv weight
-    for colour teachers is the default's where no teacher is colour."""
+    for colour teachers is the default's where no teacher is colour; the colour rule (and its generator's width)
+    does not apply where a teacher is grey."""
     sel = load()
     monkeypatch.setattr(sel, "RESULTS", tmp_path)
     zoos = [("glyphs", "without"), ("glyphs", "with")]
-    reports = {"without": ({"paper": 80, "default": 85}, {property_: False}),
-               "with": ({"paper": 80, "default": 82, variant: 84}, {property_: True})}
+    reports = {"without": ({"paper": 80, "default": 85}, {property_: where_same}),
+               "with": ({"paper": 80, "default": 82, variant: 84}, {property_: not where_same})}
     write_reports(tmp_path, reports)
     report = sel.cross(zoos)
     rows = {r["variant"]: r for r in report["rows"]}
     assert rows[variant]["val_accuracy"] == {"glyphs/without": 85, "glyphs/with": 84}
     assert rows[variant]["stands_in"] == {"glyphs/without": "default"}
     assert report["chosen"] == variant and "85.00 (1) = default" in sel.cross_markdown(report)
-    # where the property holds (or a report does not say), nothing stands in: the variant must have run there
-    for extra in ({property_: True}, {}):
+    # where the part matters (or a report does not say), nothing stands in: the variant must have run there
+    for extra in ({property_: not where_same}, {}):
         write_reports(tmp_path, {"without": (reports["without"][0], extra)})
         assert variant not in {r["variant"] for r in sel.cross(zoos)["rows"]}
 
@@ -222,7 +225,8 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
 
 def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     sel = load()
-    grey, colour = {"colour_teachers": False, "shared_classes": False}, {"colour_teachers": True, "shared_classes": False}
+    grey = {"colour_teachers": False, "grey_teachers": True, "shared_classes": False}
+    colour = {"colour_teachers": True, "grey_teachers": False, "shared_classes": False}
     assert sel.stand_in("default+avg+pixels-colour", grey) == "default+avg"
     assert sel.stand_in("default+it3000+p2+pixels-colour", grey) == "default+it3000+p2"
     assert sel.stand_in("default+kd-union+tv-release", grey) == "default"
@@ -230,5 +234,14 @@ def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     assert sel.stand_in("default+it3000+p2+pixels-colour", colour) is None
     assert sel.stand_in("default+avg", grey) is None and sel.stand_in("default+pixels-colour", {}) is None
     # the generator for every zoo is the colour rule's on a zoo of colour teachers only
-    assert sel.stand_in("default+it3000+p2+gen1", {**colour, "grey_teachers": False}) == "default+it3000+p2"
-    assert sel.stand_in("default+it3000+p2+gen1", {**grey, "grey_teachers": True}) is None
+    assert sel.stand_in("default+it3000+p2+gen1", colour) == "default+it3000+p2"
+    assert sel.stand_in("default+it3000+p2+gen1", grey) is None
+    # the colour rule's generator, and so its width, runs on a zoo of colour teachers only
+    mixed = {"colour_teachers": True, "grey_teachers": True, "shared_classes": False}
+    assert sel.stand_in("default+it3000+p2+pixels-colour", mixed) == "default+it3000+p2"
+    assert sel.stand_in("default+it3000+p2+w64", grey) == "default+it3000+p2"
+    assert sel.stand_in("default+it3000+p2+w64", mixed) == "default+it3000+p2"
+    assert sel.stand_in("default+it3000+p2+w64", colour) is None
+    assert sel.stand_in("default+it3000+p2+gen1+w64", grey) is None  # gen1 runs the generator there
+    assert sel.stand_in("default+it3000+p2+gen1+w64", colour) == "default+it3000+p2+w64"
+    assert sel.stand_in("default+it3000+p2+w64", {"colour_teachers": False}) is None  # unknown: not the same
