@@ -168,17 +168,17 @@ PARTS = {
     "steps2": ["inversion.steps_per_iteration=2"],
     "bnmean": ["inversion.bn_layers=mean"],
     "ht": ["meta.hard_tasks=1"],  # MTL's hard-task meta-batch, one hard task per meta-batch when ready
-    # The meta-learnt generator instead of the pixel bank: FREE's 5 adaptation steps at the default width 32, and
-    # one step of a generator of width 8 (what costs about a pixel-bank iteration on one CPU thread).
-    "gen": ["inversion.synthesizer=generator", "inversion.generator.steps=5"],
+    # The meta-learnt generator instead of the pixel bank: FREE's 5 adaptation steps at width 32, and one step of a
+    # generator of width 8 (what costs about a pixel-bank iteration on one CPU thread).
+    "gen": ["inversion.synthesizer=generator", "inversion.generator.steps=5", "inversion.generator.width=32"],
     "gen1-w8": ["inversion.synthesizer=generator", "inversion.generator.steps=1", "inversion.generator.width=8"],
     # The pixel bank for a zoo of colour teachers too, as before the colour rule (inversion.synthesizer_colour: the
     # one-step generator for such a zoo).  The icon runs made before the rule carry this part in their names.
     "pixels-colour": ["inversion.synthesizer_colour=null"],
-    # The colour rule's generator (one adaptation step, width 32) for every zoo, grey ones too.
+    # The colour rule's generator for every zoo, grey ones too.
     "gen1": ["inversion.synthesizer=generator"],
-    # The colour rule's generator at twice its width (64): on icons width 8 was behind width 32 on meta-val.
-    "w64": ["inversion.generator.width=64"],
+    # The generator at width 32, the default before width 64 was chosen (the runs made with it carry this part).
+    "w32": ["inversion.generator.width=32"],
 }
 VARIANTS = {"baselines": ["meta.train.iterations=0", "eval.calibrations=[]"],
             "paper": ["--config", "recipes/configs/purer-paper.yaml"]}

@@ -231,10 +231,10 @@ MARGIN = 1.0
 #: rule's generator's width (unless the variant's ``gen1`` runs a generator there); on a zoo of colour teachers
 #: only, the colour rule already gives the generator.
 SAME_WITHOUT = {"kd-union": ("shared_classes", False), "tv-release": ("colour_teachers", False),
-                "pixels-colour": ("grey_teachers", True), "w64": ("grey_teachers", True),
+                "pixels-colour": ("grey_teachers", True), "w32": ("grey_teachers", True),
                 "gen1": ("grey_teachers", False)}
 #: Parts that set the generator, which a variant with ``gen1`` runs on every zoo.
-GENERATOR_SETTINGS = {"w64"}
+GENERATOR_SETTINGS = {"w32"}
 
 
 def stand_in(variant: str, report: dict) -> str | None:

@@ -72,7 +72,7 @@ def write_reports(folder: Path, reports: dict[str, tuple[dict[str, float], dict]
 @pytest.mark.parametrize("variant,property_,where_same", [("default+kd-union", "shared_classes", False),
                                                           ("default+tv-release", "colour_teachers", False),
                                                           ("default+pixels-colour", "grey_teachers", True),
-                                                          ("default+w64", "grey_teachers", True)])
+                                                          ("default+w32", "grey_teachers", True)])
 def test_a_variant_is_the_default_on_a_zoo_without_what_tells_them_apart(tmp_path, monkeypatch, variant, property_,
                                                                          where_same):
     """A union head is the per-teacher heads where no two teachers share a class; the release's R_tv weight
@@ -239,9 +239,9 @@ def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     # the colour rule's generator, and so its width, runs on a zoo of colour teachers only
     mixed = {"colour_teachers": True, "grey_teachers": True, "shared_classes": False}
     assert sel.stand_in("default+it3000+p2+pixels-colour", mixed) == "default+it3000+p2"
-    assert sel.stand_in("default+it3000+p2+w64", grey) == "default+it3000+p2"
-    assert sel.stand_in("default+it3000+p2+w64", mixed) == "default+it3000+p2"
-    assert sel.stand_in("default+it3000+p2+w64", colour) is None
-    assert sel.stand_in("default+it3000+p2+gen1+w64", grey) is None  # gen1 runs the generator there
-    assert sel.stand_in("default+it3000+p2+gen1+w64", colour) == "default+it3000+p2+w64"
-    assert sel.stand_in("default+it3000+p2+w64", {"colour_teachers": False}) is None  # unknown: not the same
+    assert sel.stand_in("default+it3000+p2+w32", grey) == "default+it3000+p2"
+    assert sel.stand_in("default+it3000+p2+w32", mixed) == "default+it3000+p2"
+    assert sel.stand_in("default+it3000+p2+w32", colour) is None
+    assert sel.stand_in("default+it3000+p2+gen1+w32", grey) is None  # gen1 runs the generator there
+    assert sel.stand_in("default+it3000+p2+gen1+w32", colour) == "default+it3000+p2+w32"
+    assert sel.stand_in("default+it3000+p2+w32", {"colour_teachers": False}) is None  # unknown: not the same

@@ -59,8 +59,8 @@ class ConditionalGenerator(nn.Module):
     them images): a class embedding beside the noise, projected to a ``S/4`` map, two upsampling
     convolution blocks (BatchNorm on the batch's own statistics, LeakyReLU) and a convolution to ``C``."""
 
-    def __init__(self, num_classes: int, channels: int, image_size: int, width: int = 32, noise_dim: int = 64,
-                 embed_dim: int = 64):
+    def __init__(self, num_classes: int, channels: int, image_size: int, width: int, noise_dim: int,
+                 embed_dim: int):
         super().__init__()
         self.image_size, self.start = image_size, math.ceil(image_size / 4)
         self.embed = nn.Embedding(num_classes, embed_dim)

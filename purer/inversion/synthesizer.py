@@ -98,17 +98,21 @@ class GeneratorConfig:
 
     Attributes:
         steps: adaptation steps of the generator to a teacher per inversion step (FREE: 5).  1 here: FREE's 5
-            cost about 9 times a pixel-bank iteration on one CPU thread, and one step of a generator of this width
-            is what the colour rule (``InversionConfig.synthesizer_colour``) was chosen with on meta-val.
+            cost about 9 times a pixel-bank iteration on one CPU thread (at width 32), and one step is what the
+            colour rule (``InversionConfig.synthesizer_colour``) was chosen with on meta-val.
         lr: Adam learning rate of the adaptation and of the meta-update (FREE: 1e-3).
-        width: channels of the generator's last hidden layer (the first has twice as many).
+        width: channels of the generator's last hidden layer (the first has twice as many).  64, chosen on
+            meta-val across zoos (``benchmarks/results/selection_cross_zoo.md``): on the icon zoo width 64 was
+            above width 32 on both seeds (paired, 300 tasks: +1.08 +- 0.78 / +1.43 +- 0.81 at 1 / 5 shots on seed
+            0, +0.40 / +0.33 on seed 1), and width 8 below it; it costs about twice width 32's inversion time on
+            one CPU thread (1.1 against 0.44 s per iteration).
         noise_dim: size of the noise vector ``z``.
         embed_dim: size of a bank class's learnt embedding (the generator's condition).
     """
 
     steps: int = 1
     lr: float = 1e-3
-    width: int = 32
+    width: int = 64
     noise_dim: int = 64
     embed_dim: int = 64
 
