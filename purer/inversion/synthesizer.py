@@ -103,9 +103,9 @@ class GeneratorConfig:
         lr: Adam learning rate of the adaptation and of the meta-update (FREE: 1e-3).
         width: channels of the generator's last hidden layer (the first has twice as many).  64, chosen on
             meta-val across zoos (``benchmarks/results/selection_cross_zoo.md``): on the icon zoo width 64 was
-            above width 32 on both seeds (paired, 300 tasks: +1.08 +- 0.78 / +1.43 +- 0.81 at 1 / 5 shots on seed
-            0, +0.40 / +0.33 on seed 1), and width 8 below it; it costs about twice width 32's inversion time on
-            one CPU thread (1.1 against 0.44 s per iteration).
+            above width 32 (paired, 300 tasks, at 1 / 5 shots: +1.08 +- 0.78 / +1.43 +- 0.81 on seed 0,
+            +0.40 / +0.33 on seed 1, +0.13 / -0.93 on seed 2), and width 8 below it; it costs about 2.5 times
+            width 32's inversion time on one CPU thread (1.1 against 0.44 s per iteration).
         noise_dim: size of the noise vector ``z``.
         embed_dim: size of a bank class's learnt embedding (the generator's condition).
     """
