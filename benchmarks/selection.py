@@ -168,30 +168,13 @@ def shared_classes(results: Path) -> bool:
 
 
 def zoo_inputs(results: Path) -> dict[str, bool]:
-    """The report keys of the zoo's inputs, its teachers' configs read once: :func:`colour_teachers` and
-    :func:`grey_teachers`."""
-    channels = teacher_channels(results)
-    return {"colour_teachers": colour_teachers(results, channels), "grey_teachers": grey_teachers(results, channels)}
-
-
-def colour_teachers(results: Path, channels: list[int] | None = None) -> bool:
-    """Whether the zoo of a run (its ``results.json``) holds a teacher of colour input, whose R_tv weight is
-    ``inversion.a_tv_colour``; a zoo folder no longer there: ``True`` (unknown)."""
-    channels = teacher_channels(results) if channels is None else channels
-    return not channels or 3 in channels
-
-
-def grey_teachers(results: Path, channels: list[int] | None = None) -> bool:
-    """Whether the zoo of a run holds a teacher of other than colour input, so ``inversion.synthesizer_colour`` does
-    not apply to it; unknown: ``True``."""
-    channels = teacher_channels(results) if channels is None else channels
-    return not channels or any(c != 3 for c in channels)
-
-
-def teacher_channels(results: Path) -> list[int]:
-    """The input channels of every teacher of the zoo of a run (its ``results.json``); none if its folder is gone."""
+    """The report keys of the inputs of the zoo of a run (its ``results.json``), from its teachers' configs:
+    ``colour_teachers``, whether a teacher takes colour input (whose R_tv weight is ``inversion.a_tv_colour``), and
+    ``grey_teachers``, whether one takes other input (so ``inversion.synthesizer_colour`` does not apply); a zoo
+    folder no longer there: both ``True`` (unknown)."""
     configs = Path(json.loads(results.read_text())["zoo"]["path"]).glob("*/config.json")
-    return [json.loads(c.read_text()).get("in_channels", 3) for c in configs]
+    channels = [json.loads(c.read_text()).get("in_channels", 3) for c in configs]
+    return {"colour_teachers": not channels or 3 in channels, "grey_teachers": not channels or any(c != 3 for c in channels)}
 
 
 def markdown(report: dict) -> str:

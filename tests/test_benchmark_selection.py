@@ -111,10 +111,12 @@ def test_colour_and_grey_teachers_read_the_zoos_model_configs(tmp_path):
             (zoo / f"m{k}").mkdir(parents=True)
             (zoo / f"m{k}" / "config.json").write_text(json.dumps({"in_channels": c}))
         (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(zoo)}}))
-        assert sel.colour_teachers(tmp_path / "results.json") is colour
-        assert sel.grey_teachers(tmp_path / "results.json") is grey
+        inputs = sel.zoo_inputs(tmp_path / "results.json")
+        assert inputs["colour_teachers"] is colour
+        assert inputs["grey_teachers"] is grey
     (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(tmp_path / "gone")}}))
-    assert sel.colour_teachers(tmp_path / "results.json") is True and sel.grey_teachers(tmp_path / "results.json")
+    inputs = sel.zoo_inputs(tmp_path / "results.json")
+    assert inputs["colour_teachers"] is True and inputs["grey_teachers"]
 
 
 def test_a_report_keeps_the_rows_of_runs_made_elsewhere_and_marks_them(tmp_path):

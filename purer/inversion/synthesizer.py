@@ -226,18 +226,23 @@ class InversionConfig:
                              f"{self.first_bn_weight}, {self.a_div} and {self.steps_per_iteration}")
         if self.bn_layers not in ("sum", "mean"):
             raise ValueError(f"bn_layers must be 'sum' or 'mean', got {self.bn_layers!r}")
-        for key, value in (("synthesizer", self.synthesizer), ("synthesizer_colour", self.synthesizer_for([3]))):
-            if value not in SYNTHESIZERS:
-                raise ValueError(f"{key} must be one of {SYNTHESIZERS}, got {value!r}")
+        if self.synthesizer not in SYNTHESIZERS:
+            raise ValueError(f"synthesizer must be one of {SYNTHESIZERS}, got {self.synthesizer!r}")
+        if self.synthesizer_colour not in (None, *SYNTHESIZERS):
+            raise ValueError(f"synthesizer_colour must be one of {SYNTHESIZERS} or null, got {self.synthesizer_colour!r}")
         if self.teacher_batching not in TEACHER_BATCHING:
             raise ValueError(f"teacher_batching must be one of {TEACHER_BATCHING}, got {self.teacher_batching!r}")
 
-    def synthesizer_for(self, in_channels: Iterable[int]) -> str:
-        """The synthesizer of a zoo whose teachers take ``in_channels``: ``synthesizer_colour`` if every one of
-        them is colour (and it is set), else ``synthesizer``."""
+    def synthesizer_key(self, in_channels: Iterable[int]) -> str:
+        """The setting that decides the synthesizer of a zoo whose teachers take ``in_channels``:
+        ``synthesizer_colour`` if every one of them is colour (and it is set), else ``synthesizer``."""
         channels = list(in_channels)
         colour = bool(channels) and all(c == 3 for c in channels) and self.synthesizer_colour is not None
-        return self.synthesizer_colour if colour else self.synthesizer
+        return "synthesizer_colour" if colour else "synthesizer"
+
+    def synthesizer_for(self, in_channels: Iterable[int]) -> str:
+        """The synthesizer of a zoo whose teachers take ``in_channels`` (:meth:`synthesizer_key`)."""
+        return getattr(self, self.synthesizer_key(in_channels))
 
     def tv_weight(self, in_channels: int) -> float:
         """R_tv's weight for a teacher taking ``in_channels`` channels: ``a_tv_colour`` for colour (if set), else ``a_tv``."""
