@@ -386,6 +386,31 @@ def test_a_budget_change_that_cannot_continue_the_run_is_one_line(change, fragme
         assert run_identity(now, checkpoint)["settings"]["meta.train.iterations"] == 4
 
 
+def test_resume_compares_only_the_settings_the_run_uses(tmp_path):
+    """A pixel bank's checkpoint resumes after the generator's defaults change, and one that records a setting this
+    purer no longer compares (meta.train.patience) still resumes; a generator's run keeps its settings."""
+    from purer.pipeline import RunConfig, RunError
+    from purer.pipeline.rundir import run_identity
+
+    checkpoint = tmp_path / "checkpoint_4"
+    checkpoint.mkdir()
+    started = RunConfig()
+    started.inversion.generator.width = started.inversion.generator.width // 2
+    identity = run_identity(started, None)
+    assert "inversion.generator.width" in identity["settings"]
+    identity["settings"]["meta.train.patience"] = 2  # an older purer compared it
+    (checkpoint / "run.json").write_text(json.dumps(identity))
+    now = RunConfig()
+    grey, colour = [1, 1], [3, 3]
+    assert now.inversion.synthesizer_for(grey) == "pixels" and now.inversion.synthesizer_for(colour) == "generator"
+    assert run_identity(now, checkpoint, grey)["run_id"] == identity["run_id"]
+    assert "inversion.generator.width" not in run_identity(now, checkpoint, grey)["settings"]
+    with pytest.raises(RunError, match=r"inversion\.generator\.width: "):
+        run_identity(now, checkpoint, colour)
+    with pytest.raises(RunError, match=r"inversion\.generator\.width: "):  # without the zoo's channels, all count
+        run_identity(now, checkpoint)
+
+
 def test_overrides_may_follow_flags_and_precede_them(tiny_root, tmp_path):
     args = overrides(tiny_root, tmp_path / "fresh")
     res = recipe(args[:3] + ["--resume"] + args[3:])

@@ -13,7 +13,9 @@
   with the settings that trained it (a setting added to purer since counts as its default), except
   ``meta.train.iterations``, which may grow (or shrink down to the checkpoint) under the constant outer lr,
   and ``meta.train.patience``: a finished run resumed with a larger budget (or an early-stopped one with more
-  patience) goes on training from its last checkpoint.
+  patience) goes on training from its last checkpoint.  Settings the run does not use are not compared: the
+  generator's (``inversion.generator.*``) where the zoo is synthesized as a pixel bank, so a change of their
+  defaults does not strand a pixel-bank run.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Iterable
 
 from .run_config import RunConfig, RunError
 from .report import flat_hparams
@@ -126,16 +129,28 @@ class Replacement:
         self.names = []
 
 
-def training_settings(cfg: RunConfig) -> dict:
-    """The flat settings that decide what meta-training computes (what a checkpoint must be resumed with)."""
-    return {k: v for k, v in flat_hparams(cfg).items() if not k.startswith(_NOT_TRAINING)
-            and (not k.startswith("eval.") or k == "eval.seed")}  # eval.seed draws the meta-val tasks
+def training_settings(cfg: RunConfig, in_channels: Iterable[int] | None = None) -> dict:
+    """The flat settings that decide what meta-training computes (what a checkpoint must be resumed with).
+
+    ``in_channels``: the zoo's teachers' input channels, which decide the synthesizer
+    (:meth:`~purer.inversion.InversionConfig.synthesizer_for`); with them, a pixel bank's run leaves out the
+    generator's settings, which it does not use."""
+    return {k: v for k, v in flat_hparams(cfg).items() if _trains(k, cfg, in_channels)}
 
 
-def run_identity(cfg: RunConfig, checkpoint: Path | None) -> dict:
+def _trains(key: str, cfg: RunConfig, in_channels: Iterable[int] | None) -> bool:
+    if key.startswith(_NOT_TRAINING) or (key.startswith("eval.") and key != "eval.seed"):  # eval.seed: meta-val tasks
+        return False
+    return not (key.startswith("inversion.generator.") and in_channels is not None
+                and cfg.inversion.synthesizer_for(in_channels) != "generator")
+
+
+def run_identity(cfg: RunConfig, checkpoint: Path | None, in_channels: Iterable[int] | None = None) -> dict:
     """``{"run_id", "settings"}`` of this run: a new id, or on ``--resume`` the id recorded in ``checkpoint``
-    once its settings are checked against ``cfg``'s."""
-    settings = training_settings(cfg)
+    once its settings are checked against ``cfg``'s (only those :func:`training_settings` keeps for this zoo's
+    ``in_channels``, on both sides: a checkpoint may record a setting this purer no longer counts)."""
+    in_channels = None if in_channels is None else list(in_channels)
+    settings = training_settings(cfg, in_channels)
     if checkpoint is None:
         return {"run_id": uuid.uuid4().hex[:12], "settings": settings}
     try:
@@ -147,6 +162,7 @@ def run_identity(cfg: RunConfig, checkpoint: Path | None) -> dict:
     # A setting added to purer after the checkpoint was written counts as its default there: the older code did
     # what the default does.
     theirs = {**{k: v for k, v in training_settings(RunConfig()).items() if k not in theirs}, **theirs}
+    theirs = {k: v for k, v in theirs.items() if _trains(k, cfg, in_channels)}
     differ = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k))
     done, budget = int(checkpoint.name.rsplit("_", 1)[1]), "meta.train.iterations"
     if budget in differ and settings.get("meta.train.schedule") == "constant":
