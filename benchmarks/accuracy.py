@@ -154,7 +154,7 @@ PARTS = {
     "it2000": ["meta.train.iterations=2000"],
     "it3000": ["meta.train.iterations=3000"],
     # A higher ceiling for the budget rule: every run of it3000+p2 that stopped early is the same run under it;
-    # random100's and 20-way's runs reached 3,000 with meta-val still rising (resumed from their checkpoints).
+    # random100's runs reached 3,000 with meta-val near its best (here resumed from their 3,000 checkpoints).
     "it4000": ["meta.train.iterations=4000"],
     # Early stopping: with it3000 a ceiling, meta-training ends once 2 meta-vals in a row (500 iterations) set no
     # new best (the disjoint zoo's meta-val peaks near 1,000 iterations, random100's still climbs at 3,000);
