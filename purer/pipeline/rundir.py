@@ -135,14 +135,16 @@ def training_settings(cfg: RunConfig, in_channels: Iterable[int] | None = None) 
     ``in_channels``: the zoo's teachers' input channels, which decide the synthesizer
     (:meth:`~purer.inversion.InversionConfig.synthesizer_for`); with them, a pixel bank's run leaves out the
     generator's settings, which it does not use."""
-    return {k: v for k, v in flat_hparams(cfg).items() if _trains(k, cfg, in_channels)}
+    trains = _trains(cfg, in_channels)
+    return {k: v for k, v in flat_hparams(cfg).items() if trains(k)}
 
 
-def _trains(key: str, cfg: RunConfig, in_channels: Iterable[int] | None) -> bool:
-    if key.startswith(_NOT_TRAINING) or (key.startswith("eval.") and key != "eval.seed"):  # eval.seed: meta-val tasks
-        return False
-    return not (key.startswith("inversion.generator.") and in_channels is not None
-                and cfg.inversion.synthesizer_for(in_channels) != "generator")
+def _trains(cfg: RunConfig, in_channels: Iterable[int] | None):
+    """``key -> bool``: whether a flat setting decides what this run's meta-training computes (the synthesizer
+    decided once, not per key)."""
+    pixels = in_channels is not None and cfg.inversion.synthesizer_for(in_channels) != "generator"
+    ignored = _NOT_TRAINING + (("inversion.generator.",) if pixels else ())
+    return lambda key: not key.startswith(ignored) and (not key.startswith("eval.") or key == "eval.seed")
 
 
 def run_identity(cfg: RunConfig, checkpoint: Path | None, in_channels: Iterable[int] | None = None) -> dict:
@@ -162,7 +164,8 @@ def run_identity(cfg: RunConfig, checkpoint: Path | None, in_channels: Iterable[
     # A setting added to purer after the checkpoint was written counts as its default there: the older code did
     # what the default does.
     theirs = {**{k: v for k, v in training_settings(RunConfig()).items() if k not in theirs}, **theirs}
-    theirs = {k: v for k, v in theirs.items() if _trains(k, cfg, in_channels)}
+    trains = _trains(cfg, in_channels)
+    theirs = {k: v for k, v in theirs.items() if trains(k)}
     differ = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k))
     done, budget = int(checkpoint.name.rsplit("_", 1)[1]), "meta.train.iterations"
     if budget in differ and settings.get("meta.train.schedule") == "constant":
