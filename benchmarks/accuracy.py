@@ -180,6 +180,9 @@ PARTS = {
     # The pixel bank for a zoo of colour teachers too, as before the colour rule (inversion.synthesizer_colour: the
     # one-step generator for such a zoo).  The icon runs made before the rule carry this part in their names.
     "pixels-colour": ["inversion.synthesizer_colour=null"],
+    # The pixel bank for a zoo of several architectures too, as before that rule (inversion.synthesizer_heterogeneous:
+    # the generator for such a zoo).  The SH runs made before the rule carry this part in their names.
+    "pixels-sh": ["inversion.synthesizer_heterogeneous=null"],
     # The colour rule's generator for every zoo, grey ones too.
     "gen1": ["inversion.synthesizer=generator"],
     # The generator at width 32, the default before width 64 was chosen (the runs made with it carry this part).

@@ -187,6 +187,31 @@ def test_the_pixel_bank_stays_the_default_synthesizer_but_for_a_zoo_of_colour_te
         InversionConfig(synthesizer_colour="gan")
 
 
+def test_a_zoo_of_several_architectures_gets_the_generator(zoo):
+    """``inversion.synthesizer_heterogeneous``: teachers of more than one architecture (SH) get the generator; one
+    architecture keeps ``synthesizer``; the colour rule is asked first; null switches the rule off."""
+    from purer.zoo import ModelConfig, Teacher
+
+    def teacher(arch, channels=1, **args):
+        config = ModelConfig(arch, WAYS, [f"{arch}{k}" for k in range(WAYS)], in_channels=channels, image_size=16,
+                             mean=[0.5], std=[0.25], arch_args=args)
+        return Teacher(config.build(), config, arch)
+
+    def key(teachers, **config):
+        return InversionConfig(**config).synthesizer_key(t.config for t in teachers)
+
+    mixed = [*zoo[:2], teacher("resnet10", width=8)]
+    built = type(build_synthesizer(mixed, PseudoBank(mixed, images_per_class=3), InversionConfig()))
+    assert built is GeneratorInversion and key(mixed) == "synthesizer_heterogeneous"
+    assert key(zoo) == "synthesizer"  # several Conv4s of one width: one architecture
+    assert key(mixed, synthesizer_heterogeneous=None) == "synthesizer"
+    assert InversionConfig(synthesizer_heterogeneous="pixels").synthesizer_for(t.config for t in mixed) == "pixels"
+    colour = [teacher("conv4", 3, width=8, depth=2), teacher("resnet10", 3, width=8)]
+    assert key(colour) == "synthesizer_colour" and key(colour, synthesizer_colour=None) == "synthesizer_heterogeneous"
+    with pytest.raises(ValueError, match="synthesizer_heterogeneous must be one of"):
+        InversionConfig(synthesizer_heterogeneous="gan")
+
+
 def test_a_generator_run_on_two_processes_or_resumed_is_the_one_process_run(tiny_root, tmp_path):
     """The recipe with ``inversion.synthesizer=generator``: two processes compute the one-process run bit for
     bit (bank, learner, generator and every row), and a run resumed from its checkpoint finishes the same."""

@@ -17,10 +17,16 @@ def test_a_zoo_of_three_architectures_runs_end_to_end(tiny_root, tmp_path):
     res = recipe(overrides(tiny_root, out, 3, **{"zoo.path": str(tmp_path / "zoo_mix"), "zoo.spec": str(spec),
                                                  "inversion.bn_layers": "mean", "distill.feature": 1.0,
                                                  "meta.init": "best-teacher",
+                                                 # the folder's images are colour: the colour rule off, the
+                                                 # rule of several architectures decides
+                                                 "inversion.synthesizer_colour": "null",
                                                  "eval.baselines": "[nc-best-teacher]", "eval.calibrations": "[]"}))
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["zoo"]["archs"] == ["conv4", "resnet10", "resnet18"]
+    assert results["meta_train"]["synthesizer"] == "generator"
+    assert ("inversion: the generator synthesizer for a zoo of teachers of several architectures "
+            "(inversion.synthesizer_heterogeneous)") in res.stdout
     assert {r["method"] for r in results["rows"]} == {"purer", "nc-best-teacher"}
     # meta.init=best-teacher finds no teacher that is the learner's Conv4 (width 32; the zoo's is 8):
     # the learner starts from random initialisation, the run says so, and that start is not a meta-val candidate

@@ -45,6 +45,7 @@ RELEASE = {
     "inversion.a_tv_colour": (None, "one var_scale for colour and grey teachers"),
     "inversion.synthesizer": ("pixels", "every synthetic image its own tensor (allData)"),
     "inversion.synthesizer_colour": (None, "the same for colour teachers"),
+    "inversion.synthesizer_heterogeneous": (None, "the same for a zoo of several architectures"),
     "inversion.a_l2": (0.00001, "l2_coeff 0.00001"),
     "inversion.first_bn_weight": (1.0, "first_bn_multiplier 1"),
     "inversion.bn_layers": ("sum", "sum over BN layers"),

@@ -391,6 +391,7 @@ def test_resume_compares_only_the_settings_the_run_uses(tmp_path):
     purer no longer compares (meta.train.patience) still resumes; a generator's run keeps its settings."""
     from purer.pipeline import RunConfig, RunError
     from purer.pipeline.rundir import run_identity
+    from purer.zoo import ModelConfig
 
     checkpoint = tmp_path / "checkpoint_4"
     checkpoint.mkdir()
@@ -401,7 +402,7 @@ def test_resume_compares_only_the_settings_the_run_uses(tmp_path):
     identity["settings"]["meta.train.patience"] = 2  # an older purer compared it
     (checkpoint / "run.json").write_text(json.dumps(identity))
     now = RunConfig()
-    grey, colour = [1, 1], [3, 3]
+    grey, colour = ([ModelConfig("conv4", 1, ["a"], in_channels=c)] * 2 for c in (1, 3))
     assert now.inversion.synthesizer_for(grey) == "pixels" and now.inversion.synthesizer_for(colour) == "generator"
     assert run_identity(now, checkpoint, grey)["run_id"] == identity["run_id"]
     assert "inversion.generator.width" not in run_identity(now, checkpoint, grey)["settings"]
@@ -409,6 +410,39 @@ def test_resume_compares_only_the_settings_the_run_uses(tmp_path):
         run_identity(now, checkpoint, colour)
     with pytest.raises(RunError, match=r"inversion\.generator\.width: "):  # without the zoo's channels, all count
         run_identity(now, checkpoint)
+
+
+def test_resume_keeps_null_settings_and_the_synthesizer_a_rule_chose(tmp_path):
+    """A run with a null setting (PURER as published: ``inversion.a_tv_colour: null``) resumes; an SH checkpoint
+    of a purer without the heterogeneous rule (a pixel bank) resumes only with the rule off, and a zoo of one
+    architecture resumes whatever the rule."""
+    from purer.pipeline import RunConfig, RunError
+    from purer.pipeline.rundir import run_identity
+    from purer.zoo import ModelConfig
+
+    def started(cfg, *models, drop=()):
+        checkpoint = tmp_path / f"run{len(list(tmp_path.iterdir()))}" / "checkpoint_4"
+        checkpoint.mkdir(parents=True)
+        identity = run_identity(cfg, None, models or None)
+        for key in drop:  # what an older purer did not record
+            identity["settings"].pop(key)
+        (checkpoint / "run.json").write_text(json.dumps(identity))
+        return checkpoint, identity["run_id"]
+
+    paper = RunConfig()
+    paper.inversion.a_tv_colour = paper.inversion.synthesizer_colour = None
+    checkpoint, run_id = started(paper)
+    assert run_identity(paper, checkpoint)["run_id"] == run_id
+    sh = [ModelConfig(arch, 1, ["a"], in_channels=1) for arch in ("conv4", "resnet10")]
+    conv4 = sh[:1] * 2
+    before = RunConfig()
+    before.inversion.synthesizer_heterogeneous = None
+    checkpoint, run_id = started(before, drop=["inversion.synthesizer_heterogeneous"])  # it recorded the rules
+    with pytest.raises(RunError, match=r"inversion\.synthesizer: 'pixels' there, 'generator' here"):
+        run_identity(RunConfig(), checkpoint, sh)
+    assert run_identity(before, checkpoint, sh)["run_id"] == run_id
+    checkpoint, run_id = started(before, *conv4)
+    assert run_identity(RunConfig(), checkpoint, conv4)["run_id"] == run_id
 
 
 def test_overrides_may_follow_flags_and_precede_them(tiny_root, tmp_path):

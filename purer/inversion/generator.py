@@ -237,6 +237,6 @@ def build_synthesizer(teachers: Sequence[Teacher], bank: PseudoBank, config: Inv
                       autocast: torch.dtype | None = None) -> EpisodeInversion:
     """The synthesizer the config names for these teachers (:meth:`InversionConfig.synthesizer_for`): ``pixels``
     (:class:`EpisodeInversion`) or ``generator``."""
-    kind = config.synthesizer_for(t.config.in_channels for t in teachers)
+    kind = config.synthesizer_for(t.config for t in teachers)
     cls = GeneratorInversion if kind == "generator" else EpisodeInversion
     return cls(teachers, bank, config, autocast=autocast)

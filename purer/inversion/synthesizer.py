@@ -182,6 +182,12 @@ class InversionConfig:
             shapes, and meta-val rose on every training seed (300 tasks per shot; README "Results").  Grey
             zoos, and zoos mixing grey and colour teachers (one synthesizer serves the whole zoo), keep
             ``synthesizer``: on the glyph zoo the generator was behind the pixels on meta-val.
+        synthesizer_heterogeneous: the synthesizer of a zoo whose teachers are of several architectures (more
+            than one ``arch``; the colour rule first); ``None``: ``synthesizer``, as the release.  Not in the
+            release: ``generator``, chosen on the SH zoo's meta-val (Conv4, ResNet-10 and ResNet-18 teachers;
+            ``benchmarks/results/selection_glyphs_zoo-sh.md``), where the pixel bank is the weakest side: a
+            shared generator's images carry what the ResNets' R_bn and the Conv4s' agree on, and meta-val rose
+            on every training seed measured against the pixel bank (README "Results").
         generator: the generator's settings (:class:`GeneratorConfig`; used wherever the generator synthesizes).
     """
 
@@ -205,6 +211,7 @@ class InversionConfig:
     steps_per_iteration: int = 1
     synthesizer: str = "pixels"
     synthesizer_colour: str | None = "generator"
+    synthesizer_heterogeneous: str | None = "generator"
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
     def __post_init__(self):
@@ -230,19 +237,27 @@ class InversionConfig:
             raise ValueError(f"synthesizer must be one of {SYNTHESIZERS}, got {self.synthesizer!r}")
         if self.synthesizer_colour not in (None, *SYNTHESIZERS):
             raise ValueError(f"synthesizer_colour must be one of {SYNTHESIZERS} or null, got {self.synthesizer_colour!r}")
+        if self.synthesizer_heterogeneous not in (None, *SYNTHESIZERS):
+            raise ValueError(f"synthesizer_heterogeneous must be one of {SYNTHESIZERS} or null, got "
+                             f"{self.synthesizer_heterogeneous!r}")
         if self.teacher_batching not in TEACHER_BATCHING:
             raise ValueError(f"teacher_batching must be one of {TEACHER_BATCHING}, got {self.teacher_batching!r}")
 
-    def synthesizer_key(self, in_channels: Iterable[int]) -> str:
-        """The setting that decides the synthesizer of a zoo whose teachers take ``in_channels``:
-        ``synthesizer_colour`` if every one of them is colour (and it is set), else ``synthesizer``."""
-        channels = list(in_channels)
-        colour = bool(channels) and all(c == 3 for c in channels) and self.synthesizer_colour is not None
-        return "synthesizer_colour" if colour else "synthesizer"
+    def synthesizer_key(self, models: Iterable) -> str:
+        """The setting that decides the synthesizer of a zoo of teachers ``models`` (their configs,
+        :class:`~purer.zoo.ModelConfig`: ``in_channels`` and ``arch``): ``synthesizer_colour`` if every one
+        takes colour input (and it is set), else ``synthesizer_heterogeneous`` if they are of more than one
+        architecture (and it is set), else ``synthesizer``."""
+        models = list(models)
+        if models and all(m.in_channels == 3 for m in models) and self.synthesizer_colour is not None:
+            return "synthesizer_colour"
+        if len({m.arch for m in models}) > 1 and self.synthesizer_heterogeneous is not None:
+            return "synthesizer_heterogeneous"
+        return "synthesizer"
 
-    def synthesizer_for(self, in_channels: Iterable[int]) -> str:
-        """The synthesizer of a zoo whose teachers take ``in_channels`` (:meth:`synthesizer_key`)."""
-        return getattr(self, self.synthesizer_key(in_channels))
+    def synthesizer_for(self, models: Iterable) -> str:
+        """The synthesizer of a zoo of teachers ``models`` (:meth:`synthesizer_key`)."""
+        return getattr(self, self.synthesizer_key(models))
 
     def tv_weight(self, in_channels: int) -> float:
         """R_tv's weight for a teacher taking ``in_channels`` channels: ``a_tv_colour`` for colour (if set), else ``a_tv``."""

@@ -339,9 +339,10 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
         acc.print("inversion: R_tv weight " + ", ".join(
             f"{w:g} for {kind} teachers (inversion.{colour_key if kind == 'colour' else 'a_tv'})"
             for kind, w in weights.items()))
-    if cfg.inversion.synthesizer_key(t.config.in_channels for t in teachers) == "synthesizer_colour":
-        acc.print(f"inversion: the {eci.synthesizer} synthesizer for a zoo of colour teachers "
-                  "(inversion.synthesizer_colour)")
+    rule = cfg.inversion.synthesizer_key(t.config for t in teachers)
+    if rule != "synthesizer":
+        zoo = "colour teachers" if rule == "synthesizer_colour" else "teachers of several architectures"
+        acc.print(f"inversion: the {eci.synthesizer} synthesizer for a zoo of {zoo} (inversion.{rule})")
     m = cfg.meta.train
     if m.early_stopping:
         acc.print(f"meta.train.patience={m.patience}: meta-training stops once meta-val (every {m.val_every} "

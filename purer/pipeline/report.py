@@ -31,8 +31,9 @@ def results_table(rows: Sequence[dict], title: str = "", note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def flat_hparams(cfg) -> dict[str, Any]:
-    """A dataclass config as flat ``{"section.key": scalar}`` pairs (TensorBoard's hyper-parameters)."""
+def flat_hparams(cfg, keep_none: bool = False) -> dict[str, Any]:
+    """A dataclass config as flat ``{"section.key": scalar}`` pairs (TensorBoard's hyper-parameters, which
+    leave out unset ``None`` settings unless ``keep_none``)."""
     flat: dict[str, Any] = {}
 
     def walk(d: dict, prefix: str) -> None:
@@ -43,6 +44,8 @@ def flat_hparams(cfg) -> dict[str, Any]:
                 flat[prefix + k] = v
             elif v is not None:
                 flat[prefix + k] = str(v)
+            elif keep_none:
+                flat[prefix + k] = None
 
     walk(to_dict(cfg), "")
     return flat

@@ -120,7 +120,7 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
     checkpoint = latest_checkpoint(out) if resume else None
     if resume and checkpoint is None:
         raise RunError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
-    identity = run_identity(cfg, checkpoint, (t.config.in_channels for t in teachers))
+    identity = run_identity(cfg, checkpoint, (t.config for t in teachers))
     if dist.main:  # every input is checked: another run's outputs may go aside now
         replacement.move_aside()
         save_config(cfg, out / "config.yaml")

@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
+from ..inversion import InversionConfig
 from .run_config import RunConfig, RunError
 from .report import flat_hparams
 
@@ -129,30 +130,47 @@ class Replacement:
         self.names = []
 
 
-def training_settings(cfg: RunConfig, in_channels: Iterable[int] | None = None) -> dict:
+def training_settings(cfg: RunConfig, models: Iterable | None = None) -> dict:
     """The flat settings that decide what meta-training computes (what a checkpoint must be resumed with).
 
-    ``in_channels``: the zoo's teachers' input channels, which decide the synthesizer
+    ``models``: the zoo's teachers' configs (:class:`~purer.zoo.ModelConfig`), which decide the synthesizer
     (:meth:`~purer.inversion.InversionConfig.synthesizer_for`); with them, a pixel bank's run leaves out the
     generator's settings, which it does not use."""
-    trains = _trains(cfg, in_channels)
-    return {k: v for k, v in flat_hparams(cfg).items() if trains(k)}
+    models = None if models is None else list(models)
+    trains = _trains(cfg, models)
+    # None kept: a null setting recorded as null, not taken for a setting the checkpoint's purer did not have
+    return {k: v for k, v in _resolved(flat_hparams(cfg, keep_none=True), models).items() if trains(k)}
 
 
-def _trains(cfg: RunConfig, in_channels: Iterable[int] | None):
+def _trains(cfg: RunConfig, models: list | None):
     """``key -> bool``: whether a flat setting decides what this run's meta-training computes (the synthesizer
     decided once, not per key)."""
-    pixels = in_channels is not None and cfg.inversion.synthesizer_for(in_channels) != "generator"
+    pixels = models is not None and cfg.inversion.synthesizer_for(models) != "generator"
     ignored = _NOT_TRAINING + (("inversion.generator.",) if pixels else ())
     return lambda key: not key.startswith(ignored) and (not key.startswith("eval.") or key == "eval.seed")
 
 
-def run_identity(cfg: RunConfig, checkpoint: Path | None, in_channels: Iterable[int] | None = None) -> dict:
+# The synthesizer rules (InversionConfig.synthesizer_key): with the zoo's teachers known, a run's settings hold
+# the synthesizer its rules chose for them, under inversion.synthesizer, and not the rules themselves.
+_RULES = ("inversion.synthesizer", "inversion.synthesizer_colour", "inversion.synthesizer_heterogeneous")
+# What a checkpoint written before a setting existed did: a rule added later did not apply there.
+_BEFORE = {"inversion.synthesizer_heterogeneous": None}
+
+
+def _resolved(flat: dict, models: list | None) -> dict:
+    """``flat`` settings with the synthesizer its rules choose for the teachers ``models`` (unchanged without them)."""
+    if models is None:
+        return flat
+    rules = InversionConfig(**{k.removeprefix("inversion."): flat.get(k, _BEFORE.get(k)) for k in _RULES})
+    return {**{k: v for k, v in flat.items() if k not in _RULES}, "inversion.synthesizer": rules.synthesizer_for(models)}
+
+
+def run_identity(cfg: RunConfig, checkpoint: Path | None, models: Iterable | None = None) -> dict:
     """``{"run_id", "settings"}`` of this run: a new id, or on ``--resume`` the id recorded in ``checkpoint``
     once its settings are checked against ``cfg``'s (only those :func:`training_settings` keeps for this zoo's
-    ``in_channels``, on both sides: a checkpoint may record a setting this purer no longer counts)."""
-    in_channels = None if in_channels is None else list(in_channels)
-    settings = training_settings(cfg, in_channels)
+    teachers ``models``, on both sides: a checkpoint may record a setting this purer no longer counts)."""
+    models = None if models is None else list(models)
+    settings = training_settings(cfg, models)
     if checkpoint is None:
         return {"run_id": uuid.uuid4().hex[:12], "settings": settings}
     try:
@@ -163,9 +181,10 @@ def run_identity(cfg: RunConfig, checkpoint: Path | None, in_channels: Iterable[
                        "again with --overwrite") from None
     # A setting added to purer after the checkpoint was written counts as its default there: the older code did
     # what the default does.
-    theirs = {**{k: v for k, v in training_settings(RunConfig()).items() if k not in theirs}, **theirs}
-    trains = _trains(cfg, in_channels)
-    theirs = {k: v for k, v in theirs.items() if trains(k)}
+    older = {**training_settings(RunConfig()), **_BEFORE}
+    theirs = {**{k: v for k, v in older.items() if k not in theirs}, **theirs}
+    trains = _trains(cfg, models)
+    theirs = {k: v for k, v in _resolved(theirs, models).items() if trains(k)}
     differ = sorted(k for k in {*settings, *theirs} if settings.get(k) != theirs.get(k))
     done, budget = int(checkpoint.name.rsplit("_", 1)[1]), "meta.train.iterations"
     if budget in differ and settings.get("meta.train.schedule") == "constant":
