@@ -295,7 +295,8 @@ def method_name(variant: str, pipeline_method: str) -> str:
 
 def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow_mixed_code: bool = False) -> dict:
     """Every finished run of ``dataset`` under ``root`` -> rows averaged over training seeds; with
-    ``previous`` (a results file), the rows of it that no run here replaces (:func:`carried`).
+    ``previous`` (a results file), the rows of it that no run here replaces (:func:`carried`), and the seeds
+    of a variant run here that were run only elsewhere (:func:`carried_seeds`).
 
     Rows computed by different code (``results.json``'s ``code.source``, a hash of purer's sources) are not
     mixed in one file: that is an error, unless ``allow_mixed_code``, which marks each row with its code."""
@@ -314,17 +315,18 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             key = (scenario, r.get("dataset", dataset), method_name(variant, r["method"]), r["way"], r["shot"])
             variant_of[scenario, key[2]] = variant
             groups.setdefault(key, []).append((seed, r))
-    codes = {(r["code"] or {}).get("source") for r in runs}
+    runs += carried_seeds(previous, dataset, runs, groups, variant_of)
+    codes = {(r.get("code") or {}).get("source") for r in runs}
     if len(codes) > 1 and not allow_mixed_code:
         by_code = {}
         for r in runs:
-            by_code.setdefault((r["code"] or {}).get("source"), []).append(f"{r['scenario']}/{r['variant']}/seed{r['seed']}")
+            by_code.setdefault((r.get("code") or {}).get("source"), []).append(f"{r['scenario']}/{r['variant']}/seed{r['seed']}")
         raise SystemExit("runs of different code would be mixed in one table: " + "; ".join(
             f"{code}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for code, names in by_code.items())
             + "; re-run them on one commit, or pass --allow-mixed-code to mark each row with its code")
     code_of: dict[tuple, set] = {}  # a row's seeds may come from several codes: it names them all
     for r in runs:
-        code_of.setdefault((r["scenario"], r["variant"]), set()).add((r["code"] or {}).get("source") or "unknown")
+        code_of.setdefault((r["scenario"], r["variant"]), set()).add((r.get("code") or {}).get("source") or "unknown")
     rows = []
     for (scenario, data, method, way, shot), found in sorted(groups.items()):
         found.sort(key=lambda sr: sr[0])
@@ -339,16 +341,19 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             row["seed_sd"] = round(statistics.stdev(accs), 2)
         if "settings" in first:
             row["settings"] = [r.get("settings") for _, r in found]
-        if "val_accuracy" in first:
+        if all("val_accuracy" in r for _, r in found):
             row["val_accuracy"] = round(statistics.fmean(r["val_accuracy"] for _, r in found), 2)
         row["variant"] = variant_of[scenario, method]
         if row["variant"] == DEFAULT:  # the recipe's defaults, with or without a calibration row
             row["default"] = True
         if len(codes) > 1:
             row["code"] = ", ".join(sorted(code_of[scenario, row["variant"]]))
+        if any("carried_from" in r for _, r in found):
+            row["seeds_carried_from"] = {s: r["carried_from"] for s, r in found if "carried_from" in r}
         rows.append(row)
+    here = [r for r in runs if "carried_from" not in r]
     carried_runs, carried_rows = carried(previous, {(r["scenario"], r["variant"]) for r in runs},
-                                         {run_key(r) for r in runs})
+                                         {run_key(r) for r in here})
     return {"dataset": dataset, "selected_on": "val", "runs": runs + carried_runs, "rows": rows + carried_rows,
             "code": sorted(c for c in codes if c) if len(codes) > 1 else next(iter(codes), None),
             "settings": {"common": COMMON, "datasets": DATASETS[dataset], "scenarios": SCENARIOS,
@@ -361,6 +366,51 @@ def run_key(run: dict) -> tuple:
     return run["scenario"], run["seed"], run["seconds"], json.dumps(run["meta_train"], sort_keys=True)
 
 
+def _last_commit(path: Path) -> str:
+    """The commit that last wrote the results file ``path`` (what its carried rows are marked with)."""
+    return subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], cwd=REPO,
+                          capture_output=True, text=True).stdout.strip() or "unknown"
+
+
+def _row_variant(row: dict) -> str:
+    """A results file row's variant (rows written before rows named their variant had no "+part" variants)."""
+    return canonical(row.get("variant") or ("baselines" if not row["method"].startswith(
+        (DEFAULT, "paper", "eci", "ei", "ablate")) else row["method"].split("+")[0]))
+
+
+def carried_seeds(path: Path | None, dataset: str, runs: list[dict], groups: dict[tuple, list],
+                  variant_of: dict[tuple, str]) -> list[dict]:
+    """The runs of the results file ``path`` whose (scenario, variant) has runs here but not their seed: added
+    to :func:`collect`'s ``groups`` (and ``variant_of``) seed by seed (accuracy and CI from the old row's
+    ``per_seed``; its meta-val accuracy and settings only where the old row had that one seed) and returned,
+    marked ``carried_from``, to join ``runs``.  A variant run here for some seeds keeps those run elsewhere."""
+    if path is None or not path.is_file():
+        return []
+    seeds_here: dict[tuple[str, str], set[int]] = {}
+    for r in runs:
+        seeds_here.setdefault((r["scenario"], r["variant"]), set()).add(r["seed"])
+    old, commit = json.loads(path.read_text()), _last_commit(path)
+    added = [{**r, "variant": canonical(r["variant"]), "carried_from": r.get("carried_from", commit)}
+             for r in old.get("runs", [])
+             if r["seed"] not in seeds_here.get((r["scenario"], canonical(r["variant"])), {r["seed"]})]
+    wanted = {(r["scenario"], r["variant"], r["seed"]): r["carried_from"] for r in added}
+    for row in old["rows"]:
+        variant = _row_variant(row)
+        for i, (seed, accuracy, ci95) in enumerate(row.get("per_seed", [])):
+            if (row["scenario"], variant, seed) not in wanted:
+                continue
+            one = {"accuracy": accuracy, "ci95": ci95, "tasks": row["tasks"], "test_cost": row["test_cost"],
+                   "carried_from": wanted[row["scenario"], variant, seed]}
+            if len(row["per_seed"]) == 1:
+                one.update({k: row[k] for k in ("val_accuracy",) if k in row})
+            if "settings" in row:
+                one["settings"] = row["settings"][i]
+            key = (row["scenario"], row.get("dataset", dataset), canonical(row["method"]), row["way"], row["shot"])
+            variant_of[row["scenario"], key[2]] = variant
+            groups.setdefault(key, []).append((seed, one))
+    return added
+
+
 def carried(path: Path | None, present: set[tuple[str, str]], here: set[tuple] = frozenset()) -> tuple[list, list]:
     """Runs and rows of the results file ``path`` whose (scenario, variant) has no run folder here.
 
@@ -371,14 +421,7 @@ def carried(path: Path | None, present: set[tuple[str, str]], here: set[tuple] =
     not carried."""
     if path is None or not path.is_file():
         return [], []
-    old = json.loads(path.read_text())
-    commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
-
-    def variant(row):  # rows written before rows named their variant had no "+part" variants
-        return canonical(row.get("variant") or ("baselines" if not row["method"].startswith(
-            (DEFAULT, "paper", "eci", "ei", "ablate")) else row["method"].split("+")[0]))
-
+    old, commit, variant = json.loads(path.read_text()), _last_commit(path), _row_variant
     of_variant: dict[tuple[str, str], list[dict]] = {}
     for r in old.get("runs", []):
         of_variant.setdefault((r["scenario"], canonical(r["variant"])), []).append(r)
@@ -418,19 +461,21 @@ def markdown(report: dict) -> str:
                     continue
                 sd = f" (sd {r['seed_sd']:.2f})" if "seed_sd" in r else ""
                 cells.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}{sd}")
-                seeds = seeds or ",".join(map(str, r["seeds"]))
+                elsewhere = {str(k) for k in r.get("seeds_carried_from", {})}  # JSON's keys are strings
+                seeds = seeds or ",".join(f"{x}{' †' if str(x) in elsewhere else ''}" for x in r["seeds"])
                 cost = cost or ", ".join(f"{k}={v}" for k, v in r["test_cost"].items())
             mark = " †" if any("carried_from" in cell.get((m, w, s), {}) for w, s in cols) else ""
             code = next((cell[m, w, s]["code"] for w, s in cols if "code" in cell.get((m, w, s), {})), None)
             mark += f" (code {code})" if code else ""
             lines.append("| " + " | ".join([m + mark] + cells + [seeds, cost]) + " |")
         lines.append("")
-    commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})
+    commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r}
+                     | {c for r in report["rows"] for c in r.get("seeds_carried_from", {}).values()})
     if commits:
         notes = "".join(f"; {name}: {note}" for name, note in SCENARIO_NOTES.items() if name in by_scenario)
-        lines += [f"† carried from the results file of commit {', '.join(commits)}: its runs were not on the "
-                  f"machine that collected this file (the scenario settings of that commit, the same task "
-                  f"lists{notes}).", ""]
+        lines += [f"† carried (a row, or a seed of it) from the results file of commit {', '.join(commits)}: its "
+                  f"runs were not on the machine that collected this file (the scenario settings of that commit, "
+                  f"the same task lists{notes}).", ""]
     lines += ["## Runs", "", "| scenario | variant | seed | minutes | best iteration | meta-val | switch fired |",
               "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:

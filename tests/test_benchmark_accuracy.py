@@ -74,6 +74,27 @@ def test_collect_does_not_carry_a_variant_whose_runs_are_here_under_another_name
     assert set(rows) == {"default", "paper"} and "carried_from" in rows["default"]
 
 
+def test_collect_keeps_the_seeds_of_a_variant_run_only_elsewhere(bench, tmp_path):
+    """Seeds 1 and 2 run here, seed 0 elsewhere (in the results file): one row over the three seeds, the carried
+    seed marked; a seed run here again replaces its record."""
+    fake_run(tmp_path / "elsewhere", "default", 0, [("purer", 80.0, 1.0)], seconds=50.0)
+    previous = tmp_path / "accuracy_glyphs.json"
+    previous.write_text(json.dumps(bench.collect("glyphs", tmp_path / "elsewhere")))
+    fake_run(tmp_path / "runs", "default", 1, [("purer", 84.0, 0.6)])
+    fake_run(tmp_path / "runs", "default", 2, [("purer", 82.0, 0.8)])
+    report = bench.collect("glyphs", tmp_path / "runs", previous)
+    (row,) = report["rows"]
+    assert row["seeds"] == [0, 1, 2] and row["per_seed"][0] == [0, 80.0, 1.0] and row["accuracy"] == 82.0
+    assert row["ci95"] == 0.8 and list(row["seeds_carried_from"]) == [0] and "carried_from" not in row
+    assert sorted((r["seed"], "carried_from" in r) for r in report["runs"]) == [(0, True), (1, False), (2, False)]
+    assert "| default | 82.00 ± 0.80 (sd 2.00) | 0 †,1,2 | models=1 |" in bench.markdown(report)
+    previous.write_text(json.dumps(report))  # collected again, seed 0 still carried
+    assert bench.collect("glyphs", tmp_path / "runs", previous)["rows"][0]["seeds"] == [0, 1, 2]
+    fake_run(tmp_path / "runs", "default", 0, [("purer", 86.0, 0.5)])
+    (row,) = bench.collect("glyphs", tmp_path / "runs", previous)["rows"]
+    assert row["per_seed"][0] == [0, 86.0, 0.5] and "seeds_carried_from" not in row
+
+
 def test_a_run_over_several_datasets_gets_a_table_per_dataset(bench, tmp_path):
     out = tmp_path / "mh" / "mh" / "default" / "seed0"
     out.mkdir(parents=True)

@@ -162,7 +162,8 @@ def _resolved(flat: dict, models: list | None) -> dict:
     if models is None:
         return flat
     rules = InversionConfig(**{k.removeprefix("inversion."): flat.get(k, _BEFORE.get(k)) for k in _RULES})
-    return {**{k: v for k, v in flat.items() if k not in _RULES}, "inversion.synthesizer": rules.synthesizer_for(models)}
+    chosen = rules.synthesizer_for(models)
+    return {**{k: v for k, v in flat.items() if k not in _RULES}, "inversion.synthesizer": chosen}
 
 
 def run_identity(cfg: RunConfig, checkpoint: Path | None, models: Iterable | None = None) -> dict:
