@@ -168,13 +168,18 @@ def shared_classes(results: Path) -> bool:
 
 
 def zoo_inputs(results: Path) -> dict[str, bool]:
-    """The report keys of the inputs of the zoo of a run (its ``results.json``), from its teachers' configs:
-    ``colour_teachers``, whether a teacher takes colour input (whose R_tv weight is ``inversion.a_tv_colour``), and
-    ``grey_teachers``, whether one takes other input (so ``inversion.synthesizer_colour`` does not apply); a zoo
-    folder no longer there: both ``True`` (unknown)."""
-    configs = Path(json.loads(results.read_text())["zoo"]["path"]).glob("*/config.json")
-    channels = [json.loads(c.read_text()).get("in_channels", 3) for c in configs]
-    return {"colour_teachers": not channels or 3 in channels, "grey_teachers": not channels or any(c != 3 for c in channels)}
+    """The report keys of the teachers of the zoo of a run (its ``results.json``), from their configs:
+    ``colour_teachers``, whether a teacher takes colour input (whose R_tv weight is ``inversion.a_tv_colour``),
+    ``grey_teachers``, whether one takes other input (so ``inversion.synthesizer_colour`` does not apply), and
+    ``several_archs``, whether they are of more than one architecture (``inversion.synthesizer_heterogeneous``
+    applies); a zoo folder no longer there: none of them (unknown, so no run stands in for another there)."""
+    zoo = Path(json.loads(results.read_text())["zoo"]["path"])
+    configs = [json.loads(c.read_text()) for c in zoo.glob("*/config.json")]
+    if not configs:
+        return {}
+    channels = [c.get("in_channels", 3) for c in configs]
+    return {"colour_teachers": 3 in channels, "grey_teachers": any(c != 3 for c in channels),
+            "several_archs": len({c.get("arch") for c in configs}) > 1}
 
 
 def markdown(report: dict) -> str:
@@ -206,18 +211,19 @@ def markdown(report: dict) -> str:
 
 #: How far below PURER as published a default may fall on any zoo's meta-val (points, mean over shots).
 MARGIN = 1.0
-#: Variant parts (``benchmarks/accuracy.py``) that change nothing on a zoo where a property (a key of a
-#: :func:`score` report) has the given value, so there a variant with the part is the same model as the variant
-#: without it, whose run stands for it: on a zoo whose teachers share no class the union head's rows split into the
-#: per-teacher heads (``DistillConfig.heads``); on a zoo without colour teachers ``inversion.a_tv_colour`` weighs
-#: nothing; on a zoo with a grey teacher ``inversion.synthesizer_colour`` never applies, so neither does the colour
-#: rule's generator's width (unless the variant's ``gen1`` runs a generator there); on a zoo of colour teachers
-#: only, the colour rule already gives the generator.
-SAME_WITHOUT = {"kd-union": ("shared_classes", False), "tv-release": ("colour_teachers", False),
-                "pixels-colour": ("grey_teachers", True), "w32": ("grey_teachers", True),
-                "gen1": ("grey_teachers", False)}
-#: Parts that set the generator, which a variant with ``gen1`` runs on every zoo.
-GENERATOR_SETTINGS = {"w32"}
+#: Variant parts (``benchmarks/accuracy.py``) that change nothing on a zoo whose properties (keys of a :func:`score`
+#: report) have the given values, unless the variant also has one of the parts named with them: there a variant
+#: with the part is the same model as the variant without it, whose run stands for it.  On a zoo whose teachers
+#: share no class the union head's rows split into the per-teacher heads (``DistillConfig.heads``); on a zoo
+#: without colour teachers ``inversion.a_tv_colour`` weighs nothing; on a zoo with a grey teacher
+#: ``inversion.synthesizer_colour`` never applies, and on a zoo of one architecture
+#: ``inversion.synthesizer_heterogeneous`` never does, so where neither applies no generator runs and its width
+#: changes nothing (unless the variant's ``gen1`` runs it); ``gen1`` changes nothing where a rule already gives the
+#: generator (on a zoo of colour teachers only, or of several architectures), unless the variant turns that rule off.
+SAME_WITHOUT = {"kd-union": [({"shared_classes": False}, ())], "tv-release": [({"colour_teachers": False}, ())],
+                "pixels-colour": [({"grey_teachers": True}, ())], "pixels-sh": [({"several_archs": False}, ())],
+                "w32": [({"grey_teachers": True, "several_archs": False}, ("gen1",))],
+                "gen1": [({"grey_teachers": False}, ("pixels-colour",)), ({"several_archs": True}, ("pixels-sh",))]}
 
 
 def stand_in(variant: str, report: dict) -> str | None:
@@ -227,10 +233,8 @@ def stand_in(variant: str, report: dict) -> str | None:
     base, *parts = variant.split("+")
 
     def changes_nothing(part: str) -> bool:
-        if part not in SAME_WITHOUT or (part in GENERATOR_SETTINGS and "gen1" in parts):
-            return False
-        key, value = SAME_WITHOUT[part]
-        return key in report and report[key] is value
+        return any(all(k in report and report[k] is v for k, v in where.items()) and not set(unless) & set(parts)
+                   for where, unless in SAME_WITHOUT.get(part, ()))
 
     kept = [p for p in parts if not changes_nothing(p)]
     return "+".join([base, *kept]) if len(kept) < len(parts) else None

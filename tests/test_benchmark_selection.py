@@ -72,12 +72,12 @@ def write_reports(folder: Path, reports: dict[str, tuple[dict[str, float], dict]
 @pytest.mark.parametrize("variant,property_,where_same", [("default+kd-union", "shared_classes", False),
                                                           ("default+tv-release", "colour_teachers", False),
                                                           ("default+pixels-colour", "grey_teachers", True),
-                                                          ("default+w32", "grey_teachers", True)])
+                                                          ("default+pixels-sh", "several_archs", False)])
 def test_a_variant_is_the_default_on_a_zoo_without_what_tells_them_apart(tmp_path, monkeypatch, variant, property_,
                                                                          where_same):
     """A union head is the per-teacher heads where no two teachers share a class; the release's R_tv weight
-    for colour teachers is the default's where no teacher is colour; the colour rule (and its generator's width)
-    does not apply where a teacher is grey."""
+    for colour teachers is the default's where no teacher is colour; the colour rule does not apply where a teacher
+    is grey, nor the rule of several architectures to a zoo of one."""
     sel = load()
     monkeypatch.setattr(sel, "RESULTS", tmp_path)
     zoos = [("glyphs", "without"), ("glyphs", "with")]
@@ -105,18 +105,18 @@ def test_shared_classes_reads_the_bank_against_the_teachers_outputs(tmp_path):
 
 def test_colour_and_grey_teachers_read_the_zoos_model_configs(tmp_path):
     sel = load()
-    for channels, colour, grey in (((1, 1), False, True), ((3, 1), True, True), ((3, 3), True, False)):
+    for channels, archs, colour, grey, several in (((1, 1), ("conv4", "conv4"), False, True, False),
+                                                   ((3, 1), ("conv4", "conv4"), True, True, False),
+                                                   ((3, 3), ("conv4", "resnet10"), True, False, True)):
         zoo = tmp_path / f"zoo{channels}"
-        for k, c in enumerate(channels):
+        for k, (c, arch) in enumerate(zip(channels, archs)):
             (zoo / f"m{k}").mkdir(parents=True)
-            (zoo / f"m{k}" / "config.json").write_text(json.dumps({"in_channels": c}))
+            (zoo / f"m{k}" / "config.json").write_text(json.dumps({"in_channels": c, "arch": arch}))
         (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(zoo)}}))
         inputs = sel.zoo_inputs(tmp_path / "results.json")
-        assert inputs["colour_teachers"] is colour
-        assert inputs["grey_teachers"] is grey
+        assert inputs == {"colour_teachers": colour, "grey_teachers": grey, "several_archs": several}
     (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(tmp_path / "gone")}}))
-    inputs = sel.zoo_inputs(tmp_path / "results.json")
-    assert inputs["colour_teachers"] is True and inputs["grey_teachers"]
+    assert sel.zoo_inputs(tmp_path / "results.json") == {}  # unknown: nothing stands in
 
 
 def test_a_report_keeps_the_rows_of_runs_made_elsewhere_and_marks_them(tmp_path):
@@ -227,8 +227,8 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
 
 def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     sel = load()
-    grey = {"colour_teachers": False, "grey_teachers": True, "shared_classes": False}
-    colour = {"colour_teachers": True, "grey_teachers": False, "shared_classes": False}
+    grey = {"colour_teachers": False, "grey_teachers": True, "shared_classes": False, "several_archs": False}
+    colour = {"colour_teachers": True, "grey_teachers": False, "shared_classes": False, "several_archs": False}
     assert sel.stand_in("default+avg+pixels-colour", grey) == "default+avg"
     assert sel.stand_in("default+it3000+p2+pixels-colour", grey) == "default+it3000+p2"
     assert sel.stand_in("default+kd-union+tv-release", grey) == "default"
@@ -239,7 +239,7 @@ def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     assert sel.stand_in("default+it3000+p2+gen1", colour) == "default+it3000+p2"
     assert sel.stand_in("default+it3000+p2+gen1", grey) is None
     # the colour rule's generator, and so its width, runs on a zoo of colour teachers only
-    mixed = {"colour_teachers": True, "grey_teachers": True, "shared_classes": False}
+    mixed = {"colour_teachers": True, "grey_teachers": True, "shared_classes": False, "several_archs": False}
     assert sel.stand_in("default+it3000+p2+pixels-colour", mixed) == "default+it3000+p2"
     assert sel.stand_in("default+it3000+p2+w32", grey) == "default+it3000+p2"
     assert sel.stand_in("default+it3000+p2+w32", mixed) == "default+it3000+p2"
@@ -247,3 +247,14 @@ def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     assert sel.stand_in("default+it3000+p2+gen1+w32", grey) is None  # gen1 runs the generator there
     assert sel.stand_in("default+it3000+p2+gen1+w32", colour) == "default+it3000+p2+w32"
     assert sel.stand_in("default+it3000+p2+w32", {"colour_teachers": False}) is None  # unknown: not the same
+    # a zoo of several architectures (SH, grey): its rule gives the generator, so gen1 changes nothing, and width does
+    sh = {**grey, "several_archs": True}
+    assert sel.stand_in("default+it3000+p2+gen1", sh) == "default+it3000+p2"
+    assert sel.stand_in("default+it3000+p2+gen1+w32", sh) == "default+it3000+p2+w32"
+    assert sel.stand_in("default+it3000+p2+w32", sh) is None
+    assert sel.stand_in("default+it3000+p2+gen1+pixels-sh", sh) is None  # gen1 runs the generator the rule would not
+    assert sel.stand_in("default+it3000+p2+pixels-sh", sh) is None
+    assert sel.stand_in("default+it3000+p2+pixels-sh", grey) == "default+it3000+p2"
+    # the pixel bank on every zoo, as before both rules
+    assert sel.stand_in("default+it3000+p2+pixels-colour+pixels-sh", sh) == "default+it3000+p2+pixels-sh"
+    assert sel.stand_in("default+it3000+p2+pixels-colour+pixels-sh", colour) == "default+it3000+p2+pixels-colour"
