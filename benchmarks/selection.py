@@ -194,7 +194,7 @@ def markdown(report: dict) -> str:
              "|---|---|" + "---|---|" * len(shots)]
     cell = {(r["variant"], r["seed"], r["shot"]): r for r in report["rows"]}
     for variant, seed in sorted({(r["variant"], r["seed"]) for r in report["rows"]},
-                                key=lambda vs: -statistics.fmean(cell[vs + (s,)]["val_accuracy"] for s in shots)):
+                                key=lambda vs: (-statistics.fmean(cell[vs + (s,)]["val_accuracy"] for s in shots), vs)):
         parts = []
         for s in shots:
             r = cell[variant, seed, s]
