@@ -95,6 +95,25 @@ def test_a_variant_is_the_default_on_a_zoo_without_what_tells_them_apart(tmp_pat
         assert variant not in {r["variant"] for r in sel.cross(zoos)["rows"]}
 
 
+def test_variants_run_before_each_synthesizer_rule_line_up_across_zoos(tmp_path, monkeypatch):
+    """The pixel bank on every zoo was run as +pixels-sh on SH and +pixels-colour on a colour zoo (each turning off
+    the rule of its zoo): one row, default+pixels-colour+pixels-sh, stands for both, and for default on a grey zoo of
+    one architecture."""
+    sel = load()
+    monkeypatch.setattr(sel, "RESULTS", tmp_path)
+    grey = {"colour_teachers": False, "grey_teachers": True, "shared_classes": False, "several_archs": False}
+    write_reports(tmp_path, {"grey": ({"paper": 80, "default": 85}, grey),
+                             "sh": ({"paper": 80, "default": 88, "default+pixels-sh": 86}, {**grey, "several_archs": True}),
+                             "colour": ({"paper": 40, "default": 45, "default+pixels-colour": 43},
+                                        {**grey, "colour_teachers": True, "grey_teachers": False})})
+    rows = {r["variant"]: r for r in sel.cross([("glyphs", "grey"), ("glyphs", "sh"), ("glyphs", "colour")])["rows"]}
+    both = rows["default+pixels-colour+pixels-sh"]
+    assert both["val_accuracy"] == {"glyphs/grey": 85, "glyphs/sh": 86, "glyphs/colour": 43}
+    assert both["stands_in"] == {"glyphs/grey": "default", "glyphs/sh": "default+pixels-sh",
+                                 "glyphs/colour": "default+pixels-colour"}
+    assert rows["default"]["mean_rank"] == 1.0
+
+
 def test_shared_classes_reads_the_bank_against_the_teachers_outputs(tmp_path):
     sel = load()
     for bank, shared in ((60, False), (57, True)):
