@@ -340,7 +340,8 @@ def cross_markdown(report: dict) -> str:
              f"(1 = best), and how far below {report['reference']} it falls on its worst zoo. Eligible: nowhere more "
              f"than {report['margin']:g} point below {report['reference']}; chosen: the best mean rank among them: "
              f"**{report['chosen']}**{tie_break(report)}. Meta-test was not read. \"= v\": on that zoo the variant "
-             "is the same model as v (no two teachers share a class, none is colour or all are, they are of one architecture or of several), and v's run stands for it.",
+             "is the same model as v (no two teachers share a class, none is colour or all are, they are of one "
+             "architecture or of several), and v's run stands for it.",
              "",
              "| variant | " + " | ".join(zoos) + " | mean | mean rank | worst vs " + report["reference"] + " |",
              "|---|" + "---|" * (len(zoos) + 3)]
