@@ -68,7 +68,9 @@ def config(tmp_path, **overrides) -> RunConfig:
             "eval.calibration_grid": {"icfil": {"calibration_lr": [1e-4, 1e-3]}},
             "icfil.inversion_steps": 2, "icfil.calibration_steps": 1, "icfil.pseudo_per_class": 2,
             "eval.baseline_train_iterations": 2, "cache_dir": str(tmp_path / "cache"),
-            "output_dir": str(tmp_path / "out"), "meta.init": "best-teacher", **overrides}
+            "output_dir": str(tmp_path / "out"), "meta.init": "best-teacher",
+            # the zoo mixes Conv4 and ResNet-10 teachers: inversion.synthesizer decides, not the rule for such a zoo
+            "inversion.synthesizer_heterogeneous": "null", **overrides}
     return load_config(RunConfig, None, [f"{k}={v}" for k, v in base.items()])
 
 
@@ -104,6 +106,7 @@ def test_an_eci_iteration_runs_on_the_device_and_reads_one_number(zoo, splits, t
     cfg = config(tmp_path, **{"meta.task_batching": batching, "inversion.teacher_batching": batching,
                               "inversion.synthesizer": synthesizer, "inversion.generator.steps": 2})
     eci = device_eci(cfg, teachers, data)
+    assert eci.synthesizer == synthesizer
     assert eci.learner.tasks_together(META) == (batching == "vmap")
     assert all(p.device == META for p in [*eci.learner.parameters(), *eci.bank.parameters()])
     if synthesizer == "generator":

@@ -121,6 +121,8 @@ def test_a_zoo_of_every_kind_registers_from_one_manifest_and_runs_end_to_end(tin
     results = json.loads((out / "results.json").read_text())
     assert set(results["zoo"]["archs"]) == archs and results["zoo"]["models"] == 8
     assert results["meta_train"]["iterations"] == 5 and results["tasks"] == 10
+    # teachers of several architectures (and input contracts): the generator synthesizes the bank
+    assert results["meta_train"]["synthesizer"] == "generator"
     # The baselines ran in the spawned worker, which rebuilt every teacher (the user's class too) from config.json.
     assert "baselines: computing them in a background process" in res.stdout
     assert {r["method"] for r in results["rows"]} == {"purer", "nc-best-teacher", "nc-all-teachers"}
