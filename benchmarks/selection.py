@@ -96,7 +96,9 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
                 r["vs_chosen"] = old["vs_chosen"]
     return {"dataset": dataset, "scenario": scenario, "tasks": TASKS, "task_seed": SEED, "split": "val",
             "chosen": chosen, "seeds": seeds, "shared_classes": shared_classes(runs[0].parents[1] / "results.json"),
-            **zoo_inputs(runs[0].parents[1] / "results.json"), "rows": rows}
+            # what this machine cannot read of the zoo, as the previous report had it
+            **{k: old_report[k] for k in ZOO_KEYS if k in old_report}, **zoo_inputs(runs[0].parents[1] / "results.json"),
+            "rows": rows}
 
 
 #: The keys of a scored row that every report has (rows of older reports have no per-task accuracies).
@@ -167,19 +169,23 @@ def shared_classes(results: Path) -> bool:
     return len(zoo["classes"]) != 1 or bank < zoo["models"] * zoo["classes"][0]
 
 
+#: The report keys of :func:`zoo_inputs`.
+ZOO_KEYS = ("colour_teachers", "grey_teachers", "several_archs")
+
+
 def zoo_inputs(results: Path) -> dict[str, bool]:
     """The report keys of the teachers of the zoo of a run (its ``results.json``), from their configs:
     ``colour_teachers``, whether a teacher takes colour input (whose R_tv weight is ``inversion.a_tv_colour``),
     ``grey_teachers``, whether one takes other input (so ``inversion.synthesizer_colour`` does not apply), and
     ``several_archs``, whether they are of more than one architecture (``inversion.synthesizer_heterogeneous``
-    applies); a zoo folder no longer there: none of them (unknown, so no run stands in for another there)."""
-    zoo = Path(json.loads(results.read_text())["zoo"]["path"])
-    configs = [json.loads(c.read_text()) for c in zoo.glob("*/config.json")]
-    if not configs:
-        return {}
-    channels = [c.get("in_channels", 3) for c in configs]
-    return {"colour_teachers": 3 in channels, "grey_teachers": any(c != 3 for c in channels),
-            "several_archs": len({c.get("arch") for c in configs}) > 1}
+    applies, from the run's record of its zoo); what cannot be read is left out (unknown, so no run stands in for
+    another there), e.g. the input channels of a zoo folder no longer there."""
+    zoo = json.loads(results.read_text())["zoo"]
+    found = {"several_archs": len(zoo["archs"]) > 1} if "archs" in zoo else {}
+    channels = [json.loads(c.read_text()).get("in_channels", 3) for c in Path(zoo["path"]).glob("*/config.json")]
+    if channels:
+        found.update(colour_teachers=3 in channels, grey_teachers=any(c != 3 for c in channels))
+    return found
 
 
 def markdown(report: dict) -> str:
@@ -224,6 +230,8 @@ SAME_WITHOUT = {"kd-union": [({"shared_classes": False}, ())], "tv-release": [({
                 "pixels-colour": [({"grey_teachers": True}, ())], "pixels-sh": [({"several_archs": False}, ())],
                 "w32": [({"grey_teachers": True, "several_archs": False}, ("gen1",))],
                 "gen1": [({"grey_teachers": False}, ("pixels-colour",)), ({"several_archs": True}, ("pixels-sh",))]}
+#: The parts whose entries above hold for the recipe's defaults (its synthesizer rules on) only.
+RULE_PARTS = {"pixels-colour", "pixels-sh", "w32", "gen1"}
 
 
 def stand_in(variant: str, report: dict) -> str | None:
@@ -231,6 +239,8 @@ def stand_in(variant: str, report: dict) -> str | None:
     name without the parts that change nothing there; ``None`` if it has no such part (or the report does not say
     what its zoo holds)."""
     base, *parts = variant.split("+")
+    if base != "default" and set(parts) & RULE_PARTS:
+        return None  # PURER as published and the named variants turn both rules off: a part of them is not a no-op
 
     def changes_nothing(part: str) -> bool:
         return any(all(k in report and report[k] is v for k, v in where.items()) and not set(unless) & set(parts)
@@ -289,9 +299,10 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     common = {zoo: seeds for zoo, (_, seeds) in per_zoo.items()}
     everywhere = {v: {zoo: per_zoo[zoo][0][v] for zoo in names} for v in candidates}
     ranks = {v: {} for v in everywhere}
-    for zoo in names:  # 1 + how many variants are better there (equal meta-val, equal rank)
+    for zoo in names:  # 1 + how many runs are better there (equal meta-val, equal rank); a stand-in is its run's
+        runs = {stands_in.get(u, {}).get(zoo, u): everywhere[u][zoo] for u in everywhere}
         for v in everywhere:
-            ranks[v][zoo] = 1 + sum(everywhere[u][zoo] > everywhere[v][zoo] for u in everywhere)
+            ranks[v][zoo] = 1 + sum(x > everywhere[v][zoo] for x in runs.values())
     rows = []
     for v, z in everywhere.items():
         worst = min(z[zoo] - everywhere[reference][zoo] for zoo in names)

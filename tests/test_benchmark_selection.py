@@ -112,6 +112,8 @@ def test_variants_run_before_each_synthesizer_rule_line_up_across_zoos(tmp_path,
     assert both["stands_in"] == {"glyphs/grey": "default", "glyphs/sh": "default+pixels-sh",
                                  "glyphs/colour": "default+pixels-colour"}
     assert rows["default"]["mean_rank"] == 1.0
+    # a rank counts the runs above, not the names that stand for one: on the grey zoo only default's run is above paper
+    assert rows["paper"]["ranks"] == {"glyphs/grey": 2, "glyphs/sh": 3, "glyphs/colour": 3}
 
 
 def test_shared_classes_reads_the_bank_against_the_teachers_outputs(tmp_path):
@@ -131,11 +133,14 @@ def test_colour_and_grey_teachers_read_the_zoos_model_configs(tmp_path):
         for k, (c, arch) in enumerate(zip(channels, archs)):
             (zoo / f"m{k}").mkdir(parents=True)
             (zoo / f"m{k}" / "config.json").write_text(json.dumps({"in_channels": c, "arch": arch}))
-        (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(zoo)}}))
+        (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(zoo), "archs": sorted(set(archs))}}))
         inputs = sel.zoo_inputs(tmp_path / "results.json")
         assert inputs == {"colour_teachers": colour, "grey_teachers": grey, "several_archs": several}
+    # the zoo folder gone: its channels unknown (nothing stands in on them), its architectures from the run's record
+    (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(tmp_path / "gone"), "archs": ["conv4"]}}))
+    assert sel.zoo_inputs(tmp_path / "results.json") == {"several_archs": False}
     (tmp_path / "results.json").write_text(json.dumps({"zoo": {"path": str(tmp_path / "gone")}}))
-    assert sel.zoo_inputs(tmp_path / "results.json") == {}  # unknown: nothing stands in
+    assert sel.zoo_inputs(tmp_path / "results.json") == {}
 
 
 def test_a_report_keeps_the_rows_of_runs_made_elsewhere_and_marks_them(tmp_path):
@@ -277,3 +282,6 @@ def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     # the pixel bank on every zoo, as before both rules
     assert sel.stand_in("default+it3000+p2+pixels-colour+pixels-sh", sh) == "default+it3000+p2+pixels-sh"
     assert sel.stand_in("default+it3000+p2+pixels-colour+pixels-sh", colour) == "default+it3000+p2+pixels-colour"
+    # PURER as published turns both rules off: gen1 runs the generator there, and nothing stands in for it
+    assert sel.stand_in("paper+gen1", sh) is None and sel.stand_in("paper+gen1", colour) is None
+    assert sel.stand_in("paper+kd-union", grey) == "paper"

@@ -408,7 +408,7 @@ def test_resume_compares_only_the_settings_the_run_uses(tmp_path):
     assert "inversion.generator.width" not in run_identity(now, checkpoint, grey)["settings"]
     with pytest.raises(RunError, match=r"inversion\.generator\.width: "):
         run_identity(now, checkpoint, colour)
-    with pytest.raises(RunError, match=r"inversion\.generator\.width: "):  # without the zoo's channels, all count
+    with pytest.raises(RunError, match=r"inversion\.generator\.width: "):  # without the zoo's teachers, all count
         run_identity(now, checkpoint)
 
 
@@ -431,8 +431,16 @@ def test_resume_keeps_null_settings_and_the_synthesizer_a_rule_chose(tmp_path):
 
     paper = RunConfig()
     paper.inversion.a_tv_colour = paper.inversion.synthesizer_colour = None
-    checkpoint, run_id = started(paper)
-    assert run_identity(paper, checkpoint)["run_id"] == run_id
+    paper.inversion.synthesizer_heterogeneous = None
+    colour = [ModelConfig("conv4", 1, ["a"], in_channels=3)] * 2
+    checkpoint, run_id = started(paper, *colour)
+    assert run_identity(paper, checkpoint, colour)["run_id"] == run_id
+    with pytest.raises(RunError, match=r"inversion\.synthesizer: 'pixels' there, 'generator' here"):
+        run_identity(RunConfig(), checkpoint, colour)  # the colour rule's generator would take over its bank
+    # a checkpoint of a purer that left null settings out (and knew no rules) resumes too
+    checkpoint, run_id = started(paper, drop=["inversion.a_tv_colour", "inversion.synthesizer_colour",
+                                              "inversion.synthesizer_heterogeneous"])
+    assert run_identity(paper, checkpoint, colour)["run_id"] == run_id
     sh = [ModelConfig(arch, 1, ["a"], in_channels=1) for arch in ("conv4", "resnet10")]
     conv4 = sh[:1] * 2
     before = RunConfig()

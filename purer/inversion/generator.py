@@ -1,4 +1,5 @@
-"""A meta-learnt generator as the synthesizer (``inversion.synthesizer: generator``), beside the pixel bank.
+"""A meta-learnt generator as the synthesizer (``inversion.synthesizer: generator``, and by default for a zoo of
+colour teachers or of several architectures), beside the pixel bank.
 
 The pixel bank (:class:`~purer.inversion.synthesizer.EpisodeInversion`) optimises every
 pseudo image on its own, one Adam step per meta-iteration, so a class's images start as

@@ -180,8 +180,9 @@ class InversionConfig:
             across zoos (``benchmarks/results/selection_cross_zoo.md``).  On the colour icon zoo the pixel bank
             is saturated colour noise even at the colour R_tv weight; the generator's images are smooth colour
             shapes, and meta-val rose on every training seed (300 tasks per shot; README "Results").  Grey
-            zoos, and zoos mixing grey and colour teachers (one synthesizer serves the whole zoo), keep
-            ``synthesizer``: on the glyph zoo the generator was behind the pixels on meta-val.
+            zoos of one architecture, and zoos mixing grey and colour teachers of one architecture (one
+            synthesizer serves the whole zoo), keep ``synthesizer``: on the glyph zoo the generator was behind
+            the pixels on meta-val.
         synthesizer_heterogeneous: the synthesizer of a zoo whose teachers are of several architectures (more
             than one ``arch``; the colour rule first); ``None``: ``synthesizer``, as the release.  Not in the
             release: ``generator``, chosen on the SH zoo's meta-val (Conv4, ResNet-10 and ResNet-18 teachers;

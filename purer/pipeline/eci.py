@@ -3,7 +3,8 @@
 One meta-iteration (:meth:`ECI.iteration`):
 
 1. **invert**: one bank update by episode inversion from a few sampled teachers (pixels, or a
-   meta-learnt generator's images: ``inversion.synthesizer``);
+   meta-learnt generator's images: ``inversion.synthesizer`` and its rules for a zoo of colour teachers or of
+   several architectures, :meth:`~purer.inversion.InversionConfig.synthesizer_for`);
    adversarial (``- lambda_adv * L_outer`` on a fresh pseudo task) when the Gradient
    Switch fired at the previous iteration;
 2. **meta-update** on a meta-batch of pseudo episodes (detached from the bank), at the iteration's

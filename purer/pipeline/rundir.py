@@ -10,7 +10,9 @@
   it fails before), so checkpoints, results and config.yaml always describe one run and
   a mistyped ``--overwrite`` run loses nothing;
 - every checkpoint records its run (:func:`run_identity`): ``--resume`` continues it only
-  with the settings that trained it (a setting added to purer since counts as its default), except
+  with the settings that trained it (a setting added to purer since counts as its default, or as off where it
+  is a rule that did not apply before it existed; the synthesizer rules are compared by the synthesizer they
+  chose for the zoo), except
   ``meta.train.iterations``, which may grow (or shrink down to the checkpoint) under the constant outer lr,
   and ``meta.train.patience``: a finished run resumed with a larger budget (or an early-stopped one with more
   patience) goes on training from its last checkpoint.  Settings the run does not use are not compared: the
@@ -151,10 +153,12 @@ def _trains(cfg: RunConfig, models: list | None):
 
 
 # The synthesizer rules (InversionConfig.synthesizer_key): with the zoo's teachers known, a run's settings hold
-# the synthesizer its rules chose for them, under inversion.synthesizer, and not the rules themselves.
+# the synthesizer its rules chose for them, under inversion.synthesizer, and the rules as null.
 _RULES = ("inversion.synthesizer", "inversion.synthesizer_colour", "inversion.synthesizer_heterogeneous")
-# What a checkpoint written before a setting existed did: a rule added later did not apply there.
-_BEFORE = {"inversion.synthesizer_heterogeneous": None}
+# What a checkpoint lacking these settings did: a purer older than them did without them (null), and one older
+# than null settings being recorded (flat_hparams' keep_none) left a null one out.
+_BEFORE = {"inversion.synthesizer_colour": None, "inversion.synthesizer_heterogeneous": None,
+           "inversion.a_tv_colour": None}
 
 
 def _resolved(flat: dict, models: list | None) -> dict:
@@ -162,8 +166,8 @@ def _resolved(flat: dict, models: list | None) -> dict:
     if models is None:
         return flat
     rules = InversionConfig(**{k.removeprefix("inversion."): flat.get(k, _BEFORE.get(k)) for k in _RULES})
-    chosen = rules.synthesizer_for(models)
-    return {**{k: v for k, v in flat.items() if k not in _RULES}, "inversion.synthesizer": chosen}
+    return {**{k: v for k, v in flat.items() if k not in _RULES}, **dict.fromkeys(_RULES[1:]),
+            "inversion.synthesizer": rules.synthesizer_for(models)}
 
 
 def run_identity(cfg: RunConfig, checkpoint: Path | None, models: Iterable | None = None) -> dict:
@@ -180,8 +184,8 @@ def run_identity(cfg: RunConfig, checkpoint: Path | None, models: Iterable | Non
     except (OSError, ValueError, KeyError, TypeError):
         raise RunError(f"--resume: {checkpoint} records no run (written by an older purer?); start the run "
                        "again with --overwrite") from None
-    # A setting added to purer after the checkpoint was written counts as its default there: the older code did
-    # what the default does.
+    # A setting added to purer after the checkpoint was written counts as its default there (the older code did
+    # what the default does), save those of _BEFORE.
     older = {**training_settings(RunConfig()), **_BEFORE}
     theirs = {**{k: v for k, v in older.items() if k not in theirs}, **theirs}
     trains = _trains(cfg, models)
