@@ -55,8 +55,8 @@ def test_the_generator_makes_the_teachers_recognise_the_bank(zoo):
     for _ in range(25):
         ce.append(float(inv.step(teachers=[0, 1, 2])["ce"]))
     after = teacher_accuracy(zoo, bank)
-    # after one step (two adaptation steps per teacher) the teachers already know 40-60% of it (3 x 5 images of 5
-    # classes each, so 0.6 is 9 of 15: the fixture's teachers, trained on each machine, land either side of it)
+    # after one step (two adaptation steps per teacher) the teachers already recognise about half of it: 0.60 on
+    # one machine, so a bound of 0.6 failed there by one image
     assert before < 0.8 and after > 0.95, (before, after)
     assert ce[-1] < 0.5 * ce[0]
 
