@@ -299,7 +299,8 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
     of a variant run here that were run only elsewhere (:func:`carried_seeds`).
 
     Rows computed by different code (``results.json``'s ``code.source``, a hash of purer's sources) are not
-    mixed in one file: that is an error, unless ``allow_mixed_code``, which marks each row with its code."""
+    mixed in one file: that is an error, unless ``allow_mixed_code``, which marks each row with its code (a
+    carried seed counts with the code its results file records for it)."""
     groups: dict[tuple, list] = {}
     variant_of: dict[tuple, str] = {}
     runs = []
