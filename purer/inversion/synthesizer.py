@@ -186,9 +186,9 @@ class InversionConfig:
         synthesizer_heterogeneous: the synthesizer of a zoo whose teachers are of several architectures (more
             than one ``arch``; the colour rule first); ``None``: ``synthesizer``, as the release.  Not in the
             release: ``generator``, chosen on the SH zoo's meta-val (Conv4, ResNet-10 and ResNet-18 teachers;
-            ``benchmarks/results/selection_glyphs_zoo-sh.md``), where the pixel bank is the weakest side: a
-            shared generator's images carry what the ResNets' R_bn and the Conv4s' agree on, and meta-val rose
-            on every training seed measured against the pixel bank (README "Results").
+            ``benchmarks/results/selection_glyphs_zoo-sh.md``): over 3 training seeds +1.06 at 1-shot and -0.15
+            at 5-shot against the pixel bank (ahead on two seeds, behind on one; README "Results"), at
+            two to three times its training time on a CPU.
         generator: the generator's settings (:class:`GeneratorConfig`; used wherever the generator synthesizes).
     """
 
