@@ -33,6 +33,7 @@ one zoo, ``icons40`` its icon half alone (see the comments in :data:`SCENARIOS`)
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -205,7 +206,7 @@ ABLATIONS = {
 }
 VARIANTS.update({f"ablate-{k}": ["--config", "recipes/configs/purer-paper.yaml", *v, "eval.calibrations=[]"]
                  for k, v in ABLATIONS.items()})
-DEFAULT = "default"  # the recipe's own defaults (recipes/configs/default.yaml), marked "default": true
+DEFAULT = "default"  # the recipe's own defaults (recipes/configs/default.yaml) and only the parts named
 # Scenarios of carried rows that no longer exist here, and what they were.
 SCENARIO_NOTES = {"sh-width64": "that commit's SH zoo, its ResNets at their default width 64"}
 
@@ -239,6 +240,30 @@ def variant_args(variant: str) -> list[str]:
     if base != "paper":
         args += [*CURRICULA[curriculum], *LEARNERS[learner]]
     return args + [a for p in parts for a in PARTS[p]]
+
+
+#: Flat settings that say where a run writes, what data and zoo it runs on and how it is evaluated, not how it
+#: trains (:func:`is_recipe_default` does not compare them).
+NOT_THE_METHOD = ("output_dir", "cache_dir", "threads", "checkpoint_every", "picture_every", "seed", "data.",
+                  "zoo.", "eval.", "icfil.")
+
+
+@functools.cache
+def is_recipe_default(dataset: str | None, scenario: str, variant: str) -> bool:
+    """Whether ``variant``'s runs in ``scenario`` meta-train with the recipe's own settings (what ``accuracy_*.json``
+    marks ``"default": true``): every setting but :data:`NOT_THE_METHOD` as the recipe has it on the scenario's
+    data and zoo.  In the zoo-* scenarios (1,000 iterations, no early stopping) that is ``default+it3000+p2``."""
+    from purer.pipeline import RunConfig
+    from purer.pipeline.report import flat_hparams
+    from purer.yaml_config import load_config
+
+    variant = canonical(variant)
+    if dataset not in DATASETS or scenario not in SCENARIOS or variant.split("+")[0] != DEFAULT:
+        return False
+    where = [a for a in (*DATASETS[dataset], *SCENARIOS[scenario]) if a.startswith(("data.", "zoo."))]
+    run, recipe = (flat_hparams(load_config(RunConfig, None, args), keep_none=True)
+                   for args in ([*COMMON, *DATASETS[dataset], *SCENARIOS[scenario], *variant_args(variant)], where))
+    return all(run.get(k) == recipe.get(k) for k in {*run, *recipe} if not k.startswith(NOT_THE_METHOD))
 
 
 def run_dir(dataset: str, scenario: str, variant: str, seed: int) -> Path:
@@ -344,8 +369,9 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             row["settings"] = [r.get("settings") for _, r in found]
         if all("val_accuracy" in r for _, r in found):
             row["val_accuracy"] = round(statistics.fmean(r["val_accuracy"] for _, r in found), 2)
+            row["val_per_seed"] = [[s, r["val_accuracy"]] for s, r in found]  # what a carried seed keeps
         row["variant"] = variant_of[scenario, method]
-        if row["variant"] == DEFAULT:  # the recipe's defaults, with or without a calibration row
+        if is_recipe_default(dataset, scenario, row["variant"]):  # with or without a calibration row
             row["default"] = True
         if len(codes) > 1:
             row["code"] = ", ".join(sorted(code_of[scenario, row["variant"]]))
@@ -383,7 +409,8 @@ def carried_seeds(path: Path | None, dataset: str, runs: list[dict], groups: dic
                   variant_of: dict[tuple, str]) -> list[dict]:
     """The runs of the results file ``path`` whose (scenario, variant) has runs here but not their seed: added
     to :func:`collect`'s ``groups`` (and ``variant_of``) seed by seed (accuracy and CI from the old row's
-    ``per_seed``; its meta-val accuracy and settings only where the old row had that one seed) and returned,
+    ``per_seed``, meta-val accuracy from its ``val_per_seed`` or, before rows kept that, where the old row had
+    that one seed) and returned,
     marked ``carried_from``, to join ``runs``.  A variant run here for some seeds keeps those run elsewhere."""
     if path is None or not path.is_file():
         return []
@@ -402,8 +429,11 @@ def carried_seeds(path: Path | None, dataset: str, runs: list[dict], groups: dic
                 continue
             one = {"accuracy": accuracy, "ci95": ci95, "tasks": row["tasks"], "test_cost": row["test_cost"],
                    "carried_from": wanted[row["scenario"], variant, seed]}
-            if len(row["per_seed"]) == 1:
-                one.update({k: row[k] for k in ("val_accuracy",) if k in row})
+            val = dict(map(tuple, row.get("val_per_seed", [])))
+            if seed in val:
+                one["val_accuracy"] = val[seed]
+            elif len(row["per_seed"]) == 1 and "val_accuracy" in row:
+                one["val_accuracy"] = row["val_accuracy"]
             if "settings" in row:
                 one["settings"] = row["settings"][i]
             key = (row["scenario"], row.get("dataset", dataset), canonical(row["method"]), row["way"], row["shot"])
@@ -430,7 +460,9 @@ def carried(path: Path | None, present: set[tuple[str, str]], here: set[tuple] =
     present = present | renamed
     runs = [{**r, "variant": canonical(r["variant"]), "carried_from": r.get("carried_from", commit)}
             for r in old.get("runs", []) if (r["scenario"], canonical(r["variant"])) not in present]
-    rows = [{**r, "method": canonical(r["method"]), "variant": variant(r), "carried_from": r.get("carried_from", commit)}
+    rows = [{**{k: v for k, v in r.items() if k != "default"}, "method": canonical(r["method"]), "variant": variant(r),
+             "carried_from": r.get("carried_from", commit),
+             **({"default": True} if is_recipe_default(old.get("dataset"), r["scenario"], variant(r)) else {})}
             for r in old["rows"] if (r["scenario"], variant(r)) not in present]
     return runs, rows
 

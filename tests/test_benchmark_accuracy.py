@@ -77,19 +77,30 @@ def test_collect_does_not_carry_a_variant_whose_runs_are_here_under_another_name
 def test_collect_keeps_the_seeds_of_a_variant_run_only_elsewhere(bench, tmp_path):
     """Seeds 1 and 2 run here, seed 0 elsewhere (in the results file): one row over the three seeds, the carried
     seed marked; a seed run here again replaces its record."""
+    def with_val(root, seed, val):  # the run's meta-val accuracy on its row
+        results = root / "glyphs" / "disjoint" / "default" / f"seed{seed}" / "results.json"
+        data = json.loads(results.read_text())
+        data["rows"][0]["val_accuracy"] = val
+        results.write_text(json.dumps(data))
+
     fake_run(tmp_path / "elsewhere", "default", 0, [("purer", 80.0, 1.0)], seconds=50.0)
+    with_val(tmp_path / "elsewhere", 0, 84.0)
     previous = tmp_path / "accuracy_glyphs.json"
     previous.write_text(json.dumps(bench.collect("glyphs", tmp_path / "elsewhere")))
     fake_run(tmp_path / "runs", "default", 1, [("purer", 84.0, 0.6)])
     fake_run(tmp_path / "runs", "default", 2, [("purer", 82.0, 0.8)])
+    with_val(tmp_path / "runs", 1, 86.0)
+    with_val(tmp_path / "runs", 2, 85.0)
     report = bench.collect("glyphs", tmp_path / "runs", previous)
     (row,) = report["rows"]
     assert row["seeds"] == [0, 1, 2] and row["per_seed"][0] == [0, 80.0, 1.0] and row["accuracy"] == 82.0
     assert row["ci95"] == 0.8 and list(row["seeds_carried_from"]) == [0] and "carried_from" not in row
     assert sorted((r["seed"], "carried_from" in r) for r in report["runs"]) == [(0, True), (1, False), (2, False)]
     assert "| default | 82.00 ± 0.80 (sd 2.00) | 0 †,1,2 | models=1 |" in bench.markdown(report)
-    previous.write_text(json.dumps(report))  # collected again, seed 0 still carried
-    assert bench.collect("glyphs", tmp_path / "runs", previous)["rows"][0]["seeds"] == [0, 1, 2]
+    assert row["val_accuracy"] == 85.0 and row["val_per_seed"] == [[0, 84.0], [1, 86.0], [2, 85.0]]
+    previous.write_text(json.dumps(report))  # collected again, seed 0 still carried, its meta-val kept
+    again = bench.collect("glyphs", tmp_path / "runs", previous)["rows"][0]
+    assert again["seeds"] == [0, 1, 2] and again["val_per_seed"] == row["val_per_seed"]
     fake_run(tmp_path / "runs", "default", 0, [("purer", 86.0, 0.5)])
     (row,) = bench.collect("glyphs", tmp_path / "runs", previous)["rows"]
     assert row["per_seed"][0] == [0, 86.0, 0.5] and "seeds_carried_from" not in row
@@ -131,8 +142,16 @@ def test_default_plus_parts_is_the_recipe_default_with_only_those_parts(bench, t
     assert bench.variant_args("paper+kd-union")[:2] == ["--config", "recipes/configs/purer-paper.yaml"]
     with pytest.raises(ValueError, match="unknown variant"):
         bench.variant_args("default+no-such-part")
-    fake_run(tmp_path, "default", 0, [("purer", 86.0, 0.6), ("purer+icfil", 86.5, 0.6)])
+    fake_run(tmp_path, "default+it3000+p2", 0, [("purer", 86.0, 0.6), ("purer+icfil", 86.5, 0.6)])
+    fake_run(tmp_path, "default", 0, [("purer", 85.0, 0.7)])
     fake_run(tmp_path, "default+kd-union", 0, [("purer", 85.0, 0.7)])
     rows = {r["method"]: r for r in bench.collect("glyphs", tmp_path)["rows"]}
-    assert rows["default"].get("default") and rows["default+icfil"].get("default")
-    assert rows["default+kd-union"]["variant"] == "default+kd-union" and "default" not in rows["default+kd-union"]
+    # the scenarios' budget (2,000 iterations, no early stopping) is not the recipe's (early stopping under a
+    # ceiling of 3,000): "default" there is not the recipe's default, default+it3000+p2 is
+    assert rows["default+it3000+p2"].get("default") and rows["default+it3000+p2+icfil"].get("default")
+    assert "default" not in rows["default"] and "default" not in rows["default+kd-union"]
+    assert rows["default+kd-union"]["variant"] == "default+kd-union"
+    assert bench.is_recipe_default("glyphs", "zoo-sh", "default+it3000+p2")
+    assert not bench.is_recipe_default("glyphs", "zoo-20way", "default+it3000+p2")  # a ProtoNet, not L2F
+    assert not bench.is_recipe_default("glyphs", "zoo-sh", "default+it3000+p2+pixels-sh")
+    assert not bench.is_recipe_default("glyphs", "zoo-sh", "paper")
