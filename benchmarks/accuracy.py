@@ -341,12 +341,14 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             key = (scenario, r.get("dataset", dataset), method_name(variant, r["method"]), r["way"], r["shot"])
             variant_of[scenario, key[2]] = variant
             groups.setdefault(key, []).append((seed, r))
-    runs += carried_seeds(previous, dataset, runs, groups, variant_of)
+    old = _previous(previous)  # read once, for the seeds and the rows it carries
+    runs += carried_seeds(old, dataset, runs, groups, variant_of)
     codes = {(r.get("code") or {}).get("source") for r in runs}
     if len(codes) > 1 and not allow_mixed_code:
         by_code = {}
         for r in runs:
-            by_code.setdefault((r.get("code") or {}).get("source"), []).append(f"{r['scenario']}/{r['variant']}/seed{r['seed']}")
+            name = f"{r['scenario']}/{r['variant']}/seed{r['seed']}"
+            by_code.setdefault((r.get("code") or {}).get("source"), []).append(name)
         raise SystemExit("runs of different code would be mixed in one table: " + "; ".join(
             f"{code}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for code, names in by_code.items())
             + "; re-run them on one commit, or pass --allow-mixed-code to mark each row with its code")
@@ -379,7 +381,7 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             row["seeds_carried_from"] = {s: r["carried_from"] for s, r in found if "carried_from" in r}
         rows.append(row)
     here = [r for r in runs if "carried_from" not in r]
-    carried_runs, carried_rows = carried(previous, {(r["scenario"], r["variant"]) for r in runs},
+    carried_runs, carried_rows = carried(old, {(r["scenario"], r["variant"]) for r in runs},
                                          {run_key(r) for r in here})
     return {"dataset": dataset, "selected_on": "val", "runs": runs + carried_runs, "rows": rows + carried_rows,
             "code": sorted(c for c in codes if c) if len(codes) > 1 else next(iter(codes), None),
@@ -393,10 +395,14 @@ def run_key(run: dict) -> tuple:
     return run["scenario"], run["seed"], run["seconds"], json.dumps(run["meta_train"], sort_keys=True)
 
 
-def _last_commit(path: Path) -> str:
-    """The commit that last wrote the results file ``path`` (what its carried rows are marked with)."""
-    return subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], cwd=REPO,
-                          capture_output=True, text=True).stdout.strip() or "unknown"
+def _previous(path: Path | None) -> tuple[dict, str] | None:
+    """The results file ``path`` and the commit that last wrote it (what its carried rows are marked with);
+    ``None`` without one."""
+    if path is None or not path.is_file():
+        return None
+    commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", str(path)], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    return json.loads(path.read_text()), commit
 
 
 def _row_variant(row: dict) -> str:
@@ -405,31 +411,30 @@ def _row_variant(row: dict) -> str:
         (DEFAULT, "paper", "eci", "ei", "ablate")) else row["method"].split("+")[0]))
 
 
-def carried_seeds(path: Path | None, dataset: str, runs: list[dict], groups: dict[tuple, list],
+def carried_seeds(previous: tuple[dict, str] | None, dataset: str, runs: list[dict], groups: dict[tuple, list],
                   variant_of: dict[tuple, str]) -> list[dict]:
-    """The runs of the results file ``path`` whose (scenario, variant) has runs here but not their seed: added
-    to :func:`collect`'s ``groups`` (and ``variant_of``) seed by seed (accuracy and CI from the old row's
-    ``per_seed``, meta-val accuracy from its ``val_per_seed`` or, before rows kept that, where the old row had
-    that one seed) and returned,
-    marked ``carried_from``, to join ``runs``.  A variant run here for some seeds keeps those run elsewhere."""
-    if path is None or not path.is_file():
+    """The runs of the ``previous`` results file (:func:`_previous`) whose (scenario, variant) has runs here but
+    not their seed: added to :func:`collect`'s ``groups`` (and ``variant_of``) seed by seed (accuracy and CI from
+    the old row's ``per_seed``, meta-val accuracy from its ``val_per_seed`` or, before rows kept that, where the
+    old row had that one seed) and returned, marked ``carried_from``, to join ``runs``.  A variant run here for
+    some seeds keeps those run elsewhere."""
+    if previous is None:
         return []
     seeds_here: dict[tuple[str, str], set[int]] = {}
     for r in runs:
         seeds_here.setdefault((r["scenario"], r["variant"]), set()).add(r["seed"])
-    old, commit = json.loads(path.read_text()), _last_commit(path)
+    old, commit = previous
     added = [{**r, "variant": canonical(r["variant"]), "carried_from": r.get("carried_from", commit)}
              for r in old.get("runs", [])
              if r["seed"] not in seeds_here.get((r["scenario"], canonical(r["variant"])), {r["seed"]})]
     wanted = {(r["scenario"], r["variant"], r["seed"]): r["carried_from"] for r in added}
     for row in old["rows"]:
-        variant = _row_variant(row)
+        variant, val = _row_variant(row), dict(map(tuple, row.get("val_per_seed", [])))
         for i, (seed, accuracy, ci95) in enumerate(row.get("per_seed", [])):
             if (row["scenario"], variant, seed) not in wanted:
                 continue
             one = {"accuracy": accuracy, "ci95": ci95, "tasks": row["tasks"], "test_cost": row["test_cost"],
                    "carried_from": wanted[row["scenario"], variant, seed]}
-            val = dict(map(tuple, row.get("val_per_seed", [])))
             if seed in val:
                 one["val_accuracy"] = val[seed]
             elif len(row["per_seed"]) == 1 and "val_accuracy" in row:
@@ -442,17 +447,19 @@ def carried_seeds(path: Path | None, dataset: str, runs: list[dict], groups: dic
     return added
 
 
-def carried(path: Path | None, present: set[tuple[str, str]], here: set[tuple] = frozenset()) -> tuple[list, list]:
-    """Runs and rows of the results file ``path`` whose (scenario, variant) has no run folder here.
+def carried(previous: tuple[dict, str] | None, present: set[tuple[str, str]],
+            here: set[tuple] = frozenset()) -> tuple[list, list]:
+    """Runs and rows of the ``previous`` results file (:func:`_previous`) whose (scenario, variant) has no run
+    folder here.
 
     The runs behind a results file live on the machine that made them; collecting on another machine keeps
     the rows it cannot recompute (marked ``carried_from``: the commit that last wrote them) rather than drop
     them, and replaces a (scenario, variant) as a whole as soon as one of its runs exists here.  A (scenario,
     variant) whose runs are all here (``here``: :func:`run_key`) under another variant's name was renamed, and is
     not carried."""
-    if path is None or not path.is_file():
+    if previous is None:
         return [], []
-    old, commit, variant = json.loads(path.read_text()), _last_commit(path), _row_variant
+    (old, commit), variant = previous, _row_variant
     of_variant: dict[tuple[str, str], list[dict]] = {}
     for r in old.get("runs", []):
         of_variant.setdefault((r["scenario"], canonical(r["variant"])), []).append(r)
