@@ -54,7 +54,7 @@ COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.train.
 DATASETS = {"glyphs": [], "icons": ["data.dataset=icons"], "mh": ["data.dataset=glyphs+icons"]}
 ALL_BASELINES = "[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, maml-random, " \
                 "maml-avg-teachers, protonet-random, protonet-avg-teachers, maml-real, protonet-real]"
-ZOO_BUDGET = ["meta.train.iterations=1000", "eval.calibrations=[]", "eval.baseline_train_iterations=1000"]
+ZOO_BUDGET = ["meta.train.iterations=1000", "eval.calibrations=[simpleshot]", "eval.baseline_train_iterations=1000"]
 SCENARIOS = {
     "disjoint": [f"eval.baselines={ALL_BASELINES}"],
     # The other zoos re-run only the baselines that depend on the zoo (random init, raw pixels and real data

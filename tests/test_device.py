@@ -136,14 +136,15 @@ def test_plain_episode_inversion_never_turns_adversarial(zoo, splits, tmp_path):
 
 
 def test_meta_test_rows_run_on_the_device(zoo, splits, tmp_path):
-    """Every calibration row (plain, ICFIL with its settings chosen on meta-val, support CE) on the device."""
+    """Every calibration row (plain, ICFIL with its settings chosen on meta-val, support CE, SimpleShot) on the
+    device."""
     teachers, data = on_meta(zoo, splits)
     cfg = config(tmp_path)
     eci = device_eci(cfg, teachers, data)
     with host_traffic() as traffic:
         rows, chosen = evaluate_purer(cfg, eci.learner, data, Dist(device=META), progress=False)
     no_stray(traffic)
-    assert [r["method"] for r in rows] == ["purer", "purer+icfil", "purer+support-ce"]
+    assert [r["method"] for r in rows] == ["purer", "purer+icfil", "purer+support-ce", "purer+simpleshot"]
     assert set(traffic.named) <= {"result", "checkpoint"}
 
 
@@ -155,7 +156,7 @@ def test_each_calibration_runs_on_the_device_after_any_learner(zoo, splits, tmp_
     teachers, data = on_meta(zoo, splits)
     cfg = config(tmp_path, **{"meta.learner": learner})
     eci = device_eci(cfg, teachers, data)
-    for name in ("none", "icfil", "support-ce"):
+    for name in ("none", "icfil", "support-ce", "simpleshot"):
         with host_traffic() as traffic:
             evaluate(calibrator(name, cfg.icfil).wrap(eci.learner), data["test"], task_list(data["test"], 3, 1, 2, 2),
                      progress=False)

@@ -309,8 +309,9 @@ def test_the_rows_share_one_adaptation_and_equal_the_rows_computed_apart(trained
 
 
 def test_the_meta_test_rows_take_one_inner_loop_per_task(trained_model, test_set, monkeypatch):
-    """The pipeline's meta-test: the plain, ICFIL and support-CE rows of a shot adapt the learner once per test
-    task between them (plus the meta-val selection's passes), and give the rows each one gives apart."""
+    """The pipeline's meta-test: the plain, ICFIL, support-CE and SimpleShot rows of a shot adapt the learner once
+    per test task between them (plus the meta-val selection's passes; SimpleShot's alone makes none), and give
+    the rows each one gives apart."""
     from purer.pipeline import RunConfig, evaluate_purer
     from purer.pipeline.distributed import Dist
     from purer.yaml_config import load_config
@@ -323,12 +324,14 @@ def test_the_meta_test_rows_take_one_inner_loop_per_task(trained_model, test_set
     adapt = MAML.adapt
     monkeypatch.setattr(MAML, "adapt", lambda self, *a, **k: counted.append(len(a[0])) or adapt(self, *a, **k))
     rows, chosen = evaluate_purer(cfg, learner, {"val": test_set, "test": test_set}, Dist(), progress=False)
-    # meta-val: 2 grid points x 2 tasks, then one pass per calibration (2 tasks each); meta-test: 5 tasks, once
+    # meta-val: 2 grid points x 2 tasks, then one pass per calibration that adapts (2 tasks each); meta-test: 5
+    # tasks, once
     assert len(counted) == 2 * 2 + 2 * 2 + 5
     tasks = task_list(test_set, 5, 1, 4, 5, cfg.eval.seed)
     settings = rows[0]["settings"]
-    for row, cal in zip(rows, [calibrator("none"), *(calibrator(n, cfg.icfil) for n in ("icfil", "support-ce"))]):
+    names = ("none", "icfil", "support-ce", "simpleshot")
+    for row, cal in zip(rows, [calibrator(n, cfg.icfil) for n in names], strict=True):
         apart = evaluate(cal.wrap(learner), test_set, tasks, adapt_kwargs=settings, progress=False)
         assert row["accuracy"] == round(apart.accuracy, 2) and row["ci95"] == round(apart.ci95, 2)
-    assert [r["method"] for r in rows] == ["purer", "purer+icfil", "purer+support-ce"]
-    assert "paired_vs_purer" in rows[1] and chosen[1]["name"] in ("none", "icfil", "support-ce")
+    assert [r["method"] for r in rows] == ["purer", "purer+icfil", "purer+support-ce", "purer+simpleshot"]
+    assert "paired_vs_purer" in rows[1] and chosen[1]["name"] in names

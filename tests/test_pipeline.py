@@ -25,7 +25,7 @@ def test_run_writes_every_output(baseline_run):
     assert results["selected_on"] == "val" and results["dataset"] == "folder"
     assert {"dataset", "way", "query", "tasks", "seed", "rows"} <= set(results)
     methods = [r["method"] for r in results["rows"]]
-    assert methods[:3] == ["purer", "purer+icfil", "purer+support-ce"]
+    assert methods[:4] == ["purer", "purer+icfil", "purer+support-ce", "purer+simpleshot"]
     # one row per shot carries the calibration (or none) chosen on meta-val, the best there
     mine = [r for r in results["rows"] if r["method"].startswith("purer")]
     selected = [r for r in mine if r.get("selected")]

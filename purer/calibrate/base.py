@@ -1,4 +1,4 @@
-"""Test-time calibration after the inner loop: one small family behind one interface.
+"""Test-time calibration after (or instead of) the inner loop: one small family behind one interface.
 
 A *calibrator* takes a meta-learner and one task's real support set and returns a
 predictor for that task's queries: ``calibrator.adapt(learner, support_x, support_y,
@@ -6,7 +6,7 @@ way) -> predictor``, ``predictor(query_x) -> logits``.  ``adapt`` is the learner
 ``adapt`` followed by the member's :meth:`Calibrator.calibrate`, so rows that follow one
 learner can share its adaptation (:func:`calibration_accuracies`).  It never changes the
 meta-learner's own weights, so tasks do not leak into each other.  Each member has a
-``name`` (its row in the results, ``purer+<name>``), a config dataclass whose fields
+``name`` (its row in the results, ``purer+<name>``), a config dataclass (if it has settings) whose fields
 are the settings a grid may search on meta-val (:func:`select_calibration`), and a
 test-time cost.  The members:
 
@@ -14,7 +14,10 @@ test-time cost.  The members:
 * ``icfil`` (:class:`~purer.calibrate.icfil.ICFIL`): invert the adapted learner into a
   pseudo support set and calibrate on real + pseudo support (METHOD.md part 4);
 * ``support-ce`` (:class:`~purer.calibrate.support_ce.SupportCE`): ICFIL's control, the
-  same calibration steps as plain cross-entropy on the real support.
+  same calibration steps as plain cross-entropy on the real support;
+* ``simpleshot`` (:class:`~purer.calibrate.simpleshot.SimpleShot`): no inner loop, the
+  nearest L2-normalised centroid of the meta-learned features (:attr:`Calibrator.adapts`
+  is false: rows of it alone run no inner loop).
 
 :meth:`Calibrator.wrap` turns a (learner, calibrator) pair into a
 :class:`~purer.meta.MetaLearner` for :func:`purer.evaluate.evaluate`; the run and the
@@ -95,6 +98,8 @@ class Calibrator(ABC):
 
     name: ClassVar[str] = ""
     config_type: ClassVar[type] = type(None)
+    #: Whether :meth:`calibrate` reads the learner's adaptation (rows that do not skip the inner loop).
+    adapts: ClassVar[bool] = True
     members: ClassVar[dict[str, type["Calibrator"]]] = {}
 
     def __init_subclass__(cls, name: str = "", **kwargs):
@@ -132,11 +137,17 @@ class Calibrator(ABC):
         return {}
 
     def settings(self) -> dict:
-        """The settings a results row records (the config's top-level scalar fields)."""
+        """The settings a results row records (the config's top-level scalar fields; none without a dataclass)."""
+        if not is_dataclass(self.config):
+            return {}
         return {k: v for k, v in dataclasses.asdict(self.config).items() if not isinstance(v, dict)}
 
     def with_settings(self, settings: dict[str, Any]) -> "Calibrator":
         """A calibrator of this kind with ``settings`` applied (see :func:`with_settings`)."""
+        if not is_dataclass(self.config):
+            if settings:
+                raise ValueError(f"calibration {self.name!r} has no settings, got {sorted(settings)}")
+            return self
         return type(self)(with_settings(self.config, settings))
 
     def wrap(self, learner: MetaLearner) -> MetaLearner:
@@ -151,14 +162,6 @@ class NoCalibration(Calibrator, name="none"):
 
     def calibrate(self, learner, adapted, support_x, support_y, way):
         return lambda x: learner.predict(adapted, x)
-
-    def settings(self) -> dict:
-        return {}
-
-    def with_settings(self, settings: dict[str, Any]) -> "Calibrator":
-        if settings:
-            raise ValueError(f"the plain learner has no calibration settings, got {sorted(settings)}")
-        return self
 
     def wrap(self, learner: MetaLearner) -> MetaLearner:
         return learner  # nothing to add: it keeps the learner's own (batched) evaluation
@@ -336,6 +339,7 @@ def calibration_accuracies(learner: MetaLearner, calibrators: Sequence[Calibrato
         return accs, seconds
     from ..evaluate import task_batches
 
+    adapts = any(calibrators[j].adapts for j in rest)  # an inner loop only where a row reads it
     was_training = learner.training
     learner.eval()
     try:
@@ -345,13 +349,14 @@ def calibration_accuracies(learner: MetaLearner, calibrators: Sequence[Calibrato
                 for t in range(len(batch)):
                     sx, qx = batch.support_x[t], batch.query_x[t]
                     start = time.perf_counter()
-                    adapted = learner.adapt_task(sx, batch.support_y, batch.way, qx, **adapt_kwargs)
+                    adapted = learner.adapt_task(sx, batch.support_y, batch.way, qx, **adapt_kwargs) if adapts \
+                        else None
                     shared = time.perf_counter() - start
                     for j in rest:
                         start = time.perf_counter()
                         logits = calibrators[j].calibrate(learner, adapted, sx, batch.support_y, batch.way)(qx)
                         accs[j, k] = (logits.argmax(-1) == batch.query_y).float().mean()
-                        seconds[j] += shared + time.perf_counter() - start
+                        seconds[j] += shared * calibrators[j].adapts + time.perf_counter() - start
                     k += 1
     finally:
         learner.train(was_training)

@@ -205,11 +205,12 @@ class EvalConfig:
         way, shots, query, tasks, seed: the meta-test task lists (one per shot).
         val_tasks: meta-val tasks for choosing test-time settings.
         grid: the shared grid of test-time inner lr and steps.
-        calibrations: test-time calibrations after the inner loop, one row each
-            (``purer+<name>``): ``icfil`` and its control ``support-ce`` (the same steps as
-            cross-entropy on the real support; :data:`purer.calibrate.CALIBRATIONS`).  The
-            one best on meta-val (or none) is marked ``"selected": true`` and saved with
-            the meta-learner; ``[]``: none.
+        calibrations: test-time calibrations after (or instead of) the inner loop, one row
+            each (``purer+<name>``): ``icfil`` and its control ``support-ce`` (the same steps
+            as cross-entropy on the real support), and ``simpleshot`` (no inner loop: the
+            nearest normalised centroid of the meta-learned features);
+            :data:`purer.calibrate.CALIBRATIONS`.  The one best on meta-val (or none) is
+            marked ``"selected": true`` and saved with the meta-learner; ``[]``: none.
         calibration_grid: per calibration, its settings searched on meta-val (keys as in
             :func:`purer.calibrate.with_settings`, e.g. ``{icfil: {calibration_lr: [1e-4, 1e-3]}}``);
             a calibration it does not name runs as configured (ICFIL: the ``icfil`` section;
@@ -225,7 +226,7 @@ class EvalConfig:
     seed: int = 0
     val_tasks: int = 30
     grid: TuningGrid = field(default_factory=lambda: TuningGrid(steps=(1, 10)))
-    calibrations: list[str] = field(default_factory=lambda: ["icfil", "support-ce"])
+    calibrations: list[str] = field(default_factory=lambda: ["icfil", "support-ce", "simpleshot"])
     calibration_grid: dict = field(default_factory=dict)
     baselines: list[str] = field(default_factory=lambda: list(DEFAULT_BASELINES))
     baseline_train_iterations: int = 300
