@@ -341,6 +341,9 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             key = (scenario, r.get("dataset", dataset), method_name(variant, r["method"]), r["way"], r["shot"])
             variant_of[scenario, key[2]] = variant
             groups.setdefault(key, []).append((seed, r))
+        for key, r in chosen_rows(data["rows"], variant, scenario, dataset):
+            variant_of[scenario, key[2]] = variant
+            groups.setdefault(key, []).append((seed, r))
     old = _previous(previous)  # read once, for the seeds and the rows it carries
     runs += carried_seeds(old, dataset, runs, groups, variant_of)
     codes = {(r.get("code") or {}).get("source") for r in runs}
@@ -377,6 +380,8 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             row["default"] = True
         if len(codes) > 1:
             row["code"] = ", ".join(sorted(code_of[scenario, row["variant"]]))
+        if all("chosen" in r for _, r in found):
+            row["chosen"] = [r["chosen"] for _, r in found]
         if any("carried_from" in r for _, r in found):
             row["seeds_carried_from"] = {s: r["carried_from"] for s, r in found if "carried_from" in r}
         rows.append(row)
@@ -387,6 +392,20 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             "code": sorted(c for c in codes if c) if len(codes) > 1 else next(iter(codes), None),
             "settings": {"common": COMMON, "datasets": DATASETS[dataset], "scenarios": SCENARIOS,
                          "variants": {v: variant_args(v) for v in sorted({r["variant"] for r in runs})}}}
+
+
+def chosen_rows(rows: list[dict], variant: str, scenario: str, dataset: str) -> list[tuple[tuple, dict]]:
+    """A run's learner as a user gets it, per shot: the row of the calibration (or none) meta-val chose
+    (``"selected"``), as ``<variant>+chosen`` with the choice under ``"chosen"``; only where the run scored more
+    than the plain learner (with one row it is that row).  ``(collect's group key, row)`` pairs."""
+    mine = [r for r in rows if r["method"] == "purer" or r["method"].startswith("purer+")]
+    out = []
+    for r in mine:
+        same = [m for m in mine if (m["shot"], m.get("dataset")) == (r["shot"], r.get("dataset"))]
+        if r.get("selected") and len(same) > 1:
+            key = (scenario, r.get("dataset", dataset), f"{variant}+chosen", r["way"], r["shot"])
+            out.append((key, {**r, "chosen": r["method"].removeprefix("purer").removeprefix("+") or "none"}))
+    return out
 
 
 def run_key(run: dict) -> tuple:

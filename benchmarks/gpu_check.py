@@ -19,9 +19,9 @@ Without CUDA and without ``--device`` it prints "no CUDA" and exits 0.  The step
    16 bank images per class, 5-way 1-shot 15-query, 4 tasks), all 13 and 4 teachers per step, 32 and 84 px,
    float32 and bf16, teachers and tasks batched and looped; ``torch.cuda.max_memory_allocated``.
 5. **meta-test**: 600 tasks of MAML (10 test-time steps) with the tasks vmapped together and one by one.
-6. **recipe**: the tiny recipe (ICFIL and support-CE rows included) twice with ``deterministic=true`` (the
+6. **recipe**: the tiny recipe (ICFIL, support-CE and SimpleShot rows included) twice with ``deterministic=true`` (the
    two ``results.json`` must be identical), once in bf16, and fp16 refused in one line; on a GPU also the
-   default recipe end to end (glyphs, up to 3,000 iterations with early stopping, both calibrations).
+   default recipe end to end (glyphs, up to 3,000 iterations with early stopping, every calibration).
 7. **two GPUs** (with two or more): the tiny recipe in two processes gives the rows of one.
 
 It prints a summary and exits non-zero on any problem.
@@ -309,7 +309,7 @@ def recipe_runs(device: torch.device, tmp: Path, quick: bool, problems: list[str
         else:
             two = _comparable(json.loads((out / "results.json").read_text()))
             report["two_gpus_rows"] = {f"{r['method']} {r['shot']}-shot": r["accuracy"] for r in two["rows"]}
-    if not quick:  # the default recipe end to end: glyphs, a 12-teacher zoo, up to 3,000 iterations, both calibrations
+    if not quick:  # the default recipe end to end: glyphs, a 12-teacher zoo, up to 3,000 iterations, every calibration
         start = time.perf_counter()
         res = subprocess.run([sys.executable, str(RECIPE), "--no-progress", f"output_dir={tmp / 'default'}",
                               f"cache_dir={tmp / 'cache'}"], cwd=REPO, capture_output=True, text=True, timeout=3600,

@@ -10,13 +10,15 @@ def bench():
     return load_benchmark("accuracy")
 
 
-def fake_run(root: Path, variant: str, seed: int, rows: list[tuple[str, float, float]], seconds: float = 60.0) -> None:
+def fake_run(root: Path, variant: str, seed: int, rows: list[tuple[str, float, float]], seconds: float = 60.0,
+             selected: str | None = None) -> None:
     out = root / "glyphs" / "disjoint" / variant / f"seed{seed}"
     out.mkdir(parents=True)
     results = {"seconds": seconds, "zoo": {"models": 12},
                "meta_train": {"best_iteration": 500, "val_accuracy": 80.0, "switch_fired": 3},
                "rows": [{"method": m, "way": 5, "shot": 1, "accuracy": a, "ci95": c, "tasks": 600,
-                         "test_cost": {"models": 1}} for m, a, c in rows]}
+                         "test_cost": {"models": 1}, **({"selected": True} if m == selected else {})}
+                        for m, a, c in rows]}
     (out / "results.json").write_text(json.dumps(results))
 
 
@@ -155,3 +157,16 @@ def test_default_plus_parts_is_the_recipe_default_with_only_those_parts(bench, t
     assert not bench.is_recipe_default("glyphs", "zoo-20way", "default+it3000+p2")  # a ProtoNet, not L2F
     assert not bench.is_recipe_default("glyphs", "zoo-sh", "default+it3000+p2+pixels-sh")
     assert not bench.is_recipe_default("glyphs", "zoo-sh", "paper")
+
+
+def test_collect_adds_the_row_meta_val_chose_per_seed(bench, tmp_path):
+    """``<variant>+chosen``: per seed the row meta-val selected (SimpleShot for one seed, the plain learner for the
+    other), averaged like any row, with the choices listed; a run with the plain row alone adds none."""
+    fake_run(tmp_path, "default", 0, [("purer", 80.0, 1.0), ("purer+simpleshot", 83.0, 0.8)], selected="purer+simpleshot")
+    fake_run(tmp_path, "default", 1, [("purer", 84.0, 0.6), ("purer+simpleshot", 83.0, 0.6)], selected="purer")
+    fake_run(tmp_path, "paper", 0, [("purer", 77.0, 0.9)], selected="purer")
+    rows = {r["method"]: r for r in bench.collect("glyphs", tmp_path)["rows"]}
+    assert set(rows) == {"default", "default+simpleshot", "default+chosen", "paper"}
+    chosen = rows["default+chosen"]
+    assert chosen["per_seed"] == [[0, 83.0, 0.8], [1, 84.0, 0.6]] and chosen["accuracy"] == 83.5
+    assert chosen["chosen"] == ["simpleshot", "none"] and chosen["variant"] == "default"

@@ -71,3 +71,22 @@ def test_simpleshot_has_no_settings_to_search(trained_model, test_set):
     with pytest.raises(ValueError, match="'simpleshot' has no settings"):
         calibrator("simpleshot").with_settings({"steps": 2})
     assert calibrator("simpleshot").test_cost(learner) == {"inner_steps": 0}
+
+
+def test_a_saved_learner_gives_back_the_calibration_its_run_chose(trained_model, tmp_path):
+    """``chosen_calibration`` reads the choice per shot from the model folder (the nearest shot chosen for), with
+    its settings; a folder without one gives the plain learner, a missing folder a one-line error."""
+    from purer.calibrate import ICFIL, NoCalibration, chosen_calibration
+
+    learner = learners(trained_model)["maml"]
+    learner.save_pretrained(tmp_path / "run", calibration={
+        "1": {"name": "simpleshot", "settings": {}, "val_accuracy": 90.0},
+        "5": {"name": "icfil", "settings": {"calibration_steps": 7}, "val_accuracy": 97.0}})
+    assert isinstance(chosen_calibration(tmp_path / "run", 1), SimpleShot)
+    assert isinstance(chosen_calibration(tmp_path / "run", 2), SimpleShot)
+    five = chosen_calibration(tmp_path / "run", 10)
+    assert isinstance(five, ICFIL) and five.config.calibration_steps == 7
+    learner.save_pretrained(tmp_path / "plain")
+    assert isinstance(chosen_calibration(tmp_path / "plain", 1), NoCalibration)
+    with pytest.raises(ValueError, match="cannot read the run's choice of calibration"):
+        chosen_calibration(tmp_path / "missing", 1)
