@@ -68,6 +68,8 @@ class TrainState:
     fired_at: list = field(default_factory=list)  # iterations at which the switch fired
     hard_pool: list = field(default_factory=list)  # bank classes pooled for the next hard tasks (meta.hard_tasks)
     hard_batches: int = 0  # meta-batches that held hard tasks
+    # seconds spent so far, over every session of the run (a resumed run reports the whole run's)
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(("zoo_student", "inversion", "distill", "meta"), 0.0))
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -104,7 +106,7 @@ class ECI:
         self.switch = GradientSwitch(cfg.switch)
         self.val_tasks = {name: task_list(v, m.way, m.shot, m.query, m.val_tasks, seed=cfg.eval.seed)
                           for name, v in val_sets.items()}
-        start, self.seconds_zoo_student, self.start_teacher = None, 0.0, None
+        start, zoo_student_seconds, self.start_teacher = None, 0.0, None
         if m.init == "best-teacher":  # chosen again on resume: the same tasks give the same teacher
             found = best_start_teacher(m, teachers, val_sets, self.val_tasks, channels, size, autocast)
             if found is None:  # no teacher is the learner's network: it starts from random initialisation
@@ -122,7 +124,7 @@ class ECI:
                                     arch_args=m.arch_args, progress=progress and dist.main)
             except ValueError as e:  # an unknown meta.arch or bad arch_args
                 raise RunError(f"meta (init={m.init}, arch={m.arch}): {e}") from None
-            self.seconds_zoo_student = time.perf_counter() - began
+            zoo_student_seconds = time.perf_counter() - began
         #: the learner's start knows something (a teacher, the zoo's student, the averaged teachers)
         self.pretrained = m.init != "random" and (m.init != "best-teacher" or start is not None)
         self.learner = build_learner(cfg, teachers, channels, size, start).to(device)
@@ -136,6 +138,7 @@ class ECI:
         self.optimizer = torch.optim.Adam([*self.learner.parameters(), *self.distillation.parameters()],
                                           lr=m.train.outer_lr)
         self.best, self.state = BestLearner(self.learner), TrainState()
+        self.state.seconds["zoo_student"] = zoo_student_seconds
         self.average = WeightAverage(self.learner, m.train.average)  # what meta-val scores, when on
         self.train_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed)
         self.fresh_tasks = EpisodeSampler(self.bank.class_sizes(), m.way, m.shot, m.query, seed=cfg.seed + 10_000)
@@ -143,7 +146,6 @@ class ECI:
         self.hard_tasks = HardTasks(self.bank.class_sizes(), m.way, m.shot, m.query, m.hard_tasks,
                                     seed=cfg.seed + 30_000) if m.hard_tasks else None
         self._batch, self._failures = [], None  # this iteration's task specs and failure labels (hard tasks)
-        self.seconds = {"inversion": 0.0, "distill": 0.0, "meta": 0.0}
 
     def objects(self) -> dict:
         """What a checkpoint holds, by name (:data:`purer.pipeline.checkpoints.CHECKPOINTED`)."""
@@ -161,9 +163,10 @@ class ECI:
         loss, query_acc, distilled, t2 = self.meta_update(it)
         self.feedback(query_acc)
         self.average.update(self.learner, self.state.iteration)
-        self.seconds["inversion"] += t1 - t0
-        self.seconds["distill"] += t2 - t1
-        self.seconds["meta"] += time.perf_counter() - t2
+        seconds = self.state.seconds
+        seconds["inversion"] += t1 - t0
+        seconds["distill"] += t2 - t1
+        seconds["meta"] += time.perf_counter() - t2
         return {"meta/loss": loss, "meta/pseudo_query_acc": query_acc,
                 **{f"inversion/{k}": v for k, v in inverted.items() if k != "extra"},
                 **{f"distill/{k}": v for k, v in distilled.items()}}
@@ -311,9 +314,7 @@ class ECI:
                 **({"hard_batches": s.hard_batches} if self.hard_tasks is not None else {}),
                 "val_curve": s.val, "tv_weight": self.tv_weights(), "synthesizer": self.synthesizer,
                 **({"start_teacher": self.start_teacher} if self.start_teacher is not None else {}),
-                "seconds_zoo_student": round(self.seconds_zoo_student, 1),
-                "seconds_inversion": round(self.seconds["inversion"], 1),
-                "seconds_distill": round(self.seconds["distill"], 1), "seconds_meta": round(self.seconds["meta"], 1)}
+                **{f"seconds_{k}": round(v, 1) for k, v in s.seconds.items()}}
 
 
 def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher], val_sets: dict[str, ImageSet],
