@@ -54,7 +54,8 @@ COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.train.
 DATASETS = {"glyphs": [], "icons": ["data.dataset=icons"], "mh": ["data.dataset=glyphs+icons"]}
 ALL_BASELINES = "[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, maml-random, " \
                 "maml-avg-teachers, protonet-random, protonet-avg-teachers, maml-real, protonet-real]"
-ZOO_BUDGET = ["meta.train.iterations=1000", "eval.calibrations=[simpleshot]", "eval.baseline_train_iterations=1000"]
+ZOO_BUDGET = ["meta.train.iterations=1000", "eval.calibrations=[simpleshot]",
+              "eval.baseline_train_iterations=1000"]
 SCENARIOS = {
     "disjoint": [f"eval.baselines={ALL_BASELINES}"],
     # The other zoos re-run only the baselines that depend on the zoo (random init, raw pixels and real data
@@ -341,7 +342,7 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             key = (scenario, r.get("dataset", dataset), method_name(variant, r["method"]), r["way"], r["shot"])
             variant_of[scenario, key[2]] = variant
             groups.setdefault(key, []).append((seed, r))
-        for key, r in chosen_rows(data["rows"], variant, scenario, dataset):
+        for key, r in chosen_rows(data["rows"], variant, scenario, dataset) if variant != "baselines" else ():
             variant_of[scenario, key[2]] = variant
             groups.setdefault(key, []).append((seed, r))
     old = _previous(previous)  # read once, for the seeds and the rows it carries
