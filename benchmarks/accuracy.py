@@ -33,6 +33,7 @@ one zoo, ``icons40`` its icon half alone (see the comments in :data:`SCENARIOS`)
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -207,7 +208,7 @@ ABLATIONS = {
 }
 VARIANTS.update({f"ablate-{k}": ["--config", "recipes/configs/purer-paper.yaml", *v, "eval.calibrations=[]"]
                  for k, v in ABLATIONS.items()})
-DEFAULT = "default"  # the recipe's own defaults (recipes/configs/default.yaml) and only the parts named
+DEFAULT = "default"  # the recipe's own defaults (recipes/configs/default.yaml); default+<part>... adds those parts
 # Scenarios of carried rows that no longer exist here, and what they were.
 SCENARIO_NOTES = {"sh-width64": "that commit's SH zoo, its ResNets at their default width 64"}
 
@@ -400,13 +401,10 @@ def chosen_rows(rows: list[dict], variant: str, scenario: str, dataset: str) -> 
     (``"selected"``), as ``<variant>+chosen`` with the choice under ``"chosen"``; only where the run scored more
     than the plain learner (with one row it is that row).  ``(collect's group key, row)`` pairs."""
     mine = [r for r in rows if r["method"] == "purer" or r["method"].startswith("purer+")]
-    out = []
-    for r in mine:
-        same = [m for m in mine if (m["shot"], m.get("dataset")) == (r["shot"], r.get("dataset"))]
-        if r.get("selected") and len(same) > 1:
-            key = (scenario, r.get("dataset", dataset), f"{variant}+chosen", r["way"], r["shot"])
-            out.append((key, {**r, "chosen": r["method"].removeprefix("purer").removeprefix("+") or "none"}))
-    return out
+    per_shot = collections.Counter((r["shot"], r.get("dataset")) for r in mine)
+    return [((scenario, r.get("dataset", dataset), f"{variant}+chosen", r["way"], r["shot"]),
+             {**r, "chosen": r["method"].removeprefix("purer").removeprefix("+") or "none"})
+            for r in mine if r.get("selected") and per_shot[r["shot"], r.get("dataset")] > 1]
 
 
 def run_key(run: dict) -> tuple:

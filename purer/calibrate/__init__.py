@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from ..meta.base import nearest_shot
 from .base import (CalibratedLearner, CalibratedTask, Calibrator, NoCalibration, adapted_model, calibration_accuracies,
                    select_calibration, with_settings)
 from .icfil import ICFIL, ICFILConfig, SupervisedContrastiveLoss, frozen_teacher, supervised_contrastive_loss
@@ -20,16 +21,14 @@ CALIBRATIONS = tuple(name for name in Calibrator.members if name != "none")
 def calibrator(name: str, icfil: ICFILConfig | None = None) -> Calibrator:
     """The calibrator ``name`` (``none``, ``icfil``, ``support-ce`` or ``simpleshot``) of a run whose ICFIL settings
     are ``icfil``: ICFIL with them, its control with their calibration steps and lr."""
+    if name not in Calibrator.members:
+        raise ValueError(f"unknown calibration {name!r}; choose from none, {', '.join(CALIBRATIONS)}")
     icfil = icfil or ICFILConfig()
     if name == "icfil":
         return ICFIL(icfil)
     if name == "support-ce":
         return SupportCE.matching(icfil)
-    if name == "simpleshot":
-        return SimpleShot()
-    if name == "none":
-        return NoCalibration()
-    raise ValueError(f"unknown calibration {name!r}; choose from none, {', '.join(CALIBRATIONS)}")
+    return Calibrator.members[name]()  # a member without settings from the run's ICFIL section
 
 
 def chosen_calibration(folder: str | os.PathLike, shot: int) -> Calibrator:
@@ -50,7 +49,7 @@ def chosen_calibration(folder: str | os.PathLike, shot: int) -> Calibrator:
     per_shot = {int(k): v for k, v in chosen.items() if k.isdigit()}
     if not per_shot:
         return NoCalibration()
-    entry = per_shot[min(per_shot, key=lambda s: (abs(s - shot), s))]
+    entry = per_shot[nearest_shot(per_shot, shot)]
     return calibrator(entry["name"]).with_settings(entry.get("settings", {}))
 
 

@@ -120,11 +120,13 @@ class Calibrator(ABC):
     def adapt(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
               **test_time: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         """Support ``[N*K, C, H, W]`` in ``[0, 1]``, labels ``[N*K]`` -> a predictor ``query [B, C, H, W] -> [B, N]``:
-        ``learner.adapt`` (``test_time``: its inner lr and steps), then :meth:`calibrate`.  Works under
-        ``torch.no_grad()`` too."""
+        ``learner.adapt`` (``test_time``: its inner lr and steps; skipped for a member that does not read it,
+        :attr:`adapts`), then :meth:`calibrate`.  Works under ``torch.no_grad()`` too."""
         check_support(support_x, support_y)
-        with torch.enable_grad():
-            adapted = learner.adapt(support_x, support_y, way, **test_time)
+        adapted = None
+        if self.adapts:
+            with torch.enable_grad():
+                adapted = learner.adapt(support_x, support_y, way, **test_time)
         return self.calibrate(learner, adapted, support_x, support_y, way)
 
     def predict(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..meta.base import MetaLearner
 from ..meta.protonet import neg_sq_distances, prototypes
-from .base import Calibrator, check_support
+from .base import Calibrator
 
 
 class SimpleShot(Calibrator, name="simpleshot"):
@@ -36,15 +36,9 @@ class SimpleShot(Calibrator, name="simpleshot"):
     config_type = dict
     adapts = False
 
-    def adapt(self, learner: MetaLearner, support_x: torch.Tensor, support_y: torch.Tensor, way: int,
-              **test_time: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The predictor for ``support_x``; the learner's inner loop (``test_time``) is not run."""
-        check_support(support_x, support_y)
-        return self.calibrate(learner, None, support_x, support_y, way)
-
     def calibrate(self, learner: MetaLearner, adapted: Any, support_x: torch.Tensor, support_y: torch.Tensor,
                   way: int) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``adapted`` (the inner loop's result, where rows share one) is not used."""
+        """``adapted`` is not used (``None``: :attr:`adapts` is false, so no inner loop runs for it)."""
         with torch.no_grad():
             centroids = prototypes(F.normalize(learner.embed(support_x), dim=-1), support_y, way)
 

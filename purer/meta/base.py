@@ -64,6 +64,11 @@ def slow_vmap_operators() -> Iterator[list[str]]:
         torch._C._functorch._set_vmap_fallback_warning_enabled(False)
 
 
+def nearest_shot(shots, shot: int) -> int:
+    """Of ``shots`` (settings chosen per shot on meta-val), the one nearest ``shot``, the smaller on a tie."""
+    return min(shots, key=lambda s: (abs(s - shot), s))
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What a meta-learner's network expects; images arrive in ``[0, 1]``.
@@ -252,7 +257,7 @@ class MetaLearner(nn.Module, ABC):
         chosen for, the smaller on a tie; ``{}`` if none were)."""
         if not self.test_time:
             return {}
-        return dict(self.test_time[min(self.test_time, key=lambda s: (abs(s - shot), s))])
+        return dict(self.test_time[nearest_shot(self.test_time, shot)])
 
     # -- the model folder -------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
