@@ -368,7 +368,7 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
         row = {"scenario": scenario, "dataset": data, "method": method, "way": way, "shot": shot,
                "accuracy": round(statistics.fmean(accs), 2),
                "ci95": round(statistics.fmean(r["ci95"] for _, r in found), 2),
-               "seeds": [s for s, _ in found], "tasks": first["tasks"], "test_cost": first["test_cost"],
+               "seeds": [s for s, _ in found], "tasks": first["tasks"], "test_cost": seeds_cost([r for _, r in found]),
                "per_seed": [[s, r["accuracy"], r["ci95"]] for s, r in found]}
         if len(found) > 1:
             row["seed_sd"] = round(statistics.stdev(accs), 2)
@@ -405,6 +405,15 @@ def chosen_rows(rows: list[dict], variant: str, scenario: str, dataset: str) -> 
     return [((scenario, r.get("dataset", dataset), f"{variant}+chosen", r["way"], r["shot"]),
              {**r, "chosen": r["method"].removeprefix("purer").removeprefix("+") or "none"})
             for r in mine if r.get("selected") and per_shot[r["shot"], r.get("dataset")] > 1]
+
+
+def seeds_cost(rows: list[dict]) -> dict:
+    """The test-time cost of one row's seeds: a setting the seeds share as it is, one that differs (a chosen row
+    whose seeds chose differently) as its per-seed values joined by "/" ("-" where a seed has none)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r["test_cost"]))
+    values = {k: [r["test_cost"].get(k) for r in rows] for k in keys}
+    return {k: v[0] if len(set(map(str, v))) == 1 else "/".join("-" if x is None else str(x) for x in v)
+            for k, v in values.items()}
 
 
 def run_key(run: dict) -> tuple:

@@ -165,8 +165,13 @@ def test_collect_adds_the_row_meta_val_chose_per_seed(bench, tmp_path):
     fake_run(tmp_path, "default", 0, [("purer", 80.0, 1.0), ("purer+simpleshot", 83.0, 0.8)], selected="purer+simpleshot")
     fake_run(tmp_path, "default", 1, [("purer", 84.0, 0.6), ("purer+simpleshot", 83.0, 0.6)], selected="purer")
     fake_run(tmp_path, "paper", 0, [("purer", 77.0, 0.9)], selected="purer")
+    path = tmp_path / "glyphs" / "disjoint" / "default" / "seed0" / "results.json"
+    run = json.loads(path.read_text())
+    run["rows"][1]["test_cost"] = {"models": 1, "inner_steps": 0}  # SimpleShot's, chosen by seed 0 alone
+    path.write_text(json.dumps(run))
     rows = {r["method"]: r for r in bench.collect("glyphs", tmp_path)["rows"]}
     assert set(rows) == {"default", "default+simpleshot", "default+chosen", "paper"}
     chosen = rows["default+chosen"]
     assert chosen["per_seed"] == [[0, 83.0, 0.8], [1, 84.0, 0.6]] and chosen["accuracy"] == 83.5
     assert chosen["chosen"] == ["simpleshot", "none"] and chosen["variant"] == "default"
+    assert chosen["test_cost"] == {"models": 1, "inner_steps": "0/-"}  # each seed's cost, not the first seed's
