@@ -358,7 +358,7 @@ def calibration_accuracies(learner: MetaLearner, calibrators: Sequence[Calibrato
                         start = time.perf_counter()
                         logits = calibrators[j].calibrate(learner, adapted, sx, batch.support_y, batch.way)(qx)
                         accs[j, k] = (logits.argmax(-1) == batch.query_y).float().mean()
-                        seconds[j] += shared * calibrators[j].adapts + time.perf_counter() - start
+                        seconds[j] += (shared if calibrators[j].adapts else 0.0) + time.perf_counter() - start
                     k += 1
     finally:
         learner.train(was_training)
