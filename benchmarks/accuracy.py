@@ -55,8 +55,7 @@ COMMON = ["meta.train.iterations=2000", "meta.train.val_every=250", "meta.train.
 DATASETS = {"glyphs": [], "icons": ["data.dataset=icons"], "mh": ["data.dataset=glyphs+icons"]}
 ALL_BASELINES = "[nc-pixels, nc-best-teacher, nc-all-teachers, finetune-best-teacher, maml-random, " \
                 "maml-avg-teachers, protonet-random, protonet-avg-teachers, maml-real, protonet-real]"
-ZOO_BUDGET = ["meta.train.iterations=1000", "eval.calibrations=[simpleshot]",
-              "eval.baseline_train_iterations=1000"]
+ZOO_BUDGET = ["meta.train.iterations=1000", "eval.calibrations=[simpleshot]", "eval.baseline_train_iterations=1000"]
 SCENARIOS = {
     "disjoint": [f"eval.baselines={ALL_BASELINES}"],
     # The other zoos re-run only the baselines that depend on the zoo (random init, raw pixels and real data
@@ -343,7 +342,7 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
             key = (scenario, r.get("dataset", dataset), method_name(variant, r["method"]), r["way"], r["shot"])
             variant_of[scenario, key[2]] = variant
             groups.setdefault(key, []).append((seed, r))
-        for key, r in chosen_rows(data["rows"], variant, scenario, dataset) if variant != "baselines" else ():
+        for key, r in chosen_rows(data["rows"], variant, scenario, dataset):
             variant_of[scenario, key[2]] = variant
             groups.setdefault(key, []).append((seed, r))
     old = _previous(previous)  # read once, for the seeds and the rows it carries
@@ -399,7 +398,10 @@ def collect(dataset: str, root: Path = RUNS, previous: Path | None = None, allow
 def chosen_rows(rows: list[dict], variant: str, scenario: str, dataset: str) -> list[tuple[tuple, dict]]:
     """A run's learner as a user gets it, per shot: the row of the calibration (or none) meta-val chose
     (``"selected"``), as ``<variant>+chosen`` with the choice under ``"chosen"``; only where the run scored more
-    than the plain learner (with one row it is that row).  ``(collect's group key, row)`` pairs."""
+    than the plain learner (with one row it is that row); none for a baselines run, whose learner is untrained.
+    ``(collect's group key, row)`` pairs."""
+    if variant == "baselines":
+        return []
     mine = [r for r in rows if r["method"] == "purer" or r["method"].startswith("purer+")]
     per_shot = collections.Counter((r["shot"], r.get("dataset")) for r in mine)
     return [((scenario, r.get("dataset", dataset), f"{variant}+chosen", r["way"], r["shot"]),

@@ -175,3 +175,10 @@ def test_collect_adds_the_row_meta_val_chose_per_seed(bench, tmp_path):
     assert chosen["per_seed"] == [[0, 83.0, 0.8], [1, 84.0, 0.6]] and chosen["accuracy"] == 83.5
     assert chosen["chosen"] == ["simpleshot", "none"] and chosen["variant"] == "default"
     assert chosen["test_cost"] == {"models": 1, "inner_steps": "0/-"}  # each seed's cost, not the first seed's
+
+
+def test_a_baselines_run_adds_no_chosen_row(bench, tmp_path):
+    """A baselines run meta-tests an untrained learner (its rows are dropped), so it has no row a user would get."""
+    fake_run(tmp_path, "baselines", 0, [("purer", 20.0, 1.0), ("purer+simpleshot", 21.0, 1.0),
+                                        ("nc-best-teacher", 80.0, 1.0)], selected="purer+simpleshot")
+    assert {r["method"] for r in bench.collect("glyphs", tmp_path)["rows"]} == {"nc-best-teacher"}
