@@ -37,6 +37,7 @@ import collections
 import functools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,7 +104,16 @@ SCENARIOS = {
     "zoo-20way": [*ZOO_BUDGET, "meta.learner=protonet", "eval.way=20", "eval.shots=[1]",
                   "eval.baselines=[nc-pixels, nc-best-teacher, nc-all-teachers, protonet-random, "
                   "protonet-avg-teachers, protonet-real]"],
+    # The default's own learner at 20-way: zoo-disjoint's runs (L2F, meta-trained on 5-way pseudo tasks) on
+    # zoo-20way's 20-way 1-shot tasks, read through their features (RunConfig.test_rows: the head is 5-way).
+    # Meta-training is zoo-disjoint's (TRAINED_IN): a run here continues that run's checkpoints.
+    "zoo-disjoint-20way": [*ZOO_BUDGET, "eval.way=20", "eval.shots=[1]",
+                           "eval.baselines=[nc-best-teacher, nc-all-teachers]"],
 }
+#: Scenarios that differ from another only in how they meta-test: a run starts from the checkpoints of that
+#: scenario's run of the same variant and seed (the recipe's --resume refuses them if any training setting
+#: differs), so its learner is meta-trained once.
+TRAINED_IN = {"zoo-disjoint-20way": "zoo-disjoint"}
 # The rows a variant adds: the pipeline's "purer" / "purer+<calibration>" rows are renamed after the variant.
 # "baselines" runs the scenario's baseline rows alone (no meta-training; its untrained "purer" row is dropped);
 # every other variant runs without them, so the baselines compute once, beside the meta-training runs.
@@ -282,6 +292,20 @@ def command(dataset: str, scenario: str, variant: str, seed: int, extra: tuple[s
     return [sys.executable, str(REPO / "recipes" / "purer.py"), "--no-progress", *resume, *args]
 
 
+def start_from_trained(dataset: str, scenario: str, variant: str, seed: int) -> Path | None:
+    """Copy into this run's folder the checkpoints of the run whose meta-training it shares (:data:`TRAINED_IN`),
+    if it has none and that run has some; the run copied from, or None."""
+    out, source = run_dir(dataset, scenario, variant, seed), TRAINED_IN.get(scenario)
+    if source is None or any(out.glob("checkpoints/checkpoint_*/COMPLETE")):
+        return None
+    trained = run_dir(dataset, source, variant, seed)
+    if not any(trained.glob("checkpoints/checkpoint_*/COMPLETE")):
+        return None
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a copy cut short
+    shutil.copytree(trained / "checkpoints", out / "checkpoints")
+    return trained
+
+
 def launch(cmd: list[str], out: Path) -> tuple[Path, int, float]:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -303,6 +327,9 @@ def cmd_run(args) -> int:
             if (out / "results.json").is_file():
                 print(f"done already: {out}")
                 continue
+            trained = start_from_trained(args.dataset, args.scenario, variant, seed)
+            if trained is not None:
+                print(f"{out}: continues the checkpoints of {trained}")
             jobs.append((command(args.dataset, args.scenario, variant, seed, tuple(args.set)), out))
     failed = 0
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -155,6 +155,7 @@ def test_default_plus_parts_is_the_recipe_default_with_only_those_parts(bench, t
     assert rows["default+kd-union"]["variant"] == "default+kd-union"
     assert bench.is_recipe_default("glyphs", "zoo-sh", "default+it3000+p2")
     assert not bench.is_recipe_default("glyphs", "zoo-20way", "default+it3000+p2")  # a ProtoNet, not L2F
+    assert bench.is_recipe_default("glyphs", "zoo-disjoint-20way", "default+it3000+p2")  # L2F read at 20-way
     assert not bench.is_recipe_default("glyphs", "zoo-sh", "default+it3000+p2+pixels-sh")
     assert not bench.is_recipe_default("glyphs", "zoo-sh", "paper")
 
@@ -182,3 +183,18 @@ def test_a_baselines_run_adds_no_chosen_row(bench, tmp_path):
     fake_run(tmp_path, "baselines", 0, [("purer", 20.0, 1.0), ("purer+simpleshot", 21.0, 1.0),
                                         ("nc-best-teacher", 80.0, 1.0)], selected="purer+simpleshot")
     assert {r["method"] for r in bench.collect("glyphs", tmp_path)["rows"]} == {"nc-best-teacher"}
+
+
+def test_a_scenario_that_only_meta_tests_differently_continues_the_trained_runs_checkpoints(bench, tmp_path,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(bench, "RUNS", tmp_path)
+    trained = bench.run_dir("glyphs", "zoo-disjoint", "default", 0) / "checkpoints" / "checkpoint_750"
+    trained.mkdir(parents=True)
+    (trained / "COMPLETE").touch()
+    assert bench.start_from_trained("glyphs", "zoo-disjoint-20way", "default", 1) is None  # seed 1 not trained
+    assert bench.start_from_trained("glyphs", "zoo-20way", "default", 0) is None  # trains its own ProtoNet
+    assert bench.start_from_trained("glyphs", "zoo-disjoint-20way", "default", 0) == trained.parents[1]
+    out = bench.run_dir("glyphs", "zoo-disjoint-20way", "default", 0)
+    assert (out / "checkpoints" / "checkpoint_750" / "COMPLETE").is_file()
+    assert "--resume" in bench.command("glyphs", "zoo-disjoint-20way", "default", 0)
+    assert bench.start_from_trained("glyphs", "zoo-disjoint-20way", "default", 0) is None  # has its own now

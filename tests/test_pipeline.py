@@ -102,7 +102,7 @@ def test_baselines_are_reused_when_nothing_changed(tiny_root, baseline_run, tmp_
     (["eval.grid.lr=[]"], "at least one lr"),
     (["eval.tasks=0"], "eval.tasks, eval.val_tasks and meta.val_tasks must be >= 1"),
     (["meta.train.meta_batch=0"], "meta_batch >= 1"),
-    (["eval.way=20"], "only protonet, matching, relation can change the way"),
+    (["eval.way=20", "eval.calibrations=[icfil]"], "only a calibration that reads its features alone can classify"),
     (["data.dataset=folder", "data.root=/nonexistent/data"], "/nonexistent/data"),
     (["data.root=/dev/null/purer"], "cannot write the glyph cache"),
 ])
@@ -115,6 +115,30 @@ def test_bad_config_is_one_clear_line(args, fragment, tmp_path):
 def test_impossible_way_is_a_clear_error(tiny_root, tmp_path):
     res = recipe(overrides(tiny_root, tmp_path, **{"eval.way": 9, "meta.way": 9}))
     assert res.returncode == 2 and "cannot sample 9-way" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_5_way_learner_is_meta_tested_at_another_way_by_its_features_alone(tiny_root, baseline_run, tmp_path):
+    # the baseline run's checkpoints resumed with eval.way=6: the same learner (eval settings do not train), and
+    # at a way its 5-way head cannot take the only row is SimpleShot's, the same as SimpleShot on the saved learner
+    from purer.calibrate import SimpleShot, calibration_accuracies
+    from purer.data import load_split
+    from purer.evaluate import task_list
+    from purer.pipeline import load_meta_learner
+
+    out = tmp_path / "way6"
+    shutil.copytree(baseline_run / "checkpoints", out / "checkpoints")
+    res = recipe(overrides(tiny_root, out, **{"eval.way": 6, "eval.baselines": "[]",
+                                              "cache_dir": str(baseline_run / "cache")}) + ["--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["way"], r.get("selected")) for r in results["rows"]] == [("purer+simpleshot", 6, True)]
+    assert results["calibration"] == {"1": "simpleshot"} and "paired_vs_purer" not in results["rows"][0]
+    learner = load_meta_learner(out / "meta_learner")
+    reference = load_meta_learner(baseline_run / "meta_learner")
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in learner.state_dict().items())
+    test = load_split("folder", "test", str(tiny_root), 16)
+    accs, _ = calibration_accuracies(learner, [SimpleShot()], test, task_list(test, 6, 1, 3, 6, 0))
+    assert round(100 * float(accs[0].mean()), 2) == results["rows"][0]["accuracy"]
 
 
 def test_a_zoo_recipe_the_data_cannot_satisfy_is_a_clear_error(tiny_root, tmp_path):

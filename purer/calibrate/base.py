@@ -98,7 +98,9 @@ class Calibrator(ABC):
 
     name: ClassVar[str] = ""
     config_type: ClassVar[type] = type(None)
-    #: Whether :meth:`calibrate` reads the learner's adaptation (rows that do not skip the inner loop).
+    #: Whether :meth:`calibrate` reads the learner's adaptation (rows that do not skip the inner loop).  A member
+    #: that does not reads only the learner's features (:meth:`MetaLearner.embed`), never its way-sized head, so it
+    #: classifies tasks of any way (:meth:`purer.pipeline.RunConfig.test_rows`).
     adapts: ClassVar[bool] = True
     members: ClassVar[dict[str, type["Calibrator"]]] = {}
 

@@ -141,27 +141,30 @@ def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, Image
     def split_eval(candidate, source, tasks, adapt_kwargs=None):
         return evaluate_split(candidate, source, tasks, dist, adapt_kwargs=adapt_kwargs)
 
-    names = ["none", *e.calibrations]
+    names = cfg.test_rows()  # without the plain learner at a way its head cannot take
     for shot in e.shots:
         missing = [n for n in names if finished.get(shot, n) is None]
         if missing:
             test_tasks = task_list(splits["test"], e.way, shot, e.query, e.tasks, e.seed)
             val_tasks = task_list(splits["val"], e.way, shot, e.query, e.val_tasks, e.seed)
-            chosen = select_test_time(learner, splits["val"], val_tasks, e.grid, evaluate_fn=split_eval)
+            # The inner lr and steps, chosen with the plain learner; rows without it run no inner loop.
+            chosen = select_test_time(learner, splits["val"], val_tasks, e.grid, evaluate_fn=split_eval) \
+                if "none" in names else None
+            settings = chosen.settings if chosen is not None else {}
             cals, val_accuracy = [], []  # per missing row, its calibrator chosen on meta-val and that accuracy
             for name in missing:
-                cal, acc = calibrator("none"), chosen.val_accuracy
-                if name != "none":
+                if name == "none":
+                    cal, acc = calibrator("none"), chosen.val_accuracy
+                else:
                     cal, acc, _ = select_calibration(calibrator(name, cfg.icfil), e.calibration_grid.get(name) or {},
-                                                     learner, splits["val"], val_tasks, chosen.settings,
-                                                     val_accuracies)
+                                                     learner, splits["val"], val_tasks, settings, val_accuracies)
                 cals.append(cal)
                 val_accuracy.append(acc)
-            accs, seconds = _test_blocks(learner, cals, missing, splits["test"], test_tasks, chosen.settings, shot,
+            accs, seconds = _test_blocks(learner, cals, missing, splits["test"], test_tasks, settings, shot,
                                          finished, dist, progress, stop)
             for r, (name, cal) in enumerate(zip(missing, cals)):
                 result = EvalResult("purer" if name == "none" else f"purer+{name}", e.way, shot, accs[r],
-                                    cal.wrap(learner).test_cost(), fingerprint(test_tasks), dict(chosen.settings))
+                                    cal.wrap(learner).test_cost(), fingerprint(test_tasks), dict(settings))
                 extra = {} if name == "none" else {"calibration": cal.settings()}
                 finished.put(shot, name, result.row(val_accuracy=round(val_accuracy[r], 2), **extra,
                                                     seconds=round(seconds[r], 1)), result.task_acc)
@@ -169,11 +172,11 @@ def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, Image
             row, task_acc = finished.get(shot, name)
             return EvalResult(row["method"], e.way, shot, task_acc, row["test_cost"], row["tasks_id"])
 
-        plain = result("none")
+        plain = result("none") if "none" in names else None
         best: dict = {}
         for name in names:
             row = finished.get(shot, name)[0]
-            if name != "none":
+            if plain is not None and name != "none":
                 diff, ci = paired_difference(result(name), plain)
                 row = {**row, "paired_vs_purer": [round(diff, 2), round(ci, 2)]}
             rows.append(row)

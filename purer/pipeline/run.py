@@ -137,7 +137,7 @@ def _run(cfg: RunConfig, acc, dist: Dist, out: Path, resume: bool, progress: boo
                                           resume, progress, identity, stop,
                                           on_checkpoint=replacement.discard if dist.main else None)
         stage(3, f"meta-test: {e.tasks} tasks per shot ({', '.join(map(str, e.shots))}-shot), "
-                 f"plain{''.join(f' and + {c}' for c in e.calibrations)}")
+                 f"{' and '.join('plain' if n == 'none' else f'+ {n}' for n in cfg.test_rows())}")
         rows, calibrations = [], {}
         for name, c in datasets.items():  # each dataset on its own tasks, settings chosen on its own meta-val
             mine, chosen = evaluate_purer(c, learner, splits[name], dist, progress, out, stop, name)

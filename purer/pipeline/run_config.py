@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..baselines import METHODS as BASELINE_METHODS
-from ..calibrate import CALIBRATIONS, ICFILConfig
+from ..calibrate import CALIBRATIONS, Calibrator, ICFILConfig
 from ..distill import DistillConfig
 from ..data.sources import RECIPE_IMAGE_SIZE
 from ..evaluate import TuningGrid
@@ -281,6 +281,18 @@ class RunConfig:
     deterministic: bool = False
     log_every: int = 10
 
+    def test_rows(self) -> list[str]:
+        """The meta-test rows, ``"none"`` (the plain learner) and each calibration of ``eval.calibrations``.
+
+        At a way its head cannot take (``eval.way`` other than ``meta.way``, for a learner not in :data:`ANY_WAY`)
+        only the calibrations that read the learner's features alone (:attr:`Calibrator.adapts` false:
+        SimpleShot) can classify, so they are the rows: the learner meta-trained on 5-way pseudo tasks is
+        meta-tested at 20-way through its features."""
+        rows = ["none", *self.eval.calibrations]
+        if self.meta.learner in ANY_WAY or self.meta.way == self.eval.way:
+            return rows
+        return [name for name in self.eval.calibrations if not Calibrator.members[name].adapts]
+
     def __post_init__(self):
         if self.meta.learner not in LEARNERS:
             raise ValueError(f"meta.learner must be one of {LEARNERS}, got {self.meta.learner!r}")
@@ -295,10 +307,10 @@ class RunConfig:
         unknown = set(self.eval.baselines) - set(BASELINE_METHODS)
         if unknown:
             raise ValueError(f"unknown eval.baselines {sorted(unknown)}; choose from {list(BASELINE_METHODS)}")
-        if self.meta.learner not in ANY_WAY and self.meta.way != self.eval.way:
-            raise ValueError(f"a {self.meta.learner} meta-learner's head has meta.way={self.meta.way} outputs, so "
-                             f"eval.way must match (got {self.eval.way}); only {', '.join(ANY_WAY)} can change the "
-                             "way")
+        if not self.test_rows():
+            raise ValueError(f"a {self.meta.learner} meta-learner's head has meta.way={self.meta.way} outputs, so at "
+                             f"eval.way={self.eval.way} only a calibration that reads its features alone can classify: "
+                             f"add simpleshot to eval.calibrations, or set eval.way={self.meta.way}")
         if self.eval.calibrations and self.meta.learner in NOT_CALIBRATABLE:
             raise ValueError(f"eval.calibrations {self.eval.calibrations} cannot follow a {self.meta.learner} "
                              f"learner ({NOT_CALIBRATABLE[self.meta.learner]}); set eval.calibrations=[]")
