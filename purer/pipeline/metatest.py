@@ -117,9 +117,10 @@ def calibration_accuracies_split(learner: MetaLearner, calibrators: Sequence[Cal
 
 def evaluate_purer(cfg: RunConfig, learner: MetaLearner, splits: dict[str, ImageSet], dist: Dist, progress: bool,
                    out: Path | None = None, stop: StopSignals | None = None, dataset: str = "") -> tuple[list[dict], dict]:
-    """The meta-learner's rows (``purer``, ``purer+<calibration>``), every setting chosen on meta-val, and per
-    shot the calibration chosen on meta-val (``{"name", "settings", "val_accuracy"}``; name ``none`` when no
-    calibration beats the plain learner there).
+    """The meta-learner's rows (``purer``, ``purer+<calibration>``; :meth:`RunConfig.test_rows`: at a way its head
+    cannot take, only the rows that read its features), every setting chosen on meta-val, and per shot the
+    calibration chosen on meta-val (``{"name", "settings", "val_accuracy"}``; name ``none`` when no calibration
+    beats the plain learner there).
 
     Per shot the learner adapts once per task and every row continues from that adaptation
     (:func:`purer.calibrate.calibration_accuracies`): a calibration's candidates are scored on meta-val in one
