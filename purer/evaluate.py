@@ -63,7 +63,8 @@ class EvalResult:
     Attributes:
         method, way, shot: what was evaluated.
         task_acc: ``[T]`` accuracy of each task, in ``[0, 1]``, in task-list order.
-        test_cost: e.g. ``{"params": 113000, "models": 1}``.
+        test_cost: e.g. ``{"params": 113000, "models": 1}``; where ``settings`` give the inner loop's ``steps``
+            (MAML's family, fine-tuning), also ``inner_steps``, unless the cost already says (SimpleShot: 0).
         tasks_id: :func:`fingerprint` of the task list.
         settings: the test-time settings used (e.g. ``{"lr": 0.1, "steps": 5}``).
         seconds: wall time of the evaluation.
@@ -77,6 +78,11 @@ class EvalResult:
     tasks_id: str
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+    def __post_init__(self):
+        # The gradient steps a task takes at test time are part of its cost, beside the networks run.
+        if "steps" in self.settings and "inner_steps" not in self.test_cost:
+            self.test_cost = {**self.test_cost, "inner_steps": self.settings["steps"]}
 
     @property
     def accuracy(self) -> float:

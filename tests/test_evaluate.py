@@ -54,6 +54,19 @@ def test_two_methods_on_one_task_list_give_paired_rows():
         paired_difference(pixels, other)
 
 
+def test_a_rows_cost_counts_the_inner_loops_steps():
+    data = template_images(12)
+    tasks = task_list(data, 5, 1, query=3, tasks=3)
+    learner = MAML(random_model("conv4", 5, 1, SIZE, ARCH_ARGS, seed=0), 5, config=MAMLConfig(inner_lr=0.5))
+    params = sum(p.numel() for p in learner.parameters())
+    row = evaluate(learner, data, tasks, adapt_kwargs={"lr": 0.1, "steps": 10}, progress=False).row()
+    assert row["test_cost"] == {"params": params, "models": 1, "inner_steps": 10}
+    # a row that runs no inner loop says so itself (SimpleShot), whatever the learner's settings
+    assert EvalResult("s", 5, 1, np.ones(3), {"models": 1, "inner_steps": 0}, "x", {"steps": 10}).test_cost[
+        "inner_steps"] == 0
+    assert "inner_steps" not in evaluate(NearestCentroid(), data, tasks, progress=False).test_cost
+
+
 def test_accuracy_is_the_mean_of_per_task_accuracies():
     r = EvalResult("m", 5, 1, np.array([0.2, 0.4, 0.9]), {}, "x")
     assert r.accuracy == pytest.approx(50.0) and r.ci95 == pytest.approx(100 * mean_ci95([0.2, 0.4, 0.9])[1])
