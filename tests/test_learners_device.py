@@ -87,7 +87,9 @@ def test_a_run_refuses_what_a_learner_cannot_do_in_one_line(tmp_path):
                                           "eval.calibrations=[]"])
     for name in ("matching", "relation"):  # no way-sized head: another way at test time is fine
         load_config(RunConfig, None, [f"meta.learner={name}", "eval.calibrations=[]", "eval.way=20"])
-    with pytest.raises(ValueError, match="eval.way must match"):
-        load_config(RunConfig, None, ["meta.learner=alfa", "eval.way=20"])
+    # a way-sized head at another way: only the rows that read the features, and none is an error
+    assert load_config(RunConfig, None, ["meta.learner=alfa", "eval.way=20"]).test_rows() == ["simpleshot"]
+    with pytest.raises(ValueError, match="add simpleshot to eval.calibrations, or set eval.way=5"):
+        load_config(RunConfig, None, ["meta.learner=alfa", "eval.way=20", "eval.calibrations=[icfil]"])
     with pytest.raises(ValueError, match="hard_tasks"):
         load_config(RunConfig, None, ["meta.hard_tasks=5"])
