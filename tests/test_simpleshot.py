@@ -1,4 +1,6 @@
 """SimpleShot (L2N) on the meta-learned features: the nearest normalised centroid, no inner loop."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -90,3 +92,16 @@ def test_a_saved_learner_gives_back_the_calibration_its_run_chose(trained_model,
     assert isinstance(chosen_calibration(tmp_path / "plain", 1), NoCalibration)
     with pytest.raises(ValueError, match="cannot read the run's choice of calibration"):
         chosen_calibration(tmp_path / "missing", 1)
+
+
+def test_a_task_of_another_way_than_the_head_is_read_by_simpleshot_and_refused_by_the_inner_loop(trained_model,
+                                                                                                   test_set):
+    learner = learners(trained_model)["maml"].eval()  # a head of 5 outputs
+    ep = episode(test_set, shot=3)
+    s, q = ep.support_y < 3, ep.query_y < 3  # a 3-way task of the same images
+    with pytest.raises(ValueError, match="built for 5-way tasks, got a 3-way episode; its features classify any way"):
+        learner.adapt(ep.support_x[s], ep.support_y[s], 3)
+    logits = SimpleShot().predict(learner, ep.support_x[s], ep.support_y[s], 3, ep.query_x[q])
+    assert logits.shape == (int(q.sum()), 3)
+    three = SimpleNamespace(support_x=ep.support_x[s], support_y=ep.support_y[s], query_x=ep.query_x[q])
+    assert torch.allclose(logits, reference(learner, three, way=3), atol=1e-5)

@@ -90,6 +90,15 @@ class InputSpec:
         return cls(config.in_channels, config.image_size, tuple(config.mean), tuple(config.std))
 
 
+def check_head_way(head_way: int, way: int) -> None:
+    """A learner whose head has ``head_way`` outputs cannot adapt to a ``way``-way task: a one-line error naming
+    what can (its features, read by SimpleShot)."""
+    if way != head_way:
+        raise ValueError(f"this learner's head was built for {head_way}-way tasks, got a {way}-way episode; its "
+                         "features classify any way: purer.calibrate.SimpleShot().adapt(learner, support_x, "
+                         "support_y, way)")
+
+
 class MetaLearner(nn.Module, ABC):
     """Adapt to an episode's support set, predict its query set, give the outer loss.
 

@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, vmap
 from ..data.episodes import TaskBatch
 from ..zoo.architectures import Classifier
 from ..batchnorm import batch_stats_only, explicit_batch_norm
-from .base import InputSpec, MetaLearner
+from .base import InputSpec, MetaLearner, check_head_way
 
 
 @dataclass
@@ -122,8 +122,7 @@ class MAML(MetaLearner, kind="maml"):
         self.config = config or MAMLConfig()
 
     def _check(self, way: int) -> None:
-        if way != self.way:
-            raise ValueError(f"this learner was built for {self.way}-way tasks, got a {way}-way episode")
+        check_head_way(self.way, way)
 
     def _inner_loop(self, params: dict[str, torch.Tensor], loss_fn, create_graph: bool, lr: float | None,
                     steps: int | None) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ from torch.func import functional_call, vmap
 from ..batchnorm import batch_stats_only
 from ..data.episodes import TaskBatch
 from ..zoo.architectures import Classifier
-from .base import InputSpec, MetaLearner
+from .base import InputSpec, MetaLearner, check_head_way
 from .maml import MAMLConfig, functional_sgd_steps, sgd_steps
 
 
@@ -119,8 +119,7 @@ class MTL(MetaLearner, kind="mtl"):
         self._feature_dim = model.feature_dim
 
     def _check(self, way: int) -> None:
-        if way != self.way:
-            raise ValueError(f"this learner was built for {self.way}-way tasks, got a {way}-way episode")
+        check_head_way(self.way, way)
 
     def ss_weights(self) -> dict[str, torch.Tensor]:
         """The scaled and shifted convolution weights ``{"<conv>.weight": W ⊙ Φ_S1, "<conv>.bias": b + Φ_S2}``."""
