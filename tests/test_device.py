@@ -148,6 +148,18 @@ def test_meta_test_rows_run_on_the_device(zoo, splits, tmp_path):
     assert set(traffic.named) <= {"result", "checkpoint"}
 
 
+def test_meta_test_at_a_way_the_head_cannot_take_runs_on_the_device(zoo, splits, tmp_path):
+    """A 3-way learner meta-tested on 5-way tasks: SimpleShot's row alone, on the device."""
+    teachers, data = on_meta(zoo, splits)
+    cfg = config(tmp_path, **{"eval.way": 5})
+    eci = device_eci(cfg, teachers, data)
+    with host_traffic() as traffic:
+        rows, chosen = evaluate_purer(cfg, eci.learner, data, Dist(device=META), progress=False)
+    no_stray(traffic)
+    assert [(r["method"], r["way"]) for r in rows] == [("purer+simpleshot", 5)] and chosen[1]["name"] == "simpleshot"
+    assert set(traffic.named) <= {"result", "checkpoint"}
+
+
 @pytest.mark.parametrize("learner", ["anil", "protonet"])
 def test_each_calibration_runs_on_the_device_after_any_learner(zoo, splits, tmp_path, learner):
     from purer.calibrate import calibrator
