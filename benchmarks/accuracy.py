@@ -146,6 +146,9 @@ PARTS = {
     "kd-union": ["distill.logit=1.0", "distill.heads=union"],
     "kd-union-std": ["distill.logit=1.0", "distill.heads=union", "distill.standardize=true"],
     "kd-std": ["distill.logit=1.0", "distill.standardize=true"],
+    # Each distilled teacher on the images of every teacher of the step, not only its own classes': how it answers
+    # classes it was not trained on (what its features do for a meta-test task's novel classes).
+    "kd-step": ["distill.images=step"],
     "no-kd": ["distill.logit=0", "distill.feature=0"],  # the default without distillation (sh-mix.yaml's setting until L2F)
     # Start from the zoo's meta-val-best teacher of the learner's network (nc-best-teacher's), a fresh head.
     "init-best": ["meta.init=best-teacher"],

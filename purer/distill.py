@@ -84,6 +84,7 @@ def relation_distance(embedding: torch.Tensor, target_kernel: torch.Tensor) -> t
 
 
 HEADS = ("union", "teacher")
+IMAGES = ("own", "step")
 
 
 @dataclass
@@ -118,6 +119,10 @@ class DistillConfig:
             the zoo.
         augment: distil on augmented views of the bank images (the inversion's
             shift and crop, drawn per step and teacher), not only on the images themselves.
+        images: what each distilled teacher is distilled on: ``own``, the bank images of its own
+            classes; or ``step``, the images of every teacher of the step (its own and the others'),
+            so the learner also learns how the teacher answers images of classes it was not trained
+            on, which is what its features do for the novel classes of a meta-test task.
     """
 
     logit: float = 1.0
@@ -128,6 +133,7 @@ class DistillConfig:
     temperature: float = 4.0
     teachers_per_step: int = 4
     augment: bool = True
+    images: str = "own"
 
     def __post_init__(self):
         if min(self.logit, self.feature, self.relation) < 0:
@@ -135,6 +141,8 @@ class DistillConfig:
                              f"relation={self.relation}")
         if self.heads not in HEADS:
             raise ValueError(f"distill.heads must be one of {HEADS}, got {self.heads!r}")
+        if self.images not in IMAGES:
+            raise ValueError(f"distill.images must be one of {IMAGES}, got {self.images!r}")
         if self.temperature <= 0 or self.teachers_per_step < 1:
             raise ValueError(f"need temperature > 0 and teachers_per_step >= 1, got {self.temperature} and "
                              f"{self.teachers_per_step}")
@@ -208,11 +216,14 @@ class ZooDistillation(nn.Module):
         c = self.config
         ensemble = list(idx) if ensemble is None else list(ensemble)
         out, kd, cos, rel = [], [], [], []
-        images = [bank.teacher_images(i) for i in idx]
+        viewed = ensemble if c.images == "step" else list(idx)  # whose bank images are distilled on
+        images = [bank.teacher_images(i) for i in viewed]
         if self.augment is not None:  # the step's views, drawn on the CPU and copied to the device once
-            thetas = augmentation_draws(self.augment, (self.seed, 1), step, idx, [len(x) for x in images],
+            thetas = augmentation_draws(self.augment, (self.seed, 1), step, viewed, [len(x) for x in images],
                                         bank.logits[0].device).split([len(x) for x in images])
             images = [self.augment(x, theta) for x, theta in zip(images, thetas)]
+        if c.images == "step":  # every teacher on the whole step's views
+            images = [torch.cat(images)] * len(idx)
         for i, x in zip(idx, images):
             teacher = self.teachers[i]
             with torch.no_grad(), _precision(x.device, self.autocast):
