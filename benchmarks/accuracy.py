@@ -534,6 +534,8 @@ def carried(previous: tuple[dict, str] | None, present: set[tuple[str, str]],
 
 
 def markdown(report: dict) -> str:
+    from purer.pipeline.report import cost_text
+
     lines = [f"# Accuracy on {report['dataset']}", "",
              "Mean ± 95% CI over the meta-test tasks (%); rows over several training seeds show the mean over "
              "seeds (± the mean per-seed CI) and the seeds' standard deviation. Everything selected on meta-val; "
@@ -552,7 +554,7 @@ def markdown(report: dict) -> str:
         head = ["method"] + [f"{w}-way {s}-shot" for w, s in cols] + ["seeds", "test-time cost"]
         lines += [f"## {scenario}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for m in methods:
-            cells, seeds, cost = [], "", ""
+            cells, seeds, costs = [], "", []
             for w, s in cols:
                 r = cell.get((m, w, s))
                 if r is None:
@@ -562,11 +564,11 @@ def markdown(report: dict) -> str:
                 cells.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}{sd}")
                 elsewhere = {str(k) for k in r.get("seeds_carried_from", {})}  # JSON's keys are strings
                 seeds = seeds or ",".join(f"{x}{' †' if str(x) in elsewhere else ''}" for x in r["seeds"])
-                cost = cost or ", ".join(f"{k}={v}" for k, v in r["test_cost"].items())
+                costs.append((f"{s}-shot", r))
             mark = " †" if any("carried_from" in cell.get((m, w, s), {}) for w, s in cols) else ""
             code = next((cell[m, w, s]["code"] for w, s in cols if "code" in cell.get((m, w, s), {})), None)
             mark += f" (code {code})" if code else ""
-            lines.append("| " + " | ".join([m + mark] + cells + [seeds, cost]) + " |")
+            lines.append("| " + " | ".join([m + mark] + cells + [seeds, cost_text(costs)]) + " |")
         lines.append("")
     commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r}
                      | {c for r in report["rows"] for c in r.get("seeds_carried_from", {}).values()})

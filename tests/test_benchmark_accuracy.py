@@ -198,3 +198,21 @@ def test_a_scenario_that_only_meta_tests_differently_continues_the_trained_runs_
     assert (out / "checkpoints" / "checkpoint_750" / "COMPLETE").is_file()
     assert "--resume" in bench.command("glyphs", "zoo-disjoint-20way", "default", 0)
     assert bench.start_from_trained("glyphs", "zoo-disjoint-20way", "default", 0) is None  # has its own now
+
+
+def test_a_row_whose_cost_differs_by_shot_shows_each_shots_cost(bench, tmp_path):
+    """A chosen row that runs SimpleShot at 1-shot and the inner loop at 5-shot: both costs, each under its shot;
+    a row of one cost shows it once (both tables: a run's results.md and the collected file)."""
+    from purer.pipeline import results_table
+
+    simple = {"models": 1, "inner_steps": 0}
+    rows = [{"method": "purer+chosen", "way": 5, "shot": 1, "accuracy": 87.0, "ci95": 0.6, "test_cost": simple},
+            {"method": "purer+chosen", "way": 5, "shot": 5, "accuracy": 97.0, "ci95": 0.2,
+             "test_cost": {"models": 1, "inner_steps": 10}},
+            *({"method": "nc", "way": 5, "shot": s, "accuracy": 80.0, "ci95": 0.7, "test_cost": {"models": 1}}
+              for s in (1, 5))]
+    table = results_table(rows)
+    assert "| 1-shot: models=1, inner_steps=0; 5-shot: models=1, inner_steps=10 |" in table
+    assert table.rstrip().endswith("| models=1 |")
+    report = {"dataset": "glyphs", "runs": [], "rows": [{**r, "scenario": "zoo-disjoint", "seeds": [0]} for r in rows]}
+    assert "| 0 | 1-shot: models=1, inner_steps=0; 5-shot: models=1, inner_steps=10 |" in bench.markdown(report)

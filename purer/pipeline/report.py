@@ -10,6 +10,16 @@ from typing import Any, Sequence
 from ..yaml_config import to_dict
 
 
+def cost_text(cells: Sequence[tuple[str, dict]]) -> str:
+    """The test-time cost cell of one method's rows, ``(column label, row)`` pairs: the cost once where every
+    column's is the same, else each column's under its label (a row chosen per shot may run an inner loop at one
+    shot and none at the other)."""
+    texts = list(dict.fromkeys(", ".join(f"{k}={v}" for k, v in r["test_cost"].items()) for _, r in cells))
+    if len(texts) <= 1:
+        return texts[0] if texts else ""
+    return "; ".join(f"{label}: " + ", ".join(f"{k}={v}" for k, v in r["test_cost"].items()) for label, r in cells)
+
+
 def results_table(rows: Sequence[dict], title: str = "", note: str = "") -> str:
     """A Markdown table of ``results.json`` rows: one line per method, one column per (way, shot); ``note``
     follows it."""
@@ -20,12 +30,12 @@ def results_table(rows: Sequence[dict], title: str = "", note: str = "") -> str:
     lines = [f"### {title}", ""] if title else []
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for meth in methods:
-        vals, cost = [], ""
+        vals, costs = [], []
         for w, s in cols:
             r = cell.get((meth, w, s))
             vals.append(f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" if r else "")
-            cost = cost or (", ".join(f"{k}={v}" for k, v in r["test_cost"].items()) if r else "")
-        lines.append("| " + " | ".join([meth] + vals + [cost]) + " |")
+            costs += [(f"{s}-shot", r)] if r else []
+        lines.append("| " + " | ".join([meth] + vals + [cost_text(costs)]) + " |")
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"
