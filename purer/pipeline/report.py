@@ -14,10 +14,10 @@ def cost_text(cells: Sequence[tuple[str, dict]]) -> str:
     """The test-time cost cell of one method's rows, ``(column label, row)`` pairs: the cost once where every
     column's is the same, else each column's under its label (a row chosen per shot may run an inner loop at one
     shot and none at the other)."""
-    texts = list(dict.fromkeys(", ".join(f"{k}={v}" for k, v in r["test_cost"].items()) for _, r in cells))
-    if len(texts) <= 1:
-        return texts[0] if texts else ""
-    return "; ".join(f"{label}: " + ", ".join(f"{k}={v}" for k, v in r["test_cost"].items()) for label, r in cells)
+    texts = [(label, ", ".join(f"{k}={v}" for k, v in r["test_cost"].items())) for label, r in cells]
+    if len({text for _, text in texts}) <= 1:
+        return texts[0][1] if texts else ""
+    return "; ".join(f"{label}: {text}" for label, text in texts)
 
 
 def results_table(rows: Sequence[dict], title: str = "", note: str = "") -> str:
