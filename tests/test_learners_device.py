@@ -93,3 +93,14 @@ def test_a_run_refuses_what_a_learner_cannot_do_in_one_line(tmp_path):
         load_config(RunConfig, None, ["meta.learner=alfa", "eval.way=20", "eval.calibrations=[icfil]"])
     with pytest.raises(ValueError, match="hard_tasks"):
         load_config(RunConfig, None, ["meta.hard_tasks=5"])
+
+
+def test_a_way_the_head_cannot_take_keeps_only_the_rows_that_read_features():
+    from purer.pipeline.run_config import EvalConfig, MetaConfig
+
+    rows = ["none", "icfil", "support-ce", "simpleshot"]
+    assert RunConfig().test_rows() == rows  # meta.way = eval.way: every row
+    assert RunConfig(eval=EvalConfig(way=20)).test_rows() == ["simpleshot"]  # the 5-way L2F head: features only
+    assert RunConfig(meta=MetaConfig(learner="protonet"), eval=EvalConfig(way=20)).test_rows() == rows  # any way
+    with pytest.raises(ValueError, match="add simpleshot to eval.calibrations, or set eval.way=5"):
+        RunConfig(eval=EvalConfig(way=20, calibrations=["icfil", "support-ce"]))

@@ -127,13 +127,3 @@ def test_the_cifar_fs_config_runs(tiny_root, tmp_path):
                                                                                           "avg-teachers", 0.0)
     assert json.loads((out / "results.json").read_text())["rows"][0]["method"] == "purer"
 
-
-def test_a_way_the_head_cannot_take_keeps_only_the_rows_that_read_features():
-    from purer.pipeline.run_config import EvalConfig, MetaConfig
-
-    rows = ["none", "icfil", "support-ce", "simpleshot"]
-    assert RunConfig().test_rows() == rows  # meta.way = eval.way: every row
-    assert RunConfig(eval=EvalConfig(way=20)).test_rows() == ["simpleshot"]  # the 5-way L2F head: features only
-    assert RunConfig(meta=MetaConfig(learner="protonet"), eval=EvalConfig(way=20)).test_rows() == rows  # any way
-    with pytest.raises(ValueError, match="add simpleshot to eval.calibrations, or set eval.way=5"):
-        RunConfig(eval=EvalConfig(way=20, calibrations=["icfil", "support-ce"]))
