@@ -5,7 +5,8 @@
                                                      # -> benchmarks/results/selection_cross_zoo.{json,md}
 
 For every finished run of ``benchmarks/accuracy.py`` under ``runs/benchmarks/<dataset>/<scenario>/``,
-the run's selected meta-learner (``meta_learner/``, with the test-time settings its run chose on meta-val)
+the run's selected meta-learner (``meta_learner/``, with the test-time settings and, per shot, the calibration
+its run chose on meta-val: what a user of the run gets, e.g. SimpleShot at 1-shot, :func:`chosen_calibration`)
 is scored on a fixed list of 300 meta-val tasks per shot (5-way, 15 queries, task seed 1: more tasks than a
 run's own selection uses, so that variants a point or two apart can be told apart).  The variant with the
 best mean over shots, on the training seeds every variant ran, is marked ``chosen``; every variant is scored
@@ -28,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np
 import torch
 
-from purer.yaml_config import load_config
+from purer.calibrate import chosen_calibration
 from purer.data import load_split
 from purer.evaluate import evaluate, fingerprint, mean_ci95, task_list
 from purer.meta import MetaLearner
 from purer.pipeline import RunConfig
+from purer.yaml_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -73,15 +75,18 @@ def score(dataset: str, scenario: str, shots: tuple[int, ...] = (1, 5), root: Pa
             continue
         learner, learner_hash = None, learner_id(folder.parent)
         for shot in shots:
+            # what the run delivers at this shot: its learner and the calibration it chose on its own meta-val
+            cal = chosen_calibration(folder.parent, shot)
+            how = {} if cal.name == "none" else {"calibration": cal.name}
             old = before.get((learner_hash, shot, ids[shot]))
-            if old is not None:
-                rows.append({"variant": variant, "seed": seed, "shot": shot,
+            if old is not None and old.get("calibration", "none") == cal.name:
+                rows.append({"variant": variant, "seed": seed, "shot": shot, **how,
                              **{k: old[k] for k in ("val_accuracy", "ci95", "learner", "tasks_id", "task_acc")}})
                 continue
             learner = learner or MetaLearner.from_pretrained(folder.parent)
-            r = evaluate(learner, val, tasks[shot], method=variant, adapt_kwargs=learner.test_time_settings(shot),
-                         progress=False)
-            rows.append({"variant": variant, "seed": seed, "shot": shot, "val_accuracy": round(r.accuracy, 2),
+            r = evaluate(cal.wrap(learner), val, tasks[shot], method=variant,
+                         adapt_kwargs=learner.test_time_settings(shot), progress=False)
+            rows.append({"variant": variant, "seed": seed, "shot": shot, **how, "val_accuracy": round(r.accuracy, 2),
                          "ci95": round(r.ci95, 2), "learner": learner_hash, "tasks_id": r.tasks_id,
                          "task_acc": [round(float(a), 6) for a in r.task_acc]})
     rows += carried(previous, {(r["variant"], r["seed"]) for r in rows}, {r["learner"] for r in rows if "learner" in r})
@@ -154,7 +159,7 @@ def carried(previous: Path | None, present: set[tuple[str, int]], learners: set[
     commit = subprocess.run(["git", "log", "-1", "--format=%h", "-G", '"val_accuracy"', "--", str(previous)], cwd=REPO,
                             capture_output=True, text=True).stdout.strip() or "unknown"
     # per-task accuracies, where the report kept them, still pair the row with the runs scored here
-    keep = (*SCORED, "learner", "tasks_id", "task_acc")
+    keep = (*SCORED, "calibration", "learner", "tasks_id", "task_acc")
     return [{**{k: r[k] for k in keep if k in r}, "carried_from": r.get("carried_from", commit)}
             for r in json.loads(previous.read_text())["rows"]
             if (r["variant"], r["seed"]) not in present and r.get("learner") not in learners]
@@ -195,7 +200,8 @@ def markdown(report: dict) -> str:
              "the same for every variant; mean ± 95% CI (%), and the paired difference to the chosen variant's run "
              "of the same training seed. Chosen (best mean over shots, on the training seeds every variant ran: "
              f"{', '.join(map(str, report.get('seeds', []))) or 'none shared, each its own'}): "
-             f"**{report['chosen']}**.", "",
+             f"**{report['chosen']}**. A calibration in brackets: the one the run chose for that shot on its own "
+             "meta-val, scored with it.", "",
              "| variant | seed | " + " | ".join(f"{s}-shot | vs chosen" for s in shots) + " |",
              "|---|---|" + "---|---|" * len(shots)]
     cell = {(r["variant"], r["seed"], r["shot"]): r for r in report["rows"]}
@@ -205,7 +211,8 @@ def markdown(report: dict) -> str:
         for s in shots:
             r = cell[variant, seed, s]
             diff = r.get("vs_chosen")
-            parts += [f"{r['val_accuracy']:.2f} ± {r['ci95']:.2f}", f"{diff[0]:+.2f} ± {diff[1]:.2f}" if diff else ""]
+            how = f" ({r['calibration']})" if "calibration" in r else ""
+            parts += [f"{r['val_accuracy']:.2f} ± {r['ci95']:.2f}{how}", f"{diff[0]:+.2f} ± {diff[1]:.2f}" if diff else ""]
         mark = " †" if "carried_from" in cell[variant, seed, shots[0]] else ""
         lines.append(f"| {variant}{mark} | {seed} | " + " | ".join(parts) + " |")
     commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})

@@ -179,38 +179,46 @@ def test_a_zoo_chooses_on_the_seeds_every_variant_ran_and_pairs_each_run_with_th
     assert "vs_chosen" not in by["lucky", 0] and not by["other", 0]["chosen"]
 
 
-def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch):
-    """Rescoring a zoo evaluates new or changed learners only; the rest keep their rows and per-task accuracies."""
+def fake_runs(sel, monkeypatch, tmp_path, configs: dict[str, dict], acc: dict[str, list[float]]) -> list:
+    """Finished runs of scenario ``s`` (variant -> its ``meta_learner/config.json``) whose scoring is faked: each
+    variant's per-task accuracies ``acc``; returns the list ``(variant, shot, calibration)`` of what was evaluated."""
     import numpy as np
     from purer.evaluate import EvalResult
 
-    sel = load()
-    for variant in ("default", "paper"):
+    for variant, config in configs.items():
         folder = tmp_path / "glyphs" / "s" / variant / "seed0"
         (folder / "meta_learner").mkdir(parents=True)
-        (folder / "meta_learner" / "config.json").write_text("{}")
+        (folder / "meta_learner" / "config.json").write_text(json.dumps(config))
         (folder / "meta_learner" / "model.safetensors").write_bytes(variant.encode())
         (folder / "results.json").write_text(json.dumps({"zoo": {"models": 2, "classes": [5], "path": str(tmp_path)},
                                                          "meta_train": {"bank_classes": 10}}))
     evaluated = []
 
     def fake_evaluate(learner, source, tasks, *, method, adapt_kwargs, progress):
-        evaluated.append((method, len(tasks[0])))
-        acc = {"default": [1.0, 0.5], "paper": [0.5, 0.5]}[method]
-        return EvalResult(method=method, way=5, shot=len(tasks[0]), task_acc=np.array(acc), test_cost={},
+        evaluated.append((method, len(tasks[0]), getattr(getattr(learner, "calibrator", None), "name", "none")))
+        return EvalResult(method=method, way=5, shot=len(tasks[0]), task_acc=np.array(acc[method]), test_cost={},
                           tasks_id=f"tasks{len(tasks[0])}")
 
     monkeypatch.setattr(sel, "load_config", lambda cls, path: type("C", (), {
         "data": type("D", (), {"dataset": "glyphs", "root": None, "image_size": 8})(),
         "eval": type("E", (), {"way": 5})()})())
     monkeypatch.setattr(sel, "load_split", lambda *a: None)
-    monkeypatch.setattr(sel, "task_list", lambda val, way, shot, query, tasks, seed: [[shot]])
+    monkeypatch.setattr(sel, "task_list", lambda val, way, shot, query, tasks, seed: [[0] * shot])
     monkeypatch.setattr(sel, "fingerprint", lambda tasks: f"tasks{len(tasks[0])}")
     monkeypatch.setattr(sel, "evaluate", fake_evaluate)
     monkeypatch.setattr(sel.MetaLearner, "from_pretrained",
-                        classmethod(lambda cls, folder: type("L", (), {"test_time_settings": lambda self, s: {}})()))
+                        classmethod(lambda cls, folder: type("L", (), {"test_time_settings": lambda self, s: {},
+                                                                      "tunable": ()})()))
+    return evaluated
+
+
+def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch):
+    """Rescoring a zoo evaluates new or changed learners only; the rest keep their rows and per-task accuracies."""
+    sel = load()
+    evaluated = fake_runs(sel, monkeypatch, tmp_path, {"default": {}, "paper": {}},
+                          {"default": [1.0, 0.5], "paper": [0.5, 0.5]})
     report = sel.score("glyphs", "s", shots=(1,), root=tmp_path)
-    assert sorted(evaluated) == [("default", 1), ("paper", 1)] and report["chosen"] == "default"
+    assert sorted(evaluated) == [("default", 1, "none"), ("paper", 1, "none")] and report["chosen"] == "default"
     assert {r["variant"]: r["vs_chosen"][0] for r in report["rows"] if "vs_chosen" in r} == {"paper": -25.0}
     (tmp_path / "report.json").write_text(json.dumps(report))
     evaluated.clear()
@@ -218,11 +226,11 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
     assert evaluated == [] and again["rows"] == report["rows"]
     (tmp_path / "glyphs" / "s" / "paper" / "seed0" / "meta_learner" / "model.safetensors").write_bytes(b"retrained")
     sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "report.json")
-    assert evaluated == [("paper", 1)]
+    assert evaluated == [("paper", 1, "none")]
     evaluated.clear()  # a run moved to another variant's folder is the same learner: its scores move with it
     (tmp_path / "glyphs" / "s" / "default").rename(tmp_path / "glyphs" / "s" / "default+renamed")
     moved = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "report.json")
-    assert evaluated == [("paper", 1)]
+    assert evaluated == [("paper", 1, "none")]
     assert [r["val_accuracy"] for r in moved["rows"] if r["variant"] == "default+renamed"] == [75.0]
     assert "default" not in {r["variant"] for r in moved["rows"]}  # not carried as a run made elsewhere
     (tmp_path / "moved.json").write_text(json.dumps({**moved, "rows": [*moved["rows"], *sel.carried(
@@ -237,7 +245,7 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
     (tmp_path / "old.json").write_text(json.dumps(old))
     evaluated.clear()
     kept = sel.score("glyphs", "s", shots=(1,), root=tmp_path, previous=tmp_path / "old.json", only={"paper"})
-    assert evaluated == [("paper", 1)]
+    assert evaluated == [("paper", 1, "none")]
     assert {r["variant"]: r["val_accuracy"] for r in kept["rows"]} == {"default+renamed": 90.0, "paper": 50.0}
     # a kept row keeps its difference to the same chosen variant's run of its seed
     (tmp_path / "old.json").write_text(json.dumps({**old, "rows": old["rows"] + [
@@ -248,6 +256,27 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
     assert {r["variant"]: r.get("vs_chosen") for r in kept["rows"]} == {"default+renamed": None,
                                                                         "default+avg": [-5.0, 1.0], "paper": None}
 
+
+
+def test_a_run_is_scored_with_the_calibration_it_chose_for_each_shot(tmp_path, monkeypatch):
+    """A run that chose SimpleShot at 1-shot on its meta-val is scored with it there (what its user gets) and plain at
+    5-shot; a row scored plain before is scored again, one scored with the same calibration is kept."""
+    sel = load()
+    chose = {"calibration": {"1": {"name": "simpleshot", "settings": {}}, "5": {"name": "none", "settings": {}}}}
+    evaluated = fake_runs(sel, monkeypatch, tmp_path, {"default": chose}, {"default": [1.0, 0.5]})
+    report = sel.score("glyphs", "s", shots=(1, 5), root=tmp_path)
+    assert sorted(evaluated) == [("default", 1, "simpleshot"), ("default", 5, "none")]
+    assert {r["shot"]: r.get("calibration") for r in report["rows"]} == {1: "simpleshot", 5: None}
+    assert "(simpleshot)" in sel.markdown(report)
+    plain = {**report, "rows": [{k: v for k, v in r.items() if k != "calibration"} for r in report["rows"]]}
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    evaluated.clear()
+    sel.score("glyphs", "s", shots=(1, 5), root=tmp_path, previous=tmp_path / "plain.json")
+    assert evaluated == [("default", 1, "simpleshot")]
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    evaluated.clear()
+    assert sel.score("glyphs", "s", shots=(1, 5), root=tmp_path, previous=tmp_path / "report.json")["rows"] \
+        == report["rows"] and evaluated == []
 
 def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     sel = load()
