@@ -207,12 +207,22 @@ class ZooDistillation(nn.Module):
         """This step's teachers to distil: ``min(teachers_per_step, zoo size)``, sorted."""
         return self.sampler.sample()
 
+    def work_items(self, teachers: Sequence[int]) -> list[list[int]]:
+        """The step's distilled ``teachers`` as work items, each one row of the outer gradient that one process
+        computes (:meth:`losses`): a teacher each, or with ``images: step`` the whole step, whose teachers are all
+        distilled on the same images (the learner embeds them once for all)."""
+        if self.config.images == "step":
+            return [list(teachers)] if teachers else []
+        return [[i] for i in teachers]
+
     def losses(self, learner: MetaLearner, bank: PseudoBank, idx: Sequence[int], step: int,
                ensemble: Sequence[int] | None = None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """One weighted distillation loss per teacher of ``idx`` (0-dim, differentiable in the learner and in
-        the heads and maps; the bank is read detached), and their mean parts ``logit_kd``, ``feature_cos``,
-        ``relation``.  ``ensemble``: the step's teachers whose similarities the relational term follows
-        (default ``idx``; a process that distils only its share of the step's teachers passes them all)."""
+        """The weighted distillation losses of the teachers ``idx`` (0-dim, differentiable in the learner and in
+        the heads and maps; the bank is read detached): one per teacher, or with ``images: step`` their sum (one
+        work item, :meth:`work_items`); and their mean parts ``logit_kd``, ``feature_cos``, ``relation``.
+        ``ensemble``: the step's teachers whose similarities the relational term follows, and whose images
+        ``images: step`` distils on (default ``idx``; a process that distils only its share of the step's
+        teachers passes them all)."""
         c = self.config
         ensemble = list(idx) if ensemble is None else list(ensemble)
         out, kd, cos, rel = [], [], [], []
@@ -222,15 +232,17 @@ class ZooDistillation(nn.Module):
             thetas = augmentation_draws(self.augment, (self.seed, 1), step, viewed, [len(x) for x in images],
                                         bank.logits[0].device).split([len(x) for x in images])
             images = [self.augment(x, theta) for x, theta in zip(images, thetas)]
-        if c.images == "step":  # every teacher on the whole step's views
+        shared = None
+        if c.images == "step":  # every teacher on the whole step's views, embedded once
             images = [torch.cat(images)] * len(idx)
+            shared = learner.embed(images[0])
         for i, x in zip(idx, images):
             teacher = self.teachers[i]
             with torch.no_grad(), _precision(x.device, self.autocast):
                 target_features = teacher.features(x)
                 target_logits = teacher.model.head(target_features)
             target_features, target_logits = target_features.float(), target_logits.float()
-            embedding = learner.embed(x)
+            embedding = learner.embed(x) if shared is None else shared
             loss = embedding.new_zeros(())
             if c.logit > 0:
                 kd.append(distillation_loss(self.student_logits(i, embedding), target_logits, c.temperature,
@@ -246,6 +258,8 @@ class ZooDistillation(nn.Module):
                 rel.append(relation_distance(embedding, kernel.mean(0)))
                 loss = loss + c.relation * rel[-1]
             out.append(loss)
+        if shared is not None and out:  # one work item: the terms share the learner's pass
+            out = [torch.stack(out).sum()]
         nan = torch.full((), float("nan"), device=bank.logits[0].device)
         stats = {"logit_kd": torch.stack(kd).detach().mean() if kd else nan,
                  "feature_cos": torch.stack(cos).detach().mean() if cos else nan,

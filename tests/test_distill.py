@@ -290,24 +290,29 @@ def test_standardized_distillation_ignores_the_teachers_logit_scale():
     assert distillation_loss(3 * t + 1, t, 4.0, standardize=True) < 1e-8  # the same ranking and gaps: nothing left
 
 
-def test_distilling_on_the_steps_images_asks_each_teacher_about_the_others_classes(zoo):
-    """``images: step``: every distilled teacher's term is its KD on the images of all the step's teachers, the
-    same whether one process distils them all or each its share."""
+def test_distilling_on_the_steps_images_asks_each_teacher_about_the_others_classes(zoo, monkeypatch):
+    """``images: step``: the step is one work item whose term is the sum of every distilled teacher's KD on the
+    images of all the step's teachers, which the learner embeds once; with ``own`` each teacher is an item."""
     bank = PseudoBank(zoo, images_per_class=2)
     learner = ProtoNet(random_model("conv4", 3, 1, 8, ARCH_ARGS, seed=0))
     config = DistillConfig(logit=1.0, images="step", augment=False)
     distillation = ZooDistillation(zoo, learner.embed(torch.zeros(2, 1, 8, 8)).shape[-1], config)
     step = [0, 1, 3]
-    whole, _ = distillation.losses(learner, bank, step, step=2)
+    assert distillation.work_items(step) == [step] and distillation.work_items([]) == []
+    embedded = []
+    embed = learner.embed
+    monkeypatch.setattr(learner, "embed", lambda x: embedded.append(len(x)) or embed(x))
+    whole, stats = distillation.losses(learner, bank, step, step=2)
     x = torch.cat([bank.teacher_images(i) for i in step])
-    for k, i in enumerate(step):
+    assert embedded == [len(x)] and len(whole) == 1
+    expected = []
+    for i in step:
         with torch.no_grad():
             target = zoo[i].model.head(zoo[i].features(x))
-        expected = distillation_loss(distillation.student_logits(i, learner.embed(x)), target, config.temperature)
-        assert torch.allclose(whole[k], expected)
-    share, _ = distillation.losses(learner, bank, [1], step=2, ensemble=step)
-    assert torch.allclose(share[0], whole[1])
+        expected.append(distillation_loss(distillation.student_logits(i, embed(x)), target, config.temperature))
+    assert torch.allclose(whole[0], sum(expected)) and torch.allclose(stats["logit_kd"], sum(expected) / len(step))
     own = ZooDistillation(zoo, distillation.heads[0].in_features, DistillConfig(logit=1.0, augment=False))
-    assert not torch.allclose(own.losses(learner, bank, step, step=2)[0][0], whole[0])  # its own classes' alone
+    assert own.work_items(step) == [[0], [1], [3]]
+    assert not torch.allclose(own.losses(learner, bank, step, step=2)[0][0], expected[0])  # its own classes' alone
     with pytest.raises(ValueError, match="distill.images must be one of"):
         DistillConfig(images="all")

@@ -226,13 +226,14 @@ class ECI:
         with torch.no_grad():
             episodes = [self.bank.episode(specs[j]).detach() for j in mine]
         distilled = self.distillation.sample_teachers() if self.cfg.distill.active else []
-        mine_distilled = [i for k, i in enumerate(distilled) if d.owner(mb + k) == d.rank]
+        items = self.distillation.work_items(distilled)
+        mine_distilled = [i for k, item in enumerate(items) if d.owner(mb + k) == d.rank for i in item]
         terms, dstats = self.distillation.losses(self.learner, self.bank, mine_distilled, it, ensemble=distilled) \
             if mine_distilled else ([], {})
         t_distilled = time.perf_counter()
         set_outer_lr(self.optimizer, self.cfg.meta.train, it)
         row = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"]) + 2
-        sync = task_sync(d, self._row_owners(mb, len(distilled)), row)
+        sync = task_sync(d, self._row_owners(mb, len(items)), row)
         loss, query_acc = meta_step(self.learner, self.optimizer, episodes, total=mb, sync=sync, extra=terms,
                                     observe=None if self.hard_tasks is None else
                                     lambda logits: seen.append(failure_labels(logits)))
@@ -242,7 +243,8 @@ class ECI:
 
     def _row_owners(self, tasks: int, distilled: int) -> list[int]:
         """The process of every row of the outer gradient: the tasks' (one per task, or one per process whose
-        tasks go through the learner together), then one per distilled teacher."""
+        tasks go through the learner together), then one per distillation work item
+        (:meth:`ZooDistillation.work_items`: a distilled teacher, or the whole step)."""
         d = self.dist
         if self.learner.tasks_together(d.device):
             task_rows = sorted({d.owner(j) for j in range(tasks)})
