@@ -270,7 +270,7 @@ def rules_off(variant: str) -> str:
     return "+".join([base, *(p for p in parts if p not in RULES_OFF), *RULES_OFF])
 
 
-def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
+def cross(zoos: list[tuple[str, str]], reference: str = "paper", among: list[str] | None = None) -> dict:
     """The default chosen across zoos, from each zoo's :func:`score` report (``selection_<dataset>_<scenario>.json``).
 
     Per zoo, each variant's meta-val is the mean over shots and over the training seeds that every variant there ran
@@ -280,6 +280,11 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     variants share, then over the seeds every variant shares).  On a zoo without the
     property that tells it apart, a variant with a part of :data:`SAME_WITHOUT` takes the meta-val of the variant it
     is the same model as there (:func:`stand_in`; marked in ``stands_in``).  Meta-test is not read.
+
+    With ``among`` (variant names), only those variants and ``reference`` are compared, each zoo on the training
+    seeds those variants share (``reference`` on its own seeds): e.g. the variants run on today's code, on every
+    seed they ran, without the rows of older code (whose seed 0 was drawn by other code) or the seed 0 that an
+    older variant limits the whole table to.
     """
     per_seed: dict[str, dict[str, dict[int, list[float]]]] = {}  # variant -> zoo -> training seed -> meta-val rows
     stands_in: dict[str, dict[str, str]] = {}
@@ -298,11 +303,18 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
         for variant, seeds in per.items():
             per_seed.setdefault(variant, {})[f"{dataset}/{scenario}"] = seeds
     names = [f"{d}/{s}" for d, s in zoos]
-    candidates = {v: z for v, z in per_seed.items() if set(z) == set(names)}
-    if reference not in candidates:
-        raise SystemExit(f"{reference} was not scored on every zoo ({', '.join(names)})")
-    # Per zoo, every variant on the training seeds they all ran with (seed_means)
-    per_zoo = {zoo: seed_means({v: z[zoo] for v, z in candidates.items()}) for zoo in names}
+    candidates = {v: z for v, z in per_seed.items() if set(z) == set(names)
+                  and (among is None or v in among or v == reference)}
+    for v in [reference, *(among or [])]:
+        if v not in candidates:
+            raise SystemExit(f"{v} was not scored on every zoo ({', '.join(names)})")
+    # Per zoo, every variant on the training seeds they all ran with (seed_means); with ``among``, those variants
+    # on the seeds they share and the reference on its own
+    shared_by = [v for v in candidates if among is None or v != reference]
+    per_zoo = {zoo: seed_means({v: candidates[v][zoo] for v in shared_by}) for zoo in names}
+    if among is not None:
+        for zoo in names:
+            per_zoo[zoo][0][reference] = seed_means({reference: candidates[reference][zoo]})[0][reference]
     common = {zoo: seeds for zoo, (_, seeds) in per_zoo.items()}
     everywhere = {v: {zoo: per_zoo[zoo][0][v] for zoo in names} for v in candidates}
     ranks = {v: {} for v in everywhere}
@@ -330,6 +342,8 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper") -> dict:
     rows.sort(key=lambda r: (r["mean_rank"], -r["mean_val"]))
     report = {"zoos": names, "reference": reference, "margin": MARGIN, "chosen": chosen, "rows": rows,
               "seeds": common, "split": "val", "tasks": TASKS, "task_seed": SEED}
+    if among is not None:
+        report["among"] = sorted(among)
     if len(tied) > 1:
         report["tie_break"] = {"variants": tied, "seeds": shared,
                                "mean_val": {v: round(x, 2) for v, x in tie_val.items()}}
@@ -352,7 +366,8 @@ def cross_markdown(report: dict) -> str:
     lines = ["# Choosing the default across zoos, on meta-val", "",
              f"Meta-val accuracy (%, {report['tasks']} tasks per shot, task seed {report['task_seed']}, mean over "
              "1- and 5-shot; 1-shot only where a zoo's tasks are 1-shot; over the training seeds every variant of a "
-             "zoo ran with: " + ", ".join(f"{z} {', '.join(map(str, s)) or 'none shared, each its own'}"
+             "zoo ran with" + (f" (among {', '.join(report['among'])}; {report['reference']} on its own seeds)"
+                               if "among" in report else "") + ": " + ", ".join(f"{z} {', '.join(map(str, s)) or 'none shared, each its own'}"
                                           for z, s in report.get("seeds", {}).items())
              + ") of each variant on each zoo, its rank there "
              f"(1 = best), and how far below {report['reference']} it falls on its worst zoo. Eligible: nowhere more "
@@ -378,12 +393,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("scenario", nargs="+", help="the scenario, or (with cross) <dataset>:<scenario> per zoo")
     p.add_argument("--only", nargs="+", metavar="VARIANT",
                    help="evaluate only these variants' runs; every other run keeps its row of the report as it is")
+    p.add_argument("--among", nargs="+", metavar="VARIANT",
+                   help="cross: compare only these variants (and paper), on every seed they share "
+                        "(-> selection_cross_zoo_among.{json,md})")
     a = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if a.dataset == "cross":
-        report = cross([tuple(z.split(":", 1)) for z in a.scenario])
-        (RESULTS / "selection_cross_zoo.json").write_text(json.dumps(report, indent=1) + "\n")
-        (RESULTS / "selection_cross_zoo.md").write_text(cross_markdown(report))
+        report = cross([tuple(z.split(":", 1)) for z in a.scenario], among=a.among)
+        name = "selection_cross_zoo_among" if a.among else "selection_cross_zoo"
+        (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (RESULTS / f"{name}.md").write_text(cross_markdown(report))
         print(cross_markdown(report))
         return
     torch.set_num_threads(1)

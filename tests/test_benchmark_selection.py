@@ -62,6 +62,24 @@ def test_a_tie_in_mean_rank_goes_to_the_better_meta_val_over_the_seeds_the_tied_
     assert "tie_break" not in one
 
 
+def test_among_named_variants_each_zoo_compares_them_on_every_seed_they_share(tmp_path, monkeypatch):
+    """``among``: only the named variants and paper, each zoo on the seeds the named ones share (paper, run on seed 0
+    alone, on its own), so a variant's lucky seed 0 of older code no longer decides."""
+    sel = load()
+    monkeypatch.setattr(sel, "RESULTS", tmp_path)
+    rows = [{"variant": v, "seed": seed, "shot": 1, "val_accuracy": acc}
+            for v, seed, acc in (("paper", 0, 80), ("old", 0, 95), ("a", 0, 90), ("a", 1, 86), ("a", 2, 86),
+                                 ("b", 0, 89), ("b", 1, 89), ("b", 2, 89))]
+    (tmp_path / "selection_glyphs_z.json").write_text(json.dumps({"rows": rows}))
+    full = sel.cross([("glyphs", "z")])
+    assert full["chosen"] == "old" and full["seeds"] == {"glyphs/z": [0]}
+    report = sel.cross([("glyphs", "z")], among=["a", "b"])
+    assert {r["variant"]: r["val_accuracy"]["glyphs/z"] for r in report["rows"]} == {"paper": 80, "a": 87.33, "b": 89}
+    assert report["chosen"] == "b" and report["seeds"] == {"glyphs/z": [0, 1, 2]} and report["among"] == ["a", "b"]
+    assert "among a, b; paper on its own seeds" in sel.cross_markdown(report)
+    with pytest.raises(SystemExit, match="c was not scored on every zoo"):
+        sel.cross([("glyphs", "z")], among=["a", "c"])
+
 def write_reports(folder: Path, reports: dict[str, tuple[dict[str, float], dict]]) -> None:
     """One selection report per zoo: ``{zoo: ({variant: meta-val}, extra report keys)}`` (1-shot rows)."""
     for zoo, (scores, extra) in reports.items():
