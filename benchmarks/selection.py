@@ -367,8 +367,9 @@ def cross_markdown(report: dict) -> str:
              f"Meta-val accuracy (%, {report['tasks']} tasks per shot, task seed {report['task_seed']}, mean over "
              "1- and 5-shot; 1-shot only where a zoo's tasks are 1-shot; over the training seeds every variant of a "
              "zoo ran with" + (f" (among {', '.join(report['among'])}; {report['reference']} on its own seeds)"
-                               if "among" in report else "") + ": " + ", ".join(f"{z} {', '.join(map(str, s)) or 'none shared, each its own'}"
-                                          for z, s in report.get("seeds", {}).items())
+                               if "among" in report else "") + ": "
+             + ", ".join(f"{z} {', '.join(map(str, s)) or 'none shared, each its own'}"
+                         for z, s in report.get("seeds", {}).items())
              + ") of each variant on each zoo, its rank there "
              f"(1 = best), and how far below {report['reference']} it falls on its worst zoo. Eligible: nowhere more "
              f"than {report['margin']:g} point below {report['reference']}; chosen: the best mean rank among them: "

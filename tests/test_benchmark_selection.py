@@ -80,6 +80,7 @@ def test_among_named_variants_each_zoo_compares_them_on_every_seed_they_share(tm
     with pytest.raises(SystemExit, match="c was not scored on every zoo"):
         sel.cross([("glyphs", "z")], among=["a", "c"])
 
+
 def write_reports(folder: Path, reports: dict[str, tuple[dict[str, float], dict]]) -> None:
     """One selection report per zoo: ``{zoo: ({variant: meta-val}, extra report keys)}`` (1-shot rows)."""
     for zoo, (scores, extra) in reports.items():
@@ -275,7 +276,6 @@ def test_a_report_scores_again_only_the_runs_that_changed(tmp_path, monkeypatch)
                                                                         "default+avg": [-5.0, 1.0], "paper": None}
 
 
-
 def test_a_run_is_scored_with_the_calibration_it_chose_for_each_shot(tmp_path, monkeypatch):
     """A run that chose SimpleShot at 1-shot on its meta-val is scored with it there (what its user gets) and plain at
     5-shot; a row scored plain before is scored again, one scored with the same calibration is kept."""
@@ -295,6 +295,7 @@ def test_a_run_is_scored_with_the_calibration_it_chose_for_each_shot(tmp_path, m
     evaluated.clear()
     assert sel.score("glyphs", "s", shots=(1, 5), root=tmp_path, previous=tmp_path / "report.json")["rows"] \
         == report["rows"] and evaluated == []
+
 
 def test_a_stand_in_drops_only_the_parts_that_change_nothing_on_the_zoo():
     sel = load()
