@@ -212,7 +212,8 @@ def markdown(report: dict) -> str:
             r = cell[variant, seed, s]
             diff = r.get("vs_chosen")
             how = f" ({r['calibration']})" if "calibration" in r else ""
-            parts += [f"{r['val_accuracy']:.2f} ± {r['ci95']:.2f}{how}", f"{diff[0]:+.2f} ± {diff[1]:.2f}" if diff else ""]
+            parts += [f"{r['val_accuracy']:.2f} ± {r['ci95']:.2f}{how}",
+                      f"{diff[0]:+.2f} ± {diff[1]:.2f}" if diff else ""]
         mark = " †" if "carried_from" in cell[variant, seed, shots[0]] else ""
         lines.append(f"| {variant}{mark} | {seed} | " + " | ".join(parts) + " |")
     commits = sorted({r["carried_from"] for r in report["rows"] if "carried_from" in r})
