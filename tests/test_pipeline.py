@@ -522,6 +522,23 @@ def test_two_processes_match_one(tiny_root, baseline_run, tmp_path):
         assert identical(a, b), part
 
 
+def test_distilling_on_the_steps_images_in_two_processes_matches_one(tiny_root, baseline_run, tmp_path):
+    """``distill.images: step`` makes the step's distillation one work item (one row of the outer gradient): two
+    processes train the bank and learner of one, bit for bit."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "recipes" / "accelerate" / "two-processes.yaml")]
+    runs = {}
+    for name, launch in (("one", None), ("two", launcher)):
+        runs[name] = tmp_path / name
+        res = recipe(overrides(tiny_root, runs[name], **{"cache_dir": str(baseline_run / "cache"),
+                                                          "distill.images": "step", "eval.baselines": "[]",
+                                                          "eval.calibrations": "[]"}), launcher=launch)
+        assert res.returncode == 0, res.stderr[-3000:]
+    for part in ("bank", "learner", "distill"):
+        a, b = (checkpointed_state(o / "checkpoints" / f"checkpoint_{ITERATIONS}", part) for o in runs.values())
+        assert identical(a, b), part
+
+
 def identical(a, b) -> bool:
     """Nested dicts / lists of tensors and plain values, equal bit for bit."""
     if isinstance(a, torch.Tensor):
