@@ -232,7 +232,7 @@ class ZooDistillation(nn.Module):
             thetas = augmentation_draws(self.augment, (self.seed, 1), step, viewed, [len(x) for x in images],
                                         bank.logits[0].device).split([len(x) for x in images])
             images = [self.augment(x, theta) for x, theta in zip(images, thetas)]
-        shared = None
+        shared, kernel = None, None
         if c.images == "step":  # every teacher on the whole step's views, embedded once
             images = [torch.cat(images)] * len(idx)
             shared = learner.embed(images[0])
@@ -252,10 +252,11 @@ class ZooDistillation(nn.Module):
                 cos.append(feature_distance(self.maps[i](embedding), target_features))
                 loss = loss + c.feature * cos[-1]
             if c.relation > 0:
-                with torch.no_grad(), _precision(x.device, self.autocast):
-                    kernel = torch.stack([cosine_kernel(target_features if j == i else
-                                                        self.teachers[j].features(x).float()) for j in ensemble])
-                rel.append(relation_distance(embedding, kernel.mean(0)))
+                if kernel is None or shared is None:  # on the step's shared views, the ensemble's kernel is one
+                    with torch.no_grad(), _precision(x.device, self.autocast):
+                        kernel = torch.stack([cosine_kernel(target_features if j == i else self.teachers[j].features(x)
+                                                            .float()) for j in ensemble]).mean(0)
+                rel.append(relation_distance(embedding, kernel))
                 loss = loss + c.relation * rel[-1]
             out.append(loss)
         if shared is not None and out:  # one work item: the terms share the learner's pass

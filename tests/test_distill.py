@@ -314,5 +314,17 @@ def test_distilling_on_the_steps_images_asks_each_teacher_about_the_others_class
     own = ZooDistillation(zoo, distillation.heads[0].in_features, DistillConfig(logit=1.0, augment=False))
     assert own.work_items(step) == [[0], [1], [3]]
     assert not torch.allclose(own.losses(learner, bank, step, step=2)[0][0], expected[0])  # its own classes' alone
+    # the relational term on the shared views: the ensemble's kernel once, not once per teacher
+    related = ZooDistillation(zoo, distillation.heads[0].in_features,
+                              DistillConfig(logit=0.0, relation=1.0, images="step", augment=False))
+    passes = []
+    for t in zoo:
+        monkeypatch.setattr(t, "features", lambda y, f=t.features: passes.append(len(y)) or f(y))
+    term, stats = related.losses(learner, bank, step, step=2)
+    assert passes == [len(x)] * (len(step) + len(step) - 1)  # each teacher's target, the others' once for the kernel
+    with torch.no_grad():
+        kernel = torch.stack([cosine_kernel(zoo[i].features(x)) for i in step]).mean(0)
+    assert torch.allclose(term[0], len(step) * relation_distance(embed(x), kernel))
+    assert torch.allclose(stats["relation"], relation_distance(embed(x), kernel))
     with pytest.raises(ValueError, match="distill.images must be one of"):
         DistillConfig(images="all")
