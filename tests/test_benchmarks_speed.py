@@ -34,3 +34,19 @@ def test_zoo_size_times_replicas_side_by_side_and_reads_the_difference_against_t
     text = zs.reading(one, sep)
     assert "100 teachers minus 10: +0.020 s" in text and "differ by up to 0.030 s" in text
     assert "Separate processes: +0.000 s" in text and "differ by up to 0.200 s" in text
+
+
+def test_kd_steps_one_work_item_and_one_per_teacher_are_timed_side_by_side(tiny_root, baseline_run, tmp_path):
+    """benchmarks/distill_speed.py: both paths of distill.images=step run on one ECI, alternating, and are summarised
+    by their medians after the warm-up rounds."""
+    from purer.pipeline import RunConfig
+    from purer.yaml_config import load_config
+    from recipe_runs import overrides
+
+    ds = load_benchmark("distill_speed")
+    cfg = load_config(RunConfig, None, overrides(tiny_root, tmp_path, **{"distill.images": "step"}))
+    seconds = ds.measure(cfg, rounds=3)
+    assert set(seconds) == {"one item", "per teacher"}
+    assert all(len(s) == 3 and all(math.isfinite(x) and x > 0 for x in s) for s in seconds.values())
+    out = ds.summary({"one item": [9.0, 9.0, 1.0], "per teacher": [9.0, 9.0, 2.0]})
+    assert out == {"median_s": {"one item": 1.0, "per teacher": 2.0}, "speedup": 2.0, "rounds": 3}
