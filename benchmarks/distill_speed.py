@@ -57,6 +57,9 @@ def measure(cfg: RunConfig, rounds: int) -> dict[str, list[float]]:
     val = {cfg.data.dataset: load_split(cfg.data.dataset, "val", cfg.data.root, cfg.data.image_size)}
     eci = ECI(cfg, teachers, val, dist)
     d = eci.distillation
+    if d.images != "step":
+        raise SystemExit(f"distill_speed: this zoo's teachers are distilled on their own classes' images "
+                         f"(distill.{cfg.distill.images_key(t.config for t in teachers)}); set it to step")
     paths = {"one item": (d.work_items, d.losses), "per teacher": per_teacher(eci)}
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     for it in range(rounds):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import statistics
 import subprocess
@@ -234,7 +235,12 @@ MARGIN = 1.0
 #: ``inversion.synthesizer_heterogeneous`` never does, so where neither applies no generator runs and its width
 #: changes nothing (unless the variant's ``gen1`` runs it); ``gen1`` changes nothing where a rule already gives the
 #: generator (on a zoo of colour teachers only, or of several architectures), unless the variant turns that rule off.
+#: What the teachers are distilled on has the same rules (``DistillConfig.images``): ``kd-own`` changes nothing where
+#: a rule already gives each teacher its own classes' images (a zoo of colour teachers only, or of several
+#: architectures), and ``kd-step`` nothing where neither rule applies (the recipe distils on the step's images there).
 SAME_WITHOUT = {"kd-union": [({"shared_classes": False}, ())], "tv-release": [({"colour_teachers": False}, ())],
+                "kd-own": [({"grey_teachers": False}, ()), ({"several_archs": True}, ())],
+                "kd-step": [({"grey_teachers": True, "several_archs": False}, ())],
                 "pixels-colour": [({"grey_teachers": True}, ())], "pixels-sh": [({"several_archs": False}, ())],
                 "w32": [({"grey_teachers": True, "several_archs": False}, ("gen1",))],
                 "gen1": [({"grey_teachers": False}, ("pixels-colour",)), ({"several_archs": True}, ("pixels-sh",))]}
@@ -258,17 +264,18 @@ def stand_in(variant: str, report: dict) -> str | None:
     return "+".join([base, *kept]) if len(kept) < len(parts) else None
 
 
-#: The parts that switch a synthesizer rule off (``benchmarks/accuracy.py``): the pixel bank where a rule would give
-#: the generator.
-RULES_OFF = ("pixels-colour", "pixels-sh")
+#: The parts that switch a per-zoo rule off (``benchmarks/accuracy.py``): each teacher on its own classes' images
+#: where the rule would distil on the step's, and the pixel bank where a rule would give the generator.
+RULES_OFF = ("kd-own", "pixels-colour", "pixels-sh")
 
 
-def rules_off(variant: str) -> str:
-    """``variant`` with every synthesizer rule off (its other parts kept, the rules' parts last in one order): on each
-    zoo the variant some run there stands for, so a variant run on each zoo before one of the rules (under names
-    that turn off only the rule of that zoo) is compared across zoos."""
+def rules_off(variant: str) -> list[str]:
+    """``variant`` with each combination of per-zoo rules off (its other parts kept, the rules' parts last in one
+    order): on each zoo the variant some run there stands for, so a variant run on each zoo before some of the rules
+    (under names that turn off only the rules that apply to that zoo) is compared across zoos."""
     base, *parts = variant.split("+")
-    return "+".join([base, *(p for p in parts if p not in RULES_OFF), *RULES_OFF])
+    kept = [base, *(p for p in parts if p not in RULES_OFF)]
+    return ["+".join([*kept, *off]) for n in range(len(RULES_OFF) + 1) for off in itertools.combinations(RULES_OFF, n)]
 
 
 def cross(zoos: list[tuple[str, str]], reference: str = "paper", among: list[str] | None = None) -> dict:
@@ -291,7 +298,7 @@ def cross(zoos: list[tuple[str, str]], reference: str = "paper", among: list[str
     stands_in: dict[str, dict[str, str]] = {}
     reports = {(d, s): json.loads((RESULTS / f"selection_{d}_{s}.json").read_text()) for d, s in zoos}
     named = {r["variant"] for report in reports.values() for r in report["rows"]}
-    candidates_elsewhere = sorted(named | {rules_off(v) for v in named})
+    candidates_elsewhere = sorted(named | {u for v in named for u in rules_off(v)})
     for (dataset, scenario), report in reports.items():
         per: dict[str, dict[int, list[float]]] = {}
         for r in report["rows"]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from .inversion.augment import RandomAffineAugment
 from .inversion.draws import TeacherSampler, augmentation_draws
 from .meta.base import MetaLearner
 from .zoo.architectures import Classifier
-from .zoo.teacher import Teacher
+from .zoo.teacher import Teacher, zoo_rule
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -122,7 +122,15 @@ class DistillConfig:
         images: what each distilled teacher is distilled on: ``own``, the bank images of its own
             classes; or ``step``, the images of every teacher of the step (its own and the others'),
             so the learner also learns how the teacher answers images of classes it was not trained
-            on, which is what its features do for the novel classes of a meta-test task.
+            on, which is what its features do for the novel classes of a meta-test task.  Not in the
+            successors: ``step`` for a zoo of grey teachers of one architecture, chosen on meta-val across
+            zoos (``benchmarks/results/selection_cross_zoo_among.md``; README "Results"): on the 12- and
+            100-teacher glyph zoos meta-val rose at 1-shot on every training seed.
+        images_colour: ``images`` for a zoo whose teachers all take colour (3-channel) input; ``None``: ``images``.
+            ``own``: on the colour icon zoo ``step`` lowered meta-val at both shots.
+        images_heterogeneous: ``images`` for a zoo of teachers of several architectures (the colour rule first,
+            as :meth:`~purer.inversion.InversionConfig.synthesizer_key`'s); ``None``: ``images``.  ``own``: on the
+            SH zoo (Conv4, ResNet-10 and ResNet-18 teachers) ``step`` lowered meta-val at 1-shot.
     """
 
     logit: float = 1.0
@@ -133,7 +141,9 @@ class DistillConfig:
     temperature: float = 4.0
     teachers_per_step: int = 4
     augment: bool = True
-    images: str = "own"
+    images: str = "step"
+    images_colour: str | None = "own"
+    images_heterogeneous: str | None = "own"
 
     def __post_init__(self):
         if min(self.logit, self.feature, self.relation) < 0:
@@ -141,8 +151,10 @@ class DistillConfig:
                              f"relation={self.relation}")
         if self.heads not in HEADS:
             raise ValueError(f"distill.heads must be one of {HEADS}, got {self.heads!r}")
-        if self.images not in IMAGES:
-            raise ValueError(f"distill.images must be one of {IMAGES}, got {self.images!r}")
+        for key in ("images", "images_colour", "images_heterogeneous"):
+            if getattr(self, key) not in (*IMAGES, *((None,) if key != "images" else ())):
+                raise ValueError(f"distill.{key} must be one of {IMAGES}{' or null' if key != 'images' else ''}, "
+                                 f"got {getattr(self, key)!r}")
         if self.temperature <= 0 or self.teachers_per_step < 1:
             raise ValueError(f"need temperature > 0 and teachers_per_step >= 1, got {self.temperature} and "
                              f"{self.teachers_per_step}")
@@ -150,6 +162,15 @@ class DistillConfig:
     @property
     def active(self) -> bool:
         return self.logit > 0 or self.feature > 0 or self.relation > 0
+
+    def images_key(self, models: Iterable) -> str:
+        """The setting that decides what a zoo of teachers ``models`` (their configs) is distilled on:
+        ``images_colour``, ``images_heterogeneous`` or ``images`` (:func:`~purer.zoo.teacher.zoo_rule`)."""
+        return zoo_rule(self, "images", models)
+
+    def images_for(self, models: Iterable) -> str:
+        """What each teacher of a zoo of teachers ``models`` is distilled on (:meth:`images_key`)."""
+        return getattr(self, self.images_key(models))
 
 
 class ZooDistillation(nn.Module):
@@ -167,6 +188,8 @@ class ZooDistillation(nn.Module):
         autocast: a lower precision (``torch.bfloat16``) for the teachers' forward passes, as in the inversion.
 
     Attributes:
+        images: what each teacher is distilled on here, ``own`` or ``step`` (:meth:`DistillConfig.images_for` the
+            zoo's teachers).
         heads: ``[nn.Linear(D, union size)]`` (``union``), per teacher ``nn.Linear(D, n_i)`` (``teacher``), or
             empty without logit distillation.
         maps: per teacher ``nn.Linear(D, D_i)`` onto its penultimate features, or empty.
@@ -177,6 +200,7 @@ class ZooDistillation(nn.Module):
                  classes: Sequence[Sequence[int]] | None = None):
         super().__init__()
         self.teachers, self.config, self.seed = list(teachers), config, seed
+        self.images = config.images_for(t.config for t in self.teachers)  # own or step, by the zoo's rule
         self.augment = augment if config.augment else None
         if classes is None:
             offsets = torch.tensor([0] + [t.config.num_classes for t in self.teachers]).cumsum(0).tolist()
@@ -211,7 +235,7 @@ class ZooDistillation(nn.Module):
         """The step's distilled ``teachers`` as work items, each one row of the outer gradient that one process
         computes (:meth:`losses`): a teacher each, or with ``images: step`` the whole step, whose teachers are all
         distilled on the same images (the learner embeds them once for all)."""
-        if self.config.images == "step":
+        if self.images == "step":
             return [list(teachers)] if teachers else []
         return [[i] for i in teachers]
 
@@ -226,14 +250,14 @@ class ZooDistillation(nn.Module):
         c = self.config
         ensemble = list(idx) if ensemble is None else list(ensemble)
         out, kd, cos, rel = [], [], [], []
-        viewed = ensemble if c.images == "step" else list(idx)  # whose bank images are distilled on
+        viewed = ensemble if self.images == "step" else list(idx)  # whose bank images are distilled on
         images = [bank.teacher_images(i) for i in viewed]
         if self.augment is not None:  # the step's views, drawn on the CPU and copied to the device once
             thetas = augmentation_draws(self.augment, (self.seed, 1), step, viewed, [len(x) for x in images],
                                         bank.logits[0].device).split([len(x) for x in images])
             images = [self.augment(x, theta) for x, theta in zip(images, thetas)]
         shared, kernel = None, None
-        if c.images == "step":  # every teacher on the whole step's views, embedded once
+        if self.images == "step":  # every teacher on the whole step's views, embedded once
             images = [torch.cat(images)] * len(idx)
             shared = learner.embed(images[0])
         for i, x in zip(idx, images):

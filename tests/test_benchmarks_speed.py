@@ -44,9 +44,13 @@ def test_kd_steps_one_work_item_and_one_per_teacher_are_timed_side_by_side(tiny_
     from recipe_runs import overrides
 
     ds = load_benchmark("distill_speed")
-    cfg = load_config(RunConfig, None, overrides(tiny_root, tmp_path, **{"distill.images": "step"}))
+    # the folder's teachers take colour: the colour rule (each teacher its own classes' images) off
+    cfg = load_config(RunConfig, None, overrides(tiny_root, tmp_path, **{"distill.images": "step",
+                                                                         "distill.images_colour": "null"}))
     seconds = ds.measure(cfg, rounds=3)
     assert set(seconds) == {"one item", "per teacher"}
     assert all(len(s) == 3 and all(math.isfinite(x) and x > 0 for x in s) for s in seconds.values())
     out = ds.summary({"one item": [9.0, 9.0, 1.0], "per teacher": [9.0, 9.0, 2.0]})
     assert out == {"median_s": {"one item": 1.0, "per teacher": 2.0}, "speedup": 2.0, "rounds": 3}
+    with pytest.raises(SystemExit, match=r"distilled on their own classes' images \(distill.images_colour\)"):
+        ds.measure(load_config(RunConfig, None, overrides(tiny_root, tmp_path, **{"distill.images": "step"})), 1)

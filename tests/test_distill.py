@@ -195,11 +195,12 @@ def test_relational_distillation_brings_the_learner_onto_the_zoos_similarities(s
 
 
 def test_a_process_distilling_its_share_of_the_step_follows_the_whole_steps_similarities(zoo):
-    """Split over processes, each one's teachers follow the same ensemble as one process distilling them all."""
+    """Split over processes (a teacher a work item: ``images: own``), each one's teachers follow the same ensemble as
+    one process distilling them all."""
     bank = PseudoBank(zoo, images_per_class=2)
     learner = ProtoNet(random_model("conv4", 3, 1, 8, ARCH_ARGS, seed=0))
     distillation = ZooDistillation(zoo, learner.embed(torch.zeros(2, 1, 8, 8)).shape[-1],
-                                   DistillConfig(logit=1.0, relation=1.0, augment=False))
+                                   DistillConfig(logit=1.0, relation=1.0, augment=False, images="own"))
     whole, _ = distillation.losses(learner, bank, [0, 1, 3], step=2)
     share, _ = distillation.losses(learner, bank, [1], step=2, ensemble=[0, 1, 3])
     alone, _ = distillation.losses(learner, bank, [1], step=2)
@@ -311,7 +312,7 @@ def test_distilling_on_the_steps_images_asks_each_teacher_about_the_others_class
             target = zoo[i].model.head(zoo[i].features(x))
         expected.append(distillation_loss(distillation.student_logits(i, embed(x)), target, config.temperature))
     assert torch.allclose(whole[0], sum(expected)) and torch.allclose(stats["logit_kd"], sum(expected) / len(step))
-    own = ZooDistillation(zoo, distillation.heads[0].in_features, DistillConfig(logit=1.0, augment=False))
+    own = ZooDistillation(zoo, distillation.heads[0].in_features, DistillConfig(logit=1.0, images="own", augment=False))
     assert own.work_items(step) == [[0], [1], [3]]
     assert not torch.allclose(own.losses(learner, bank, step, step=2)[0][0], expected[0])  # its own classes' alone
     # the relational term on the shared views: the ensemble's kernel once, not once per teacher
@@ -328,3 +329,34 @@ def test_distilling_on_the_steps_images_asks_each_teacher_about_the_others_class
     assert torch.allclose(stats["relation"], relation_distance(embed(x), kernel))
     with pytest.raises(ValueError, match="distill.images must be one of"):
         DistillConfig(images="all")
+
+
+def test_what_a_zoo_is_distilled_on_follows_its_rule():
+    """``distill.images`` for a zoo of grey teachers of one architecture (``step``), ``images_colour`` for a zoo of
+    colour teachers and ``images_heterogeneous`` for one of several architectures (``own``), the colour rule first and
+    a rule set to null giving way, as the synthesizer's rules do."""
+    def models(*kinds):
+        return [ModelConfig(arch, 2, ["a", "b"], in_channels=channels) for arch, channels in kinds]
+
+    grey, colour = models(("conv4", 1), ("conv4", 1)), models(("conv4", 3), ("conv4", 3))
+    mixed, both = models(("conv4", 1), ("resnet10", 1)), models(("conv4", 3), ("resnet10", 3))
+    config = DistillConfig()
+    assert [config.images_for(z) for z in (grey, colour, mixed, both)] == ["step", "own", "own", "own"]
+    assert [config.images_key(z) for z in (grey, colour, mixed, both)] == [
+        "images", "images_colour", "images_heterogeneous", "images_colour"]
+    assert DistillConfig(images_colour=None).images_key(both) == "images_heterogeneous"
+    assert DistillConfig(images_colour=None, images_heterogeneous=None).images_for(both) == "step"
+    assert DistillConfig(images="own", images_heterogeneous="step").images_for(mixed) == "step"
+    assert config.images_for(models(("conv4", 1), ("conv4", 3))) == "step"  # grey and colour: no colour rule
+    for key in ("images", "images_colour", "images_heterogeneous"):
+        with pytest.raises(ValueError, match=f"distill.{key} must be one of"):
+            DistillConfig(**{key: "all"})
+
+
+def test_the_distillation_takes_its_zoos_rule(zoo):
+    """:class:`ZooDistillation` distils a grey zoo of one architecture on the step's images by default, and on each
+    teacher's own with the rule for such a zoo set so; a colour rule does not apply to grey teachers."""
+    assert all(t.config.in_channels == 1 and t.config.arch == zoo[0].config.arch for t in zoo)
+    assert ZooDistillation(zoo, 8, DistillConfig()).images == "step"
+    assert ZooDistillation(zoo, 8, DistillConfig(images="own", images_colour="step")).images == "own"
+    assert ZooDistillation(zoo, 8, DistillConfig(images="own")).work_items([0, 2]) == [[0], [2]]

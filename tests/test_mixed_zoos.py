@@ -17,9 +17,10 @@ def test_a_zoo_of_three_architectures_runs_end_to_end(tiny_root, tmp_path):
     res = recipe(overrides(tiny_root, out, 3, **{"zoo.path": str(tmp_path / "zoo_mix"), "zoo.spec": str(spec),
                                                  "inversion.bn_layers": "mean", "distill.feature": 1.0,
                                                  "meta.init": "best-teacher",
-                                                 # the folder's images are colour: the colour rule off, the
-                                                 # rule of several architectures decides
+                                                 # the folder's images are colour: the colour rules off, the
+                                                 # rules of several architectures decide
                                                  "inversion.synthesizer_colour": "null",
+                                                 "distill.images_colour": "null",
                                                  "eval.baselines": "[nc-best-teacher]", "eval.calibrations": "[]"}))
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -27,6 +28,8 @@ def test_a_zoo_of_three_architectures_runs_end_to_end(tiny_root, tmp_path):
     assert results["meta_train"]["synthesizer"] == "generator"
     assert ("inversion: the generator synthesizer for a zoo of teachers of several architectures "
             "(inversion.synthesizer_heterogeneous)") in res.stdout
+    assert ("distill: each teacher distilled on its own classes' bank images, for a zoo of teachers of several "
+            "architectures (distill.images_heterogeneous)") in res.stdout
     assert {r["method"] for r in results["rows"]} == {"purer", "nc-best-teacher"}
     # meta.init=best-teacher finds no teacher that is the learner's Conv4 (width 32; the zoo's is 8):
     # the learner starts from random initialisation, the run says so, and that start is not a meta-val candidate
@@ -58,6 +61,8 @@ def test_a_zoo_of_two_datasets_trains_one_learner_and_tests_it_on_each(tiny_root
     # and the generator synthesizes a zoo of colour teachers (inversion.synthesizer_colour)
     assert results["meta_train"]["synthesizer"] == "generator"
     assert "inversion: the generator synthesizer for a zoo of colour teachers (inversion.synthesizer_colour)" in res.stdout
+    assert ("distill: each teacher distilled on its own classes' bank images, for a zoo of colour teachers "
+            "(distill.images_colour)") in res.stdout
     rows = {(r["dataset"], r["method"]) for r in results["rows"]}
     assert rows == {(d, m) for d in ("folder", "cifar_fs") for m in ("purer", "purer+support-ce", "nc-best-teacher")}
     # each dataset's best-teacher baseline comes from its own teachers

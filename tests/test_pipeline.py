@@ -482,6 +482,47 @@ def test_resume_keeps_null_settings_and_the_synthesizer_a_rule_chose(tmp_path):
     assert run_identity(RunConfig(), checkpoint, conv4)["run_id"] == run_id
 
 
+def test_resume_compares_what_the_distillation_rule_chose(tmp_path):
+    """A checkpoint of a purer before ``distill.images``' rule (each teacher on its own classes' images; or before
+    ``distill.images`` itself) resumes today where a rule gives that (a zoo of colour teachers, or of several
+    architectures), is refused on a grey zoo of one architecture (where the rule distils on the step's images) and
+    resumes there with ``distill.images: own``; a run without distillation does not compare what it would distil on."""
+    from purer.pipeline import RunConfig, RunError
+    from purer.pipeline.rundir import run_identity
+    from purer.zoo import ModelConfig
+
+    def started(cfg, drop):
+        checkpoint = tmp_path / f"run{len(list(tmp_path.iterdir()))}" / "checkpoint_4"
+        checkpoint.mkdir(parents=True)
+        identity = run_identity(cfg, None)
+        for key in drop:  # what an older purer did not record
+            identity["settings"].pop(key, None)
+        (checkpoint / "run.json").write_text(json.dumps(identity))
+        return checkpoint, identity["run_id"]
+
+    grey = [ModelConfig("conv4", 1, ["a"], in_channels=1)] * 2
+    colour = [ModelConfig("conv4", 1, ["a"], in_channels=3)] * 2
+    sh = [ModelConfig(arch, 1, ["a"], in_channels=1) for arch in ("conv4", "resnet10")]
+    before = RunConfig()
+    before.distill.images = "own"
+    own = RunConfig()
+    own.distill.images = "own"
+    rules = ["distill.images_colour", "distill.images_heterogeneous"]
+    for drop in (rules, ["distill.images", *rules]):
+        checkpoint, run_id = started(before, drop)
+        for models in (colour, sh):
+            assert run_identity(RunConfig(), checkpoint, models)["run_id"] == run_id
+        with pytest.raises(RunError, match=r"distill\.images: 'own' there, 'step' here"):
+            run_identity(RunConfig(), checkpoint, grey)
+        assert run_identity(own, checkpoint, grey)["run_id"] == run_id
+    off = RunConfig()
+    off.distill.logit = 0.0
+    checkpoint, run_id = started(off, [])
+    assert "distill.images" not in json.loads((checkpoint / "run.json").read_text())["settings"]
+    off.distill.images = "own"
+    assert run_identity(off, checkpoint, grey)["run_id"] == run_id
+
+
 def test_overrides_may_follow_flags_and_precede_them(tiny_root, tmp_path):
     args = overrides(tiny_root, tmp_path / "fresh")
     res = recipe(args[:3] + ["--resume"] + args[3:])
@@ -531,9 +572,11 @@ def test_distilling_on_the_steps_images_in_two_processes_matches_one(tiny_root, 
     for name, launch in (("one", None), ("two", launcher)):
         runs[name] = tmp_path / name
         res = recipe(overrides(tiny_root, runs[name], **{"cache_dir": str(baseline_run / "cache"),
-                                                          "distill.images": "step", "eval.baselines": "[]",
+                                                          "distill.images": "step", "distill.images_colour": "null",
+                                                          "eval.baselines": "[]",
                                                           "eval.calibrations": "[]"}), launcher=launch)
         assert res.returncode == 0, res.stderr[-3000:]
+        assert "on the bank images of every teacher of the step (distill.images)" in res.stdout  # colour rule off
     for part in ("bank", "learner", "distill"):
         a, b = (checkpointed_state(o / "checkpoints" / f"checkpoint_{ITERATIONS}", part) for o in runs.values())
         assert identical(a, b), part

@@ -56,7 +56,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import PurerWarning
 from ..host import to_device
-from ..zoo.teacher import Teacher
+from ..zoo.teacher import Teacher, zoo_rule
 from .augment import RandomAffineAugment
 from .draws import TeacherSampler, augmentation_draws
 from .bank import SPACES, PseudoBank
@@ -248,13 +248,8 @@ class InversionConfig:
         """The setting that decides the synthesizer of a zoo of teachers ``models`` (their configs,
         :class:`~purer.zoo.ModelConfig`: ``in_channels`` and ``arch``): ``synthesizer_colour`` if every one
         takes colour input (and it is set), else ``synthesizer_heterogeneous`` if they are of more than one
-        architecture (and it is set), else ``synthesizer``."""
-        models = list(models)
-        if models and all(m.in_channels == 3 for m in models) and self.synthesizer_colour is not None:
-            return "synthesizer_colour"
-        if len({m.arch for m in models}) > 1 and self.synthesizer_heterogeneous is not None:
-            return "synthesizer_heterogeneous"
-        return "synthesizer"
+        architecture (and it is set), else ``synthesizer`` (:func:`~purer.zoo.teacher.zoo_rule`)."""
+        return zoo_rule(self, "synthesizer", models)
 
     def synthesizer_for(self, models: Iterable) -> str:
         """The synthesizer of a zoo of teachers ``models`` (:meth:`synthesizer_key`)."""

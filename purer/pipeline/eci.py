@@ -347,6 +347,12 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
     if rule != "synthesizer":
         zoo = "colour teachers" if rule == "synthesizer_colour" else "teachers of several architectures"
         acc.print(f"inversion: the {eci.synthesizer} synthesizer for a zoo of {zoo} (inversion.{rule})")
+    if cfg.distill.active:
+        rule = cfg.distill.images_key(t.config for t in teachers)
+        zoo = {"images_colour": ", for a zoo of colour teachers", "images_heterogeneous":
+               ", for a zoo of teachers of several architectures"}.get(rule, "")
+        what = {"own": "its own classes' bank images", "step": "the bank images of every teacher of the step"}
+        acc.print(f"distill: each teacher distilled on {what[eci.distillation.images]}{zoo} (distill.{rule})")
     m = cfg.meta.train
     if m.early_stopping:
         acc.print(f"meta.train.patience={m.patience}: meta-training stops once meta-val (every {m.val_every} "

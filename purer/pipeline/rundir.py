@@ -11,8 +11,8 @@
   a mistyped ``--overwrite`` run loses nothing;
 - every checkpoint records its run (:func:`run_identity`): ``--resume`` continues it only
   with the settings that trained it (a setting added to purer since counts as its default, or as off where it
-  is a rule that did not apply before it existed; the synthesizer rules are compared by the synthesizer they
-  chose for the zoo), except
+  is a rule that did not apply before it existed; the per-zoo rules are compared by what they chose for the
+  zoo: the synthesizer, and what the teachers are distilled on), except
   ``meta.train.iterations``, which may grow (or shrink down to the checkpoint) under the constant outer lr,
   and ``meta.train.patience``: a finished run resumed with a larger budget (or an early-stopped one with more
   patience) goes on training from its last checkpoint.  Settings the run does not use are not compared: the
@@ -27,9 +27,10 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable
 
-from ..inversion import InversionConfig
+from ..zoo.teacher import zoo_rule
 from .run_config import RunConfig, RunError
 from .report import flat_hparams
 
@@ -137,7 +138,7 @@ def training_settings(cfg: RunConfig, models: Iterable | None = None) -> dict:
 
     ``models``: the zoo's teachers' configs (:class:`~purer.zoo.ModelConfig`), which decide the synthesizer
     (:meth:`~purer.inversion.InversionConfig.synthesizer_for`); with them, a pixel bank's run leaves out the
-    generator's settings, which it does not use."""
+    generator's settings, which it does not use.  A run without distillation leaves out what it would distil on."""
     models = None if models is None else list(models)
     trains = _trains(cfg, models)
     # None kept: a null setting recorded as null, not taken for a setting the checkpoint's purer did not have
@@ -146,28 +147,34 @@ def training_settings(cfg: RunConfig, models: Iterable | None = None) -> dict:
 
 def _trains(cfg: RunConfig, models: list | None):
     """``key -> bool``: whether a flat setting decides what this run's meta-training computes (the synthesizer
-    decided once, not per key)."""
+    decided once, not per key; without distillation, only its weights, which say it is off)."""
     pixels = models is not None and cfg.inversion.synthesizer_for(models) != "generator"
-    ignored = _NOT_TRAINING + (("inversion.generator.",) if pixels else ())
+    ignored = _NOT_TRAINING + (("inversion.generator.",) if pixels else ()) + (
+        () if cfg.distill.active else ("distill.images",))
     return lambda key: not key.startswith(ignored) and (not key.startswith("eval.") or key == "eval.seed")
 
 
-# The synthesizer rules (InversionConfig.synthesizer_key): with the zoo's teachers known, a run's settings hold
-# the synthesizer its rules chose for them, under inversion.synthesizer, and the rules as null.
-_RULES = ("inversion.synthesizer", "inversion.synthesizer_colour", "inversion.synthesizer_heterogeneous")
-# What a checkpoint lacking these settings did: a purer older than them did without them (null), and one older
-# than null settings being recorded (flat_hparams' keep_none) left a null one out.
+# The per-zoo rules (purer.zoo.zoo_rule): with the zoo's teachers known, a run's settings hold what the rules
+# chose for them under the setting's own name (inversion.synthesizer, distill.images), and the rules as null.
+_RULES = ("inversion.synthesizer", "distill.images")
+# What a checkpoint lacking these settings did: a purer older than them did without them (null; distill.images
+# before it was a setting: each teacher on its own classes' images), and one older than null settings being
+# recorded (flat_hparams' keep_none) left a null one out.
 _BEFORE = {"inversion.synthesizer_colour": None, "inversion.synthesizer_heterogeneous": None,
-           "inversion.a_tv_colour": None}
+           "inversion.a_tv_colour": None, "distill.images": "own", "distill.images_colour": None,
+           "distill.images_heterogeneous": None}
 
 
 def _resolved(flat: dict, models: list | None) -> dict:
-    """``flat`` settings with the synthesizer its rules choose for the teachers ``models`` (unchanged without them)."""
+    """``flat`` settings with what their per-zoo rules choose for the teachers ``models`` (unchanged without them)."""
     if models is None:
         return flat
-    rules = InversionConfig(**{k.removeprefix("inversion."): flat.get(k, _BEFORE.get(k)) for k in _RULES})
-    return {**{k: v for k, v in flat.items() if k not in _RULES}, **dict.fromkeys(_RULES[1:]),
-            "inversion.synthesizer": rules.synthesizer_for(models)}
+    out = dict(flat)
+    for name in _RULES:
+        keys = (name, f"{name}_colour", f"{name}_heterogeneous")
+        rules = SimpleNamespace(**{k.rsplit(".", 1)[1]: flat.get(k, _BEFORE.get(k)) for k in keys})
+        out.update(dict.fromkeys(keys[1:]), **{name: getattr(rules, zoo_rule(rules, name.rsplit(".", 1)[1], models))})
+    return out
 
 
 def run_identity(cfg: RunConfig, checkpoint: Path | None, models: Iterable | None = None) -> dict:

@@ -8,6 +8,7 @@ bank serves a heterogeneous zoo.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -73,6 +74,20 @@ class ModelConfig:
 
     def build(self) -> Classifier:
         return build_model(self.arch, self.num_classes, self.in_channels, self.image_size, self.arch_args)
+
+
+def zoo_rule(config, name: str, models: Iterable[ModelConfig]) -> str:
+    """Which of a setting's per-zoo rules decides for a zoo of teachers ``models``: the setting ``name`` of
+    ``config`` (e.g. ``inversion.synthesizer``) has a rule for a zoo whose teachers all take colour (3-channel)
+    input, ``<name>_colour``, and one for a zoo of teachers of more than one architecture,
+    ``<name>_heterogeneous``.  The colour rule first, then the other, each only where it is set (not ``None``);
+    else ``name`` itself.  Returns the name of the deciding setting."""
+    models = list(models)
+    if models and all(m.in_channels == 3 for m in models) and getattr(config, f"{name}_colour") is not None:
+        return f"{name}_colour"
+    if len({m.arch for m in models}) > 1 and getattr(config, f"{name}_heterogeneous") is not None:
+        return f"{name}_heterogeneous"
+    return name
 
 
 def prepare_input(x: torch.Tensor, in_channels: int, image_size: int, mean: torch.Tensor,
