@@ -275,7 +275,9 @@ def rules_off(variant: str) -> list[str]:
     (under names that turn off only the rules that apply to that zoo) is compared across zoos."""
     base, *parts = variant.split("+")
     kept = [base, *(p for p in parts if p not in RULES_OFF)]
-    return ["+".join([*kept, *off]) for n in range(len(RULES_OFF) + 1) for off in itertools.combinations(RULES_OFF, n)]
+    # a variant that sets what is distilled on for every zoo (kd-step) has no distillation rule to turn off
+    rules = [r for r in RULES_OFF if not (r == "kd-own" and "kd-step" in parts)]
+    return ["+".join([*kept, *off]) for n in range(len(rules) + 1) for off in itertools.combinations(rules, n)]
 
 
 def cross(zoos: list[tuple[str, str]], reference: str = "paper", among: list[str] | None = None) -> dict:

@@ -158,6 +158,7 @@ def test_variants_run_before_the_distillation_rule_line_up_across_zoos(tmp_path,
     assert rows["default+kd-step"]["val_accuracy"] == {"glyphs/grey": 87, "glyphs/sh": 86, "glyphs/colour": 43}
     assert rows["default"]["mean_rank"] == 1.0 and rows["default"]["ranks"] == dict.fromkeys(
         ("glyphs/grey", "glyphs/sh", "glyphs/colour"), 1)
+    assert not any("kd-own" in v and "kd-step" in v for v in rows)  # kd-step distils on the step's images everywhere
     among = {r["variant"]: r for r in sel.cross(zoos, among=["default", "default+kd-own", "default+kd-step"])["rows"]}
     assert among["default"]["mean_rank"] == 1.0 and among["default+kd-own"]["ranks"]["glyphs/sh"] == 1
 
