@@ -125,9 +125,9 @@ class DistillConfig:
             on, which is what its features do for the novel classes of a meta-test task.  Not in the
             successors: ``step`` for a zoo of grey teachers of one architecture, chosen on meta-val across
             zoos (``benchmarks/results/selection_cross_zoo_among.md``; README "Results"): on the 12- and
-            100-teacher glyph zoos meta-val rose at 1-shot on every training seed.
+            100-teacher glyph zoos meta-val rose at 1-shot on all 6 training seeds (over both shots on 5).
         images_colour: ``images`` for a zoo whose teachers all take colour (3-channel) input; ``None``: ``images``.
-            ``own``: on the colour icon zoo ``step`` lowered meta-val at both shots.
+            ``own``: on the colour icon zoo ``step`` lowered meta-val over both shots on both training seeds.
         images_heterogeneous: ``images`` for a zoo of teachers of several architectures (the colour rule first,
             as :meth:`~purer.inversion.InversionConfig.synthesizer_key`'s); ``None``: ``images``.  ``own``: on the
             SH zoo (Conv4, ResNet-10 and ResNet-18 teachers) ``step`` lowered meta-val at 1-shot.
