@@ -36,7 +36,7 @@ from .inversion.augment import RandomAffineAugment
 from .inversion.draws import TeacherSampler, augmentation_draws
 from .meta.base import MetaLearner
 from .zoo.architectures import Classifier
-from .zoo.teacher import Teacher, zoo_rule
+from .zoo.teacher import Teacher, convert_input, zoo_rule
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -120,7 +120,8 @@ class DistillConfig:
         augment: distil on augmented views of the bank images (the inversion's
             shift and crop, drawn per step and teacher), not only on the images themselves.
         images: what each distilled teacher is distilled on: ``own``, the bank images of its own
-            classes; or ``step``, the images of every teacher of the step (its own and the others'),
+            classes; or ``step``, the images of every teacher of the step (its own and the others'; in the
+            bank's common shape where the step's teachers take inputs of several shapes),
             so the learner also learns how the teacher answers images of classes it was not trained
             on, which is what its features do for the novel classes of a meta-test task.  Not in the
             successors: ``step`` for a zoo of grey teachers of one architecture, chosen on meta-val across
@@ -258,6 +259,8 @@ class ZooDistillation(nn.Module):
             images = [self.augment(x, theta) for x, theta in zip(images, thetas)]
         shared, kernel = None, None
         if self.images == "step":  # every teacher on the whole step's views, embedded once
+            if len({(x.shape[1], x.shape[-1]) for x in images}) > 1:  # teachers of several input contracts
+                images = [convert_input(x, bank.channels, bank.image_size) for x in images]  # the bank's shape
             images = [torch.cat(images)] * len(idx)
             shared = learner.embed(images[0])
         for i, x in zip(idx, images):

@@ -94,19 +94,23 @@ def device_eci(cfg: RunConfig, teachers, data) -> ECI:
     return eci
 
 
-@pytest.mark.parametrize("batching,synthesizer", [("loop", "pixels"), ("vmap", "pixels"), ("loop", "generator"),
-                                                  ("vmap", "generator")],
-                         ids=["loop", "vmap", "generator-loop", "generator-vmap"])
-def test_an_eci_iteration_runs_on_the_device_and_reads_one_number(zoo, splits, tmp_path, batching, synthesizer):
+@pytest.mark.parametrize("batching,synthesizer,images", [("loop", "pixels", "own"), ("vmap", "pixels", "own"),
+                                                         ("loop", "generator", "own"), ("vmap", "generator", "own"),
+                                                         ("vmap", "pixels", "step")],
+                         ids=["loop", "vmap", "generator-loop", "generator-vmap", "step"])
+def test_an_eci_iteration_runs_on_the_device_and_reads_one_number(zoo, splits, tmp_path, batching, synthesizer,
+                                                                   images):
     """The sync budget: one host read per meta-iteration (the switch's), none stray, no blocking copy; the
     iteration covers an adversarial inversion step (by the pixel bank or the generator), zoo distillation
-    (logits, features and relations) and the meta-step with tasks looped or vmapped (at an annealed outer lr, into
-    a weight average), over a zoo of two input contracts; meta-val scores the average."""
+    (logits, features and relations, on each teacher's own images or on the step's, the rule of a grey zoo of one
+    architecture) and the meta-step with tasks looped or vmapped (at an annealed outer lr, into a weight average),
+    over a zoo of two input contracts; meta-val scores the average."""
     teachers, data = on_meta(zoo, splits)
     cfg = config(tmp_path, **{"meta.task_batching": batching, "inversion.teacher_batching": batching,
-                              "inversion.synthesizer": synthesizer, "inversion.generator.steps": 2})
+                              "inversion.synthesizer": synthesizer, "inversion.generator.steps": 2,
+                              "distill.images": images, "distill.images_heterogeneous": "null"})
     eci = device_eci(cfg, teachers, data)
-    assert eci.synthesizer == synthesizer
+    assert eci.synthesizer == synthesizer and eci.distillation.images == images
     assert eci.learner.tasks_together(META) == (batching == "vmap")
     assert all(p.device == META for p in [*eci.learner.parameters(), *eci.bank.parameters()])
     if synthesizer == "generator":

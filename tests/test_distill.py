@@ -360,3 +360,28 @@ def test_the_distillation_takes_its_zoos_rule(zoo):
     assert ZooDistillation(zoo, 8, DistillConfig()).images == "step"
     assert ZooDistillation(zoo, 8, DistillConfig(images="own", images_colour="step")).images == "own"
     assert ZooDistillation(zoo, 8, DistillConfig(images="own")).work_items([0, 2]) == [[0], [2]]
+
+
+def test_the_steps_images_of_teachers_of_two_input_sizes_meet_in_the_banks_shape(zoo):
+    """``images: step`` over teachers whose classes come in different shapes (8 and 12 px): the step's images are
+    brought to the bank's common shape before the teachers and the learner read them all."""
+    from purer.zoo.teacher import convert_input
+
+    big = ModelConfig("conv4", 3, ["x0", "x1", "x2"], in_channels=1, image_size=12, mean=[0.5], std=[0.25],
+                      arch_args=dict(ARCH_ARGS))
+    torch.manual_seed(0)
+    mixed = [*zoo[:2], Teacher(build_model("conv4", 3, 1, 12, ARCH_ARGS).eval(), big, "big")]
+    bank = PseudoBank(mixed, images_per_class=2, own_contract=True)  # each class in its teacher's shape
+    assert {bank.teacher_images(i).shape[-1] for i in range(3)} == {8, 12} and bank.image_size == 12
+    learner = ProtoNet(random_model("conv4", 3, 1, 12, ARCH_ARGS, seed=0))  # on the bank's shape, as in ECI
+    config = DistillConfig(logit=1.0, images="step", augment=False)
+    distillation = ZooDistillation(mixed, learner.embed(torch.zeros(2, 1, 12, 12)).shape[-1], config)
+    whole, _ = distillation.losses(learner, bank, [0, 1, 2], step=0)
+    x = torch.cat([convert_input(bank.teacher_images(i), bank.channels, bank.image_size) for i in range(3)])
+    expected = 0
+    for i in range(3):
+        with torch.no_grad():
+            target = mixed[i].model.head(mixed[i].features(x))
+        expected = expected + distillation_loss(distillation.student_logits(i, learner.embed(x)), target,
+                                                config.temperature)
+    assert torch.allclose(whole[0], expected)
