@@ -152,7 +152,8 @@ PARTS = {
     # several architectures its own classes' images.
     "kd-step": ["distill.images=step", "distill.images_colour=null", "distill.images_heterogeneous=null"],
     # Each teacher on its own classes' images on every zoo, as before the rule (distill.images: step for a zoo of
-    # grey teachers of one architecture).  The runs on such zoos made before the rule carry this part in their names.
+    # one architecture whose teachers are not all colour).  The runs on such zoos made before the rule carry this
+    # part in their names.
     "kd-own": ["distill.images=own"],
     "no-kd": ["distill.logit=0", "distill.feature=0"],  # the default without distillation (sh-mix.yaml's setting until L2F)
     # Start from the zoo's meta-val-best teacher of the learner's network (nc-best-teacher's), a fresh head.

@@ -124,7 +124,8 @@ class DistillConfig:
             bank's common shape where the step's teachers take inputs of several shapes),
             so the learner also learns how the teacher answers images of classes it was not trained
             on, which is what its features do for the novel classes of a meta-test task.  Not in the
-            successors: ``step`` for a zoo of grey teachers of one architecture, chosen on meta-val across
+            successors: ``step`` for a zoo of teachers of one architecture that do not all take colour (grey, or
+            grey and colour as MH's, where it is not measured), chosen on meta-val across
             zoos (``benchmarks/results/selection_cross_zoo_among.md``; README "Results"): on the 12- and
             100-teacher glyph zoos meta-val rose at 1-shot on all 6 training seeds (over both shots on 5).
         images_colour: ``images`` for a zoo whose teachers all take colour (3-channel) input; ``None``: ``images``.

@@ -241,8 +241,10 @@ def test_union_heads_on_a_disjoint_zoo_are_the_per_teacher_heads(zoo):
     bank = PseudoBank(zoo, images_per_class=2)
     learner = ProtoNet(random_model("conv4", 3, 1, 8, ARCH_ARGS, seed=0))
     feature_dim = learner.embed(torch.zeros(2, 1, 8, 8)).shape[-1]
-    per_teacher = ZooDistillation(zoo, feature_dim, DistillConfig(heads="teacher"), classes=bank.teacher_classes)
-    union = ZooDistillation(zoo, feature_dim, DistillConfig(heads="union"), classes=bank.teacher_classes)
+    # a term per teacher (images: own), so each teacher's loss is compared
+    per_teacher = ZooDistillation(zoo, feature_dim, DistillConfig(heads="teacher", images="own"),
+                                  classes=bank.teacher_classes)
+    union = ZooDistillation(zoo, feature_dim, DistillConfig(heads="union", images="own"), classes=bank.teacher_classes)
     assert len(union.heads) == 1 and union.heads[0].out_features == bank.num_classes == 12
     with torch.no_grad():
         for i, head in enumerate(per_teacher.heads):

@@ -512,15 +512,32 @@ def test_resume_compares_what_the_distillation_rule_chose(tmp_path):
         checkpoint, run_id = started(before, drop)
         for models in (colour, sh):
             assert run_identity(RunConfig(), checkpoint, models)["run_id"] == run_id
-        with pytest.raises(RunError, match=r"distill\.images: 'own' there, 'step' here"):
+        with pytest.raises(RunError, match=r"distill\.images: 'own' there, 'step' here\)"):
             run_identity(RunConfig(), checkpoint, grey)
         assert run_identity(own, checkpoint, grey)["run_id"] == run_id
+    # a run of the step's images on a colour zoo, made before the rule: the refusal names the rule that decides
+    step = RunConfig()
+    step.distill.images = "step"
+    checkpoint, run_id = started(step, rules)
+    with pytest.raises(RunError, match=r"distill\.images: 'step' there, 'own' here \(by distill\.images_colour for "
+                                       r"this zoo\)"):
+        run_identity(step, checkpoint, colour)
+    step.distill.images_colour = None
+    assert run_identity(step, checkpoint, colour)["run_id"] == run_id
     off = RunConfig()
     off.distill.logit = 0.0
     checkpoint, run_id = started(off, [])
     assert "distill.images" not in json.loads((checkpoint / "run.json").read_text())["settings"]
     off.distill.images = "own"
     assert run_identity(off, checkpoint, grey)["run_id"] == run_id
+    # an older run without distillation that recorded own resumes under today's default (step on a grey zoo)
+    checkpoint = tmp_path / "older_off" / "checkpoint_4"
+    checkpoint.mkdir(parents=True)
+    identity = run_identity(off, None)
+    identity["settings"]["distill.images"] = "own"
+    (checkpoint / "run.json").write_text(json.dumps(identity))
+    off.distill.images = "step"
+    assert run_identity(off, checkpoint, grey)["run_id"] == identity["run_id"]
 
 
 def test_overrides_may_follow_flags_and_precede_them(tiny_root, tmp_path):

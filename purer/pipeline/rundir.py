@@ -11,8 +11,9 @@
   a mistyped ``--overwrite`` run loses nothing;
 - every checkpoint records its run (:func:`run_identity`): ``--resume`` continues it only
   with the settings that trained it (a setting added to purer since counts as its default, or as off where it
-  is a rule that did not apply before it existed; the per-zoo rules are compared by what they chose for the
-  zoo: the synthesizer, and what the teachers are distilled on), except
+  is a rule that did not apply before it existed, and ``distill.images`` as ``own``, what purer did before it;
+  the per-zoo rules are compared by what they chose for the zoo: the synthesizer, and what the teachers are
+  distilled on), except
   ``meta.train.iterations``, which may grow (or shrink down to the checkpoint) under the constant outer lr,
   and ``meta.train.patience``: a finished run resumed with a larger budget (or an early-stopped one with more
   patience) goes on training from its last checkpoint.  Settings the run does not use are not compared: the
@@ -177,6 +178,13 @@ def _resolved(flat: dict, models: list | None) -> dict:
     return out
 
 
+def _deciding(cfg: RunConfig, models: list) -> dict[str, str]:
+    """Each per-zoo rule's setting name -> the setting that decides it for the teachers ``models`` (e.g.
+    ``distill.images`` -> ``distill.images_colour``)."""
+    section = lambda name: getattr(cfg, name.split(".")[0])
+    return {name: f"{name.split('.')[0]}.{zoo_rule(section(name), name.split('.')[1], models)}" for name in _RULES}
+
+
 def run_identity(cfg: RunConfig, checkpoint: Path | None, models: Iterable | None = None) -> dict:
     """``{"run_id", "settings"}`` of this run: a new id, or on ``--resume`` the id recorded in ``checkpoint``
     once its settings are checked against ``cfg``'s (only those :func:`training_settings` keeps for this zoo's
@@ -205,7 +213,9 @@ def run_identity(cfg: RunConfig, checkpoint: Path | None, models: Iterable | Non
                            f"give {budget} >= {done}")
         differ.remove(budget)  # nothing else depends on the budget: the run goes on to the new one
     if differ:
-        shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here" for k in differ[:3])
+        decided = {} if models is None else {k: rule for k, rule in _deciding(cfg, models).items() if rule != k}
+        shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here"
+                          + (f" (by {decided[k]} for this zoo)" if k in decided else "") for k in differ[:3])
         why = (f" ({budget} can change only under meta.train.schedule=constant: the cosine schedule is laid over "
                "the whole budget)" if budget in differ else "")
         raise RunError(f"--resume: the checkpoints in {checkpoint.parent} belong to a run with other settings "
