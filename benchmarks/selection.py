@@ -265,8 +265,9 @@ def stand_in(variant: str, report: dict) -> str | None:
 
 
 #: The parts that switch a per-zoo rule off (``benchmarks/accuracy.py``): each teacher on its own classes' images
-#: where the rule would distil on the step's, and the pixel bank where a rule would give the generator.
-RULES_OFF = ("kd-own", "pixels-colour", "pixels-sh")
+#: where the rule would distil on the step's, and the pixel bank where a rule would give the generator; each with
+#: the parts that set that setting on every zoo themselves (a variant with one has no such rule to turn off).
+RULES_OFF = {"kd-own": {"kd-step"}, "pixels-colour": set(), "pixels-sh": set()}
 
 
 def rules_off(variant: str) -> list[str]:
@@ -275,8 +276,7 @@ def rules_off(variant: str) -> list[str]:
     (under names that turn off only the rules that apply to that zoo) is compared across zoos."""
     base, *parts = variant.split("+")
     kept = [base, *(p for p in parts if p not in RULES_OFF)]
-    # a variant that sets what is distilled on for every zoo (kd-step) has no distillation rule to turn off
-    rules = [r for r in RULES_OFF if not (r == "kd-own" and "kd-step" in parts)]
+    rules = [r for r, decided_by in RULES_OFF.items() if not decided_by & set(parts)]
     return ["+".join([*kept, *off]) for n in range(len(rules) + 1) for off in itertools.combinations(rules, n)]
 
 

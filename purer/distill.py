@@ -120,8 +120,8 @@ class DistillConfig:
         augment: distil on augmented views of the bank images (the inversion's
             shift and crop, drawn per step and teacher), not only on the images themselves.
         images: what each distilled teacher is distilled on: ``own``, the bank images of its own
-            classes; or ``step``, the images of every teacher of the step (its own and the others'; in the
-            bank's common shape where the step's teachers take inputs of several shapes),
+            classes; or ``step``, the images of every teacher of the step (its own and the others', in the
+            bank's common shape),
             so the learner also learns how the teacher answers images of classes it was not trained
             on, which is what its features do for the novel classes of a meta-test task.  Not in the
             successors: ``step`` for a zoo of teachers of one architecture that do not all take colour (grey, or
@@ -154,10 +154,11 @@ class DistillConfig:
                              f"relation={self.relation}")
         if self.heads not in HEADS:
             raise ValueError(f"distill.heads must be one of {HEADS}, got {self.heads!r}")
-        for key in ("images", "images_colour", "images_heterogeneous"):
-            if getattr(self, key) not in (*IMAGES, *((None,) if key != "images" else ())):
-                raise ValueError(f"distill.{key} must be one of {IMAGES}{' or null' if key != 'images' else ''}, "
-                                 f"got {getattr(self, key)!r}")
+        if self.images not in IMAGES:
+            raise ValueError(f"distill.images must be one of {IMAGES}, got {self.images!r}")
+        for key in ("images_colour", "images_heterogeneous"):
+            if getattr(self, key) not in (*IMAGES, None):
+                raise ValueError(f"distill.{key} must be one of {IMAGES} or null, got {getattr(self, key)!r}")
         if self.temperature <= 0 or self.teachers_per_step < 1:
             raise ValueError(f"need temperature > 0 and teachers_per_step >= 1, got {self.temperature} and "
                              f"{self.teachers_per_step}")
@@ -261,8 +262,8 @@ class ZooDistillation(nn.Module):
             images = [self.augment(x, theta) for x, theta in zip(images, thetas)]
         shared, kernel = None, None
         if self.images == "step":  # every teacher on the whole step's views, embedded once
-            if len({(x.shape[1], x.shape[-1]) for x in images}) > 1:  # teachers of several input contracts
-                images = [convert_input(x, bank.channels, bank.image_size) for x in images]  # the bank's shape
+            # in the bank's shape (teachers of several input contracts keep their classes in theirs; else a no-op)
+            images = [convert_input(x, bank.channels, bank.image_size) for x in images]
             images = [torch.cat(images)] * len(idx)
             shared = learner.embed(images[0])
         for i, x in zip(idx, images):

@@ -43,7 +43,7 @@ from ..inversion import GeneratorInversion, GradientSwitch, build_synthesizer
 from ..meta import HardTasks, MetaLearner, WeightAverage, failure_labels
 from ..meta.train import BestLearner, meta_step, set_outer_lr
 from ..student import zoo_student
-from ..zoo.teacher import Teacher
+from ..zoo.teacher import ZOO_RULES, Teacher
 from .build import best_start_teacher, build_bank, build_learner, teacher_kinds
 from .checkpoints import Checkpoints, latest_checkpoint
 from .distributed import Dist, autocast_dtype, bank_grad_sync, task_sync, term_sync
@@ -345,12 +345,11 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             for kind, w in weights.items()))
     rule = cfg.inversion.synthesizer_key(t.config for t in teachers)
     if rule != "synthesizer":
-        zoo = "colour teachers" if rule == "synthesizer_colour" else "teachers of several architectures"
-        acc.print(f"inversion: the {eci.synthesizer} synthesizer for a zoo of {zoo} (inversion.{rule})")
+        acc.print(f"inversion: the {eci.synthesizer} synthesizer for {ZOO_RULES[rule.rsplit('_', 1)[1]]} "
+                  f"(inversion.{rule})")
     if cfg.distill.active:
         rule = cfg.distill.images_key(t.config for t in teachers)
-        zoo = {"images_colour": ", for a zoo of colour teachers", "images_heterogeneous":
-               ", for a zoo of teachers of several architectures"}.get(rule, "")
+        zoo = f", for {ZOO_RULES[rule.rsplit('_', 1)[1]]}" if rule != "images" else ""
         what = {"own": "its own classes' bank images", "step": "the bank images of every teacher of the step"}
         acc.print(f"distill: each teacher distilled on {what[eci.distillation.images]}{zoo} (distill.{rule})")
     m = cfg.meta.train

@@ -76,6 +76,10 @@ class ModelConfig:
         return build_model(self.arch, self.num_classes, self.in_channels, self.image_size, self.arch_args)
 
 
+#: The zoos a per-zoo rule (:func:`zoo_rule`) is for, by the suffix of its setting's name.
+ZOO_RULES = {"colour": "a zoo of colour teachers", "heterogeneous": "a zoo of teachers of several architectures"}
+
+
 def zoo_rule(config, name: str, models: Iterable[ModelConfig]) -> str:
     """Which of a setting's per-zoo rules decides for a zoo of teachers ``models``: the setting ``name`` of
     ``config`` (e.g. ``inversion.synthesizer``) has a rule for a zoo whose teachers all take colour (3-channel)
