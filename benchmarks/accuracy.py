@@ -148,12 +148,11 @@ PARTS = {
     "kd-std": ["distill.logit=1.0", "distill.standardize=true"],
     # Each distilled teacher on the images of every teacher of the step, not only its own classes': how it answers
     # classes it was not trained on (what its features do for a meta-test task's novel classes); on every zoo, where
-    # the recipe's rule (distill.images_colour, distill.images_heterogeneous) gives a zoo of colour teachers or of
-    # several architectures its own classes' images.
+    # the recipe's rule (distill.images_colour) gives a zoo of colour teachers its own classes' images (both rules
+    # null: the same on every zoo whatever the recipe's rules).
     "kd-step": ["distill.images=step", "distill.images_colour=null", "distill.images_heterogeneous=null"],
-    # Each teacher on its own classes' images on every zoo, as before the rule (distill.images: step for a zoo of
-    # one architecture whose teachers are not all colour).  The runs on such zoos made before the rule carry this
-    # part in their names.
+    # Each teacher on its own classes' images on every zoo, as before the rule (distill.images: step for a zoo whose
+    # teachers are not all colour).  The runs on such zoos made before the rule carry this part in their names.
     "kd-own": ["distill.images=own"],
     "no-kd": ["distill.logit=0", "distill.feature=0"],  # the default without distillation (sh-mix.yaml's setting until L2F)
     # Start from the zoo's meta-val-best teacher of the learner's network (nc-best-teacher's), a fresh head.

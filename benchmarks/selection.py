@@ -235,12 +235,11 @@ MARGIN = 1.0
 #: ``inversion.synthesizer_heterogeneous`` never does, so where neither applies no generator runs and its width
 #: changes nothing (unless the variant's ``gen1`` runs it); ``gen1`` changes nothing where a rule already gives the
 #: generator (on a zoo of colour teachers only, or of several architectures), unless the variant turns that rule off.
-#: What the teachers are distilled on has the same rules (``DistillConfig.images``): ``kd-own`` changes nothing where
-#: a rule already gives each teacher its own classes' images (a zoo of colour teachers only, or of several
-#: architectures), and ``kd-step`` nothing where neither rule applies (the recipe distils on the step's images there).
+#: What the teachers are distilled on has a rule too (``DistillConfig.images``): ``kd-own`` changes nothing where the
+#: rule already gives each teacher its own classes' images (a zoo of colour teachers only), and ``kd-step`` nothing
+#: where it does not apply (a zoo with a grey teacher: the recipe distils on the step's images there).
 SAME_WITHOUT = {"kd-union": [({"shared_classes": False}, ())], "tv-release": [({"colour_teachers": False}, ())],
-                "kd-own": [({"grey_teachers": False}, ()), ({"several_archs": True}, ())],
-                "kd-step": [({"grey_teachers": True, "several_archs": False}, ())],
+                "kd-own": [({"grey_teachers": False}, ())], "kd-step": [({"grey_teachers": True}, ())],
                 "pixels-colour": [({"grey_teachers": True}, ())], "pixels-sh": [({"several_archs": False}, ())],
                 "w32": [({"grey_teachers": True, "several_archs": False}, ("gen1",))],
                 "gen1": [({"grey_teachers": False}, ("pixels-colour",)), ({"several_archs": True}, ("pixels-sh",))]}

@@ -124,16 +124,15 @@ class DistillConfig:
             bank's common shape),
             so the learner also learns how the teacher answers images of classes it was not trained
             on, which is what its features do for the novel classes of a meta-test task.  Not in the
-            successors: ``step`` for a zoo of teachers of one architecture that do not all take colour (grey, or
-            grey and colour as MH's, where it is not measured), chosen on meta-val across
-            zoos (``benchmarks/results/selection_cross_zoo_among.md``; README "Results"): on the 12- and
-            100-teacher glyph zoos meta-val rose at 1-shot on all 6 training seeds (over both shots on 5).
+            successors: ``step`` for every zoo but one of colour teachers, chosen on meta-val across zoos
+            (``benchmarks/results/selection_cross_zoo_among.md``; README "Results"): on the 12- and 100-teacher grey
+            glyph zoos meta-val rose at 1-shot on all 6 training seeds (over both shots on 5), and on the SH zoo
+            (Conv4, ResNet-10 and ResNet-18 teachers) over its 3 training seeds (ahead on 2); on the MH zoo (grey
+            glyph and colour icon Conv4s) level on its one seed.
         images_colour: ``images`` for a zoo whose teachers all take colour (3-channel) input; ``None``: ``images``.
             ``own``: on the colour icon zoo ``step`` lowered meta-val over both shots on both training seeds.
         images_heterogeneous: ``images`` for a zoo of teachers of several architectures (the colour rule first,
-            as :meth:`~purer.inversion.InversionConfig.synthesizer_key`'s); ``None``: ``images``.  ``own``: on the
-            SH zoo (Conv4, ResNet-10 and ResNet-18 teachers) the two training seeds split (``step`` -0.50 and +0.75
-            over shots); across zoos the rule ties ``step`` everywhere on mean rank and is ahead on mean meta-val.
+            as :meth:`~purer.inversion.InversionConfig.synthesizer_key`'s); ``None`` (the default): ``images``.
     """
 
     logit: float = 1.0
@@ -146,7 +145,7 @@ class DistillConfig:
     augment: bool = True
     images: str = "step"
     images_colour: str | None = "own"
-    images_heterogeneous: str | None = "own"
+    images_heterogeneous: str | None = None
 
     def __post_init__(self):
         if min(self.logit, self.feature, self.relation) < 0:

@@ -334,20 +334,22 @@ def test_distilling_on_the_steps_images_asks_each_teacher_about_the_others_class
 
 
 def test_what_a_zoo_is_distilled_on_follows_its_rule():
-    """``distill.images`` for a zoo of grey teachers of one architecture (``step``), ``images_colour`` for a zoo of
-    colour teachers and ``images_heterogeneous`` for one of several architectures (``own``), the colour rule first and
-    a rule set to null giving way, as the synthesizer's rules do."""
+    """``distill.images`` (``step``) for every zoo but one of colour teachers, ``images_colour`` (``own``) there; the
+    rule of several architectures is off (null) by default and decides where it is set, after the colour rule, as
+    the synthesizer's rules do."""
     def models(*kinds):
         return [ModelConfig(arch, 2, ["a", "b"], in_channels=channels) for arch, channels in kinds]
 
     grey, colour = models(("conv4", 1), ("conv4", 1)), models(("conv4", 3), ("conv4", 3))
     mixed, both = models(("conv4", 1), ("resnet10", 1)), models(("conv4", 3), ("resnet10", 3))
     config = DistillConfig()
-    assert [config.images_for(z) for z in (grey, colour, mixed, both)] == ["step", "own", "own", "own"]
+    assert [config.images_for(z) for z in (grey, colour, mixed, both)] == ["step", "own", "step", "own"]
     assert [config.images_key(z) for z in (grey, colour, mixed, both)] == [
-        "images", "images_colour", "images_heterogeneous", "images_colour"]
-    assert DistillConfig(images_colour=None).images_key(both) == "images_heterogeneous"
-    assert DistillConfig(images_colour=None, images_heterogeneous=None).images_for(both) == "step"
+        "images", "images_colour", "images", "images_colour"]
+    assert DistillConfig(images_colour=None).images_for(both) == "step"
+    assert DistillConfig(images_heterogeneous="own").images_key(mixed) == "images_heterogeneous"
+    assert DistillConfig(images_heterogeneous="own").images_key(both) == "images_colour"
+    assert DistillConfig(images_colour=None, images_heterogeneous="own").images_for(both) == "own"
     assert DistillConfig(images="own", images_heterogeneous="step").images_for(mixed) == "step"
     assert config.images_for(models(("conv4", 1), ("conv4", 3))) == "step"  # grey and colour: no colour rule
     for key in ("images", "images_colour", "images_heterogeneous"):

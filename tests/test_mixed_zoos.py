@@ -18,7 +18,8 @@ def test_a_zoo_of_three_architectures_runs_end_to_end(tiny_root, tmp_path):
                                                  "inversion.bn_layers": "mean", "distill.feature": 1.0,
                                                  "meta.init": "best-teacher",
                                                  # the folder's images are colour: the colour rules off, the
-                                                 # rules of several architectures decide
+                                                 # synthesizer's rule of several architectures decides, and
+                                                 # distill.images (no rule of several architectures by default)
                                                  "inversion.synthesizer_colour": "null",
                                                  "distill.images_colour": "null",
                                                  "eval.baselines": "[nc-best-teacher]", "eval.calibrations": "[]"}))
@@ -28,8 +29,7 @@ def test_a_zoo_of_three_architectures_runs_end_to_end(tiny_root, tmp_path):
     assert results["meta_train"]["synthesizer"] == "generator"
     assert ("inversion: the generator synthesizer for a zoo of teachers of several architectures "
             "(inversion.synthesizer_heterogeneous)") in res.stdout
-    assert ("distill: each teacher distilled on its own classes' bank images, for a zoo of teachers of several "
-            "architectures (distill.images_heterogeneous)") in res.stdout
+    assert "distill: each teacher distilled on the bank images of every teacher of the step (distill.images)" in res.stdout
     assert {r["method"] for r in results["rows"]} == {"purer", "nc-best-teacher"}
     # meta.init=best-teacher finds no teacher that is the learner's Conv4 (width 32; the zoo's is 8):
     # the learner starts from random initialisation, the run says so, and that start is not a meta-val candidate

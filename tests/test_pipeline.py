@@ -484,8 +484,8 @@ def test_resume_keeps_null_settings_and_the_synthesizer_a_rule_chose(tmp_path):
 
 def test_resume_compares_what_the_distillation_rule_chose(tmp_path):
     """A checkpoint of a purer before ``distill.images``' rule (each teacher on its own classes' images; or before
-    ``distill.images`` itself) resumes today where a rule gives that (a zoo of colour teachers, or of several
-    architectures), is refused on a grey zoo of one architecture (where the rule distils on the step's images) and
+    ``distill.images`` itself) resumes today where the rule gives that (a zoo of colour teachers), is refused on a
+    zoo with a grey teacher, of one architecture or several (where the rule distils on the step's images), and
     resumes there with ``distill.images: own``; a run without distillation does not compare what it would distil on."""
     from purer.pipeline import RunConfig, RunError
     from purer.pipeline.rundir import run_identity
@@ -510,11 +510,11 @@ def test_resume_compares_what_the_distillation_rule_chose(tmp_path):
     rules = ["distill.images_colour", "distill.images_heterogeneous"]
     for drop in (rules, ["distill.images", *rules]):
         checkpoint, run_id = started(before, drop)
-        for models in (colour, sh):
-            assert run_identity(RunConfig(), checkpoint, models)["run_id"] == run_id
-        with pytest.raises(RunError, match=r"distill\.images: 'own' there, 'step' here\)"):
-            run_identity(RunConfig(), checkpoint, grey)
-        assert run_identity(own, checkpoint, grey)["run_id"] == run_id
+        assert run_identity(RunConfig(), checkpoint, colour)["run_id"] == run_id
+        for models in (grey, sh):
+            with pytest.raises(RunError, match=r"distill\.images: 'own' there, 'step' here\)"):
+                run_identity(RunConfig(), checkpoint, models)
+            assert run_identity(own, checkpoint, models)["run_id"] == run_id
     # a run of the step's images on a colour zoo, made before the rule: the refusal names the rule that decides
     step = RunConfig()
     step.distill.images = "step"
