@@ -102,8 +102,8 @@ def test_an_eci_iteration_runs_on_the_device_and_reads_one_number(zoo, splits, t
                                                                    images):
     """The sync budget: one host read per meta-iteration (the switch's), none stray, no blocking copy; the
     iteration covers an adversarial inversion step (by the pixel bank or the generator), zoo distillation
-    (logits, features and relations, on each teacher's own images or on the step's, the rule of a grey zoo of one
-    architecture) and the meta-step with tasks looped or vmapped (at an annealed outer lr, into a weight average),
+    (logits, features and relations, on each teacher's own images or on the step's, the rule of a zoo whose
+    teachers are not all colour) and the meta-step with tasks looped or vmapped (at an annealed outer lr, into a weight average),
     over a zoo of two input contracts; meta-val scores the average."""
     teachers, data = on_meta(zoo, splits)
     cfg = config(tmp_path, **{"meta.task_batching": batching, "inversion.teacher_batching": batching,

@@ -43,7 +43,7 @@ from ..inversion import GeneratorInversion, GradientSwitch, build_synthesizer
 from ..meta import HardTasks, MetaLearner, WeightAverage, failure_labels
 from ..meta.train import BestLearner, meta_step, set_outer_lr
 from ..student import zoo_student
-from ..zoo.teacher import ZOO_RULES, Teacher
+from ..zoo.teacher import Teacher, rule_zoo
 from .build import best_start_teacher, build_bank, build_learner, teacher_kinds
 from .checkpoints import Checkpoints, latest_checkpoint
 from .distributed import Dist, autocast_dtype, bank_grad_sync, task_sync, term_sync
@@ -344,14 +344,14 @@ def meta_train_eci(cfg: RunConfig, acc, dist: Dist, teachers: Sequence[Teacher],
             f"{w:g} for {kind} teachers (inversion.{colour_key if kind == 'colour' else 'a_tv'})"
             for kind, w in weights.items()))
     rule = cfg.inversion.synthesizer_key(t.config for t in teachers)
-    if rule != "synthesizer":
-        acc.print(f"inversion: the {eci.synthesizer} synthesizer for {ZOO_RULES[rule.rsplit('_', 1)[1]]} "
-                  f"(inversion.{rule})")
+    if zoo := rule_zoo("synthesizer", rule):
+        acc.print(f"inversion: the {eci.synthesizer} synthesizer for {zoo} (inversion.{rule})")
     if cfg.distill.active:
         rule = cfg.distill.images_key(t.config for t in teachers)
-        zoo = f", for {ZOO_RULES[rule.rsplit('_', 1)[1]]}" if rule != "images" else ""
+        zoo = rule_zoo("images", rule)
         what = {"own": "its own classes' bank images", "step": "the bank images of every teacher of the step"}
-        acc.print(f"distill: each teacher distilled on {what[eci.distillation.images]}{zoo} (distill.{rule})")
+        acc.print(f"distill: each teacher distilled on {what[eci.distillation.images]}{f', for {zoo}' if zoo else ''} "
+                  f"(distill.{rule})")
     m = cfg.meta.train
     if m.early_stopping:
         acc.print(f"meta.train.patience={m.patience}: meta-training stops once meta-val (every {m.val_every} "

@@ -166,23 +166,27 @@ _BEFORE = {"inversion.synthesizer_colour": None, "inversion.synthesizer_heteroge
            "distill.images_heterogeneous": None}
 
 
+def _deciding(flat: dict, models: list) -> dict[str, str]:
+    """Each per-zoo rule's setting name -> the flat setting of ``flat`` that decides it for the teachers ``models``
+    (e.g. ``distill.images`` -> ``distill.images_colour``; a setting ``flat`` lacks counts as :data:`_BEFORE`'s)."""
+    out = {}
+    for name in _RULES:
+        section, key = name.split(".")
+        rules = SimpleNamespace(**{k: flat.get(f"{section}.{k}", _BEFORE.get(f"{section}.{k}"))
+                                   for k in (key, f"{key}_colour", f"{key}_heterogeneous")})
+        out[name] = f"{section}.{zoo_rule(rules, key, models)}"
+    return out
+
+
 def _resolved(flat: dict, models: list | None) -> dict:
     """``flat`` settings with what their per-zoo rules choose for the teachers ``models`` (unchanged without them)."""
     if models is None:
         return flat
     out = dict(flat)
-    for name in _RULES:
-        keys = (name, f"{name}_colour", f"{name}_heterogeneous")
-        rules = SimpleNamespace(**{k.rsplit(".", 1)[1]: flat.get(k, _BEFORE.get(k)) for k in keys})
-        out.update(dict.fromkeys(keys[1:]), **{name: getattr(rules, zoo_rule(rules, name.rsplit(".", 1)[1], models))})
+    for name, rule in _deciding(flat, models).items():
+        out.update(dict.fromkeys((f"{name}_colour", f"{name}_heterogeneous")))
+        out[name] = flat.get(rule, _BEFORE.get(rule))
     return out
-
-
-def _deciding(cfg: RunConfig, models: list) -> dict[str, str]:
-    """Each per-zoo rule's setting name -> the setting that decides it for the teachers ``models`` (e.g.
-    ``distill.images`` -> ``distill.images_colour``)."""
-    section = lambda name: getattr(cfg, name.split(".")[0])
-    return {name: f"{name.split('.')[0]}.{zoo_rule(section(name), name.split('.')[1], models)}" for name in _RULES}
 
 
 def run_identity(cfg: RunConfig, checkpoint: Path | None, models: Iterable | None = None) -> dict:
@@ -213,7 +217,8 @@ def run_identity(cfg: RunConfig, checkpoint: Path | None, models: Iterable | Non
                            f"give {budget} >= {done}")
         differ.remove(budget)  # nothing else depends on the budget: the run goes on to the new one
     if differ:
-        decided = {} if models is None else {k: rule for k, rule in _deciding(cfg, models).items() if rule != k}
+        decided = {} if models is None else {k: rule for k, rule in
+                                             _deciding(flat_hparams(cfg, keep_none=True), models).items() if rule != k}
         shown = "; ".join(f"{k}: {theirs.get(k)!r} there, {settings.get(k)!r} here"
                           + (f" (by {decided[k]} for this zoo)" if k in decided else "") for k in differ[:3])
         why = (f" ({budget} can change only under meta.train.schedule=constant: the cosine schedule is laid over "

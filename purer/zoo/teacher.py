@@ -94,6 +94,12 @@ def zoo_rule(config, name: str, models: Iterable[ModelConfig]) -> str:
     return name
 
 
+def rule_zoo(name: str, setting: str) -> str | None:
+    """The zoo, in words, whose rule ``setting`` is (:func:`zoo_rule`'s answer for the setting ``name``, e.g.
+    ``synthesizer_colour``: "a zoo of colour teachers"); ``None`` where ``name`` itself decides."""
+    return None if setting == name else ZOO_RULES[setting.removeprefix(f"{name}_")]
+
+
 def prepare_input(x: torch.Tensor, in_channels: int, image_size: int, mean: torch.Tensor,
                   std: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]`` images in ``[0, 1]`` -> a model's input: channels, size, normalisation.
